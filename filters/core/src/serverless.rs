@@ -1,0 +1,505 @@
+//! Serverless ingress: `<8hex>-<8hex>-<10hex>.serverless.<domain>` -> the function's Knative host
+//! and the Envoy cluster (one per customer cluster) that reaches it over mutual TLS.
+//!
+//! The host is decoded by a regex with named groups, compiled once at configure time. The values
+//! of the named groups, in pattern order, form the route key; routes name the same groups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use regex::bytes::{CaptureLocations, Regex, RegexBuilder};
+use serde::Deserialize;
+
+use crate::authority;
+use crate::config::ConfigError;
+use crate::reply::Reply;
+
+pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
+/// Project id, environment id and function id, as in the original proposal.
+pub const DEFAULT_PATTERN: &str =
+    "(?P<project>[0-9a-f]{8})-(?P<environment>[0-9a-f]{8})-(?P<function>[0-9a-f]{10})";
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-edgewise-cluster";
+
+/// The plugin configuration, as JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The public domain functions live under (default `serverless.gitlab.io`).
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// Regex with named groups for the labels in front of the domain; anchored and
+    /// case-insensitive. The named groups are the route key.
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// Header the filter sets to the selected cluster, for a route's `cluster_header`. Any value a
+    /// client sends is removed.
+    #[serde(default = "default_cluster_header")]
+    pub cluster_header: String,
+    /// Routes known at configure time.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// A management service the filter polls for the route table.
+    #[serde(default)]
+    pub management: Option<Management>,
+}
+
+/// One function: the values of the pattern's named groups -> where it runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(rename = "match")]
+    pub matches: BTreeMap<String, String>,
+    /// The Envoy cluster of the customer's cluster (its ingress gateway, over mTLS).
+    pub cluster: String,
+    /// The Host the function's Knative service answers to.
+    pub host: String,
+}
+
+/// Where the route table is polled from. The call goes through an Envoy cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Management {
+    pub cluster: String,
+    #[serde(default = "default_mgmt_authority")]
+    pub authority: String,
+    #[serde(default = "default_mgmt_path")]
+    pub path: String,
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The document the management service serves: `{"version": N, "routes": [RouteSpec...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableDoc {
+    pub version: u64,
+    pub routes: Vec<RouteSpec>,
+}
+
+fn default_domain() -> String {
+    DEFAULT_DOMAIN.into()
+}
+fn default_pattern() -> String {
+    DEFAULT_PATTERN.into()
+}
+fn default_cluster_header() -> String {
+    DEFAULT_CLUSTER_HEADER.into()
+}
+fn default_mgmt_authority() -> String {
+    "management".into()
+}
+fn default_mgmt_path() -> String {
+    "/v1/serverless/routes".into()
+}
+fn default_poll_interval_ms() -> u64 {
+    10_000
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub cluster: Rc<str>,
+    pub host: Box<str>,
+}
+
+/// Decodes hosts: the domain suffix check and the compiled pattern.
+#[derive(Debug)]
+pub struct HostDecoder {
+    domain: String,
+    regex: Regex,
+    groups: Vec<String>,
+}
+
+/// Per-VM scratch space, so that decoding a host allocates nothing.
+#[derive(Debug)]
+pub struct Scratch {
+    locs: CaptureLocations,
+    key: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Not under the serverless domain: leave the request alone.
+    NotOurs,
+    /// Under the domain but not a function host (wrong lengths, non-hex, extra labels).
+    Malformed,
+    /// A function host; the route key is in the scratch.
+    Key,
+}
+
+impl HostDecoder {
+    pub fn new(domain: &str, pattern: &str) -> Result<Self, ConfigError> {
+        let domain = authority::normalize_domain(domain).map_err(|e| ConfigError::field("domain", e))?;
+        let regex = RegexBuilder::new(&format!("^(?:{pattern})$"))
+            .case_insensitive(true)
+            .unicode(false)
+            .build()
+            .map_err(|e| ConfigError::field("pattern", e.to_string()))?;
+        let groups: Vec<String> = regex.capture_names().flatten().map(str::to_owned).collect();
+        if groups.is_empty() {
+            return Err(ConfigError::field("pattern", "needs at least one named group, e.g. (?P<function>[0-9a-f]{10})"));
+        }
+        if regex.captures_len() != groups.len() + 1 {
+            return Err(ConfigError::field("pattern", "use (?:...) for groups that are not part of the route key"));
+        }
+        Ok(HostDecoder { domain, regex, groups })
+    }
+
+    pub fn groups(&self) -> &[String] {
+        &self.groups
+    }
+
+    pub fn scratch(&self) -> Scratch {
+        Scratch { locs: self.regex.capture_locations(), key: String::with_capacity(64) }
+    }
+
+    /// Decodes an authority. Only the authority counts: callers must never pass
+    /// X-Forwarded-Host or similar client-controlled headers.
+    pub fn decode(&self, authority: &str, scratch: &mut Scratch) -> Decoded {
+        let Some((host, _port)) = authority::split(authority) else {
+            return Decoded::NotOurs;
+        };
+        let Some(prefix) = authority::strip_domain(host, &self.domain) else {
+            return Decoded::NotOurs;
+        };
+        if self.regex.captures_read(&mut scratch.locs, prefix.as_bytes()).is_none() {
+            return Decoded::Malformed;
+        }
+        scratch.key.clear();
+        for i in 1..=self.groups.len() {
+            if i > 1 {
+                scratch.key.push('/');
+            }
+            if let Some(value) = scratch.locs.get(i).and_then(|(s, e)| prefix.get(s..e)) {
+                scratch.key.extend(value.chars().map(|c| c.to_ascii_lowercase()));
+            }
+        }
+        Decoded::Key
+    }
+
+    /// The route key of a route's `match`, built the same way as a decoded host's.
+    fn key_of(&self, matches: &BTreeMap<String, String>) -> Result<String, String> {
+        if matches.len() != self.groups.len() || !self.groups.iter().all(|g| matches.contains_key(g)) {
+            return Err(format!("must name exactly the pattern's groups {:?}", self.groups));
+        }
+        let mut key = String::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            if i > 0 {
+                key.push('/');
+            }
+            let value = matches.get(group).map(String::as_str).unwrap_or_default();
+            if value.is_empty() || value.contains('/') {
+                return Err(format!("group `{group}` has an invalid value {value:?}"));
+            }
+            key.push_str(&value.to_ascii_lowercase());
+        }
+        Ok(key)
+    }
+}
+
+/// A compiled route table: key -> target. Lookups cost the same whatever its size.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub version: u64,
+    routes: HashMap<Box<str>, Target>,
+}
+
+impl RouteTable {
+    pub fn compile(decoder: &HostDecoder, specs: Vec<RouteSpec>, field: &str, version: u64) -> Result<Self, ConfigError> {
+        let mut routes = HashMap::with_capacity(specs.len());
+        // Customer clusters are few; share one string per cluster name.
+        let mut clusters: HashMap<String, Rc<str>> = HashMap::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let at = |sub: &str| format!("{field}[{i}].{sub}");
+            let key = decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(at("match"), e))?;
+            if spec.cluster.is_empty() {
+                return Err(ConfigError::field(at("cluster"), "must name an Envoy cluster"));
+            }
+            if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
+                return Err(ConfigError::field(at("host"), format!("{:?} is not a valid Host", spec.host)));
+            }
+            let cluster = clusters.entry(spec.cluster).or_insert_with_key(|c| Rc::from(c.as_str())).clone();
+            let target = Target { cluster, host: spec.host.into_boxed_str() };
+            if routes.insert(key.clone().into_boxed_str(), target).is_some() {
+                return Err(ConfigError::field(at("match"), format!("duplicates an earlier route ({key})")));
+            }
+        }
+        Ok(RouteTable { version, routes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Target> {
+        self.routes.get(key)
+    }
+}
+
+/// The configuration, compiled: everything a request needs, ready.
+#[derive(Debug)]
+pub struct Router {
+    pub decoder: HostDecoder,
+    pub cluster_header: String,
+    pub management: Option<Management>,
+    inline: RouteTable,
+    polled: Option<RouteTable>,
+}
+
+/// What the filter does with a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    PassThrough,
+    Route(&'a Target),
+    Reject(Outcome, Reply),
+}
+
+/// Request outcomes, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Routed,
+    UnknownFunction,
+    MalformedHost,
+    TableUnavailable,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] =
+        [Outcome::Routed, Outcome::UnknownFunction, Outcome::MalformedHost, Outcome::TableUnavailable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Routed => "routed",
+            Outcome::UnknownFunction => "unknown_function",
+            Outcome::MalformedHost => "malformed_host",
+            Outcome::TableUnavailable => "table_unavailable",
+        }
+    }
+}
+
+impl Router {
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let config: Config = serde_json::from_slice(json)?;
+        Self::new(config)
+    }
+
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let decoder = HostDecoder::new(&config.domain, &config.pattern)?;
+        let header = config.cluster_header.to_ascii_lowercase();
+        if header.is_empty() || header.starts_with(':') || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(ConfigError::field("cluster_header", "must be a header name such as x-edgewise-cluster"));
+        }
+        if let Some(m) = &config.management {
+            if m.cluster.is_empty() {
+                return Err(ConfigError::field("management.cluster", "must name an Envoy cluster"));
+            }
+            if !m.path.starts_with('/') {
+                return Err(ConfigError::field("management.path", "must start with /"));
+            }
+            if m.poll_interval_ms < 100 {
+                return Err(ConfigError::field("management.poll_interval_ms", "must be at least 100"));
+            }
+            if m.timeout_ms == 0 {
+                return Err(ConfigError::field("management.timeout_ms", "must be positive"));
+            }
+        } else if config.routes.is_empty() {
+            return Err(ConfigError::field("routes", "is empty and no `management` service is configured"));
+        }
+        let inline = RouteTable::compile(&decoder, config.routes, "routes", 0)?;
+        Ok(Router { decoder, cluster_header: header, management: config.management, inline, polled: None })
+    }
+
+    /// Parses and compiles a management document, without installing it.
+    pub fn compile_table(&self, doc: &[u8]) -> Result<RouteTable, ConfigError> {
+        let doc: TableDoc = serde_json::from_slice(doc)?;
+        RouteTable::compile(&self.decoder, doc.routes, "routes", doc.version)
+    }
+
+    pub fn install(&mut self, table: RouteTable) {
+        self.polled = Some(table);
+    }
+
+    pub fn polled(&self) -> Option<&RouteTable> {
+        self.polled.as_ref()
+    }
+
+    pub fn decide<'a>(&'a self, authority: &str, scratch: &mut Scratch) -> Decision<'a> {
+        match self.decoder.decode(authority, scratch) {
+            Decoded::NotOurs => Decision::PassThrough,
+            Decoded::Malformed => Decision::Reject(
+                Outcome::MalformedHost,
+                Reply::new(404, "malformed_host", format!("{authority} is not a valid function host under {}", self.decoder.domain)),
+            ),
+            Decoded::Key => {
+                let key = scratch.key.as_str();
+                if let Some(target) = self.polled.as_ref().and_then(|t| t.get(key)).or_else(|| self.inline.get(key)) {
+                    return Decision::Route(target);
+                }
+                if self.management.is_some() && self.polled.is_none() {
+                    return Decision::Reject(
+                        Outcome::TableUnavailable,
+                        Reply::new(503, "route_table_unavailable", format!("the route table has not been loaded yet; cannot route {authority}")),
+                    );
+                }
+                Decision::Reject(Outcome::UnknownFunction, Reply::new(404, "unknown_function", format!("no function is deployed at {authority}")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(json: &str) -> Router {
+        Router::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn config_error(json: &str) -> String {
+        Router::from_json(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    const ONE_ROUTE: &str = r#"{"routes":[{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},
+        "cluster":"customer-a","host":"hello.ns-42.knative.example.com"}]}"#;
+
+    fn decide(r: &Router, authority: &str) -> Result<(String, String), (u32, &'static str)> {
+        let mut s = r.decoder.scratch();
+        match r.decide(authority, &mut s) {
+            Decision::PassThrough => Err((0, "pass")),
+            Decision::Route(t) => Ok((t.cluster.to_string(), t.host.to_string())),
+            Decision::Reject(_, reply) => Err((reply.status, reply.error)),
+        }
+    }
+
+    #[test]
+    fn decodes_the_default_layout() {
+        let r = router(ONE_ROUTE);
+        let routed = Ok(("customer-a".to_string(), "hello.ns-42.knative.example.com".to_string()));
+        let table: &[(&str, Result<(String, String), (u32, &str)>)] = &[
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io", routed.clone()),
+            ("0000000A-0000000B-000000000C.Serverless.GitLab.IO", routed.clone()),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io.", routed.clone()),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io:443", routed.clone()),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io.:8443", routed),
+            ("0000000a-0000000b-000000000d.serverless.gitlab.io", Err((404, "unknown_function"))),
+            ("0000000a-0000000b-00000000c.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("0000000a-0000000b-0000000000c.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("0000000g-0000000b-000000000c.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("x.0000000a-0000000b-000000000c.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("0000000a-0000000b-000000000c.x.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("0000000a_0000000b_000000000c.serverless.gitlab.io", Err((404, "malformed_host"))),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io..", Err((404, "malformed_host"))),
+            ("serverless.gitlab.io", Err((0, "pass"))),
+            ("www.example.com", Err((0, "pass"))),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io.evil.com", Err((0, "pass"))),
+            ("0000000a-0000000b-000000000cserverless.gitlab.io", Err((0, "pass"))),
+            ("[::1]:443", Err((0, "pass"))),
+            ("", Err((0, "pass"))),
+        ];
+        for (authority, want) in table {
+            assert_eq!(&decide(&r, authority), want, "authority {authority:?}");
+        }
+    }
+
+    #[test]
+    fn custom_domain_and_pattern() {
+        // The layout GitLab shipped: <function>-<cluster uuid: 14 hex><environment id hex>-<environment slug>.
+        let r = router(
+            r#"{"domain":"Pages.Example.com.",
+                "pattern":"(?P<function>[a-z0-9]+(?:-[a-z0-9]+)*)-(?P<cluster>[0-9a-f]{14})(?P<environment>[0-9a-f]+)-(?:[a-z0-9-]+)",
+                "routes":[{"match":{"function":"my-func","cluster":"a1b2c3d4e5f607","environment":"2a"},
+                           "cluster":"k8s-7","host":"my-func.prod-42.example.net"}]}"#,
+        );
+        assert_eq!(r.decoder.groups(), ["function", "cluster", "environment"]);
+        assert_eq!(
+            decide(&r, "my-func-a1b2c3d4e5f6072a-production.pages.example.com"),
+            Ok(("k8s-7".into(), "my-func.prod-42.example.net".into()))
+        );
+        assert_eq!(decide(&r, "my-func-a1b2c3d4e5f6072b-production.pages.example.com"), Err((404, "unknown_function")));
+        assert_eq!(decide(&r, "my-func.pages.example.com"), Err((404, "malformed_host")));
+        assert_eq!(decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"), Err((0, "pass")));
+    }
+
+    #[test]
+    fn polled_table_wins_and_unknown_before_first_load_is_503() {
+        let mut r = router(r#"{"management":{"cluster":"mgmt"}}"#);
+        assert_eq!(decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"), Err((503, "route_table_unavailable")));
+        let t = r
+            .compile_table(br#"{"version":7,"routes":[{"match":{"project":"0000000A","environment":"0000000b","function":"000000000c"},"cluster":"b","host":"h.example"}]}"#)
+            .unwrap();
+        assert_eq!(t.version, 7);
+        r.install(t);
+        assert_eq!(decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"), Ok(("b".into(), "h.example".into())));
+        assert_eq!(decide(&r, "0000000a-0000000b-000000000d.serverless.gitlab.io"), Err((404, "unknown_function")));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (r#"{"domian":"x"}"#, "unknown field `domian`"),
+            (r#"{}"#, "`routes` is empty"),
+            (r#"{"domain":"a b","routes":[]}"#, "`domain`"),
+            (r#"{"pattern":"(","management":{"cluster":"m"}}"#, "`pattern`"),
+            (r#"{"pattern":"[0-9a-f]+","management":{"cluster":"m"}}"#, "`pattern` needs at least one named group"),
+            (r#"{"pattern":"(?P<a>x)(y)","management":{"cluster":"m"}}"#, "`pattern` use (?:...)"),
+            (r#"{"cluster_header":":authority","management":{"cluster":"m"}}"#, "`cluster_header`"),
+            (r#"{"management":{"cluster":"m","poll_interval_ms":5}}"#, "`management.poll_interval_ms`"),
+            (r#"{"management":{"cluster":"m","path":"x"}}"#, "`management.path`"),
+            (r#"{"routes":[{"match":{"project":"0000000a"},"cluster":"c","host":"h"}]}"#, "`routes[0].match`"),
+            (r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"","host":"h"}]}"#, "`routes[0].cluster`"),
+            (r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"c","host":"h/x"}]}"#, "`routes[0].host`"),
+            (
+                r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"c","host":"h"},
+                              {"match":{"project":"A","environment":"b","function":"c"},"cluster":"c","host":"h"}]}"#,
+                "`routes[1].match` duplicates",
+            ),
+            (r#"{"routes":[{"match":{},"cluster":"c","host":"h","extra":1}]}"#, "unknown field `extra`"),
+        ];
+        for (json, want) in cases {
+            let err = config_error(json);
+            assert!(err.contains(want), "config {json}: got {err:?}, want it to contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn bad_management_documents_are_refused() {
+        let r = router(r#"{"management":{"cluster":"mgmt"}}"#);
+        for doc in [&b"not json"[..], b"{}", br#"{"version":1,"routes":[{"match":{},"cluster":"c","host":"h"}]}"#, b"\xff\xfe"] {
+            assert!(r.compile_table(doc).is_err(), "{:?}", String::from_utf8_lossy(doc));
+        }
+    }
+
+    #[test]
+    fn large_tables_load_and_serve() {
+        let r = router(r#"{"management":{"cluster":"mgmt"}}"#);
+        let mut doc = String::from(r#"{"version":1,"routes":["#);
+        for i in 0..100_000u64 {
+            if i > 0 {
+                doc.push(',');
+            }
+            doc.push_str(&format!(
+                r#"{{"match":{{"project":"{:08x}","environment":"{:08x}","function":"{:010x}"}},"cluster":"c{}","host":"f{i}.example"}}"#,
+                i % 977,
+                i / 977,
+                i,
+                i % 7
+            ));
+        }
+        doc.push_str("]}");
+        let table = r.compile_table(doc.as_bytes()).unwrap();
+        assert_eq!(table.len(), 100_000);
+        let mut r = r;
+        r.install(table);
+        let host = format!("{:08x}-{:08x}-{:010x}.serverless.gitlab.io", 99_999 % 977, 99_999 / 977, 99_999);
+        assert_eq!(decide(&r, &host), Ok(("c3".into(), "f99999.example".into())));
+    }
+}

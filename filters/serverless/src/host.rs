@@ -1,0 +1,138 @@
+//! Host calls that cannot panic. The SDK's trait helpers `unwrap()` host errors; on the request
+//! path a panic traps the VM, so this filter goes through `hostcalls` and degrades instead.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use edgewise_core::config::ConfigError;
+use edgewise_core::reply::Reply;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{Action, BufferType, Bytes, MapType, MetricType};
+
+pub fn plugin_configuration() -> Result<Bytes, ConfigError> {
+    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) if !bytes.is_empty() => Ok(bytes),
+        _ => Err(ConfigError::Missing),
+    }
+}
+
+/// The plugin's name (`name` in the Envoy filter config), which namespaces its shared data.
+pub fn plugin_name() -> String {
+    hostcalls::get_property(vec!["plugin_name"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| "serverless".into())
+}
+
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn set_tick_period(period: Duration) {
+    if let Err(e) = hostcalls::set_tick_period(period) {
+        log::error!("set_tick_period failed: {e:?}");
+    }
+}
+
+pub fn request_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+}
+
+pub fn set_request_header(name: &str, value: Option<&str>) {
+    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
+        log::warn!("setting request header {name} failed: {e:?}");
+    }
+}
+
+/// Sends a local JSON reply and stops the request.
+pub fn reply(reply: &Reply) -> Action {
+    let headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+    if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body())) {
+        log::error!("sending local reply failed: {e:?}");
+    }
+    Action::Pause
+}
+
+pub fn call_response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name).ok().flatten()
+}
+
+pub fn call_response_body(size: usize) -> Option<Bytes> {
+    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size).ok().flatten()
+}
+
+pub fn shared_get(key: &str) -> (Option<Bytes>, Option<u32>) {
+    hostcalls::get_shared_data(key).unwrap_or((None, None))
+}
+
+pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    hostcalls::set_shared_data(key, Some(value), cas).is_ok()
+}
+
+pub fn shared_u64(key: &str) -> (u64, Option<u32>) {
+    let (value, cas) = shared_get(key);
+    let n = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
+    (n, cas)
+}
+
+/// Compare-and-swap on a u64 in shared data. A missing key is created as 0 first, because the
+/// host applies a write to a missing key whatever the CAS.
+pub fn shared_u64_cas(key: &str, update: impl Fn(u64) -> Option<u64>) -> Option<u64> {
+    for _ in 0..8 {
+        let (current, cas) = shared_u64(key);
+        if cas.is_none() {
+            shared_set(key, &0u64.to_le_bytes(), None);
+            continue;
+        }
+        let next = update(current)?;
+        if shared_set(key, &next.to_le_bytes(), cas) {
+            return Some(next);
+        }
+    }
+    None
+}
+
+pub fn dispatch_get(cluster: &str, authority: &str, path: &str, extra: &[(&str, &str)], timeout: Duration) -> Option<u32> {
+    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
+    headers.extend_from_slice(extra);
+    match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
+        Ok(token) => Some(token),
+        Err(e) => {
+            log::warn!("call to cluster {cluster} could not be dispatched: {e:?}");
+            None
+        }
+    }
+}
+
+/// A counter defined by name; every VM defining the same name shares the same Envoy stat.
+pub struct Counter(Option<u32>);
+
+impl Counter {
+    pub fn define(name: &str) -> Self {
+        Counter(hostcalls::define_metric(MetricType::Counter, name).ok())
+    }
+
+    pub fn inc(&self) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+pub struct Gauge(Option<u32>);
+
+impl Gauge {
+    pub fn define(name: &str) -> Self {
+        Gauge(hostcalls::define_metric(MetricType::Gauge, name).ok())
+    }
+
+    pub fn set(&self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+

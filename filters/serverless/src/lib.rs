@@ -1,0 +1,143 @@
+//! proxy-wasm filter `serverless`: decodes function hosts, rewrites Host to the function's Knative
+//! host and selects the customer's cluster. The decisions live in `edgewise_core::serverless`;
+//! this crate reads headers, polls the management service and applies what core decides.
+
+mod host;
+mod poller;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use host::{Counter, Gauge};
+use poller::Poller;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// What every request of this VM reads: the compiled router, scratch space and metric handles.
+struct Shared {
+    router: RefCell<Router>,
+    scratch: RefCell<Scratch>,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    outcomes: [Counter; Outcome::ALL.len()],
+    fetch_ok: Counter,
+    fetch_not_modified: Counter,
+    fetch_failed: Counter,
+    table_version: Gauge,
+    table_routes: Gauge,
+    table_age_seconds: Gauge,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let p = "edgewise.serverless";
+        Metrics {
+            outcomes: Outcome::ALL.map(|o| Counter::define(&format!("{p}.requests.{}", o.name()))),
+            fetch_ok: Counter::define(&format!("{p}.management_fetch.ok")),
+            fetch_not_modified: Counter::define(&format!("{p}.management_fetch.not_modified")),
+            fetch_failed: Counter::define(&format!("{p}.management_fetch.failed")),
+            table_version: Gauge::define(&format!("{p}.table.version")),
+            table_routes: Gauge::define(&format!("{p}.table.routes")),
+            table_age_seconds: Gauge::define(&format!("{p}.table.age_seconds")),
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        // `Outcome::ALL` lists every variant in declaration order.
+        if let Some(counter) = self.outcomes.get(outcome as usize) {
+            counter.inc();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    shared: Option<Rc<Shared>>,
+    poller: Option<Poller>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if let (Some(poller), Some(shared)) = (self.poller.as_mut(), self.shared.as_ref()) {
+            poller.on_response(token, body_size, shared);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let router = match host::plugin_configuration().and_then(|json| Router::from_json(&json)) {
+            Ok(router) => router,
+            Err(e) => {
+                log::error!("serverless: {e}");
+                return false;
+            }
+        };
+        let metrics = Metrics::define();
+        metrics.table_routes.set(0);
+        self.poller = router.management.clone().map(|m| Poller::new(m, &host::plugin_name()));
+        let scratch = RefCell::new(router.decoder.scratch());
+        self.shared = Some(Rc::new(Shared { router: RefCell::new(router), scratch, metrics }));
+        if let Some(poller) = &self.poller {
+            host::set_tick_period(poller.tick_period());
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let (Some(poller), Some(shared)) = (self.poller.as_mut(), self.shared.as_ref()) {
+            poller.on_tick(shared);
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { shared: self.shared.clone()? }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    shared: Rc<Shared>,
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let shared = &self.shared;
+        let (Ok(router), Ok(mut scratch)) = (shared.router.try_borrow(), shared.scratch.try_borrow_mut()) else {
+            return host::reply(&edgewise_core::reply::Reply::new(500, "internal", "router busy"));
+        };
+        // Only the filter may choose the cluster: drop whatever a client sent.
+        host::set_request_header(&router.cluster_header, None);
+        let Some(authority) = host::request_header(":authority") else {
+            return Action::Continue;
+        };
+        match router.decide(&authority, &mut scratch) {
+            Decision::PassThrough => Action::Continue,
+            Decision::Route(target) => {
+                host::set_request_header("x-forwarded-host", Some(&authority));
+                host::set_request_header(&router.cluster_header, Some(&target.cluster));
+                host::set_request_header(":authority", Some(&target.host));
+                shared.metrics.count(Outcome::Routed);
+                Action::Continue
+            }
+            Decision::Reject(outcome, reply) => {
+                shared.metrics.count(outcome);
+                host::reply(&reply)
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! A small HTTP client for tests: HTTP/1.1 or HTTP/2 (by ALPN over TLS), any authority, any
+//! address, one connection per request so every request stands on its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+#[derive(Clone, Default)]
+pub struct Client {
+    tls: Option<Arc<ClientConfig>>,
+    timeout: Option<Duration>,
+    sni: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub version: hyper::Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One request. `authority` becomes `Host` (HTTP/1.1) or `:authority` (HTTP/2) and the TLS SNI.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub body: Bytes,
+}
+
+impl<'a> Request<'a> {
+    pub fn get(authority: &'a str, path: &'a str) -> Self {
+        Request { method: "GET", authority, path, headers: vec![], body: Bytes::new() }
+    }
+
+    pub fn header(mut self, name: &'a str, value: &'a str) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+impl Client {
+    pub fn plain() -> Self {
+        Client::default()
+    }
+
+    /// TLS with the given config; its ALPN list decides HTTP/2 (`h2`) or HTTP/1.1.
+    pub fn tls(config: Arc<ClientConfig>) -> Self {
+        Client { tls: Some(config), ..Client::default() }
+    }
+
+    /// Uses this TLS server name instead of the request's authority.
+    pub fn sni(mut self, name: &str) -> Self {
+        self.sni = Some(name.to_string());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub async fn get(&self, addr: SocketAddr, authority: &str, path: &str) -> Result<Response> {
+        self.send(addr, Request::get(authority, path)).await
+    }
+
+    pub async fn send(&self, addr: SocketAddr, req: Request<'_>) -> Result<Response> {
+        let fut = self.send_inner(addr, req);
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| anyhow!("request timed out after {t:?}"))?,
+            None => tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| anyhow!("request timed out"))?,
+        }
+    }
+
+    async fn send_inner(&self, addr: SocketAddr, req: Request<'_>) -> Result<Response> {
+        let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        match &self.tls {
+            None => exchange(tcp, false, "http", req).await,
+            Some(config) => {
+                let host = match &self.sni {
+                    Some(sni) => sni.as_str(),
+                    None => req.authority.rsplit_once(':').map_or(req.authority, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { req.authority }),
+                };
+                let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())?;
+                let tls = TlsConnector::from(config.clone()).connect(name, tcp).await.context("TLS handshake")?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                exchange(tls, h2, "https", req).await
+            }
+        }
+    }
+}
+
+async fn exchange<S>(io: S, h2: bool, scheme: &str, req: Request<'_>) -> Result<Response>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let mut builder = hyper::Request::builder().method(req.method);
+    builder = if h2 {
+        builder.uri(format!("{scheme}://{}{}", req.authority, req.path)).version(hyper::Version::HTTP_2)
+    } else {
+        builder.uri(req.path).header("host", req.authority)
+    };
+    for (k, v) in &req.headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(Full::new(req.body))?;
+    let response = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        send.send_request(request).await?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        send.send_request(request).await?
+    };
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => bail!("reading response body: {e}"),
+    };
+    Ok(Response { status: parts.status.as_u16(), version: parts.version, headers: parts.headers, body })
+}

@@ -1,0 +1,28 @@
+//! The edgewise end-to-end harness: real Envoy started from the shipped YAML, real TLS with
+//! certificates made at run time, and stand-in servers that report what they saw.
+//!
+//! Used by the tests in `tests/` and by the `edgewise-demo` binary behind `make run`.
+
+pub mod certs;
+pub mod client;
+pub mod scenarios;
+pub mod envoy;
+pub mod server;
+pub mod tls;
+
+use std::path::PathBuf;
+
+/// The repository root (the shipped YAML lives in `envoy/` below it).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where build.rs puts the freshly built `.wasm` modules.
+pub fn filters_dir() -> PathBuf {
+    PathBuf::from(env!("EDGEWISE_FILTERS_DIR"))
+}
+
+/// Installs the process-wide rustls crypto provider (ring). Safe to call repeatedly.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

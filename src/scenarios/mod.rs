@@ -1,0 +1,30 @@
+//! Scenario set-up shared by the tests and the demo: certificates, SDS files and stand-ins for
+//! each shipped YAML.
+
+pub mod serverless;
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Copies the shipped SDS files of a scenario (`envoy/sds/<scenario>/*.yaml`) to
+/// `<run_dir>/<scenario>/sds/`, pointing their `target/run/` paths at `run_dir`.
+pub fn install_sds(scenario: &str, run_dir: &Path) -> Result<()> {
+    let from = crate::repo_root().join("envoy/sds").join(scenario);
+    let to = run_dir.join(scenario).join("sds");
+    fs::create_dir_all(&to)?;
+    let prefix = format!("{}/", run_dir.display());
+    for entry in fs::read_dir(&from).with_context(|| format!("reading {}", from.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = fs::read_to_string(&path)?.replace("target/run/", &prefix);
+            let file = path.file_name().context("file name")?;
+            // Write then rename: Envoy must never read a half-written SDS file.
+            let tmp = to.join(".tmp");
+            fs::write(&tmp, text)?;
+            fs::rename(&tmp, to.join(file))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! End-to-end: envoy/serverless.yaml on real Envoy with the freshly built serverless.wasm, two
+//! customer clusters (mTLS gateway stand-ins with different CAs), a management service stand-in
+//! and a plain "www" site on the same listener.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgewise::certs::{Ca, Leaf, LeafSpec};
+use edgewise::client::{Client, Request};
+use edgewise::envoy::{Config, Envoy};
+use edgewise::scenarios::serverless::{self as sl, ports, Pki};
+use edgewise::server::{DocMode, Document, Listen, Server};
+
+const B_HOST: &str = "1111111a-2222222b-333333333c.serverless.gitlab.io";
+const B_KNATIVE: &str = "fn-b.ns-7.knative.customer-b.example";
+
+struct Setup {
+    _run: tempfile::TempDir,
+    pki: Pki,
+    a: Server,
+    b: Server,
+    www: Server,
+    mgmt: Option<Server>,
+    doc: Document,
+    envoy: Envoy,
+    front: SocketAddr,
+}
+
+struct Options {
+    /// Gateway certificates (customer-a, customer-b); default: each issued by its own CA.
+    gateways: Option<fn(&Pki) -> (Leaf, Leaf)>,
+    table: String,
+    tweak: fn(Config) -> Config,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { gateways: None, table: sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]), tweak: |c| c }
+    }
+}
+
+async fn setup(opts: Options) -> Setup {
+    let run = tempfile::tempdir().unwrap();
+    let pki = Pki::install(run.path()).unwrap();
+    let (leaf_a, leaf_b) = match opts.gateways {
+        Some(make) => make(&pki),
+        None => (sl::gateway_leaf(&pki.customer_a_ca, "customer-a").unwrap(), sl::gateway_leaf(&pki.customer_b_ca, "customer-b").unwrap()),
+    };
+    let a = sl::gateway("customer-a", 0, &leaf_a, &pki.platform_ca).await.unwrap();
+    let b = sl::gateway("customer-b", 0, &leaf_b, &pki.platform_ca).await.unwrap();
+    let www = Server::echo("www", Listen::default()).await.unwrap();
+    let doc = Document::new(opts.table);
+    let mgmt = Server::start("management", Listen::default(), doc.handler()).await.unwrap();
+    let config = Config::shipped("serverless")
+        .run_dir(run.path())
+        .port(ports::FRONT, 0)
+        .port(ports::CUSTOMER_A, a.port())
+        .port(ports::CUSTOMER_B, b.port())
+        .port(ports::WWW, www.port())
+        .port(ports::MANAGEMENT, mgmt.port())
+        .replace("\"poll_interval_ms\": 2000", "\"poll_interval_ms\": 200");
+    let envoy = Envoy::start(&(opts.tweak)(config)).await.unwrap();
+    let front = envoy.listener("serverless_https").await.unwrap();
+    Setup { _run: run, pki, a, b, www, mgmt: Some(mgmt), doc, envoy, front }
+}
+
+impl Setup {
+    /// A request over the public HTTPS listener. The TLS server name stays one the wildcard
+    /// certificate covers, whatever the Host (some malformed hosts have extra labels).
+    async fn get(&self, host: &str) -> edgewise::client::Response {
+        let client = self.pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
+        client.get(self.front, host, "/some/path?q=1").await.unwrap()
+    }
+
+    async fn wait_table_version(&self, version: u64) {
+        self.envoy
+            .wait_stat(&format!("table version {version}"), Duration::from_secs(20), |s| {
+                s.get("wasmcustom.edgewise.serverless.table.version") == Some(&version)
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn functions_reach_their_own_cluster_over_mtls_with_the_knative_host() {
+    let s = setup(Options::default()).await;
+    s.wait_table_version(1).await;
+
+    // Inline route -> customer-a, with a forged cluster header and X-Forwarded-Host that must not steer.
+    let client = s.pki.front_client(false).unwrap();
+    let req = Request::get(sl::INLINE_HOST, "/hello?x=1")
+        .header("x-edgewise-cluster", "customer-b")
+        .header("x-forwarded-host", B_HOST);
+    let r = client.send(s.front, req).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["server"], "customer-a");
+    assert_eq!(seen["host"], sl::INLINE_KNATIVE_HOST);
+    assert_eq!(seen["path"], "/hello?x=1");
+    assert_eq!(seen["tls"]["sni"], sl::INLINE_KNATIVE_HOST);
+    assert_eq!(seen["tls"]["peer_sans"], serde_json::json!([format!("URI:{}", sl::PLATFORM_CLIENT_ID)]));
+    let a_seen = s.a.seen();
+    assert_eq!(a_seen.len(), 1);
+    assert_eq!(a_seen[0].header("x-forwarded-host"), Some(sl::INLINE_HOST));
+    assert_eq!(a_seen[0].header("x-edgewise-cluster"), None, "the routing header must not leave Envoy");
+
+    // Polled route -> customer-b only, case and trailing dot and port tolerated, over HTTP/2 on the front.
+    let h2 = s.pki.front_client(true).unwrap();
+    let upper = format!("{}.:443", B_HOST.to_uppercase());
+    let r = h2.get(s.front, &upper, "/").await.unwrap();
+    assert_eq!(r.version, hyper::Version::HTTP_2);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "customer-b");
+    assert_eq!(r.json()["host"], B_KNATIVE);
+    assert_eq!(r.json()["tls"]["peer_sans"][0], format!("URI:{}", sl::PLATFORM_CLIENT_ID));
+    assert_eq!(s.a.count(), 1, "customer-a must see only its own function");
+    assert_eq!(s.b.count(), 1, "customer-b must see only its own function");
+
+    // Other sites on the listener are left alone.
+    let r = s.get("www.example.com").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["server"], "www");
+    assert_eq!(r.json()["host"], "www.example.com");
+    assert_eq!(s.www.count(), 1);
+
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.routed"), Some(&2));
+    assert_eq!(stats.get("wasmcustom.edgewise.serverless.table.routes"), Some(&1));
+    let prom = s.envoy.admin_get("/stats/prometheus").await.unwrap();
+    assert!(prom.contains("edgewise_serverless_requests{outcome=\"routed\"} 2"), "{prom}");
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_hosts_get_404_and_no_upstream_is_contacted() {
+    let s = setup(Options::default()).await;
+    s.wait_table_version(1).await;
+    let cases = [
+        ("0000000a-0000000b-000000000d.serverless.gitlab.io", "unknown_function"),
+        ("0000000a-0000000b-00000000c.serverless.gitlab.io", "malformed_host"),
+        ("0000000a-0000000b-000000000g.serverless.gitlab.io", "malformed_host"),
+        ("x.0000000a-0000000b-000000000c.serverless.gitlab.io", "malformed_host"),
+        ("0000000a-0000000b.serverless.gitlab.io", "malformed_host"),
+    ];
+    for (host, error) in cases {
+        let r = s.get(host).await;
+        assert_eq!(r.status, 404, "{host}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let body = r.json();
+        assert_eq!(body["error"], error, "{host}");
+        assert!(body["detail"].as_str().unwrap().contains(host), "the body names the host: {body}");
+    }
+    assert_eq!(s.a.count() + s.b.count() + s.www.count(), 0, "no upstream may be contacted");
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.unknown_function"), Some(&1));
+    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.malformed_host"), Some(&4));
+}
+
+#[tokio::test]
+async fn a_gateway_with_the_wrong_ca_or_san_fails_closed() {
+    let s = setup(Options {
+        gateways: Some(|pki: &Pki| {
+            (
+                // customer-a's gateway shows a certificate for the right name from the wrong CA ...
+                pki.customer_b_ca.issue(&LeafSpec::server(&["ingress.customer-a.example"])).unwrap(),
+                // ... customer-b's, one from the right CA for the wrong name.
+                pki.customer_b_ca.issue(&LeafSpec::server(&["ingress.someone-else.example"])).unwrap(),
+            )
+        }),
+        ..Default::default()
+    })
+    .await;
+    s.wait_table_version(1).await;
+    for host in [sl::INLINE_HOST, B_HOST] {
+        let r = s.get(host).await;
+        assert_eq!(r.status, 503, "{host}: {}", r.text());
+        let body = r.json();
+        assert_eq!(body["error"], "upstream_unavailable");
+        assert!(body["detail"].as_str().unwrap().contains("CERTIFICATE_VERIFY_FAILED"), "{body}");
+    }
+    assert_eq!(s.a.count() + s.b.count(), 0, "no request may reach a gateway that failed verification");
+    let stats = s.envoy.stats().await.unwrap();
+    assert!(stats.get("cluster.customer-a.ssl.fail_verify_error").copied().unwrap_or(0) > 0, "customer-a: CA mismatch");
+    assert!(stats.get("cluster.customer-b.ssl.fail_verify_san").copied().unwrap_or(0) > 0, "customer-b: SAN mismatch");
+}
+
+#[tokio::test]
+async fn the_route_table_updates_without_restart_and_survives_management_outages() {
+    let mut s = setup(Options::default()).await;
+    s.wait_table_version(1).await;
+    const NEW: &str = "4444444a-5555555b-666666666c.serverless.gitlab.io";
+    assert_eq!(s.get(NEW).await.status, 404);
+
+    // A new version: the new function is served without a restart.
+    s.doc.set(sl::table(2, &[("1111111a-2222222b-333333333c", "customer-b", B_KNATIVE), ("4444444a-5555555b-666666666c", "customer-a", "new.knative.customer-a.example")]));
+    s.wait_table_version(2).await;
+    let r = s.get(NEW).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "customer-a");
+    assert_eq!(r.json()["host"], "new.knative.customer-a.example");
+    let not_modified = "wasmcustom.edgewise.serverless.management_fetch.not_modified";
+    s.envoy.wait_stat("a 304 from the management service", Duration::from_secs(10), |st| st.get(not_modified).copied().unwrap_or(0) > 0).await.unwrap();
+
+    // Garbage and errors keep the last good table in force.
+    let failed = "wasmcustom.edgewise.serverless.management_fetch.failed";
+    for mode in [DocMode::Garbage, DocMode::Fail(500)] {
+        let before = s.envoy.stat(failed).await.unwrap();
+        s.doc.mode(mode);
+        s.envoy.wait_stat("a failed fetch", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) > before).await.unwrap();
+        assert_eq!(s.get(NEW).await.status, 200, "{mode:?}");
+        assert_eq!(s.envoy.stat("wasmcustom.edgewise.serverless.table.version").await.unwrap(), 2);
+    }
+
+    // The management service goes away entirely.
+    let before = s.envoy.stat(failed).await.unwrap();
+    s.mgmt.take();
+    s.envoy.wait_stat("fetches failing", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) >= before + 2).await.unwrap();
+    for host in [NEW, B_HOST, sl::INLINE_HOST] {
+        let r = s.get(host).await;
+        assert_eq!(r.status, 200, "{host} with the management service down: {}", r.text());
+    }
+    let age = s.envoy.stat("wasmcustom.edgewise.serverless.table.age_seconds").await.unwrap();
+    assert!(age < 60, "age {age}");
+}
+
+#[tokio::test]
+async fn certificates_rotate_on_disk_with_no_restart_and_no_failed_request() {
+    let s = Arc::new(setup(Options::default()).await);
+    s.wait_table_version(1).await;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Continuous load: clients trusting both the old and the new front CA.
+    let new_front_ca = Ca::new("edgewise front CA 2").unwrap();
+    let both = Client::tls(edgewise::tls::client(&[&s.pki.front_ca.pem, &new_front_ca.pem], None, &["http/1.1"]).unwrap());
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (s, ok, failed, stop, client) = (s.clone(), ok.clone(), failed.clone(), stop.clone(), both.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(s.front, sl::INLINE_HOST, "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => {
+                        eprintln!("failed during rotation: {} {}", r.status, r.text());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("failed during rotation: {e:#}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Rotate the platform's client certificate (new identity, so the gateway can tell) and the
+    // public certificate (from a new CA), and the customer CA with an overlapping bundle.
+    let rotated_id = "spiffe://platform.example/serverless-proxy-rotated";
+    s.pki.rotate_platform_client(&s.pki.platform_client(rotated_id).unwrap()).unwrap();
+    s.pki.rotate_front(&new_front_ca.issue(&LeafSpec::server(&[&format!("*.{}", sl::DOMAIN)])).unwrap()).unwrap();
+    let new_a_ca = Ca::new("customer-a cluster CA 2").unwrap();
+    s.pki.set_customer_bundle("customer-a", &[&s.pki.customer_a_ca, &new_a_ca]).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let only_new = Client::tls(edgewise::tls::client(&[&new_front_ca.pem], None, &["http/1.1"]).unwrap());
+    loop {
+        let seen = s.a.seen();
+        let rotated = seen.last().is_some_and(|l| l.peer_sans() == [format!("URI:{rotated_id}")]);
+        let front_new = only_new.get(s.front, sl::INLINE_HOST, "/").await.is_ok_and(|r| r.status == 200);
+        if rotated && front_new {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rotation not picked up: client rotated={rotated}, front rotated={front_new}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("rotation under load: {ok} requests succeeded, {failed} failed");
+    assert!(ok > 50, "too little load to prove anything: {ok}");
+    assert_eq!(failed, 0, "{failed} of {} requests failed during rotation", ok + failed);
+}
+
+#[tokio::test]
+async fn a_bad_plugin_configuration_keeps_envoy_from_starting() {
+    let run = tempfile::tempdir().unwrap();
+    Pki::install(run.path()).unwrap();
+    let config = Config::shipped("serverless")
+        .run_dir(run.path())
+        .port(ports::FRONT, 0)
+        .replace("\"domain\": \"serverless.gitlab.io\"", "\"domian\": \"serverless.gitlab.io\"");
+    let err = match Envoy::start(&config).await {
+        Ok(_) => panic!("Envoy started with a bad plugin configuration"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("invalid plugin configuration: unknown field `domian`"), "{err}");
+}
+
+#[tokio::test]
+async fn a_table_of_100000_functions_loads_and_serves() {
+    let routes: Vec<(String, &str, String)> =
+        (0..100_000u64).map(|i| (format!("{:08x}-{:08x}-{:010x}", i % 1000, i / 1000, i), "customer-b", format!("f{i}.knative.customer-b.example"))).collect();
+    let refs: Vec<(&str, &str, &str)> = routes.iter().map(|(l, c, h)| (l.as_str(), *c, h.as_str())).collect();
+    let s = setup(Options { table: sl::table(100, &refs), ..Default::default() }).await;
+    s.envoy
+        .wait_stat("100000 routes", Duration::from_secs(60), |st| st.get("wasmcustom.edgewise.serverless.table.routes") == Some(&100_000))
+        .await
+        .unwrap();
+    for i in [0u64, 54_321, 99_999] {
+        let host = format!("{:08x}-{:08x}-{:010x}.serverless.gitlab.io", i % 1000, i / 1000, i);
+        let r = s.get(&host).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+        assert_eq!(r.json()["host"], format!("f{i}.knative.customer-b.example"));
+    }
+}
