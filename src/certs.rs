@@ -40,11 +40,19 @@ pub struct LeafSpec {
 
 impl LeafSpec {
     pub fn server(dns: &[&str]) -> Self {
-        LeafSpec { common_name: dns.first().copied().unwrap_or("server").into(), dns: dns.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        LeafSpec {
+            common_name: dns.first().copied().unwrap_or("server").into(),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn client(common_name: &str, uris: &[&str]) -> Self {
-        LeafSpec { common_name: common_name.into(), uris: uris.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+        LeafSpec {
+            common_name: common_name.into(),
+            uris: uris.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
     }
 
     pub fn dns(mut self, name: &str) -> Self {
@@ -65,7 +73,8 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let pem = cert.pem();
@@ -89,7 +98,9 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         // Distinct serials, so that a rotated certificate is told apart from the old one.
         static SERIAL: AtomicU64 = AtomicU64::new(1);
-        params.serial_number = Some(rcgen::SerialNumber::from(SERIAL.fetch_add(1, Ordering::Relaxed) + std::process::id() as u64 * 1_000_000));
+        params.serial_number = Some(rcgen::SerialNumber::from(
+            SERIAL.fetch_add(1, Ordering::Relaxed) + std::process::id() as u64 * 1_000_000,
+        ));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() })

@@ -33,7 +33,8 @@ pub struct Response {
 
 impl Response {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", self.text()))
     }
 
     pub fn text(&self) -> String {
@@ -94,7 +95,9 @@ impl Client {
         let fut = self.send_inner(addr, req);
         match self.timeout {
             Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| anyhow!("request timed out after {t:?}"))?,
-            None => tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| anyhow!("request timed out"))?,
+            None => {
+                tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| anyhow!("request timed out"))?
+            }
         }
     }
 
@@ -105,7 +108,13 @@ impl Client {
             Some(config) => {
                 let host = match &self.sni {
                     Some(sni) => sni.as_str(),
-                    None => req.authority.rsplit_once(':').map_or(req.authority, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { req.authority }),
+                    None => req.authority.rsplit_once(':').map_or(req.authority, |(h, p)| {
+                        if p.chars().all(|c| c.is_ascii_digit()) {
+                            h
+                        } else {
+                            req.authority
+                        }
+                    }),
                 };
                 let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())?;
                 let tls = TlsConnector::from(config.clone()).connect(name, tcp).await.context("TLS handshake")?;

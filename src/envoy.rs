@@ -84,10 +84,18 @@ impl Config {
 
     /// Replaces a default admin port with 0 (the harness reads the real one back).
     pub fn any_admin_port(self) -> Config {
-        let Some(line) = self.yaml.lines().skip_while(|l| !l.starts_with("admin:")).find(|l| l.contains("port_value:")) else {
+        let Some(line) = self.yaml.lines().skip_while(|l| !l.starts_with("admin:")).find(|l| l.contains("port_value:"))
+        else {
             panic!("envoy/{}.yaml has no admin port", self.name);
         };
-        let digits: String = line.split("port_value:").nth(1).unwrap_or_default().trim().chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = line
+            .split("port_value:")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         let port: u16 = digits.parse().expect("admin port");
         self.port(port, 0)
     }
@@ -177,7 +185,14 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .context("starting envoy")?;
-        Ok(Envoy { child, admin: ([127, 0, 0, 1], 0).into(), admin_file, log_path, name: config.name.clone(), _dir: None })
+        Ok(Envoy {
+            child,
+            admin: ([127, 0, 0, 1], 0).into(),
+            admin_file,
+            log_path,
+            name: config.name.clone(),
+            _dir: None,
+        })
     }
 
     async fn wait_ready(&mut self, limit: Duration) -> Result<()> {
@@ -247,7 +262,8 @@ impl Envoy {
     /// The interesting end of the log: start-up banners (extension lists) left out.
     pub fn log_tail(&self) -> String {
         let log = self.log();
-        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("server.cc:4") && !l.contains("server.cc:5")).collect();
+        let lines: Vec<&str> =
+            log.lines().filter(|l| !l.contains("server.cc:4") && !l.contains("server.cc:5")).collect();
         lines[lines.len().saturating_sub(200)..].join("\n")
     }
 
@@ -256,7 +272,12 @@ impl Envoy {
     }
 
     /// Waits until `pred` holds for the stats, or fails with the last stats seen.
-    pub async fn wait_stat(&self, what: &str, limit: Duration, pred: impl Fn(&BTreeMap<String, u64>) -> bool) -> Result<()> {
+    pub async fn wait_stat(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         loop {
             let stats = self.stats().await?;
@@ -275,7 +296,12 @@ impl Envoy {
 impl Drop for Envoy {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("----- envoy {} log -----\n{}\n----- end of envoy {} log -----", self.name, self.log_tail(), self.name);
+            eprintln!(
+                "----- envoy {} log -----\n{}\n----- end of envoy {} log -----",
+                self.name,
+                self.log_tail(),
+                self.name
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

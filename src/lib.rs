@@ -5,8 +5,8 @@
 
 pub mod certs;
 pub mod client;
-pub mod scenarios;
 pub mod envoy;
+pub mod scenarios;
 pub mod server;
 pub mod tls;
 

@@ -104,7 +104,11 @@ impl Server {
                             let info = TlsSeen {
                                 sni: session.server_name().map(str::to_owned),
                                 alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
-                                peer_sans: session.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::sans(c)).unwrap_or_default(),
+                                peer_sans: session
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| crate::tls::sans(c))
+                                    .unwrap_or_default(),
                             };
                             ctx.serve(TokioIo::new(tls), Some(info)).await
                         }
@@ -118,7 +122,12 @@ impl Server {
 
     /// An echo server: answers 200 with the JSON of what it saw.
     pub async fn echo(name: &str, listen: Listen) -> Result<Server> {
-        Self::start(name, listen, Arc::new(|seen: &Seen| Answer::json(200, serde_json::to_vec(seen).unwrap_or_default()))).await
+        Self::start(
+            name,
+            listen,
+            Arc::new(|seen: &Seen| Answer::json(200, serde_json::to_vec(seen).unwrap_or_default())),
+        )
+        .await
     }
 
     pub fn name(&self) -> &str {

@@ -36,7 +36,8 @@ pub fn server(leaf: &Leaf, client_cas: &[&str], alpn: &[&str]) -> Result<Arc<Ser
     let builder = if client_cas.is_empty() {
         builder.with_no_client_auth()
     } else {
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots(client_cas)?)).build().map_err(|e| anyhow!("{e}"))?;
+        let verifier =
+            WebPkiClientVerifier::builder(Arc::new(roots(client_cas)?)).build().map_err(|e| anyhow!("{e}"))?;
         builder.with_client_cert_verifier(verifier)
     };
     let mut config = builder.with_single_cert(certs(&leaf.cert_pem)?, key(&leaf.key_pem)?)?;

@@ -28,16 +28,23 @@ struct Setup {
     front: SocketAddr,
 }
 
+/// Makes the (customer-a, customer-b) gateway certificates from the scenario's CAs.
+type GatewayLeaves = fn(&Pki) -> (Leaf, Leaf);
+
 struct Options {
     /// Gateway certificates (customer-a, customer-b); default: each issued by its own CA.
-    gateways: Option<fn(&Pki) -> (Leaf, Leaf)>,
+    gateways: Option<GatewayLeaves>,
     table: String,
     tweak: fn(Config) -> Config,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { gateways: None, table: sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]), tweak: |c| c }
+        Options {
+            gateways: None,
+            table: sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]),
+            tweak: |c| c,
+        }
     }
 }
 
@@ -46,7 +53,10 @@ async fn setup(opts: Options) -> Setup {
     let pki = Pki::install(run.path()).unwrap();
     let (leaf_a, leaf_b) = match opts.gateways {
         Some(make) => make(&pki),
-        None => (sl::gateway_leaf(&pki.customer_a_ca, "customer-a").unwrap(), sl::gateway_leaf(&pki.customer_b_ca, "customer-b").unwrap()),
+        None => (
+            sl::gateway_leaf(&pki.customer_a_ca, "customer-a").unwrap(),
+            sl::gateway_leaf(&pki.customer_b_ca, "customer-b").unwrap(),
+        ),
     };
     let a = sl::gateway("customer-a", 0, &leaf_a, &pki.platform_ca).await.unwrap();
     let b = sl::gateway("customer-b", 0, &leaf_b, &pki.platform_ca).await.unwrap();
@@ -194,21 +204,35 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     assert_eq!(s.get(NEW).await.status, 404);
 
     // A new version: the new function is served without a restart.
-    s.doc.set(sl::table(2, &[("1111111a-2222222b-333333333c", "customer-b", B_KNATIVE), ("4444444a-5555555b-666666666c", "customer-a", "new.knative.customer-a.example")]));
+    s.doc.set(sl::table(
+        2,
+        &[
+            ("1111111a-2222222b-333333333c", "customer-b", B_KNATIVE),
+            ("4444444a-5555555b-666666666c", "customer-a", "new.knative.customer-a.example"),
+        ],
+    ));
     s.wait_table_version(2).await;
     let r = s.get(NEW).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["server"], "customer-a");
     assert_eq!(r.json()["host"], "new.knative.customer-a.example");
     let not_modified = "wasmcustom.edgewise.serverless.management_fetch.not_modified";
-    s.envoy.wait_stat("a 304 from the management service", Duration::from_secs(10), |st| st.get(not_modified).copied().unwrap_or(0) > 0).await.unwrap();
+    s.envoy
+        .wait_stat("a 304 from the management service", Duration::from_secs(10), |st| {
+            st.get(not_modified).copied().unwrap_or(0) > 0
+        })
+        .await
+        .unwrap();
 
     // Garbage and errors keep the last good table in force.
     let failed = "wasmcustom.edgewise.serverless.management_fetch.failed";
     for mode in [DocMode::Garbage, DocMode::Fail(500)] {
         let before = s.envoy.stat(failed).await.unwrap();
         s.doc.mode(mode);
-        s.envoy.wait_stat("a failed fetch", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) > before).await.unwrap();
+        s.envoy
+            .wait_stat("a failed fetch", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) > before)
+            .await
+            .unwrap();
         assert_eq!(s.get(NEW).await.status, 200, "{mode:?}");
         assert_eq!(s.envoy.stat("wasmcustom.edgewise.serverless.table.version").await.unwrap(), 2);
     }
@@ -216,7 +240,10 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     // The management service goes away entirely.
     let before = s.envoy.stat(failed).await.unwrap();
     s.mgmt.take();
-    s.envoy.wait_stat("fetches failing", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) >= before + 2).await.unwrap();
+    s.envoy
+        .wait_stat("fetches failing", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) >= before + 2)
+        .await
+        .unwrap();
     for host in [NEW, B_HOST, sl::INLINE_HOST] {
         let r = s.get(host).await;
         assert_eq!(r.status, 200, "{host} with the management service down: {}", r.text());
@@ -234,7 +261,8 @@ async fn certificates_rotate_on_disk_with_no_restart_and_no_failed_request() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Continuous load: clients trusting both the old and the new front CA.
     let new_front_ca = Ca::new("edgewise front CA 2").unwrap();
-    let both = Client::tls(edgewise::tls::client(&[&s.pki.front_ca.pem, &new_front_ca.pem], None, &["http/1.1"]).unwrap());
+    let both =
+        Client::tls(edgewise::tls::client(&[&s.pki.front_ca.pem, &new_front_ca.pem], None, &["http/1.1"]).unwrap());
     let mut load = Vec::new();
     for _ in 0..4 {
         let (s, ok, failed, stop, client) = (s.clone(), ok.clone(), failed.clone(), stop.clone(), both.clone());
@@ -273,7 +301,10 @@ async fn certificates_rotate_on_disk_with_no_restart_and_no_failed_request() {
         if rotated && front_new {
             break;
         }
-        assert!(Instant::now() < deadline, "rotation not picked up: client rotated={rotated}, front rotated={front_new}");
+        assert!(
+            Instant::now() < deadline,
+            "rotation not picked up: client rotated={rotated}, front rotated={front_new}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -304,12 +335,21 @@ async fn a_bad_plugin_configuration_keeps_envoy_from_starting() {
 
 #[tokio::test]
 async fn a_table_of_100000_functions_loads_and_serves() {
-    let routes: Vec<(String, &str, String)> =
-        (0..100_000u64).map(|i| (format!("{:08x}-{:08x}-{:010x}", i % 1000, i / 1000, i), "customer-b", format!("f{i}.knative.customer-b.example"))).collect();
+    let routes: Vec<(String, &str, String)> = (0..100_000u64)
+        .map(|i| {
+            (
+                format!("{:08x}-{:08x}-{:010x}", i % 1000, i / 1000, i),
+                "customer-b",
+                format!("f{i}.knative.customer-b.example"),
+            )
+        })
+        .collect();
     let refs: Vec<(&str, &str, &str)> = routes.iter().map(|(l, c, h)| (l.as_str(), *c, h.as_str())).collect();
     let s = setup(Options { table: sl::table(100, &refs), ..Default::default() }).await;
     s.envoy
-        .wait_stat("100000 routes", Duration::from_secs(60), |st| st.get("wasmcustom.edgewise.serverless.table.routes") == Some(&100_000))
+        .wait_stat("100000 routes", Duration::from_secs(60), |st| {
+            st.get("wasmcustom.edgewise.serverless.table.routes") == Some(&100_000)
+        })
         .await
         .unwrap();
     for i in [0u64, 54_321, 99_999] {

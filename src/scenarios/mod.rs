@@ -28,3 +28,27 @@ pub fn install_sds(scenario: &str, run_dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes everything a shipped YAML reads from `target/run/` (certificates, SDS files) into
+/// `run_dir`, so that it can start or be validated.
+pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
+    match scenario {
+        "serverless" => serverless::Pki::install(run_dir).map(drop),
+        other => anyhow::bail!("no set-up for envoy/{other}.yaml: add one to edgewise::scenarios::install"),
+    }
+}
+
+/// The names of the shipped YAML files (`envoy/<name>.yaml`).
+pub fn shipped() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(crate::repo_root().join("envoy"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                names.push(stem.to_string());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}

