@@ -54,6 +54,7 @@ test-e2e:
 	$(CARGO) test -p edgewise
 
 bench: setup
+	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
 	$(CARGO) run --release --bin edgewise-bench
 
 lint: setup

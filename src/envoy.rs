@@ -127,11 +127,13 @@ pub fn validate(config: &Config, dir: &Path) -> Result<String> {
 pub struct Options {
     pub concurrency: u32,
     pub log_level: &'static str,
+    /// Pin Envoy to this CPU (taskset), for benchmarks.
+    pub cpu: Option<usize>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { concurrency: 2, log_level: "info" }
+        Options { concurrency: 2, log_level: "info", cpu: None }
     }
 }
 
@@ -173,7 +175,15 @@ impl Envoy {
         let log_path = dir.join(format!("{}.log", config.name));
         let _ = fs::remove_file(&admin_file);
         let log = fs::File::create(&log_path)?;
-        let child = Command::new(binary())
+        let mut cmd = match options.cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&path)
             .args(["--disable-hot-restart", "--concurrency", &options.concurrency.to_string(), "-l", options.log_level])

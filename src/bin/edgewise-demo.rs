@@ -37,7 +37,7 @@ async fn main() -> Result<()> {
     let doc = Document::new(sl::table(1, &[(B_LABEL, "customer-b", "fn-b.ns-7.knative.customer-b.example")]));
     let _mgmt =
         Server::start("management", Listen { port: ports::MANAGEMENT, ..Listen::default() }, doc.handler()).await?;
-    let envoy = Envoy::start_in(&Config::shipped("serverless"), &run, Options { concurrency: 2, log_level: "info" })
+    let envoy = Envoy::start_in(&Config::shipped("serverless"), &run, Options { concurrency: 2, ..Options::default() })
         .await
         .context("starting envoy/serverless.yaml")?;
     // Give the filter its first poll of the management service.

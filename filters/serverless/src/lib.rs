@@ -120,13 +120,17 @@ impl HttpContext for Filter {
         let (Ok(router), Ok(mut scratch)) = (shared.router.try_borrow(), shared.scratch.try_borrow_mut()) else {
             return host::reply(&edgewise_core::reply::Reply::new(500, "internal", "router busy"));
         };
-        // Only the filter may choose the cluster: drop whatever a client sent.
-        host::set_request_header(&router.cluster_header, None);
         let Some(authority) = host::request_header(":authority") else {
+            host::set_request_header(&router.cluster_header, None);
             return Action::Continue;
         };
+        // Only the filter may choose the cluster: a value a client sent is removed (or, on a
+        // routed request, overwritten).
         match router.decide(&authority, &mut scratch) {
-            Decision::PassThrough => Action::Continue,
+            Decision::PassThrough => {
+                host::set_request_header(&router.cluster_header, None);
+                Action::Continue
+            }
             Decision::Route(target) => {
                 host::set_request_header("x-forwarded-host", Some(&authority));
                 host::set_request_header(&router.cluster_header, Some(&target.cluster));

@@ -1,0 +1,336 @@
+//! `make bench`: each configuration in a fresh front Envoy (--concurrency 1, pinned to CPU 0);
+//! wrk and an upstream Envoy answering with direct_response on CPU 1. Configurations run in
+//! rounds with a rotating order and the medians are reported, because this machine is shared
+//! and noisy. The key figure is the front Envoy's CPU time per request (from /proc), as a ratio
+//! to the no-filter baseline and as microseconds added per request.
+//!
+//! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS (default 5), BENCH_ONLY (substring of
+//! configuration names to run).
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use edgewise::envoy::{Config, Envoy, Options};
+
+const HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
+
+struct Bench {
+    name: &'static str,
+    what: &'static str,
+    filters: String,
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_req: f64,
+    rps_c1: f64,
+    p50_c1_us: f64,
+    rss_mib: f64,
+    ready_s: f64,
+}
+
+fn wasm_filter(name: &str, config: &str) -> String {
+    let file = edgewise::filters_dir().join(format!("{name}.wasm"));
+    format!(
+        r#"          - name: edgewise.{name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: {name}
+                vm_config:
+                  vm_id: {name}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {file} }} }}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: '{config}'
+"#,
+        file = file.display()
+    )
+}
+
+/// The serverless filter with `n` routes; the benchmarked host is one of them.
+fn serverless_config(n: u64) -> String {
+    let mut routes = Vec::with_capacity(n as usize);
+    routes.push(r#"{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"upstream","host":"hello.ns-42.knative.example"}"#.to_string());
+    for i in 1..n {
+        routes.push(format!(
+            r#"{{"match":{{"project":"{:08x}","environment":"{:08x}","function":"{:010x}"}},"cluster":"upstream","host":"f{i}.knative.example"}}"#,
+            i % 1000 + 0x1000,
+            i / 1000,
+            i
+        ));
+    }
+    format!(r#"{{"routes":[{}]}}"#, routes.join(","))
+}
+
+/// The same host rewrite as the serverless filter, in Envoy's Lua filter (10 routes).
+fn lua_serverless() -> String {
+    let mut table = String::from(r#"["0000000a/0000000b/000000000c"] = {"upstream", "hello.ns-42.knative.example"},"#);
+    for i in 1..10u64 {
+        let _ =
+            write!(table, r#"["{:08x}/{:08x}/{:010x}"] = {{"upstream", "f{i}.knative.example"}},"#, i + 0x1000, 0, i);
+    }
+    format!(
+        r#"          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  local suffix = ".serverless.gitlab.io"
+                  local routes = {{ {table} }}
+                  function envoy_on_request(h)
+                    local headers = h:headers()
+                    headers:remove("x-edgewise-cluster")
+                    local authority = headers:get(":authority")
+                    if authority == nil then return end
+                    local host = string.lower(authority):gsub(":%d+$", ""):gsub("%.$", "")
+                    if host:sub(-#suffix) ~= suffix then return end
+                    local p, e, f = host:sub(1, -#suffix - 1):match("^(%x%x%x%x%x%x%x%x)%-(%x%x%x%x%x%x%x%x)%-(%x%x%x%x%x%x%x%x%x%x)$")
+                    if p == nil then
+                      h:respond({{[":status"] = "404", ["content-type"] = "application/json"}}, '{{"error":"malformed_host"}}')
+                      return
+                    end
+                    local t = routes[p .. "/" .. e .. "/" .. f]
+                    if t == nil then
+                      h:respond({{[":status"] = "404", ["content-type"] = "application/json"}}, '{{"error":"unknown_function"}}')
+                      return
+                    end
+                    headers:replace("x-forwarded-host", authority)
+                    headers:replace("x-edgewise-cluster", t[1])
+                    headers:replace(":authority", t[2])
+                  end
+"#
+    )
+}
+
+fn benches() -> Vec<Bench> {
+    vec![
+        Bench { name: "baseline", what: "no filter", filters: String::new() },
+        Bench {
+            name: "serverless-10",
+            what: "serverless.wasm, 10 routes",
+            filters: wasm_filter("serverless", &serverless_config(10)),
+        },
+        Bench {
+            name: "serverless-100k",
+            what: "serverless.wasm, 100,000 routes",
+            filters: wasm_filter("serverless", &serverless_config(100_000)),
+        },
+        Bench { name: "lua-serverless", what: "Lua filter, same rewrite, 10 routes", filters: lua_serverless() },
+    ]
+}
+
+fn front_config(bench: &Bench, upstream_port: u16) -> Config {
+    let template = std::fs::read_to_string(edgewise::repo_root().join("bench/front.yaml")).unwrap_or_default();
+    let yaml = template.replace("          # FILTERS\n", &bench.filters);
+    Config { name: format!("bench-{}", bench.name), yaml }.port(18000, upstream_port)
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("parsing /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Wrk {
+    requests: f64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1_000.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn wrk(addr: std::net::SocketAddr, connections: u32, seconds: u64) -> Result<Wrk> {
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .args(["-H", &format!("Host: {HOST}")])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut w = Wrk { requests: 0.0, rps: 0.0, p50_us: 0.0, p99_us: 0.0 };
+    for line in text.lines() {
+        let t = line.trim();
+        let parts: Vec<&str> = t.split_whitespace().collect();
+        match parts.as_slice() {
+            ["Requests/sec:", v] => w.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => w.p50_us = parse_duration_us(v).unwrap_or(0.0),
+            ["99%", v] => w.p99_us = parse_duration_us(v).unwrap_or(0.0),
+            [n, "requests", "in", ..] => w.requests = n.parse().unwrap_or(0.0),
+            _ => {}
+        }
+        if t.starts_with("Non-2xx") {
+            bail!("wrk saw errors: {text}");
+        }
+    }
+    if w.requests == 0.0 {
+        bail!("wrk made no requests: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(w)
+}
+
+async fn run_one(bench: &Bench, upstream_port: u16, seconds: u64) -> Result<Sample> {
+    let config = front_config(bench, upstream_port);
+    let started = Instant::now();
+    let envoy = Envoy::start_with(&config, Options { concurrency: 1, log_level: "warning", cpu: Some(0) }).await?;
+    let ready_s = started.elapsed().as_secs_f64();
+    let addr = envoy.listener("bench").await?;
+    // Check the configuration answers 200 before measuring it.
+    let r = edgewise::client::Client::plain().get(addr, HOST, "/").await?;
+    if r.status != 200 {
+        bail!("{}: warm-up request answered {}: {}", bench.name, r.status, r.text());
+    }
+    wrk(addr, 32, 1)?;
+    let pid = envoy.pid();
+    let before = cpu_ticks(pid)?;
+    let w = wrk(addr, 32, seconds)?;
+    let after = cpu_ticks(pid)?;
+    let ticks_per_s = 100.0;
+    let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
+    let c1 = wrk(addr, 1, (seconds / 2).max(1))?;
+    Ok(Sample {
+        rps: w.rps,
+        p50_us: w.p50_us,
+        p99_us: w.p99_us,
+        cpu_us_per_req: cpu_us / w.requests,
+        rps_c1: c1.rps,
+        p50_c1_us: c1.p50_us,
+        rss_mib: rss_mib(pid),
+        ready_s,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let benches: Vec<Bench> =
+        benches().into_iter().filter(|b| b.name == "baseline" || b.name.contains(&only)).collect();
+
+    let upstream_yaml = std::fs::read_to_string(edgewise::repo_root().join("bench/upstream.yaml"))?;
+    let upstream = Envoy::start_with(
+        &Config { name: "bench-upstream".into(), yaml: upstream_yaml },
+        Options { concurrency: 1, log_level: "warning", cpu: Some(1) },
+    )
+    .await?;
+    let upstream_port = upstream.listener("upstream").await?.port();
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); benches.len()];
+    for round in 0..rounds {
+        for k in 0..benches.len() {
+            let i = (k + round) % benches.len();
+            let s = run_one(&benches[i], upstream_port, seconds).await.with_context(|| benches[i].name)?;
+            eprintln!(
+                "round {}/{rounds} {:<16} {:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>6.0} us  p99 {:>6.0} us",
+                round + 1,
+                benches[i].name,
+                s.rps,
+                s.cpu_us_per_req,
+                s.p50_us,
+                s.p99_us
+            );
+            samples[i].push(s);
+        }
+    }
+
+    let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
+    let base_cpu = med(0, |s| s.cpu_us_per_req);
+    let base_ready = med(0, |s| s.ready_s);
+    let base_rss = med(0, |s| s.rss_mib);
+    let mut table = String::new();
+    table.push_str("| configuration | req/s (32 conns) | p50 | p99 | front CPU per request | vs baseline | added per request | req/s (1 conn) | p50 (1 conn) | RSS (conc. 1) | start-up |\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (i, b) in benches.iter().enumerate() {
+        let cpu = med(i, |s| s.cpu_us_per_req);
+        let _ = writeln!(
+            table,
+            "| {} ({}) | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.2}x | {:+.1} µs | {:.0} | {:.0} µs | {:.1} MiB ({:+.1}) | {:.2} s ({:+.2}) |",
+            b.name,
+            b.what,
+            med(i, |s| s.rps),
+            med(i, |s| s.p50_us),
+            med(i, |s| s.p99_us),
+            cpu,
+            cpu / base_cpu,
+            cpu - base_cpu,
+            med(i, |s| s.rps_c1),
+            med(i, |s| s.p50_c1_us),
+            med(i, |s| s.rss_mib),
+            med(i, |s| s.rss_mib) - base_rss,
+            med(i, |s| s.ready_s),
+            med(i, |s| s.ready_s) - base_ready,
+        );
+    }
+    let mut sizes = String::new();
+    let mut wasm: Vec<_> =
+        std::fs::read_dir(edgewise::filters_dir())?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    wasm.sort();
+    for p in wasm {
+        let _ = writeln!(
+            sizes,
+            "| {} | {} KiB |",
+            p.file_name().unwrap_or_default().to_string_lossy(),
+            std::fs::metadata(&p)?.len() / 1024
+        );
+    }
+    let envoy_version = Command::new(edgewise::envoy::binary())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .unwrap_or_default()
+        .to_string();
+    let report = format!(
+        "# edgewise benchmark results\n\n\
+         Produced by `make bench` ({rounds} rounds, {seconds} s per run, medians; configurations interleaved in rotating order).\n\n\
+         - Machine: {cores} cores, {cpu}\n- Envoy: {envoy_version}\n\
+         - Front Envoy: `--concurrency 1`, pinned to CPU 0; wrk (`-t1 -c32`, then `-c1`) and the upstream Envoy (direct_response) on CPU 1.\n\
+         - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections.\n\n\
+         {table}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
+        cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu = cpu_model.split(':').nth(1).unwrap_or("").trim(),
+    );
+    std::fs::write(edgewise::repo_root().join("bench/results.md"), &report)?;
+    println!("{report}");
+    drop(upstream);
+    Ok(())
+}
