@@ -16,7 +16,7 @@ endif
 export ENVOY
 
 # filters/core's unit tests also run compiled to wasm, under Node's WASI (tools/wasi-run.mjs).
-WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/tools/wasi-run.mjs" \
+WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
 .PHONY: setup wasm-target node build run test test-core test-wasm test-e2e bench lint fmt clean
@@ -42,7 +42,11 @@ build: setup
 run: setup
 	$(CARGO) run --bin edgewise-demo
 
-test: setup test-core test-wasm test-e2e
+# Runs the three tiers and closes with one "N passed, N failed" line over all of them.
+test: setup
+	@mkdir -p target
+	@set -o pipefail; $(MAKE) --no-print-directory test-core test-wasm test-e2e 2>&1 | tee target/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
 test-core:
 	$(CARGO) test -p edgewise-core

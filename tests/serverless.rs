@@ -224,6 +224,13 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
         .await
         .unwrap();
 
+    // One fetch per interval for all of Envoy's VMs (two workers and the main thread all tick).
+    let mgmt = s.mgmt.as_ref().unwrap();
+    let before = mgmt.count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fetches = mgmt.count() - before;
+    assert!((10..=17).contains(&fetches), "{fetches} fetches in 3 s at a 200 ms interval");
+
     // Garbage and errors keep the last good table in force.
     let failed = "wasmcustom.edgewise.serverless.management_fetch.failed";
     for mode in [DocMode::Garbage, DocMode::Fail(500)] {

@@ -310,14 +310,11 @@ async fn main() -> Result<()> {
             std::fs::metadata(&p)?.len() / 1024
         );
     }
-    let envoy_version = Command::new(edgewise::envoy::binary())
-        .arg("--version")
-        .output()
-        .map(|o| {
-            // `envoy --version` starts with the binary's path: keep what follows "version: ".
-            let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            text.split_once("version: ").map_or(text.clone(), |(_, v)| v.to_string())
-        })?;
+    let envoy_version = Command::new(edgewise::envoy::binary()).arg("--version").output().map(|o| {
+        // `envoy --version` starts with the binary's path: keep what follows "version: ".
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        text.split_once("version: ").map_or(text.clone(), |(_, v)| v.to_string())
+    })?;
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find(|l| l.starts_with("model name"))

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use regex::bytes::{CaptureLocations, Regex, RegexBuilder};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::authority;
@@ -67,14 +68,6 @@ pub struct Management {
     pub poll_interval_ms: u64,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
-}
-
-/// The document the management service serves: `{"version": N, "routes": [RouteSpec...]}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TableDoc {
-    pub version: u64,
-    pub routes: Vec<RouteSpec>,
 }
 
 fn default_domain() -> String {
@@ -218,26 +211,11 @@ impl RouteTable {
         field: &str,
         version: u64,
     ) -> Result<Self, ConfigError> {
-        let mut routes = HashMap::with_capacity(specs.len());
-        // Customer clusters are few; share one string per cluster name.
-        let mut clusters: HashMap<String, Rc<str>> = HashMap::new();
-        for (i, spec) in specs.into_iter().enumerate() {
-            let at = |sub: &str| format!("{field}[{i}].{sub}");
-            let key = decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(at("match"), e))?;
-            if spec.cluster.is_empty() {
-                return Err(ConfigError::field(at("cluster"), "must name an Envoy cluster"));
-            }
-            if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f)
-            {
-                return Err(ConfigError::field(at("host"), format!("{:?} is not a valid Host", spec.host)));
-            }
-            let cluster = clusters.entry(spec.cluster).or_insert_with_key(|c| Rc::from(c.as_str())).clone();
-            let target = Target { cluster, host: spec.host.into_boxed_str() };
-            if routes.insert(key.clone().into_boxed_str(), target).is_some() {
-                return Err(ConfigError::field(at("match"), format!("duplicates an earlier route ({key})")));
-            }
+        let mut builder = TableBuilder::new(decoder, field);
+        for spec in specs {
+            builder.add(spec)?;
         }
-        Ok(RouteTable { version, routes })
+        Ok(builder.finish(version))
     }
 
     pub fn len(&self) -> usize {
@@ -250,6 +228,104 @@ impl RouteTable {
 
     pub fn get(&self, key: &str) -> Option<&Target> {
         self.routes.get(key)
+    }
+}
+
+/// Compiles routes one at a time, so that a large table never exists twice in memory.
+struct TableBuilder<'a> {
+    decoder: &'a HostDecoder,
+    field: &'a str,
+    routes: HashMap<Box<str>, Target>,
+    /// Customer clusters are few: one shared string per cluster name.
+    clusters: HashMap<String, Rc<str>>,
+}
+
+impl<'a> TableBuilder<'a> {
+    fn new(decoder: &'a HostDecoder, field: &'a str) -> Self {
+        TableBuilder { decoder, field, routes: HashMap::new(), clusters: HashMap::new() }
+    }
+
+    fn add(&mut self, spec: RouteSpec) -> Result<(), ConfigError> {
+        let i = self.routes.len();
+        let at = |sub: &str| format!("{}[{i}].{sub}", self.field);
+        let key = self.decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(at("match"), e))?;
+        if spec.cluster.is_empty() {
+            return Err(ConfigError::field(at("cluster"), "must name an Envoy cluster"));
+        }
+        if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
+            return Err(ConfigError::field(at("host"), format!("{:?} is not a valid Host", spec.host)));
+        }
+        let cluster = self.clusters.entry(spec.cluster).or_insert_with_key(|c| Rc::from(c.as_str())).clone();
+        let target = Target { cluster, host: spec.host.into_boxed_str() };
+        if self.routes.insert(key.clone().into_boxed_str(), target).is_some() {
+            return Err(ConfigError::field(at("match"), format!("duplicates an earlier route ({key})")));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, version: u64) -> RouteTable {
+        self.routes.shrink_to_fit();
+        RouteTable { version, routes: self.routes }
+    }
+}
+
+/// Deserializes a management document (`{"version": N, "routes": [...]}`) straight into a
+/// compiled table, route by route.
+struct TableSeed<'a>(&'a HostDecoder);
+
+impl<'de> DeserializeSeed<'de> for TableSeed<'_> {
+    type Value = RouteTable;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RouteTable, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TableSeed<'_> {
+    type Value = RouteTable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(r#"a route table {"version": N, "routes": [...]}"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RouteTable, A::Error> {
+        let mut version = None;
+        let mut routes = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" => version = Some(map.next_value::<u64>()?),
+                "routes" => routes = Some(map.next_value_seed(RoutesSeed(TableBuilder::new(self.0, "routes")))?),
+                other => return Err(de::Error::unknown_field(other, &["version", "routes"])),
+            }
+        }
+        let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
+        let builder = routes.ok_or_else(|| de::Error::missing_field("routes"))?;
+        Ok(builder.finish(version))
+    }
+}
+
+struct RoutesSeed<'a>(TableBuilder<'a>);
+
+impl<'de, 'a> DeserializeSeed<'de> for RoutesSeed<'a> {
+    type Value = TableBuilder<'a>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<TableBuilder<'a>, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, 'a> Visitor<'de> for RoutesSeed<'a> {
+    type Value = TableBuilder<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of routes")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<TableBuilder<'a>, A::Error> {
+        while let Some(spec) = seq.next_element::<RouteSpec>()? {
+            self.0.add(spec).map_err(de::Error::custom)?;
+        }
+        Ok(self.0)
     }
 }
 
@@ -329,10 +405,12 @@ impl Router {
         Ok(Router { decoder, cluster_header: header, management: config.management, inline, polled: None })
     }
 
-    /// Parses and compiles a management document, without installing it.
+    /// Parses and compiles a management document route by route, without installing it.
     pub fn compile_table(&self, doc: &[u8]) -> Result<RouteTable, ConfigError> {
-        let doc: TableDoc = serde_json::from_slice(doc)?;
-        RouteTable::compile(&self.decoder, doc.routes, "routes", doc.version)
+        let mut de = serde_json::Deserializer::from_slice(doc);
+        let table = TableSeed(&self.decoder).deserialize(&mut de)?;
+        de.end()?;
+        Ok(table)
     }
 
     pub fn install(&mut self, table: RouteTable) {
@@ -507,11 +585,27 @@ mod tests {
     #[test]
     fn bad_management_documents_are_refused() {
         let r = router(r#"{"management":{"cluster":"mgmt"}}"#);
-        for doc in
-            [&b"not json"[..], b"{}", br#"{"version":1,"routes":[{"match":{},"cluster":"c","host":"h"}]}"#, b"\xff\xfe"]
-        {
-            assert!(r.compile_table(doc).is_err(), "{:?}", String::from_utf8_lossy(doc));
+        let good = r#"{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"c","host":"h"}"#;
+        let cases = [
+            ("not json".to_string(), "expected ident"),
+            ("{}".to_string(), "missing field `version`"),
+            (r#"{"version":1}"#.to_string(), "missing field `routes`"),
+            (r#"{"version":1,"routes":[],"extra":0}"#.to_string(), "unknown field `extra`"),
+            (r#"{"version":-1,"routes":[]}"#.to_string(), "invalid value"),
+            (
+                format!(r#"{{"version":1,"routes":[{good},{{"match":{{}},"cluster":"c","host":"h"}}]}}"#),
+                "`routes[1].match`",
+            ),
+            (format!(r#"{{"version":1,"routes":[{good},{good}]}}"#), "`routes[1].match` duplicates"),
+            (format!(r#"{{"version":1,"routes":[{good}]}} trailing"#), "trailing characters"),
+            ("\u{feff}".to_string(), "expected value"),
+        ];
+        for (doc, want) in cases {
+            let err = r.compile_table(doc.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{doc}: got {err:?}, want {want:?}");
         }
+        assert!(r.compile_table(b"\xff\xfe").is_err());
+        assert_eq!(r.compile_table(format!(r#"{{"routes":[{good}],"version":3}}"#).as_bytes()).unwrap().len(), 1);
     }
 
     #[test]
