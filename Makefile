@@ -8,6 +8,8 @@ CARGO ?= cargo
 PYTHON ?= python3
 ENVOY_VERSION := 1.40.0
 WASM_TARGET := wasm32-wasip1
+# The proxy-wasm filter crates (cdylib) under filters/.
+FILTERS := $(notdir $(patsubst %/Cargo.toml,%,$(shell grep -l '"cdylib"' filters/*/Cargo.toml)))
 
 ifeq ($(origin ENVOY), undefined)
 ENVOY := $(CURDIR)/.venv/bin/envoy
@@ -64,7 +66,7 @@ bench: setup
 lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p edgewise-core -p serverless --target $(WASM_TARGET) --target-dir target/wasm -- -D warnings
+	$(CARGO) clippy -p edgewise-core -p edgewise-host $(addprefix -p ,$(FILTERS)) --target $(WASM_TARGET) --target-dir target/wasm -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,4 +1,4 @@
-//! Builds every filter crate under filters/ (all but `core`) for wasm32-wasip1 with the `filters`
+//! Builds every filter crate under filters/ (those whose crate-type is cdylib) for wasm32-wasip1 with the `filters`
 //! profile and copies the modules to target/filters/<name>.wasm, so that `cargo test` always runs
 //! Envoy with fresh .wasm files. The nested cargo uses its own target dir (target/wasm) to avoid
 //! waiting on the lock of the build that runs this script.
@@ -60,14 +60,14 @@ fn main() {
     }
 }
 
-/// The package names of the filter crates: every directory under filters/ with a Cargo.toml, but core.
+/// The filter crates: directories under filters/ whose Cargo.toml builds a cdylib (the libraries
+/// `core` and `host` do not). The directory name is the package name.
 fn filter_crates(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .expect("reading filters/")
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().join("Cargo.toml").is_file())
+        .filter(|e| fs::read_to_string(e.path().join("Cargo.toml")).is_ok_and(|t| t.contains("\"cdylib\"")))
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| name != "core")
         .collect();
     names.sort();
     names

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod dns;
 pub mod envoy;
 pub mod scenarios;
 pub mod server;

@@ -75,6 +75,8 @@ pub struct Server {
 /// How a stand-in listens.
 #[derive(Clone, Default)]
 pub struct Listen {
+    /// Loopback address to bind (default 127.0.0.1); any 127.x.y.z works without set-up.
+    pub ip: Option<std::net::Ipv4Addr>,
     /// 0 picks a free port.
     pub port: u16,
     pub tls: Option<Arc<ServerConfig>>,
@@ -84,7 +86,9 @@ pub struct Listen {
 
 impl Server {
     pub async fn start(name: &str, listen: Listen, handler: Handler) -> Result<Server> {
-        let listener = TcpListener::bind(("127.0.0.1", listen.port)).await?;
+        let ip = listen.ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        anyhow::ensure!(ip.is_loopback(), "stand-ins bind loopback addresses only, not {ip}");
+        let listener = TcpListener::bind((ip, listen.port)).await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let ctx = Arc::new(Conn { name: name.to_string(), seen: seen.clone(), handler, close_each: listen.close_each });

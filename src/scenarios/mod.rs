@@ -1,6 +1,7 @@
 //! Scenario set-up shared by the tests and the demo: certificates, SDS files and stand-ins for
 //! each shipped YAML.
 
+pub mod egress;
 pub mod serverless;
 
 use std::fs;
@@ -34,6 +35,7 @@ pub fn install_sds(scenario: &str, run_dir: &Path) -> Result<()> {
 pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     match scenario {
         "serverless" => serverless::Pki::install(run_dir).map(drop),
+        "egress" => egress::install(run_dir).map(drop),
         other => anyhow::bail!("no set-up for envoy/{other}.yaml: add one to edgewise::scenarios::install"),
     }
 }

@@ -81,7 +81,7 @@ impl Pki {
 /// request shows the client certificate Envoy presents at that moment.
 pub async fn gateway(name: &str, port: u16, leaf: &Leaf, platform_ca: &Ca) -> Result<Server> {
     let config = tls::server(leaf, &[&platform_ca.pem], &["http/1.1"])?;
-    Server::echo(name, Listen { port, tls: Some(config), close_each: true }).await
+    Server::echo(name, Listen { port, tls: Some(config), close_each: true, ..Listen::default() }).await
 }
 
 /// The gateway certificate a customer cluster's CA issues.

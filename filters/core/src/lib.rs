@@ -6,5 +6,6 @@
 
 pub mod authority;
 pub mod config;
+pub mod egress;
 pub mod reply;
 pub mod serverless;

@@ -2,7 +2,6 @@
 //! host and selects the customer's cluster. The decisions live in `edgewise_core::serverless`;
 //! this crate reads headers, polls the management service and applies what core decides.
 
-mod host;
 mod poller;
 
 use std::cell::RefCell;
@@ -12,6 +11,7 @@ use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
+use edgewise_host as host;
 use host::{Counter, Gauge};
 use poller::Poller;
 
@@ -84,7 +84,7 @@ impl RootContext for Root {
         };
         let metrics = Metrics::define();
         metrics.table_routes.set(0);
-        self.poller = router.management.clone().map(|m| Poller::new(m, &host::plugin_name()));
+        self.poller = router.management.clone().map(|m| Poller::new(m, &host::plugin_name("serverless")));
         let scratch = RefCell::new(router.decoder.scratch());
         self.shared = Some(Rc::new(Shared { router: RefCell::new(router), scratch, metrics }));
         if let Some(poller) = &self.poller {

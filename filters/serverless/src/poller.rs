@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use edgewise_core::serverless::Management;
 
-use crate::host;
 use crate::Shared;
+use edgewise_host as host;
 
 pub struct Poller {
     mgmt: Management,

@@ -1,5 +1,6 @@
-//! Host calls that cannot panic. The SDK's trait helpers `unwrap()` host errors; on the request
-//! path a panic traps the VM, so this filter goes through `hostcalls` and degrades instead.
+//! Host calls for the edgewise filters that cannot panic. The SDK's trait helpers `unwrap()`
+//! host errors; on the request path a panic traps the VM and breaks every later request, so the
+//! filters go through `hostcalls` here and degrade instead.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -16,12 +17,12 @@ pub fn plugin_configuration() -> Result<Bytes, ConfigError> {
 }
 
 /// The plugin's name (`name` in the Envoy filter config), which namespaces its shared data.
-pub fn plugin_name() -> String {
+pub fn plugin_name(fallback: &str) -> String {
     hostcalls::get_property(vec!["plugin_name"])
         .ok()
         .flatten()
         .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_else(|| "serverless".into())
+        .unwrap_or_else(|| fallback.into())
 }
 
 pub fn now_ms() -> u64 {
@@ -129,6 +130,10 @@ impl Counter {
     }
 }
 
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+}
+
 pub struct Gauge(Option<u32>);
 
 impl Gauge {
@@ -137,6 +142,21 @@ impl Gauge {
     }
 
     pub fn set(&self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
+/// A histogram (Envoy computes the quantiles).
+pub struct Histogram(Option<u32>);
+
+impl Histogram {
+    pub fn define(name: &str) -> Self {
+        Histogram(hostcalls::define_metric(MetricType::Histogram, name).ok())
+    }
+
+    pub fn record(&self, value: u64) {
         if let Some(id) = self.0 {
             let _ = hostcalls::record_metric(id, value);
         }

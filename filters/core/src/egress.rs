@@ -1,0 +1,392 @@
+//! Egress: `http://FOO.egress.local[:port]/...` -> HTTPS to `FOO` (port 443 unless the name
+//! carries another), for allowlisted destinations only.
+//!
+//! What this module decides happens before DNS: the authority must be under the suffix, the
+//! destination must be a well-formed DNS name on the allowlist, and IP literals and names that
+//! are loopback by definition (`localhost`, `*.localhost`) are refused. What a name resolves to
+//! is checked after DNS by Envoy's RBAC filter on the upstream address (see envoy/egress.yaml);
+//! this module only says whether a destination may resolve to a private address.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::Deserialize;
+
+use crate::authority;
+use crate::config::ConfigError;
+use crate::reply::Reply;
+
+pub const DEFAULT_SUFFIX: &str = "egress.local";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Applications call `http://<destination>.<suffix>`.
+    #[serde(default = "default_suffix")]
+    pub suffix: String,
+    /// Allowed destinations: `api.github.com`, `*.googleapis.com` (any subdomain, not the apex),
+    /// optionally with `:port`. An entry without a port allows port 443 only.
+    pub allow: Vec<String>,
+    /// Destinations (entries of `allow`, written the same way) that may be IP literals or resolve
+    /// to loopback, link-local, private or unspecified addresses. Empty by default.
+    #[serde(default)]
+    pub allow_private: Vec<String>,
+}
+
+fn default_suffix() -> String {
+    DEFAULT_SUFFIX.into()
+}
+
+/// One allowlist entry, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// `api.github.com`, or for `*.googleapis.com` the suffix `.googleapis.com`.
+    name: String,
+    wildcard: bool,
+    port: u16,
+    private_ok: bool,
+    /// Bounded metric label: the entry as written, with `*` as `wildcard` and dots as `_`.
+    label: String,
+}
+
+impl Entry {
+    fn parse(raw: &str, field: &str) -> Result<Entry, ConfigError> {
+        let bad = |why: &str| ConfigError::field(field, format!("{raw:?} {why}"));
+        let (name, port) = match raw.rsplit_once(':') {
+            Some((name, port)) => {
+                (name, port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("has an invalid port"))?)
+            }
+            None => (raw, 443),
+        };
+        let (wildcard, bare) = match name.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, name),
+        };
+        let bare = bare.to_ascii_lowercase();
+        if !(is_dns_name(&bare) || (!wildcard && ip_literal(&bare))) {
+            return Err(bad("is not a DNS name, a *.suffix wildcard or an IP address"));
+        }
+        let name = if wildcard { format!(".{bare}") } else { bare };
+        let label = raw.to_ascii_lowercase().replace("*.", "wildcard.").replace(['.', ':', '-'], "_");
+        Ok(Entry { name, wildcard, port, private_ok: false, label })
+    }
+
+    fn matches(&self, host: &str, port: u16) -> bool {
+        port == self.port
+            && if self.wildcard {
+                host.len() > self.name.len() && host.ends_with(&self.name)
+            } else {
+                host == self.name
+            }
+    }
+}
+
+/// A lowercase DNS name of letters, digits and hyphens whose last label is not numeric (so it
+/// cannot be read as an IPv4 address by a resolver).
+fn is_dns_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok) && !name.rsplit('.').next().is_some_and(looks_numeric)
+}
+
+/// `127`, `0x7f`, `0177`: what inet_aton would accept as part of an address.
+fn looks_numeric(label: &str) -> bool {
+    let hex = label.strip_prefix("0x").or_else(|| label.strip_prefix("0X"));
+    match hex {
+        Some(h) => h.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => label.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+/// An IP literal in any spelling a resolver might accept: dotted quads, the numeric shorthands
+/// (`127.1`, `2130706433`, `0x7f.1`) and IPv6 with or without brackets.
+fn ip_literal(host: &str) -> bool {
+    let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
+    unbracketed.parse::<Ipv6Addr>().is_ok()
+        || host.parse::<Ipv4Addr>().is_ok()
+        || (!host.is_empty() && host.split('.').all(looks_numeric))
+        || host.rsplit('.').next().is_some_and(looks_numeric)
+}
+
+/// Names that are loopback by definition (RFC 6761), whatever DNS says.
+fn loopback_name(host: &str) -> bool {
+    host == "localhost" || host.ends_with(".localhost") || host == "localhost.localdomain"
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    suffix: String,
+    entries: Vec<Entry>,
+}
+
+/// Why a request was refused, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    NotEgressHost,
+    InvalidDestination,
+    IpLiteral,
+    LoopbackName,
+    NotAllowed,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 5] = [
+        Denial::NotEgressHost,
+        Denial::InvalidDestination,
+        Denial::IpLiteral,
+        Denial::LoopbackName,
+        Denial::NotAllowed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Denial::NotEgressHost => "not_egress_host",
+            Denial::InvalidDestination => "invalid_destination",
+            Denial::IpLiteral => "ip_literal",
+            Denial::LoopbackName => "loopback_name",
+            Denial::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+/// An allowed request: where it goes and which allowlist entry let it through.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Allowed<'a> {
+    /// The new `:authority`: `FOO`, or `FOO:port` when the port is not 443.
+    pub authority: String,
+    /// Index of the entry, for per-destination metrics (bounded by the allowlist).
+    pub entry: usize,
+    pub label: &'a str,
+    /// The destination may resolve to a private address.
+    pub private_ok: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    Allow(Allowed<'a>),
+    Deny(Denial, Reply),
+}
+
+impl Policy {
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let config: Config = serde_json::from_slice(json)?;
+        Self::new(config)
+    }
+
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let suffix = authority::normalize_domain(&config.suffix).map_err(|e| ConfigError::field("suffix", e))?;
+        if config.allow.is_empty() {
+            return Err(ConfigError::field("allow", "is empty: the egress proxy would refuse everything"));
+        }
+        let mut entries = Vec::with_capacity(config.allow.len());
+        for (i, raw) in config.allow.iter().enumerate() {
+            let entry = Entry::parse(raw, &format!("allow[{i}]"))?;
+            if entries
+                .iter()
+                .any(|e: &Entry| e.name == entry.name && e.port == entry.port && e.wildcard == entry.wildcard)
+            {
+                return Err(ConfigError::field(format!("allow[{i}]"), format!("{raw:?} is listed twice")));
+            }
+            entries.push(entry);
+        }
+        for (i, raw) in config.allow_private.iter().enumerate() {
+            let field = format!("allow_private[{i}]");
+            let wanted = Entry::parse(raw, &field)?;
+            let Some(entry) = entries
+                .iter_mut()
+                .find(|e| e.name == wanted.name && e.port == wanted.port && e.wildcard == wanted.wildcard)
+            else {
+                return Err(ConfigError::field(field, format!("{raw:?} is not an entry of `allow`")));
+            };
+            entry.private_ok = true;
+        }
+        Ok(Policy { suffix, entries })
+    }
+
+    /// The metric labels of the allowlist entries, in order.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.label.as_str())
+    }
+
+    pub fn decide(&self, authority: &str) -> Decision<'_> {
+        let Some((host, port)) = authority::split(authority) else {
+            return deny(
+                Denial::NotEgressHost,
+                403,
+                "not_egress_host",
+                format!("{authority:?} is not an egress host: call http://<destination>.{}", self.suffix),
+            );
+        };
+        let Some(destination) = authority::strip_domain(host, &self.suffix) else {
+            return deny(
+                Denial::NotEgressHost,
+                403,
+                "not_egress_host",
+                format!("{host} is not an egress host: call http://<destination>.{}", self.suffix),
+            );
+        };
+        let port = port.unwrap_or(443);
+        let dest = destination.to_ascii_lowercase();
+        let shown = if port == 443 { dest.clone() } else { format!("{dest}:{port}") };
+        if ip_literal(&dest) {
+            // Only an exact allowlist entry that may be private lets an IP literal through.
+            return match self.entries.iter().position(|e| e.private_ok && e.matches(&dest, port)) {
+                Some(i) => self.allow(i, shown),
+                None => deny(
+                    Denial::IpLiteral,
+                    403,
+                    "destination_not_allowed",
+                    format!("{shown}: IP addresses are not allowed as egress destinations"),
+                ),
+            };
+        }
+        if !is_dns_name(&dest) {
+            return deny(
+                Denial::InvalidDestination,
+                403,
+                "destination_not_allowed",
+                format!("{shown} is not a valid DNS name"),
+            );
+        }
+        let entry = self.entries.iter().position(|e| e.matches(&dest, port));
+        match entry {
+            Some(i) if loopback_name(&dest) && !self.entries.get(i).is_some_and(|e| e.private_ok) => {
+                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
+            }
+            Some(i) => self.allow(i, shown),
+            None if loopback_name(&dest) => {
+                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
+            }
+            None => deny(
+                Denial::NotAllowed,
+                403,
+                "destination_not_allowed",
+                format!("{shown} is not on the egress allowlist"),
+            ),
+        }
+    }
+
+    fn allow(&self, i: usize, authority: String) -> Decision<'_> {
+        match self.entries.get(i) {
+            Some(e) => Decision::Allow(Allowed { authority, entry: i, label: &e.label, private_ok: e.private_ok }),
+            None => deny(Denial::NotAllowed, 403, "destination_not_allowed", authority),
+        }
+    }
+}
+
+fn deny<'a>(denial: Denial, status: u32, error: &'static str, detail: String) -> Decision<'a> {
+    Decision::Deny(denial, Reply::new(status, error, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::from_json(
+            br#"{"allow":["api.github.com","*.googleapis.com","example.com:8443","intranet.corp.example","10.1.2.3","localhost:8080"],
+                 "allow_private":["intranet.corp.example","10.1.2.3"]}"#,
+        )
+        .unwrap()
+    }
+
+    /// (authority, Ok((new authority, label, private_ok)) or Err(denial)).
+    fn check(p: &Policy, authority: &str) -> Result<(String, String, bool), Denial> {
+        match p.decide(authority) {
+            Decision::Allow(a) => Ok((a.authority, a.label.to_string(), a.private_ok)),
+            Decision::Deny(d, reply) => {
+                assert_eq!(reply.status, 403);
+                Err(d)
+            }
+        }
+    }
+
+    #[test]
+    fn rewrites_allowlisted_destinations() {
+        let p = policy();
+        let ok = |a: &str, l: &str, private: bool| Ok((a.to_string(), l.to_string(), private));
+        let cases = [
+            ("api.github.com.egress.local", ok("api.github.com", "api_github_com", false)),
+            ("API.GitHub.com.Egress.Local.", ok("api.github.com", "api_github_com", false)),
+            ("api.github.com.egress.local:443", ok("api.github.com", "api_github_com", false)),
+            ("storage.googleapis.com.egress.local", ok("storage.googleapis.com", "wildcard_googleapis_com", false)),
+            ("a.b.googleapis.com.egress.local", ok("a.b.googleapis.com", "wildcard_googleapis_com", false)),
+            ("example.com.egress.local:8443", ok("example.com:8443", "example_com_8443", false)),
+            ("intranet.corp.example.egress.local", ok("intranet.corp.example", "intranet_corp_example", true)),
+            ("10.1.2.3.egress.local", ok("10.1.2.3", "10_1_2_3", true)),
+        ];
+        for (authority, want) in cases {
+            assert_eq!(check(&p, authority), want, "{authority}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let p = policy();
+        let cases = [
+            ("api.github.com", Denial::NotEgressHost),
+            ("egress.local", Denial::NotEgressHost),
+            ("api.github.com.egress.local.evil.com", Denial::NotEgressHost),
+            ("[::1]", Denial::NotEgressHost),
+            ("[::1].egress.local", Denial::NotEgressHost),
+            ("", Denial::NotEgressHost),
+            ("api.github.com.egress.local:8443", Denial::NotAllowed),
+            ("example.com.egress.local", Denial::NotAllowed),
+            ("googleapis.com.egress.local", Denial::NotAllowed),
+            ("evilgoogleapis.com.egress.local", Denial::NotAllowed),
+            ("gist.github.com.egress.local", Denial::NotAllowed),
+            ("127.0.0.1.egress.local", Denial::IpLiteral),
+            ("169.254.169.254.egress.local", Denial::IpLiteral),
+            ("10.1.2.4.egress.local", Denial::IpLiteral),
+            ("127.1.egress.local", Denial::IpLiteral),
+            ("2130706433.egress.local", Denial::IpLiteral),
+            ("0x7f.0.0.1.egress.local", Denial::IpLiteral),
+            ("0x7f000001.egress.local", Denial::IpLiteral),
+            ("foo.1.egress.local", Denial::IpLiteral),
+            ("localhost.egress.local", Denial::LoopbackName),
+            ("localhost.egress.local:8080", Denial::LoopbackName),
+            ("db.localhost.egress.local", Denial::LoopbackName),
+            ("under_score.egress.local", Denial::InvalidDestination),
+            ("a..b.egress.local", Denial::InvalidDestination),
+            ("-a.egress.local", Denial::InvalidDestination),
+        ];
+        for (authority, want) in cases {
+            assert_eq!(check(&p, authority), Err(want), "{authority}");
+        }
+    }
+
+    #[test]
+    fn deny_bodies_name_the_destination() {
+        let Decision::Deny(_, reply) = policy().decide("gist.github.com.egress.local:444") else { panic!("allowed") };
+        assert_eq!(reply.error, "destination_not_allowed");
+        assert!(reply.detail.contains("gist.github.com:444"), "{}", reply.detail);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (r#"{}"#, "missing field `allow`"),
+            (r#"{"allow":[]}"#, "`allow` is empty"),
+            (r#"{"allow":["a.com"],"sufix":"x"}"#, "unknown field `sufix`"),
+            (r#"{"allow":["a.com"],"suffix":"a b"}"#, "`suffix`"),
+            (r#"{"allow":["a.com:0"]}"#, "`allow[0]`"),
+            (r#"{"allow":["a.com","b.com:x"]}"#, "`allow[1]`"),
+            (r#"{"allow":["*.*.com"]}"#, "`allow[0]`"),
+            (r#"{"allow":["*.10.0.0.1"]}"#, "`allow[0]`"),
+            (r#"{"allow":["http://a.com"]}"#, "`allow[0]`"),
+            (r#"{"allow":["a.com","A.com"]}"#, "`allow[1]` \"A.com\" is listed twice"),
+            (
+                r#"{"allow":["a.com"],"allow_private":["b.com"]}"#,
+                "`allow_private[0]` \"b.com\" is not an entry of `allow`",
+            ),
+        ];
+        for (json, want) in cases {
+            let err = Policy::from_json(json.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{json}: got {err:?}, want {want:?}");
+        }
+    }
+}
