@@ -95,6 +95,10 @@ async fn allowlisted_destinations_are_reached_over_verified_tls_with_sni() {
     assert_eq!(r.json()["host"], "example.net:8443");
     assert_eq!(r.json()["tls"]["sni"], "example.net");
     assert_eq!((s.github.count(), s.www.count(), s.net.count()), (1, 1, 1));
+
+    // Outbound behaviour per destination: api.github.com has its own virtual host (5 s per try).
+    assert_eq!(s.github.seen()[0].header("x-envoy-expected-rq-timeout-ms"), Some("5000"));
+    assert_eq!(s.www.seen()[0].header("x-envoy-expected-rq-timeout-ms"), Some("30000"));
 }
 
 #[tokio::test]

@@ -13,12 +13,16 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::server::{Document, Listen, Server};
 
-const HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
+const SERVERLESS_HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
+const EGRESS_HOST: &str = "api.github.com.egress.local";
 
 struct Bench {
     name: &'static str,
     what: &'static str,
+    /// The Host wrk sends.
+    host: &'static str,
     filters: String,
 }
 
@@ -55,8 +59,8 @@ fn wasm_filter(name: &str, config: &str) -> String {
     )
 }
 
-/// The serverless filter with `n` routes; the benchmarked host is one of them.
-fn serverless_config(n: u64) -> String {
+/// The serverless filter's routes: `n` of them, the benchmarked host among them.
+fn serverless_routes(n: u64) -> String {
     let mut routes = Vec::with_capacity(n as usize);
     routes.push(r#"{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"upstream","host":"hello.ns-42.knative.example"}"#.to_string());
     for i in 1..n {
@@ -67,7 +71,11 @@ fn serverless_config(n: u64) -> String {
             i
         ));
     }
-    format!(r#"{{"routes":[{}]}}"#, routes.join(","))
+    routes.join(",")
+}
+
+fn serverless_config(n: u64) -> String {
+    format!(r#"{{"routes":[{}]}}"#, serverless_routes(n))
 }
 
 /// The same host rewrite as the serverless filter, in Envoy's Lua filter (10 routes).
@@ -110,27 +118,74 @@ fn lua_serverless() -> String {
     )
 }
 
+/// The egress rewrite and allowlist check in Envoy's Lua filter (exact names only).
+fn lua_egress() -> String {
+    r#"          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code:
+                inline_string: |
+                  local suffix = ".egress.local"
+                  local allow = { ["api.github.com"] = true, ["hooks.slack.com"] = true, ["example.com"] = true }
+                  function envoy_on_request(h)
+                    local headers = h:headers()
+                    local host = string.lower(headers:get(":authority") or ""):gsub(":%d+$", ""):gsub("%.$", "")
+                    if host:sub(-#suffix) ~= suffix then
+                      h:respond({[":status"] = "403", ["content-type"] = "application/json"}, '{"error":"not_egress_host"}')
+                      return
+                    end
+                    local dest = host:sub(1, -#suffix - 1)
+                    if not allow[dest] then
+                      h:respond({[":status"] = "403", ["content-type"] = "application/json"}, '{"error":"destination_not_allowed"}')
+                      return
+                    end
+                    headers:replace(":authority", dest)
+                    headers:replace("x-edgewise-egress-destination", dest)
+                  end
+"#
+    .to_string()
+}
+
 fn benches() -> Vec<Bench> {
+    let serverless = |n| wasm_filter("serverless", &serverless_config(n));
+    let egress = wasm_filter(
+        "egress",
+        r#"{"allow":["api.github.com","*.googleapis.com","hooks.slack.com","example.com:8443"]}"#,
+    );
     vec![
-        Bench { name: "baseline", what: "no filter", filters: String::new() },
+        Bench { name: "baseline", what: "no filter", host: SERVERLESS_HOST, filters: String::new() },
         Bench {
             name: "serverless-10",
             what: "serverless.wasm, 10 routes",
-            filters: wasm_filter("serverless", &serverless_config(10)),
+            host: SERVERLESS_HOST,
+            filters: serverless(10),
         },
         Bench {
             name: "serverless-100k",
-            what: "serverless.wasm, 100,000 routes",
-            filters: wasm_filter("serverless", &serverless_config(100_000)),
+            what: "serverless.wasm, 100,000 routes from the management service",
+            host: SERVERLESS_HOST,
+            filters: wasm_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
         },
-        Bench { name: "lua-serverless", what: "Lua filter, same rewrite, 10 routes", filters: lua_serverless() },
+        Bench {
+            name: "lua-serverless",
+            what: "Lua, the serverless rewrite, 10 routes",
+            host: SERVERLESS_HOST,
+            filters: lua_serverless(),
+        },
+        Bench { name: "egress", what: "egress.wasm, 4 allowlist entries", host: EGRESS_HOST, filters: egress },
+        Bench {
+            name: "lua-egress",
+            what: "Lua, the egress rewrite, 3 names",
+            host: EGRESS_HOST,
+            filters: lua_egress(),
+        },
     ]
 }
 
-fn front_config(bench: &Bench, upstream_port: u16) -> Config {
+fn front_config(bench: &Bench, upstream_port: u16, management_port: u16) -> Config {
     let template = std::fs::read_to_string(edgewise::repo_root().join("bench/front.yaml")).unwrap_or_default();
     let yaml = template.replace("          # FILTERS\n", &bench.filters);
-    Config { name: format!("bench-{}", bench.name), yaml }.port(18000, upstream_port)
+    Config { name: format!("bench-{}", bench.name), yaml }.port(18000, upstream_port).port(18001, management_port)
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -171,10 +226,10 @@ fn parse_duration_us(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mult)
 }
 
-fn wrk(addr: std::net::SocketAddr, connections: u32, seconds: u64) -> Result<Wrk> {
+fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64) -> Result<Wrk> {
     let out = Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
-        .args(["-H", &format!("Host: {HOST}")])
+        .args(["-H", &format!("Host: {host}")])
         .arg(format!("http://{addr}/"))
         .output()
         .context("running wrk (apt-get install wrk)")?;
@@ -200,25 +255,32 @@ fn wrk(addr: std::net::SocketAddr, connections: u32, seconds: u64) -> Result<Wrk
     Ok(w)
 }
 
-async fn run_one(bench: &Bench, upstream_port: u16, seconds: u64) -> Result<Sample> {
-    let config = front_config(bench, upstream_port);
+async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, seconds: u64) -> Result<Sample> {
+    let config = front_config(bench, upstream_port, management_port);
     let started = Instant::now();
     let envoy = Envoy::start_with(&config, Options { concurrency: 1, log_level: "warning", cpu: Some(0) }).await?;
     let ready_s = started.elapsed().as_secs_f64();
     let addr = envoy.listener("bench").await?;
-    // Check the configuration answers 200 before measuring it.
-    let r = edgewise::client::Client::plain().get(addr, HOST, "/").await?;
-    if r.status != 200 {
-        bail!("{}: warm-up request answered {}: {}", bench.name, r.status, r.text());
+    // Check the configuration answers 200 (a polled table may take a moment) before measuring.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = edgewise::client::Client::plain().get(addr, bench.host, "/").await?;
+        if r.status == 200 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{}: warm-up request answered {}: {}", bench.name, r.status, r.text());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    wrk(addr, 32, 1)?;
+    wrk(addr, bench.host, 32, 1)?;
     let pid = envoy.pid();
     let before = cpu_ticks(pid)?;
-    let w = wrk(addr, 32, seconds)?;
+    let w = wrk(addr, bench.host, 32, seconds)?;
     let after = cpu_ticks(pid)?;
     let ticks_per_s = 100.0;
     let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
-    let c1 = wrk(addr, 1, (seconds / 2).max(1))?;
+    let c1 = wrk(addr, bench.host, 1, (seconds / 2).max(1))?;
     Ok(Sample {
         rps: w.rps,
         p50_us: w.p50_us,
@@ -251,12 +313,16 @@ async fn main() -> Result<()> {
     )
     .await?;
     let upstream_port = upstream.listener("upstream").await?.port();
+    let table = Document::new(format!(r#"{{"version":1,"routes":[{}]}}"#, serverless_routes(100_000)));
+    let management = Server::start("management", Listen::default(), table.handler()).await?;
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); benches.len()];
     for round in 0..rounds {
         for k in 0..benches.len() {
             let i = (k + round) % benches.len();
-            let s = run_one(&benches[i], upstream_port, seconds).await.with_context(|| benches[i].name)?;
+            let s = run_one(&benches[i], upstream_port, management.port(), seconds)
+                .await
+                .with_context(|| benches[i].name)?;
             eprintln!(
                 "round {}/{rounds} {:<16} {:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>6.0} us  p99 {:>6.0} us",
                 round + 1,

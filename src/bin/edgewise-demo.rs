@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::scenarios::egress as eg;
 use edgewise::scenarios::serverless::{self as sl, ports, Pki};
 use edgewise::server::{Document, Listen, Server};
 
@@ -40,7 +42,18 @@ async fn main() -> Result<()> {
     let envoy = Envoy::start_in(&Config::shipped("serverless"), &run, Options { concurrency: 2, ..Options::default() })
         .await
         .context("starting envoy/serverless.yaml")?;
-    // Give the filter its first poll of the management service.
+
+    // Egress: a DNS stand-in for Envoy only, HTTPS destinations on loopback addresses (port 443
+    // needs root or CAP_NET_BIND_SERVICE; without it the egress part is left out).
+    let egress = match start_egress(&run).await {
+        Ok(e) => Some(e),
+        Err(e) => {
+            eprintln!("egress demo left out: {e:#}");
+            None
+        }
+    };
+
+    // Give the serverless filter its first poll of the management service.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let curl = |host: &str, path: &str| {
@@ -67,7 +80,7 @@ Serverless ingress (envoy/serverless.yaml, https://*.{domain}:{front}):
 
   # Metrics:
   curl -s http://127.0.0.1:9901/stats/prometheus | grep edgewise_serverless
-
+{egress}
 Ctrl-C stops everything."#,
         domain = sl::DOMAIN,
         front = ports::FRONT,
@@ -75,9 +88,69 @@ Ctrl-C stops everything."#,
         polled = curl(&format!("{B_LABEL}.{}", sl::DOMAIN), "/"),
         unknown = curl(&format!("0000000a-0000000b-00000000ff.{}", sl::DOMAIN), "/"),
         malformed = curl(&format!("0000000a-0000000b-0000000.{}", sl::DOMAIN), "/"),
+        egress = if egress.is_some() { EGRESS_HELP } else { "" },
     );
     tokio::signal::ctrl_c().await?;
     println!("\nstopping");
     drop(envoy);
+    drop(egress);
     Ok(())
+}
+
+const EGRESS_HELP: &str = r#"
+Egress proxy (envoy/egress.yaml, http://<destination>.egress.local via 127.0.0.1:10080):
+
+  # Allowlisted: plain HTTP in, HTTPS out with SNI = api.github.com and the certificate verified:
+  curl -s -H 'Host: api.github.com.egress.local' http://127.0.0.1:10080/repos/edgewise
+
+  # A destination with its own port, and a *.example.com wildcard entry:
+  curl -s -H 'Host: example.net.egress.local:8443' http://127.0.0.1:10080/
+  curl -s -H 'Host: www.example.com.egress.local' http://127.0.0.1:10080/
+
+  # Refused (403, JSON): not on the allowlist, an IP literal, the metadata address, a loopback name,
+  # an allowed name that resolves to a private address, a host outside .egress.local:
+  curl -s -H 'Host: gist.github.com.egress.local' http://127.0.0.1:10080/
+  curl -s -H 'Host: 169.254.169.254.egress.local' http://127.0.0.1:10080/
+  curl -s -H 'Host: localhost.egress.local' http://127.0.0.1:10080/
+  curl -s -H 'Host: sneaky.example.org.egress.local' http://127.0.0.1:10080/
+  curl -s -H 'Host: api.github.com' http://127.0.0.1:10080/
+
+  # A destination whose certificate is not valid for its name fails closed (503, JSON):
+  curl -s -H 'Host: badcert.example.com.egress.local' http://127.0.0.1:10080/
+
+  # Metrics per allowlisted destination:
+  curl -s http://127.0.0.1:9902/stats/prometheus | grep edgewise_egress
+"#;
+
+/// The egress scenario's stand-ins and Envoy, kept alive together.
+struct Egress {
+    _dns: Dns,
+    _destinations: Vec<Server>,
+    _envoy: Envoy,
+}
+
+async fn start_egress(run: &std::path::Path) -> Result<Egress> {
+    let ca = eg::install(run)?;
+    let ip = |last: u8| std::net::Ipv4Addr::new(127, 0, 0, last);
+    let destinations = vec![
+        eg::destination("api.github.com", ip(11), 443, &ca, &["api.github.com"]).await?,
+        eg::destination("www.example.com", ip(12), 443, &ca, &["www.example.com"]).await?,
+        eg::destination("example.net", ip(13), 8443, &ca, &["example.net"]).await?,
+        eg::destination("badcert", ip(14), 443, &ca, &["someone-else.example"]).await?,
+    ];
+    let dns = Dns::start(
+        eg::ports::DNS,
+        &[
+            ("api.github.com", ip(11)),
+            ("www.example.com", ip(12)),
+            ("example.net", ip(13)),
+            ("badcert.example.com", ip(14)),
+            ("sneaky.example.org", std::net::Ipv4Addr::new(10, 11, 12, 13)),
+        ],
+    )
+    .await?;
+    let envoy = Envoy::start_in(&Config::shipped("egress"), run, Options { concurrency: 2, ..Options::default() })
+        .await
+        .context("starting envoy/egress.yaml")?;
+    Ok(Egress { _dns: dns, _destinations: destinations, _envoy: envoy })
 }
