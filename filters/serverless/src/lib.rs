@@ -7,6 +7,7 @@ mod poller;
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use edgewise_core::reply::Reply;
 use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -25,6 +26,8 @@ struct Shared {
     router: RefCell<Router>,
     scratch: RefCell<Scratch>,
     metrics: Metrics,
+    /// Present when a management service is configured.
+    poller: Option<RefCell<Poller>>,
 }
 
 struct Metrics {
@@ -62,14 +65,21 @@ impl Metrics {
 #[derive(Default)]
 struct Root {
     shared: Option<Rc<Shared>>,
-    poller: Option<Poller>,
+}
+
+impl Root {
+    fn with_poller(&self, f: impl FnOnce(&mut Poller, &Rc<Shared>)) {
+        if let Some(shared) = &self.shared {
+            if let Some(Ok(mut poller)) = shared.poller.as_ref().map(RefCell::try_borrow_mut) {
+                f(&mut poller, shared);
+            }
+        }
+    }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        if let (Some(poller), Some(shared)) = (self.poller.as_mut(), self.shared.as_ref()) {
-            poller.on_response(token, body_size, shared);
-        }
+        self.with_poller(|poller, shared| poller.on_response(token, body_size, shared));
     }
 }
 
@@ -84,19 +94,18 @@ impl RootContext for Root {
         };
         let metrics = Metrics::define();
         metrics.table_routes.set(0);
-        self.poller = router.management.clone().map(|m| Poller::new(m, &host::plugin_name("serverless")));
-        let scratch = RefCell::new(router.decoder.scratch());
-        self.shared = Some(Rc::new(Shared { router: RefCell::new(router), scratch, metrics }));
-        if let Some(poller) = &self.poller {
+        let poller = router.management.clone().map(|m| Poller::new(m, &host::plugin_name("serverless")));
+        if let Some(poller) = &poller {
             host::set_tick_period(poller.tick_period());
         }
+        let scratch = RefCell::new(router.decoder.scratch());
+        self.shared =
+            Some(Rc::new(Shared { router: RefCell::new(router), scratch, metrics, poller: poller.map(RefCell::new) }));
         true
     }
 
     fn on_tick(&mut self) {
-        if let (Some(poller), Some(shared)) = (self.poller.as_mut(), self.shared.as_ref()) {
-            poller.on_tick(shared);
-        }
+        self.with_poller(|poller, shared| poller.on_tick(shared));
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
@@ -112,36 +121,60 @@ struct Filter {
     shared: Rc<Shared>,
 }
 
-impl Context for Filter {}
-
-impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+impl Filter {
+    /// Decides and applies; `None` when the route table has not been loaded in this VM yet.
+    fn route(&self, authority: &str) -> Option<Action> {
         let shared = &self.shared;
         let (Ok(router), Ok(mut scratch)) = (shared.router.try_borrow(), shared.scratch.try_borrow_mut()) else {
-            return host::reply(&edgewise_core::reply::Reply::new(500, "internal", "router busy"));
-        };
-        let Some(authority) = host::request_header(":authority") else {
-            host::set_request_header(&router.cluster_header, None);
-            return Action::Continue;
+            return Some(host::reply(&Reply::new(500, "internal", "router busy")));
         };
         // Only the filter may choose the cluster: a value a client sent is removed (or, on a
         // routed request, overwritten).
-        match router.decide(&authority, &mut scratch) {
+        Some(match router.decide(authority, &mut scratch) {
             Decision::PassThrough => {
                 host::set_request_header(&router.cluster_header, None);
                 Action::Continue
             }
             Decision::Route(target) => {
-                host::set_request_header("x-forwarded-host", Some(&authority));
+                host::set_request_header("x-forwarded-host", Some(authority));
                 host::set_request_header(&router.cluster_header, Some(&target.cluster));
                 host::set_request_header(":authority", Some(&target.host));
                 shared.metrics.count(Outcome::Routed);
                 Action::Continue
             }
+            Decision::Reject(Outcome::TableUnavailable, _) if shared.poller.is_some() => return None,
             Decision::Reject(outcome, reply) => {
                 shared.metrics.count(outcome);
                 host::reply(&reply)
             }
+        })
+    }
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(authority) = host::request_header(":authority") else {
+            if let Ok(router) = self.shared.router.try_borrow() {
+                host::set_request_header(&router.cluster_header, None);
+            }
+            return Action::Continue;
+        };
+        if let Some(action) = self.route(&authority) {
+            return action;
         }
+        // No table in this VM yet: another worker may have loaded one since this VM's last tick.
+        if let Some(Ok(mut poller)) = self.shared.poller.as_ref().map(RefCell::try_borrow_mut) {
+            poller.sync(&self.shared);
+        }
+        self.route(&authority).unwrap_or_else(|| {
+            self.shared.metrics.count(Outcome::TableUnavailable);
+            host::reply(&Reply::new(
+                503,
+                "route_table_unavailable",
+                format!("the route table has not been loaded yet; cannot route {authority}"),
+            ))
+        })
     }
 }

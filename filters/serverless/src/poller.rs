@@ -87,7 +87,7 @@ impl Poller {
             Some("200") => {
                 let body = host::call_response_body(body_size).unwrap_or_default();
                 let etag = host::call_response_header("etag").unwrap_or_default();
-                if self.publish(&body, &etag, shared) {
+                if self.publish(body, &etag, shared) {
                     self.mark_checked();
                     m.fetch_ok.inc();
                 } else {
@@ -106,29 +106,29 @@ impl Poller {
     }
 
     /// Validates a fetched table, installs it here and shares it with the other workers.
-    fn publish(&mut self, body: &[u8], etag: &str, shared: &Rc<Shared>) -> bool {
+    fn publish(&mut self, mut body: Vec<u8>, etag: &str, shared: &Rc<Shared>) -> bool {
         let Ok(mut router) = shared.router.try_borrow_mut() else {
             return false;
         };
-        let table = match router.compile_table(body) {
+        let table = match router.compile_table(&body) {
             Ok(table) => table,
             Err(e) => {
                 log::warn!("serverless: management service sent an unusable table ({e}); keeping the one in force");
                 return false;
             }
         };
-        if etag.contains('\n') {
+        let Ok(etag_len) = u16::try_from(etag.len()) else {
             return false;
-        }
+        };
         // Same version and ETag as the table in force: nothing for the other workers to re-parse.
         if router.polled().is_some_and(|t| t.version == table.version) && etag == self.etag {
             return true;
         }
-        let mut value = Vec::with_capacity(etag.len() + 1 + body.len());
-        value.extend_from_slice(etag.as_bytes());
-        value.push(b'\n');
-        value.extend_from_slice(body);
-        if !host::shared_set(&self.key_table, &value, None) {
+        // Shared value: the document, then the ETag, then the ETag's length (u16 LE). Appending
+        // to the body avoids a second copy of what may be megabytes.
+        body.extend_from_slice(etag.as_bytes());
+        body.extend_from_slice(&etag_len.to_le_bytes());
+        if !host::shared_set(&self.key_table, &body, None) {
             return false;
         }
         let Some(generation) = host::shared_u64_cas(&self.key_generation, |g| Some(g + 1)) else {
@@ -144,7 +144,7 @@ impl Poller {
     }
 
     /// Installs the shared table if another worker published a newer one.
-    fn sync(&mut self, shared: &Rc<Shared>) {
+    pub fn sync(&mut self, shared: &Rc<Shared>) {
         let (generation, _) = host::shared_u64(&self.key_generation);
         if generation == self.generation {
             return;
@@ -152,14 +152,13 @@ impl Poller {
         let (Some(value), _) = host::shared_get(&self.key_table) else {
             return;
         };
-        let Some(split) = value.iter().position(|&b| b == b'\n') else {
+        let Some((body, etag)) = split_value(&value) else {
             return;
         };
-        let (etag, body) = value.split_at(split);
         let Ok(mut router) = shared.router.try_borrow_mut() else {
             return;
         };
-        match router.compile_table(body.get(1..).unwrap_or_default()) {
+        match router.compile_table(body) {
             Ok(table) => {
                 shared.metrics.table_version.set(table.version);
                 shared.metrics.table_routes.set(table.len() as u64);
@@ -174,4 +173,11 @@ impl Poller {
     fn mark_checked(&self) {
         host::shared_set(&self.key_checked, &host::now_ms().to_le_bytes(), None);
     }
+}
+
+/// Splits a shared table value into document and ETag (see `publish`).
+fn split_value(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (rest, len) = value.split_at_checked(value.len().checked_sub(2)?)?;
+    let etag_len = u16::from_le_bytes(len.try_into().ok()?) as usize;
+    rest.split_at_checked(rest.len().checked_sub(etag_len)?)
 }
