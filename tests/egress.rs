@@ -72,8 +72,7 @@ async fn allowlisted_destinations_are_reached_over_verified_tls_with_sni() {
 
     // Default port 443, the markers a client might forge are dropped, nothing internal leaks.
     let req = Request::get("API.GitHub.com.egress.local.", "/repos/x?page=2")
-        .header("x-edgewise-egress-private-ok", "1")
-        .header("x-edgewise-egress-destination", "forged");
+        .header("x-edgewise-egress-destination", "private:forged");
     let r = Client::plain().send(s.front, req).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
@@ -130,7 +129,8 @@ async fn the_allowlist_and_the_ssrf_guard_refuse_before_and_after_dns() {
 
     // Allowed by name, but it resolves to a private address: refused after DNS, even with the
     // client claiming the destination may be private.
-    let req = Request::get("sneaky.example.org.egress.local", "/").header("x-edgewise-egress-private-ok", "1");
+    let req = Request::get("sneaky.example.org.egress.local", "/")
+        .header("x-edgewise-egress-destination", "private:sneaky_example_org");
     let r = Client::plain().send(s.front, req).await.unwrap();
     assert_eq!(r.status, 403, "{}", r.text());
     let body = r.json();

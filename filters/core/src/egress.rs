@@ -46,6 +46,9 @@ struct Entry {
     private_ok: bool,
     /// Bounded metric label: the entry as written, with `*` as `wildcard` and dots as `_`.
     label: String,
+    /// `label`, or `private:label` when the destination may be private: what the filter tells
+    /// Envoy's RBAC policy.
+    marker: String,
 }
 
 impl Entry {
@@ -67,7 +70,7 @@ impl Entry {
         }
         let name = if wildcard { format!(".{bare}") } else { bare };
         let label = raw.to_ascii_lowercase().replace("*.", "wildcard.").replace(['.', ':', '-'], "_");
-        Ok(Entry { name, wildcard, port, private_ok: false, label })
+        Ok(Entry { name, wildcard, port, private_ok: false, marker: label.clone(), label })
     }
 
     fn matches(&self, host: &str, port: u16) -> bool {
@@ -163,6 +166,8 @@ pub struct Allowed<'a> {
     pub label: &'a str,
     /// The destination may resolve to a private address.
     pub private_ok: bool,
+    /// `label`, prefixed with `private:` when `private_ok`.
+    pub marker: &'a str,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -203,6 +208,7 @@ impl Policy {
                 return Err(ConfigError::field(field, format!("{raw:?} is not an entry of `allow`")));
             };
             entry.private_ok = true;
+            entry.marker = format!("private:{}", entry.label);
         }
         Ok(Policy { suffix, entries })
     }
@@ -230,11 +236,16 @@ impl Policy {
             );
         };
         let port = port.unwrap_or(443);
-        let dest = destination.to_ascii_lowercase();
-        let shown = if port == 443 { dest.clone() } else { format!("{dest}:{port}") };
-        if ip_literal(&dest) {
+        let dest: std::borrow::Cow<str> = if destination.bytes().any(|b| b.is_ascii_uppercase()) {
+            destination.to_ascii_lowercase().into()
+        } else {
+            destination.into()
+        };
+        let dest = dest.as_ref();
+        let shown = if port == 443 { dest.to_string() } else { format!("{dest}:{port}") };
+        if ip_literal(dest) {
             // Only an exact allowlist entry that may be private lets an IP literal through.
-            return match self.entries.iter().position(|e| e.private_ok && e.matches(&dest, port)) {
+            return match self.entries.iter().position(|e| e.private_ok && e.matches(dest, port)) {
                 Some(i) => self.allow(i, shown),
                 None => deny(
                     Denial::IpLiteral,
@@ -244,7 +255,7 @@ impl Policy {
                 ),
             };
         }
-        if !is_dns_name(&dest) {
+        if !is_dns_name(dest) {
             return deny(
                 Denial::InvalidDestination,
                 403,
@@ -252,13 +263,13 @@ impl Policy {
                 format!("{shown} is not a valid DNS name"),
             );
         }
-        let entry = self.entries.iter().position(|e| e.matches(&dest, port));
+        let entry = self.entries.iter().position(|e| e.matches(dest, port));
         match entry {
-            Some(i) if loopback_name(&dest) && !self.entries.get(i).is_some_and(|e| e.private_ok) => {
+            Some(i) if loopback_name(dest) && !self.entries.get(i).is_some_and(|e| e.private_ok) => {
                 deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
             }
             Some(i) => self.allow(i, shown),
-            None if loopback_name(&dest) => {
+            None if loopback_name(dest) => {
                 deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
             }
             None => deny(
@@ -272,7 +283,13 @@ impl Policy {
 
     fn allow(&self, i: usize, authority: String) -> Decision<'_> {
         match self.entries.get(i) {
-            Some(e) => Decision::Allow(Allowed { authority, entry: i, label: &e.label, private_ok: e.private_ok }),
+            Some(e) => Decision::Allow(Allowed {
+                authority,
+                entry: i,
+                label: &e.label,
+                private_ok: e.private_ok,
+                marker: &e.marker,
+            }),
             None => deny(Denial::NotAllowed, 403, "destination_not_allowed", authority),
         }
     }
@@ -297,7 +314,11 @@ mod tests {
     /// (authority, Ok((new authority, label, private_ok)) or Err(denial)).
     fn check(p: &Policy, authority: &str) -> Result<(String, String, bool), Denial> {
         match p.decide(authority) {
-            Decision::Allow(a) => Ok((a.authority, a.label.to_string(), a.private_ok)),
+            Decision::Allow(a) => {
+                let want = if a.private_ok { format!("private:{}", a.label) } else { a.label.to_string() };
+                assert_eq!(a.marker, want, "{authority}");
+                Ok((a.authority, a.label.to_string(), a.private_ok))
+            }
             Decision::Deny(d, reply) => {
                 assert_eq!(reply.status, 403);
                 Err(d)

@@ -15,12 +15,11 @@ use host::{Counter, Histogram};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-/// Set on allowed requests: the allowlist entry's label. Envoy's local reply mapper uses it to
-/// tell an RBAC denial (after DNS) from other 403s; it never leaves Envoy.
+/// Set on every allowed request (overwriting whatever a client sent): the allowlist entry's label,
+/// prefixed with `private:` when the destination may resolve to a private address. The RBAC
+/// policy in envoy/egress.yaml lets only the prefixed ones reach private addresses, and the local
+/// reply mapper uses the header to tell an RBAC denial from other 403s. It never leaves Envoy.
 const DEST_HEADER: &str = "x-edgewise-egress-destination";
-/// Set when the destination may resolve to a private address; the RBAC policy in
-/// envoy/egress.yaml lets such requests through. Clients cannot set it.
-const PRIVATE_OK_HEADER: &str = "x-edgewise-egress-private-ok";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -103,8 +102,7 @@ impl HttpContext for Filter {
         match shared.policy.decide(&authority) {
             Decision::Allow(allowed) => {
                 host::set_request_header(":authority", Some(&allowed.authority));
-                host::set_request_header(DEST_HEADER, Some(allowed.label));
-                host::set_request_header(PRIVATE_OK_HEADER, allowed.private_ok.then_some("1"));
+                host::set_request_header(DEST_HEADER, Some(allowed.marker));
                 if let Some(d) = shared.destinations.get(allowed.entry) {
                     d.requests.inc();
                 }
