@@ -7,5 +7,6 @@
 pub mod authority;
 pub mod config;
 pub mod egress;
+pub mod jwt;
 pub mod reply;
 pub mod serverless;
