@@ -15,6 +15,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::rs256::Rs256Key;
+
 /// The algorithms a token may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alg {
@@ -68,6 +70,8 @@ pub enum JwksError {
 
 #[derive(Debug, Clone)]
 enum KeyMaterial {
+    /// e = 65537, the exponent every JWKS in practice uses: the fast path.
+    Rsa65537(Rs256Key),
     Rsa(RsaPublicKey),
     P256(p256::ecdsa::VerifyingKey),
 }
@@ -75,7 +79,7 @@ enum KeyMaterial {
 impl KeyMaterial {
     fn alg(&self) -> Alg {
         match self {
-            KeyMaterial::Rsa(_) => Alg::RS256,
+            KeyMaterial::Rsa65537(_) | KeyMaterial::Rsa(_) => Alg::RS256,
             KeyMaterial::P256(_) => Alg::ES256,
         }
     }
@@ -140,7 +144,11 @@ impl Jwks {
                     if key.n().bits() < MIN_RSA_BITS {
                         return Err(bad("RSA keys must have at least 2048 bits"));
                     }
-                    KeyMaterial::Rsa(key)
+                    let small_e = if e.len() <= 8 { e.iter().fold(0u64, |acc, &b| (acc << 8) | b as u64) } else { 0 };
+                    match Rs256Key::new(&n, small_e) {
+                        Some(fast) => KeyMaterial::Rsa65537(fast),
+                        None => KeyMaterial::Rsa(key),
+                    }
                 }
                 ("EC", Some("P-256")) => {
                     let x = b64(k.x.as_deref())
@@ -250,11 +258,10 @@ impl<'a> Unverified<'a> {
             return Err(JwtError::NoKeyForAlg);
         }
         let input = self.signing_input.as_bytes();
+        let digest: [u8; 32] = Sha256::digest(input).into();
         let ok = fitting.any(|k| match &k.key {
-            KeyMaterial::Rsa(key) => {
-                let digest = Sha256::digest(input);
-                key.verify(Pkcs1v15Sign::new::<Sha256>(), &digest, &self.signature).is_ok()
-            }
+            KeyMaterial::Rsa65537(key) => key.verify(&digest, &self.signature),
+            KeyMaterial::Rsa(key) => key.verify(Pkcs1v15Sign::new::<Sha256>(), &digest, &self.signature).is_ok(),
             KeyMaterial::P256(key) => p256::ecdsa::Signature::from_slice(&self.signature)
                 .map(|sig| key.verify(input, &sig).is_ok())
                 .unwrap_or(false),

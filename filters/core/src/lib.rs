@@ -9,4 +9,5 @@ pub mod config;
 pub mod egress;
 pub mod jwt;
 pub mod reply;
+pub mod rs256;
 pub mod serverless;
