@@ -29,6 +29,17 @@ pub struct Leaf {
     pub key_pem: String,
 }
 
+impl Leaf {
+    /// SHA-256 of the certificate's DER, hex: what Envoy puts in XFCC's `Hash=`.
+    pub fn sha256_hex(&self) -> String {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        ring::digest::digest(&ring::digest::SHA256, &der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// What a leaf is for and who it names.
 #[derive(Default, Clone)]
 pub struct LeafSpec {

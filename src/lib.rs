@@ -7,6 +7,7 @@ pub mod certs;
 pub mod client;
 pub mod dns;
 pub mod envoy;
+pub mod idp;
 pub mod scenarios;
 pub mod server;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! each shipped YAML.
 
 pub mod egress;
+pub mod mesh;
 pub mod serverless;
 
 use std::fs;
@@ -36,6 +37,7 @@ pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     match scenario {
         "serverless" => serverless::Pki::install(run_dir).map(drop),
         "egress" => egress::install(run_dir).map(drop),
+        "mesh-gateway" | "mesh-sidecar" => mesh::Pki::install(run_dir).map(drop),
         other => anyhow::bail!("no set-up for envoy/{other}.yaml: add one to edgewise::scenarios::install"),
     }
 }

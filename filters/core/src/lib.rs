@@ -8,6 +8,7 @@ pub mod authority;
 pub mod config;
 pub mod egress;
 pub mod jwt;
+pub mod mesh;
 pub mod reply;
 pub mod rs256;
 pub mod serverless;

@@ -25,6 +25,11 @@ pub fn plugin_name(fallback: &str) -> String {
         .unwrap_or_else(|| fallback.into())
 }
 
+/// A property as a string (e.g. `connection.uri_san_peer_certificate`).
+pub fn property_string(path: &[&str]) -> Option<String> {
+    hostcalls::get_property(path.to_vec()).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+}
+
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -50,7 +55,13 @@ pub fn set_request_header(name: &str, value: Option<&str>) {
 
 /// Sends a local JSON reply and stops the request.
 pub fn reply(reply: &Reply) -> Action {
-    let headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+    reply_with(reply, &[])
+}
+
+/// A local JSON reply with extra headers (e.g. WWW-Authenticate).
+pub fn reply_with(reply: &Reply, extra: &[(&str, &str)]) -> Action {
+    let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+    headers.extend_from_slice(extra);
     if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body())) {
         log::error!("sending local reply failed: {e:?}");
     }

@@ -1,0 +1,264 @@
+//! Mesh identity propagation (GEP-3792): the out-of-cluster gateway authenticates the end user
+//! and forwards the user's identity in headers; the mesh sidecar keeps those headers only when
+//! the mTLS peer is an allowed gateway identity, so a workload can trust them exactly when the
+//! gateway vouched for them.
+//!
+//! One filter, two roles, chosen by `"role"` in the configuration.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::ConfigError;
+use crate::jwt::{Jwks, Unverified, Validation};
+use crate::reply::Reply;
+
+pub const DEFAULT_USER_HEADER: &str = "x-edgewise-user";
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Config {
+    Gateway(GatewayConfig),
+    Sidecar(SidecarConfig),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The issuer's keys (a JWKS document, inline).
+    pub jwks: Value,
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// Claim -> header carrying it to the workload. Default: `sub` -> `x-edgewise-user`.
+    #[serde(default = "default_claim_headers")]
+    pub claim_headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// SPIFFE IDs of the gateways whose identity headers are believed.
+    pub trusted_gateways: Vec<String>,
+    /// The identity headers; removed unless the peer is a trusted gateway.
+    #[serde(default = "default_identity_headers")]
+    pub identity_headers: Vec<String>,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_claim_headers() -> BTreeMap<String, String> {
+    BTreeMap::from([("sub".to_string(), DEFAULT_USER_HEADER.to_string())])
+}
+fn default_identity_headers() -> Vec<String> {
+    vec![DEFAULT_USER_HEADER.to_string()]
+}
+
+fn header_name_ok(h: &str) -> bool {
+    !h.is_empty() && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The gateway role, compiled.
+#[derive(Debug)]
+pub struct Gateway {
+    jwks: Jwks,
+    validation: Validation,
+    claim_headers: Vec<(String, String)>,
+}
+
+/// The sidecar role, compiled.
+#[derive(Debug)]
+pub struct Sidecar {
+    trusted: Vec<String>,
+    pub identity_headers: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum Role {
+    Gateway(Gateway),
+    Sidecar(Sidecar),
+}
+
+impl Role {
+    pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
+        match serde_json::from_slice::<Config>(json)? {
+            Config::Gateway(c) => {
+                let jwks = Jwks::from_json(c.jwks.to_string().as_bytes())
+                    .map_err(|e| ConfigError::field("jwks", e.to_string()))?;
+                if jwks.is_empty() {
+                    return Err(ConfigError::field("jwks", "has no usable RS256 or ES256 key"));
+                }
+                if c.issuers.is_empty() {
+                    return Err(ConfigError::field("issuers", "must name at least one issuer"));
+                }
+                if c.audiences.is_empty() {
+                    return Err(ConfigError::field("audiences", "must name at least one audience"));
+                }
+                if let Some((_, h)) = c.claim_headers.iter().find(|(_, h)| !header_name_ok(h)) {
+                    return Err(ConfigError::field("claim_headers", format!("{h:?} is not a lowercase header name")));
+                }
+                let validation = Validation {
+                    issuers: c.issuers,
+                    audiences: c.audiences,
+                    leeway: c.leeway_seconds,
+                    required: vec![],
+                };
+                Ok(Role::Gateway(Gateway { jwks, validation, claim_headers: c.claim_headers.into_iter().collect() }))
+            }
+            Config::Sidecar(c) => {
+                if let Some(bad) = c.trusted_gateways.iter().find(|id| !id.starts_with("spiffe://") || id.len() <= 9) {
+                    return Err(ConfigError::field("trusted_gateways", format!("{bad:?} is not a SPIFFE ID")));
+                }
+                if c.trusted_gateways.is_empty() {
+                    return Err(ConfigError::field("trusted_gateways", "must name at least one gateway identity"));
+                }
+                if let Some(h) = c.identity_headers.iter().find(|h| !header_name_ok(h)) {
+                    return Err(ConfigError::field(
+                        "identity_headers",
+                        format!("{h:?} is not a lowercase header name"),
+                    ));
+                }
+                Ok(Role::Sidecar(Sidecar { trusted: c.trusted_gateways, identity_headers: c.identity_headers }))
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// Every header this role sets; the filter removes client-sent values of all of them first.
+    pub fn identity_headers(&self) -> impl Iterator<Item = &str> {
+        self.claim_headers.iter().map(|(_, h)| h.as_str())
+    }
+
+    /// Authenticates `Authorization: Bearer <JWT>`; on success, the (header, value) pairs to set.
+    pub fn authenticate(&self, authorization: Option<&str>, now: u64) -> Result<Vec<(&str, String)>, Reply> {
+        let Some(token) = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+        else {
+            return Err(Reply::new(401, "unauthenticated", "an Authorization: Bearer token is required"));
+        };
+        let invalid = |e: crate::jwt::JwtError| Reply::new(401, "invalid_token", e.to_string());
+        let claims = Unverified::parse(token.trim()).and_then(|t| t.verify(&self.jwks)).map_err(invalid)?;
+        self.validation.check(&claims, now).map_err(invalid)?;
+        Ok(self
+            .claim_headers
+            .iter()
+            .filter_map(|(claim, header)| {
+                let value = match claims.get(claim)? {
+                    Value::String(s) => s.clone(),
+                    Value::Array(items) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return None,
+                };
+                // Header values must not carry line breaks or other control characters.
+                (!value.bytes().any(|b| b < b' ' || b == 0x7f)).then_some((header.as_str(), value))
+            })
+            .collect())
+    }
+}
+
+impl Sidecar {
+    /// Whether the mTLS peer (its URI SAN, as Envoy reports it) is a trusted gateway.
+    pub fn trusts(&self, peer_uri_san: Option<&str>) -> bool {
+        peer_uri_san.is_some_and(|peer| self.trusted.iter().any(|t| t == peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sidecar_trusts_exactly_the_listed_gateways() {
+        let Role::Sidecar(s) =
+            Role::from_json(br#"{"role":"sidecar","trusted_gateways":["spiffe://gw.example/ns/edge/sa/gateway"]}"#)
+                .unwrap()
+        else {
+            panic!("role")
+        };
+        assert!(s.trusts(Some("spiffe://gw.example/ns/edge/sa/gateway")));
+        for peer in [
+            None,
+            Some(""),
+            Some("spiffe://gw.example/ns/edge/sa/gateway2"),
+            Some("spiffe://gw.example/ns/edge/sa"),
+            Some("spiffe://cluster.local/ns/edge/sa/gateway"),
+        ] {
+            assert!(!s.trusts(peer), "{peer:?}");
+        }
+        assert_eq!(s.identity_headers, ["x-edgewise-user"]);
+    }
+
+    #[test]
+    fn the_gateway_turns_a_verified_token_into_identity_headers() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        use p256::ecdsa::signature::Signer;
+        use rand_chacha::rand_core::SeedableRng;
+        let key = p256::ecdsa::SigningKey::random(&mut rand_chacha::ChaCha20Rng::seed_from_u64(9));
+        let point = key.verifying_key().to_encoded_point(false);
+        let enc = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+        let config = serde_json::json!({
+            "role": "gateway",
+            "jwks": {"keys": [{"kty":"EC","crv":"P-256","kid":"k1","x":enc(point.x().unwrap()),"y":enc(point.y().unwrap())}]},
+            "issuers": ["https://idp.example"], "audiences": ["shop"],
+            "claim_headers": {"sub": "x-edgewise-user", "groups": "x-edgewise-user-groups"}
+        });
+        let Role::Gateway(g) = Role::from_json(config.to_string().as_bytes()).unwrap() else { panic!("role") };
+        let sign = |claims: serde_json::Value| {
+            let input = format!("{}.{}", enc(br#"{"alg":"ES256","kid":"k1"}"#), enc(claims.to_string().as_bytes()));
+            let sig: p256::ecdsa::Signature = key.sign(input.as_bytes());
+            format!("Bearer {input}.{}", enc(&sig.to_bytes()))
+        };
+        let now = 1_800_000_000u64;
+        let good = sign(
+            serde_json::json!({"iss":"https://idp.example","aud":"shop","sub":"alice","groups":["admins","devs"],"exp":now+60}),
+        );
+        let headers = g.authenticate(Some(&good), now).unwrap();
+        assert_eq!(
+            headers,
+            vec![("x-edgewise-user-groups", "admins,devs".to_string()), ("x-edgewise-user", "alice".to_string())]
+        );
+        assert_eq!(g.identity_headers().collect::<Vec<_>>(), ["x-edgewise-user-groups", "x-edgewise-user"]);
+        // A claim value with a line break never becomes a header.
+        let crlf = sign(
+            serde_json::json!({"iss":"https://idp.example","aud":"shop","sub":"alice\r\nx-admin: 1","exp":now+60}),
+        );
+        assert!(g.authenticate(Some(&crlf), now).unwrap().is_empty());
+        let reply = |auth: Option<&str>| g.authenticate(auth, now).unwrap_err();
+        assert_eq!(reply(None).error, "unauthenticated");
+        assert_eq!(reply(Some("Basic abc")).error, "unauthenticated");
+        assert_eq!(reply(Some("Bearer x.y.z")).error, "invalid_token");
+        let expired = sign(serde_json::json!({"iss":"https://idp.example","aud":"shop","sub":"alice","exp":now-60}));
+        assert_eq!(reply(Some(&expired)).detail, "token expired");
+        let other_aud =
+            sign(serde_json::json!({"iss":"https://idp.example","aud":"billing","sub":"alice","exp":now+60}));
+        assert_eq!(reply(Some(&other_aud)).detail, "audience not accepted");
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (r#"{"role":"sidecar","trusted_gateways":[]}"#, "`trusted_gateways`"),
+            (
+                r#"{"role":"sidecar","trusted_gateways":["gateway"]}"#,
+                "`trusted_gateways` \"gateway\" is not a SPIFFE ID",
+            ),
+            (
+                r#"{"role":"sidecar","trusted_gateways":["spiffe://a/b"],"identity_headers":["X User"]}"#,
+                "`identity_headers`",
+            ),
+            (r#"{"role":"sidecar","trusted_gateways":["spiffe://a/b"],"extra":1}"#, "unknown field `extra`"),
+            (r#"{"role":"router"}"#, "unknown variant `router`"),
+            (r#"{"role":"gateway","jwks":{"keys":[]},"issuers":["i"],"audiences":["a"]}"#, "`jwks` has no usable"),
+            (r#"{"role":"gateway","jwks":{"nokeys":1},"issuers":["i"],"audiences":["a"]}"#, "`jwks`"),
+        ];
+        for (json, want) in cases {
+            let err = Role::from_json(json.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "{json}: got {err:?}, want {want:?}");
+        }
+    }
+}

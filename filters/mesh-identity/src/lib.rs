@@ -1,0 +1,118 @@
+//! proxy-wasm filter `mesh-identity` (GEP-3792 identity propagation), in one of two roles:
+//!
+//! - `gateway`: drops identity headers a client sent, authenticates the user's bearer token
+//!   (JWT, `edgewise_core::jwt`) and sets the identity headers from its claims; 401 otherwise.
+//! - `sidecar`: keeps the identity headers only when the mTLS peer's SPIFFE ID is a trusted
+//!   gateway, and removes them otherwise, so a workload can trust them exactly when the gateway
+//!   vouched for them.
+
+use std::rc::Rc;
+
+use edgewise_core::mesh::Role;
+use edgewise_host as host;
+use host::Counter;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+struct Shared {
+    role: Role,
+    authenticated: Counter,
+    unauthenticated: Counter,
+    invalid_token: Counter,
+    trusted_peer: Counter,
+    untrusted_peer: Counter,
+}
+
+#[derive(Default)]
+struct Root {
+    shared: Option<Rc<Shared>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        match host::plugin_configuration().and_then(|json| Role::from_json(&json)) {
+            Ok(role) => {
+                let c = |name: &str| Counter::define(&format!("edgewise.mesh_identity.{name}"));
+                self.shared = Some(Rc::new(Shared {
+                    role,
+                    authenticated: c("gateway.authenticated"),
+                    unauthenticated: c("gateway.unauthenticated"),
+                    invalid_token: c("gateway.invalid_token"),
+                    trusted_peer: c("sidecar.trusted_peer"),
+                    untrusted_peer: c("sidecar.untrusted_peer"),
+                }));
+                true
+            }
+            Err(e) => {
+                log::error!("mesh-identity: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { shared: self.shared.clone()? }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    shared: Rc<Shared>,
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let s = &self.shared;
+        match &s.role {
+            Role::Gateway(gateway) => {
+                for header in gateway.identity_headers() {
+                    host::set_request_header(header, None);
+                }
+                let authorization = host::request_header("authorization");
+                match gateway.authenticate(authorization.as_deref(), host::now_ms() / 1000) {
+                    Ok(identity) => {
+                        for (header, value) in &identity {
+                            host::set_request_header(header, Some(value));
+                        }
+                        s.authenticated.inc();
+                        Action::Continue
+                    }
+                    Err(reply) => {
+                        let challenge = if reply.error == "invalid_token" {
+                            s.invalid_token.inc();
+                            "Bearer error=\"invalid_token\""
+                        } else {
+                            s.unauthenticated.inc();
+                            "Bearer"
+                        };
+                        host::reply_with(&reply, &[("www-authenticate", challenge)])
+                    }
+                }
+            }
+            Role::Sidecar(sidecar) => {
+                let peer = host::property_string(&["connection", "uri_san_peer_certificate"]);
+                if sidecar.trusts(peer.as_deref()) {
+                    s.trusted_peer.inc();
+                } else {
+                    for header in &sidecar.identity_headers {
+                        host::set_request_header(header, None);
+                    }
+                    s.untrusted_peer.inc();
+                }
+                Action::Continue
+            }
+        }
+    }
+}
