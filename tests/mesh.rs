@@ -92,9 +92,11 @@ async fn meshed_endpoints_get_mtls_with_the_gateway_identity_and_others_plaintex
         assert!(xfcc.contains(&format!("URI={}", mesh::GATEWAY_ID)), "XFCC: {xfcc}");
         assert_eq!(seen.header("x-edgewise-user"), Some("alice"));
         assert_eq!(seen.header("x-edgewise-user-groups"), Some("shoppers"));
+        assert_eq!(seen.header("authorization"), None, "the user's token stays at the gateway");
     }
     for seen in &plain {
         assert!(seen.tls.is_none(), "the non-meshed endpoint is reached in plaintext");
+        assert_eq!(seen.header("authorization"), None, "no token over a plaintext hop");
         assert_eq!(seen.header("x-edgewise-user"), Some("alice"));
     }
     let stats = s.sidecar.stats().await.unwrap();

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy, Options};
 use edgewise::scenarios::egress as eg;
+use edgewise::scenarios::mesh;
 use edgewise::scenarios::serverless::{self as sl, ports, Pki};
 use edgewise::server::{Document, Listen, Server};
 
@@ -53,6 +54,9 @@ async fn main() -> Result<()> {
         }
     };
 
+    // Out-of-cluster gateway in front of a sidecar mesh.
+    let mesh = start_mesh(&run).await?;
+
     // Give the serverless filter its first poll of the management service.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -80,7 +84,7 @@ Serverless ingress (envoy/serverless.yaml, https://*.{domain}:{front}):
 
   # Metrics:
   curl -s http://127.0.0.1:9901/stats/prometheus | grep edgewise_serverless
-{egress}
+{egress}{mesh}
 Ctrl-C stops everything."#,
         domain = sl::DOMAIN,
         front = ports::FRONT,
@@ -89,12 +93,63 @@ Ctrl-C stops everything."#,
         unknown = curl(&format!("0000000a-0000000b-00000000ff.{}", sl::DOMAIN), "/"),
         malformed = curl(&format!("0000000a-0000000b-0000000.{}", sl::DOMAIN), "/"),
         egress = if egress.is_some() { EGRESS_HELP } else { "" },
+        mesh = mesh_help(&mesh.token),
     );
     tokio::signal::ctrl_c().await?;
     println!("\nstopping");
     drop(envoy);
     drop(egress);
+    drop(mesh);
     Ok(())
+}
+
+fn mesh_help(token: &str) -> String {
+    format!(
+        r#"
+Out-of-cluster gateway in an mTLS mesh (envoy/mesh-gateway.yaml on 18080, envoy/mesh-sidecar.yaml on 15006):
+
+  # A user token from the demo identity provider (valid 24 h):
+  TOKEN={token}
+
+  # Through the gateway: alternately to the meshed workload (mTLS to its sidecar: see the
+  # x-forwarded-client-cert with the gateway's SPIFFE ID and x-edgewise-user) and to the
+  # non-meshed one (plaintext, "tls":null):
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18080/catalog/items
+  curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18080/catalog/items
+
+  # Without a token: 401.
+  curl -s http://127.0.0.1:18080/catalog/items
+
+  # Straight to the sidecar without a mesh certificate: refused.
+  curl -sk https://127.0.0.1:15006/catalog/items
+"#
+    )
+}
+
+/// The mesh scenario: the sidecar in front of a workload, a non-meshed workload, the gateway.
+struct Mesh {
+    token: String,
+    _servers: Vec<Server>,
+    _envoys: Vec<Envoy>,
+}
+
+async fn start_mesh(run: &std::path::Path) -> Result<Mesh> {
+    let pki = mesh::Pki::install(run)?;
+    let workload =
+        Server::echo("catalog (behind its sidecar)", Listen { port: mesh::ports::WORKLOAD, ..Listen::default() })
+            .await?;
+    let legacy =
+        Server::echo("legacy (not meshed)", Listen { port: mesh::ports::NON_MESHED, ..Listen::default() }).await?;
+    let options = || Options { concurrency: 1, ..Options::default() };
+    let sidecar = Envoy::start_in(&Config::shipped("mesh-sidecar"), run, options())
+        .await
+        .context("starting envoy/mesh-sidecar.yaml")?;
+    let gateway = Envoy::start_in(&pki.gateway_config(Config::shipped("mesh-gateway")), run, options())
+        .await
+        .context("starting envoy/mesh-gateway.yaml")?;
+    let now = edgewise::idp::now();
+    let token = pki.idp.token(serde_json::json!({"sub": "alice", "aud": mesh::AUDIENCE, "groups": ["shoppers"], "iat": now, "exp": now + 86_400}));
+    Ok(Mesh { token, _servers: vec![workload, legacy], _envoys: vec![sidecar, gateway] })
 }
 
 const EGRESS_HELP: &str = r#"

@@ -35,6 +35,10 @@ pub struct GatewayConfig {
     /// Claim -> header carrying it to the workload. Default: `sub` -> `x-edgewise-user`.
     #[serde(default = "default_claim_headers")]
     pub claim_headers: BTreeMap<String, String>,
+    /// Pass the user's bearer token on to the workload. Off by default: the identity headers
+    /// replace it, and the token never crosses a hop that may be plaintext.
+    #[serde(default)]
+    pub forward_token: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +71,7 @@ pub struct Gateway {
     jwks: Jwks,
     validation: Validation,
     claim_headers: Vec<(String, String)>,
+    pub forward_token: bool,
 }
 
 /// The sidecar role, compiled.
@@ -106,7 +111,12 @@ impl Role {
                     leeway: c.leeway_seconds,
                     required: vec![],
                 };
-                Ok(Role::Gateway(Gateway { jwks, validation, claim_headers: c.claim_headers.into_iter().collect() }))
+                Ok(Role::Gateway(Gateway {
+                    jwks,
+                    validation,
+                    claim_headers: c.claim_headers.into_iter().collect(),
+                    forward_token: c.forward_token,
+                }))
             }
             Config::Sidecar(c) => {
                 if let Some(bad) = c.trusted_gateways.iter().find(|id| !id.starts_with("spiffe://") || id.len() <= 9) {

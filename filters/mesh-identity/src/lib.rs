@@ -86,6 +86,9 @@ impl HttpContext for Filter {
                         for (header, value) in &identity {
                             host::set_request_header(header, Some(value));
                         }
+                        if !gateway.forward_token {
+                            host::set_request_header("authorization", None);
+                        }
                         s.authenticated.inc();
                         Action::Continue
                     }
