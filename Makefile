@@ -21,7 +21,7 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools oci build run test test-core test-wasm test-e2e bench lint fmt clean
+.PHONY: setup wasm-target node oci-tools oci oci-pin schemas build run test test-core test-wasm test-e2e bench lint fmt clean
 
 setup: $(ENVOY_DEP) wasm-target node oci-tools
 
@@ -42,9 +42,17 @@ oci-tools:
 		{ DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry || \
 		  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry; }; }
 
+# Regenerates schemas/*.schema.json from the Rust config types.
+schemas:
+	EDGEWISE_UPDATE_SCHEMAS=1 $(CARGO) test -p edgewise --test schemas
+
 # OCI image layouts (Istio WasmPlugin "compat" images) -> target/oci/<filter>/, with their digests.
 oci: build
 	$(CARGO) run --bin edgewise-oci
+
+# The same, and the digests written into deploy/istio/*.yaml (tests/istio.rs checks they are current).
+oci-pin: build
+	$(CARGO) run --bin edgewise-oci -- --pin
 
 # Builds the harness and, through build.rs, every filter -> target/filters/<name>.wasm.
 build: setup

@@ -44,6 +44,14 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
+    // Paths of this machine (the cargo registry, the checkout) must not end up in the modules:
+    // they are published as OCI images, and the same source must give the same bytes anywhere.
+    let home = env::var("HOME").unwrap_or_default();
+    let cargo_home = env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--remap-path-prefix={cargo_home}=/cargo\x1f--remap-path-prefix={}=/edgewise", root.display()),
+    );
     let status = cmd.status().expect("running cargo for the wasm filters");
     if !status.success() {
         panic!(

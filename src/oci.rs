@@ -137,3 +137,43 @@ pub fn modules() -> Result<Vec<(String, PathBuf)>> {
     out.sort();
     Ok(out)
 }
+
+/// The filter a WasmPlugin `url: oci://.../edgewise/<filter>:<tag>` names.
+pub fn filter_of_url(url: &str) -> Option<&str> {
+    let rest = url.split("/edgewise/").nth(1)?;
+    Some(rest.split([':', '@']).next().unwrap_or(rest))
+}
+
+/// Rewrites the `sha256:` of every WasmPlugin under `dir` to its filter's digest; returns the
+/// files it changed.
+pub fn pin(dir: &Path, digests: &std::collections::BTreeMap<String, String>) -> Result<Vec<PathBuf>> {
+    let mut changed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = fs::read_to_string(&path)?;
+        let mut filter: Option<String> = None;
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if let Some(url) = trimmed.strip_prefix("url: ") {
+                filter = filter_of_url(url).map(str::to_owned);
+            }
+            match (trimmed.strip_prefix("sha256: "), filter.as_ref().and_then(|f| digests.get(f))) {
+                (Some(_), Some(digest)) => {
+                    let indent = &line[..line.len() - trimmed.len()];
+                    out.push_str(&format!("{indent}sha256: {}", digest.trim_start_matches("sha256:")));
+                }
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        if out != text {
+            fs::write(&path, out)?;
+            changed.push(path);
+        }
+    }
+    Ok(changed)
+}

@@ -18,6 +18,7 @@ use crate::reply::Reply;
 pub const DEFAULT_SUFFIX: &str = "egress.local";
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Applications call `http://<destination>.<suffix>`.

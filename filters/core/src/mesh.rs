@@ -17,6 +17,7 @@ use crate::reply::Reply;
 pub const DEFAULT_USER_HEADER: &str = "x-edgewise-user";
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "role", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Config {
     Gateway(GatewayConfig),
@@ -24,6 +25,7 @@ pub enum Config {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The issuer's keys (a JWKS document, inline).
@@ -42,6 +44,7 @@ pub struct GatewayConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
     /// SPIFFE IDs of the gateways whose identity headers are believed.

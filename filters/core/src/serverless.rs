@@ -22,6 +22,7 @@ pub const DEFAULT_CLUSTER_HEADER: &str = "x-edgewise-cluster";
 
 /// The plugin configuration, as JSON.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The public domain functions live under (default `serverless.gitlab.io`).
@@ -45,6 +46,7 @@ pub struct Config {
 
 /// One function: the values of the pattern's named groups -> where it runs.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     #[serde(rename = "match")]
@@ -57,6 +59,7 @@ pub struct RouteSpec {
 
 /// Where the route table is polled from. The call goes through an Envoy cluster.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Management {
     pub cluster: String,
