@@ -45,6 +45,7 @@ fn every_wasmplugin_is_accepted_by_its_filter_and_pins_the_current_image() {
                 panic!("{at}: the filter refuses this pluginConfig: {e}");
             }
             assert_eq!(spec["failStrategy"], "FAIL_CLOSE", "{at}");
+            assert!(spec["priority"].as_i64().is_some(), "{at}: priority (chosen and explained)");
             assert!(["AUTHN", "AUTHZ", "STATS"].contains(&spec["phase"].as_str().unwrap_or_default()), "{at}: phase");
             assert!(spec["selector"]["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty()), "{at}: selector");
             assert_eq!(spec["pluginName"], filter, "{at}: pluginName is the filter's root id");
