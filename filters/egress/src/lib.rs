@@ -65,16 +65,11 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match host::plugin_configuration().and_then(|json| Policy::from_json(&json)) {
-            Ok(policy) => {
-                self.shared = Some(Rc::new(Shared::new(policy)));
-                true
-            }
-            Err(e) => {
-                log::error!("egress: {e}");
-                false
-            }
-        }
+        let Some(policy) = host::configure("egress", Policy::from_json) else {
+            return false;
+        };
+        self.shared = Some(Rc::new(Shared::new(policy)));
+        true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {

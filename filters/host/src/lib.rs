@@ -9,6 +9,18 @@ use edgewise_core::reply::Reply;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{Action, BufferType, Bytes, MapType, MetricType};
 
+/// Reads and parses the plugin configuration; on error logs it, prefixed with the filter's
+/// name, and returns `None` (the root context then returns false and Envoy refuses the config).
+pub fn configure<T>(filter: &str, parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
+    match plugin_configuration().and_then(|json| parse(&json)) {
+        Ok(parsed) => Some(parsed),
+        Err(e) => {
+            log::error!("{filter}: {e}");
+            None
+        }
+    }
+}
+
 pub fn plugin_configuration() -> Result<Bytes, ConfigError> {
     match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
         Ok(Some(bytes)) if !bytes.is_empty() => Ok(bytes),

@@ -37,24 +37,19 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match host::plugin_configuration().and_then(|json| Role::from_json(&json)) {
-            Ok(role) => {
-                let c = |name: &str| Counter::define(&format!("edgewise.mesh_identity.{name}"));
-                self.shared = Some(Rc::new(Shared {
-                    role,
-                    authenticated: c("gateway.authenticated"),
-                    unauthenticated: c("gateway.unauthenticated"),
-                    invalid_token: c("gateway.invalid_token"),
-                    trusted_peer: c("sidecar.trusted_peer"),
-                    untrusted_peer: c("sidecar.untrusted_peer"),
-                }));
-                true
-            }
-            Err(e) => {
-                log::error!("mesh-identity: {e}");
-                false
-            }
-        }
+        let Some(role) = host::configure("mesh-identity", Role::from_json) else {
+            return false;
+        };
+        let c = |name: &str| Counter::define(&format!("edgewise.mesh_identity.{name}"));
+        self.shared = Some(Rc::new(Shared {
+            role,
+            authenticated: c("gateway.authenticated"),
+            unauthenticated: c("gateway.unauthenticated"),
+            invalid_token: c("gateway.invalid_token"),
+            trusted_peer: c("sidecar.trusted_peer"),
+            untrusted_peer: c("sidecar.untrusted_peer"),
+        }));
+        true
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {

@@ -85,12 +85,8 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let router = match host::plugin_configuration().and_then(|json| Router::from_json(&json)) {
-            Ok(router) => router,
-            Err(e) => {
-                log::error!("serverless: {e}");
-                return false;
-            }
+        let Some(router) = host::configure("serverless", Router::from_json) else {
+            return false;
         };
         let metrics = Metrics::define();
         metrics.table_routes.set(0);
