@@ -114,6 +114,7 @@ pub fn validate(config: &Config, dir: &Path) -> Result<String> {
     let out = Command::new(binary())
         .args(["--mode", "validate", "--disable-hot-restart", "-l", "warning", "-c"])
         .arg(&path)
+        .envs(crate::scenarios::env(&config.name))
         .current_dir(crate::repo_root())
         .output()
         .context("running envoy --mode validate")?;
@@ -129,11 +130,13 @@ pub struct Options {
     pub log_level: &'static str,
     /// Pin Envoy to this CPU (taskset), for benchmarks.
     pub cpu: Option<usize>,
+    /// Extra environment variables (e.g. secrets a wasm VM reads through `host_env_keys`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { concurrency: 2, log_level: "info", cpu: None }
+        Options { concurrency: 2, log_level: "info", cpu: None, env: Vec::new() }
     }
 }
 
@@ -189,6 +192,8 @@ impl Envoy {
             .args(["--disable-hot-restart", "--concurrency", &options.concurrency.to_string(), "-l", options.log_level])
             .arg("--admin-address-path")
             .arg(&admin_file)
+            .envs(crate::scenarios::env(&config.name))
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(crate::repo_root())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -29,3 +29,9 @@ pub fn filters_dir() -> PathBuf {
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// A TCP port free on 127.0.0.1 right now (for configs that name the same port twice, such as an
+/// admin address that a cluster also points at).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -258,7 +258,11 @@ fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64) -
 async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, seconds: u64) -> Result<Sample> {
     let config = front_config(bench, upstream_port, management_port);
     let started = Instant::now();
-    let envoy = Envoy::start_with(&config, Options { concurrency: 1, log_level: "warning", cpu: Some(0) }).await?;
+    let envoy = Envoy::start_with(
+        &config,
+        Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() },
+    )
+    .await?;
     let ready_s = started.elapsed().as_secs_f64();
     let addr = envoy.listener("bench").await?;
     // Check the configuration answers 200 (a polled table may take a moment) before measuring.
@@ -309,7 +313,7 @@ async fn main() -> Result<()> {
     let upstream_yaml = std::fs::read_to_string(edgewise::repo_root().join("bench/upstream.yaml"))?;
     let upstream = Envoy::start_with(
         &Config { name: "bench-upstream".into(), yaml: upstream_yaml },
-        Options { concurrency: 1, log_level: "warning", cpu: Some(1) },
+        Options { concurrency: 1, log_level: "warning", cpu: Some(1), ..Options::default() },
     )
     .await?;
     let upstream_port = upstream.listener("upstream").await?.port();

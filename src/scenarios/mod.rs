@@ -1,6 +1,7 @@
 //! Scenario set-up shared by the tests and the demo: certificates, SDS files and stand-ins for
 //! each shipped YAML.
 
+pub mod cloud_connector;
 pub mod egress;
 pub mod mesh;
 pub mod serverless;
@@ -36,9 +37,18 @@ pub fn install_sds(scenario: &str, run_dir: &Path) -> Result<()> {
 pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     match scenario {
         "serverless" => serverless::Pki::install(run_dir).map(drop),
+        "cloud-connector" => cloud_connector::Pki::install(run_dir).map(drop),
         "egress" => egress::install(run_dir).map(drop),
         "mesh-gateway" | "mesh-sidecar" => mesh::Pki::install(run_dir).map(drop),
         other => anyhow::bail!("no set-up for envoy/{other}.yaml: add one to edgewise::scenarios::install"),
+    }
+}
+
+/// Environment variables a shipped YAML needs (its wasm VMs read them through `host_env_keys`).
+pub fn env(scenario: &str) -> Vec<(String, String)> {
+    match scenario {
+        "cloud-connector" => vec![(cloud_connector::SECRET_ENV.into(), cloud_connector::DEMO_SECRET.into())],
+        _ => Vec::new(),
     }
 }
 

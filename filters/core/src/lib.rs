@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod config;
+pub mod connector;
 pub mod egress;
 pub mod jwt;
 pub mod mesh;

@@ -72,9 +72,14 @@ pub fn reply(reply: &Reply) -> Action {
 
 /// A local JSON reply with extra headers (e.g. WWW-Authenticate).
 pub fn reply_with(reply: &Reply, extra: &[(&str, &str)]) -> Action {
+    respond(reply.status, extra, &reply.body())
+}
+
+/// Sends a local JSON response and stops the request.
+pub fn respond(status: u32, extra: &[(&str, &str)], body: &[u8]) -> Action {
     let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
     headers.extend_from_slice(extra);
-    if let Err(e) = hostcalls::send_http_response(reply.status, headers, Some(&reply.body())) {
+    if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
         log::error!("sending local reply failed: {e:?}");
     }
     Action::Pause
@@ -183,5 +188,23 @@ impl Histogram {
         if let Some(id) = self.0 {
             let _ = hostcalls::record_metric(id, value);
         }
+    }
+}
+
+/// Sets a property of the current stream; Envoy keeps it as filter state `wasm.<name>`, which
+/// access logs print with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
+pub fn set_property(name: &str, value: &str) {
+    let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+}
+
+/// Makes later host calls act on another context (a paused stream, or back to the root).
+pub fn set_effective_context(context_id: u32) -> bool {
+    hostcalls::set_effective_context(context_id).is_ok()
+}
+
+/// Resumes the effective context's paused request.
+pub fn resume_http_request() {
+    if let Err(e) = hostcalls::resume_http_request() {
+        log::warn!("resuming a paused request failed: {e:?}");
     }
 }

@@ -1,0 +1,422 @@
+//! The `cloud-connector` plugin configuration, as written in the Envoy YAML, and its compilation.
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+use crate::jwt::Validation;
+
+use super::limiter::Limit;
+use super::{Feature, Gateway, Issuer, MAX_SCOPES};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Accepted token issuers. Default: https://gitlab.com and https://customers.gitlab.com,
+    /// each fetched through the Envoy cluster named after its host.
+    #[serde(default = "default_issuers")]
+    pub issuers: Vec<IssuerConfig>,
+    /// Accepted `aud` values (one must match).
+    #[serde(default = "default_audiences")]
+    pub audiences: Vec<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_seconds: u64,
+    /// Claims every token must carry besides `iss`, `aud`, `exp` and `sub`.
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Path prefix -> feature. The longest matching prefix wins; a path no feature matches is 404.
+    pub features: Vec<FeatureConfig>,
+    #[serde(default)]
+    pub jwks: JwksConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    /// Verified tokens remembered per worker (sha256 of the token -> claims), until their `exp`.
+    #[serde(default = "default_token_cache_size")]
+    pub token_cache_size: usize,
+    #[serde(default)]
+    pub headers: HeadersConfig,
+    /// Signs what reaches the backends (see README: "Verifying the gateway signature").
+    pub authenticity: Option<AuthenticityConfig>,
+    /// Cluster header the route reads to pick the feature's backend (`cluster_header`).
+    #[serde(default = "default_cluster_header")]
+    pub cluster_header: String,
+    /// Paths the filter answers itself with the key status of every issuer (200 or 503).
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    /// Paths left to Envoy's routes without authentication (e.g. `/-/metrics`).
+    #[serde(default = "default_public_paths")]
+    pub public_paths: Vec<String>,
+    /// Forward the client's `Authorization` header to the backend.
+    #[serde(default = "default_true")]
+    pub forward_authorization: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` value, an https URL.
+    pub issuer: String,
+    /// Envoy cluster the keys are fetched through. Default: the issuer's host.
+    pub cluster: Option<String>,
+    /// `:authority` of the key requests. Default: the issuer's host (and port).
+    pub authority: Option<String>,
+    /// Fetch the JWKS from this path instead of discovering `jwks_uri` through
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub jwks_path: Option<String>,
+    /// Metric label. Default: the issuer's host with dots as `_`.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// Metric label and the name in replies, e.g. `code_suggestions`.
+    pub name: String,
+    /// Path prefix, matched on whole segments: `/ai` matches `/ai` and `/ai/x`, not `/aix`.
+    pub prefix: String,
+    /// Scopes the token must all carry (`scopes` claim). Empty: any valid token.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Envoy cluster of the backend.
+    pub cluster: String,
+    /// Replaces `prefix` in the forwarded path (`""` strips it).
+    pub rewrite_prefix: Option<String>,
+    /// Per-organization limit on this feature.
+    pub rate_limit: Option<LimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Sustained rate: `requests` per `per`.
+    pub requests: u64,
+    pub per: Period,
+    /// Bucket size: requests allowed at once after idling. Default: `requests`.
+    pub burst: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Second,
+    Minute,
+    Hour,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct JwksConfig {
+    /// Refresh interval when the issuer sends no `Cache-Control: max-age`.
+    pub refresh_seconds: u64,
+    /// Bounds applied to `max-age`.
+    pub min_refresh_seconds: u64,
+    pub max_refresh_seconds: u64,
+    /// Retry interval after a failed fetch (keys in force stay in use).
+    pub retry_seconds: u64,
+    /// A token whose `kid` is unknown triggers at most one refetch per this many seconds.
+    pub kid_miss_cooldown_seconds: u64,
+    /// Timeout of each discovery or JWKS request.
+    pub timeout_ms: u64,
+    /// How long a request waits for keys that are being fetched (first fetch, unknown kid)
+    /// before it is answered 503 (or 401 for a kid still unknown).
+    pub wait_ms: u64,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig {
+            refresh_seconds: 3600,
+            min_refresh_seconds: 60,
+            max_refresh_seconds: 86400,
+            retry_seconds: 10,
+            kid_miss_cooldown_seconds: 60,
+            timeout_ms: 5000,
+            wait_ms: 3000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Claim that names the organization a bucket belongs to (falls back to `sub` when absent).
+    pub key_claim: String,
+    /// Buckets kept across all workers (bounded memory; idle buckets are reused).
+    pub slots: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig { key_claim: "sub".into(), slots: 16384 }
+    }
+}
+
+/// Headers the gateway owns: whatever a client sends under these names is replaced or removed.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    pub instance_id: String,
+    pub realm: String,
+    pub scopes: String,
+    pub issuer: String,
+    pub signature: String,
+    /// Further headers removed from every forwarded request.
+    pub strip: Vec<String>,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        HeadersConfig {
+            instance_id: "x-gitlab-instance-id".into(),
+            realm: "x-gitlab-realm".into(),
+            scopes: "x-gitlab-scopes".into(),
+            issuer: "x-gitlab-token-issuer".into(),
+            signature: "x-edgewise-signature".into(),
+            strip: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuthenticityConfig {
+    /// Environment variable holding the shared secret (Envoy: `vm_config.environment_variables`).
+    pub secret_env: Option<String>,
+    /// The shared secret inline (prefer `secret_env`).
+    pub secret: Option<String>,
+}
+
+fn default_issuers() -> Vec<IssuerConfig> {
+    ["https://gitlab.com", "https://customers.gitlab.com"]
+        .map(|issuer| IssuerConfig {
+            issuer: issuer.into(),
+            cluster: None,
+            authority: None,
+            jwks_path: None,
+            name: None,
+        })
+        .into()
+}
+fn default_audiences() -> Vec<String> {
+    vec!["gitlab-ai-gateway".into()]
+}
+fn default_clock_skew() -> u64 {
+    60
+}
+fn default_token_cache_size() -> usize {
+    10_000
+}
+fn default_cluster_header() -> String {
+    "x-edgewise-backend".into()
+}
+fn default_health_path() -> String {
+    "/-/health".into()
+}
+fn default_public_paths() -> Vec<String> {
+    vec!["/-/metrics".into()]
+}
+fn default_true() -> bool {
+    true
+}
+
+const MIN_SECRET_BYTES: usize = 32;
+
+impl Config {
+    /// Checks every field and builds the gateway. `env` reads the VM's environment variables.
+    pub fn compile(self, env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
+        if self.issuers.is_empty() {
+            return Err(ConfigError::field("issuers", "must name at least one issuer"));
+        }
+        let mut issuers = Vec::with_capacity(self.issuers.len());
+        for (i, c) in self.issuers.iter().enumerate() {
+            let f = |name: &str| format!("issuers[{i}].{name}");
+            let host = c
+                .issuer
+                .strip_prefix("https://")
+                .map(|rest| rest.split('/').next().unwrap_or_default())
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| ConfigError::field(f("issuer"), format!("{:?} is not an https URL", c.issuer)))?;
+            if issuers.iter().any(|other: &Issuer| other.issuer == c.issuer) {
+                return Err(ConfigError::field(f("issuer"), format!("{:?} is listed twice", c.issuer)));
+            }
+            let path = |p: &Option<String>, name: &str| match p {
+                Some(p) if !p.starts_with('/') => Err(ConfigError::field(f(name), "must start with /")),
+                _ => Ok(p.clone()),
+            };
+            let bare_host = host.split(':').next().unwrap_or(host);
+            issuers.push(Issuer {
+                issuer: c.issuer.clone(),
+                cluster: c.cluster.clone().unwrap_or_else(|| bare_host.into()),
+                authority: c.authority.clone().unwrap_or_else(|| host.into()),
+                jwks_path: path(&c.jwks_path, "jwks_path")?,
+                discovery_path: format!(
+                    "{}/.well-known/openid-configuration",
+                    c.issuer.trim_end_matches('/').get(8 + host.len()..).unwrap_or_default()
+                ),
+                name: label(c.name.as_deref().unwrap_or(bare_host), &f("name"))?,
+            });
+        }
+        if self.audiences.is_empty() {
+            return Err(ConfigError::field("audiences", "must name at least one audience"));
+        }
+        if self.features.is_empty() {
+            return Err(ConfigError::field("features", "must route at least one path prefix"));
+        }
+        let mut scopes: Vec<String> = Vec::new();
+        let mut features = Vec::with_capacity(self.features.len());
+        for (i, c) in self.features.into_iter().enumerate() {
+            let f = |name: &str| format!("features[{i}].{name}");
+            let prefix = c.prefix.trim_end_matches('/');
+            if !c.prefix.starts_with('/') || c.prefix.contains(['?', '#']) {
+                return Err(ConfigError::field(f("prefix"), "must be a path starting with /"));
+            }
+            if features.iter().any(|x: &Feature| x.prefix == prefix) {
+                return Err(ConfigError::field(f("prefix"), format!("{:?} is routed twice", c.prefix)));
+            }
+            if c.cluster.is_empty() {
+                return Err(ConfigError::field(f("cluster"), "must name an Envoy cluster"));
+            }
+            let mut mask = 0u64;
+            for s in &c.scopes {
+                let bit = match scopes.iter().position(|x| x == s) {
+                    Some(bit) => bit,
+                    None if scopes.len() < MAX_SCOPES => {
+                        scopes.push(s.clone());
+                        scopes.len() - 1
+                    }
+                    None => {
+                        return Err(ConfigError::field(f("scopes"), format!("more than {MAX_SCOPES} distinct scopes")))
+                    }
+                };
+                mask |= 1 << bit;
+            }
+            if let Some(rewrite) = &c.rewrite_prefix {
+                if !(rewrite.is_empty() || rewrite.starts_with('/')) {
+                    return Err(ConfigError::field(f("rewrite_prefix"), "must be empty or start with /"));
+                }
+            }
+            let limit = c
+                .rate_limit
+                .map(|l| Limit::new(l).map_err(|why| ConfigError::field(f("rate_limit"), why)))
+                .transpose()?;
+            features.push(Feature {
+                name: label(&c.name, &f("name"))?,
+                prefix: prefix.into(),
+                required_scopes: c.scopes,
+                scope_mask: mask,
+                cluster: c.cluster,
+                rewrite_prefix: c.rewrite_prefix.map(|r| r.trim_end_matches('/').into()),
+                limit,
+            });
+        }
+        // Longest prefix first, so the first match is the most specific.
+        features.sort_by_key(|f| std::cmp::Reverse(f.prefix.len()));
+        let j = &self.jwks;
+        if j.min_refresh_seconds == 0 || j.min_refresh_seconds > j.max_refresh_seconds {
+            return Err(ConfigError::field(
+                "jwks.min_refresh_seconds",
+                "must be at least 1 and at most max_refresh_seconds",
+            ));
+        }
+        if !(j.min_refresh_seconds..=j.max_refresh_seconds).contains(&j.refresh_seconds) {
+            return Err(ConfigError::field(
+                "jwks.refresh_seconds",
+                "must lie between min_refresh_seconds and max_refresh_seconds",
+            ));
+        }
+        if j.retry_seconds == 0 || j.timeout_ms == 0 {
+            return Err(ConfigError::field("jwks.retry_seconds", "retry_seconds and timeout_ms must be positive"));
+        }
+        if self.rate_limit.slots == 0 || self.rate_limit.key_claim.is_empty() {
+            return Err(ConfigError::field("rate_limit.slots", "slots must be positive and key_claim non-empty"));
+        }
+        if self.token_cache_size > 1_000_000 {
+            return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
+        }
+        let h = &self.headers;
+        for (name, value) in [
+            ("headers.instance_id", &h.instance_id),
+            ("headers.realm", &h.realm),
+            ("headers.scopes", &h.scopes),
+            ("headers.issuer", &h.issuer),
+            ("headers.signature", &h.signature),
+            ("cluster_header", &self.cluster_header),
+        ] {
+            if !is_header_name(value) {
+                return Err(ConfigError::field(name, format!("{value:?} is not a lowercase header name")));
+            }
+        }
+        if let Some(bad) = h.strip.iter().find(|s| !is_header_name(s)) {
+            return Err(ConfigError::field("headers.strip", format!("{bad:?} is not a lowercase header name")));
+        }
+        let secret = match self.authenticity {
+            None => None,
+            Some(a) => {
+                let secret = match (a.secret_env, a.secret) {
+                    (Some(var), None) => env(&var).ok_or_else(|| {
+                        ConfigError::field(
+                            "authenticity.secret_env",
+                            format!("environment variable {var} is not set in the VM"),
+                        )
+                    })?,
+                    (None, Some(secret)) => secret,
+                    _ => return Err(ConfigError::field("authenticity", "set exactly one of secret_env and secret")),
+                };
+                if secret.len() < MIN_SECRET_BYTES {
+                    return Err(ConfigError::field(
+                        "authenticity",
+                        format!("the secret must have at least {MIN_SECRET_BYTES} bytes"),
+                    ));
+                }
+                Some(secret.into_bytes())
+            }
+        };
+        let mut required = self.required_claims;
+        required.push("sub".into());
+        let idle_ms = features.iter().filter_map(|f| f.limit.map(|l| l.refill_ms())).max().unwrap_or(0);
+        Ok(Gateway {
+            validation: Validation {
+                issuers: issuers.iter().map(|i| i.issuer.clone()).collect(),
+                audiences: self.audiences,
+                leeway: self.clock_skew_seconds,
+                required,
+            },
+            issuers,
+            features,
+            scopes,
+            jwks: self.jwks,
+            key_claim: self.rate_limit.key_claim,
+            slots: self.rate_limit.slots,
+            idle_ms,
+            token_cache_size: self.token_cache_size,
+            headers: self.headers,
+            secret,
+            cluster_header: self.cluster_header,
+            health_path: self.health_path,
+            public_paths: self.public_paths,
+            forward_authorization: self.forward_authorization,
+        })
+    }
+}
+
+/// A bounded metric label: letters, digits and `_` (dots and dashes become `_`).
+fn label(raw: &str, field: &str) -> Result<String, ConfigError> {
+    let label: String = raw.chars().map(|c| if c == '.' || c == '-' { '_' } else { c }).collect();
+    if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(ConfigError::field(field, format!("{raw:?} must be letters, digits, '_', '-' or '.'")));
+    }
+    Ok(label)
+}
+
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}

@@ -1,0 +1,107 @@
+//! Fetching issuers' keys: OIDC discovery, Cache-Control, and the value shared between workers.
+
+use serde::Deserialize;
+
+use super::config::JwksConfig;
+
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    jwks_uri: String,
+}
+
+/// The `jwks_uri` of an OpenID Provider configuration, as (authority, path). The document must
+/// name the issuer it was fetched for (OpenID Connect Discovery §4.3) and the URI must be https.
+pub fn jwks_uri(discovery: &[u8], issuer: &str) -> Result<(String, String), String> {
+    let d: Discovery = serde_json::from_slice(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
+    if d.issuer != issuer {
+        return Err(format!("the configuration is for issuer {:?}", d.issuer));
+    }
+    let rest = d.jwks_uri.strip_prefix("https://").ok_or_else(|| format!("jwks_uri {:?} is not https", d.jwks_uri))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains(['@', ' ']) {
+        return Err(format!("jwks_uri {:?} has no usable host", d.jwks_uri));
+    }
+    Ok((authority.into(), path.into()))
+}
+
+/// `max-age` of a Cache-Control value (`no-store`/`no-cache` count as 0).
+pub fn max_age(cache_control: &str) -> Option<u64> {
+    let mut age = None;
+    for directive in cache_control.split(',').map(str::trim) {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-store" || lower == "no-cache" {
+            return Some(0);
+        }
+        if let Some(v) = lower.strip_prefix("max-age=") {
+            age = v.trim_matches('"').parse().ok();
+        }
+    }
+    age
+}
+
+/// Seconds until the next refresh after a successful fetch.
+pub fn refresh_after(cache_control: Option<&str>, cfg: &JwksConfig) -> u64 {
+    cache_control
+        .and_then(max_age)
+        .map_or(cfg.refresh_seconds, |age| age.clamp(cfg.min_refresh_seconds, cfg.max_refresh_seconds))
+}
+
+/// The shared value of an issuer's keys: fetch time (ms, LE) then the JWKS document.
+pub fn encode_shared(fetched_ms: u64, jwks: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + jwks.len());
+    v.extend_from_slice(&fetched_ms.to_le_bytes());
+    v.extend_from_slice(jwks);
+    v
+}
+
+pub fn decode_shared(value: &[u8]) -> Option<(u64, &[u8])> {
+    let (time, jwks) = value.split_first_chunk::<8>()?;
+    Some((u64::from_le_bytes(*time), jwks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_names_the_issuer_and_an_https_jwks_uri() {
+        let doc = br#"{"issuer":"https://gitlab.com","jwks_uri":"https://gitlab.com/oauth/discovery/keys","x":1}"#;
+        assert_eq!(jwks_uri(doc, "https://gitlab.com").unwrap(), ("gitlab.com".into(), "/oauth/discovery/keys".into()));
+        assert!(jwks_uri(doc, "https://customers.gitlab.com").unwrap_err().contains("issuer"));
+        let plain = br#"{"issuer":"https://a","jwks_uri":"http://a/keys"}"#;
+        assert!(jwks_uri(plain, "https://a").unwrap_err().contains("not https"));
+        let bare = br#"{"issuer":"https://a","jwks_uri":"https://a:8443"}"#;
+        assert_eq!(jwks_uri(bare, "https://a").unwrap(), ("a:8443".into(), "/".into()));
+        assert!(jwks_uri(b"{}", "https://a").is_err());
+        assert!(jwks_uri(br#"{"issuer":"https://a","jwks_uri":"https:///k"}"#, "https://a").is_err());
+    }
+
+    #[test]
+    fn max_age_is_bounded() {
+        let cfg = JwksConfig {
+            refresh_seconds: 300,
+            min_refresh_seconds: 60,
+            max_refresh_seconds: 3600,
+            ..Default::default()
+        };
+        assert_eq!(max_age("public, max-age=120"), Some(120));
+        assert_eq!(max_age("no-store"), Some(0));
+        assert_eq!(max_age("private"), None);
+        assert_eq!(refresh_after(Some("max-age=120"), &cfg), 120);
+        assert_eq!(refresh_after(Some("max-age=5"), &cfg), 60);
+        assert_eq!(refresh_after(Some("max-age=999999"), &cfg), 3600);
+        assert_eq!(refresh_after(Some("no-cache"), &cfg), 60);
+        assert_eq!(refresh_after(None, &cfg), 300);
+    }
+
+    #[test]
+    fn shared_value_round_trips() {
+        let v = encode_shared(42, b"{\"keys\":[]}");
+        assert_eq!(decode_shared(&v), Some((42, &b"{\"keys\":[]}"[..])));
+        assert_eq!(decode_shared(b"short"), None);
+    }
+}

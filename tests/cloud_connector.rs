@@ -1,0 +1,472 @@
+//! End-to-end: envoy/cloud-connector.yaml on real Envoy (two workers) with the freshly built
+//! cloud-connector.wasm, a TLS stand-in for both token issuers (OIDC discovery + JWKS, counting
+//! what it serves) and echo stand-ins for the private backends.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use edgewise::client::{Client, Request, Response};
+use edgewise::envoy::{Envoy, Options};
+use edgewise::idp::{self, Idp};
+use edgewise::scenarios::cloud_connector::{self as cc, Issuers, Pki, CUSTOMERS, GITLAB};
+use edgewise::server::{Listen, Server};
+use serde_json::{json, Value};
+
+const SECRET: &str = "a-test-secret-of-more-than-32-bytes-for-hmac";
+
+struct Setup {
+    _run: tempfile::TempDir,
+    pki: Pki,
+    issuers: Issuers,
+    _issuer_server: Server,
+    ai: Server,
+    obs: Server,
+    envoy: Envoy,
+    front: SocketAddr,
+    client: Client,
+}
+
+async fn setup(
+    tweak: impl FnOnce(edgewise::envoy::Config) -> edgewise::envoy::Config,
+    before: impl FnOnce(&Issuers),
+) -> Setup {
+    edgewise::init_crypto();
+    let run = tempfile::tempdir().unwrap();
+    let pki = Pki::install(run.path()).unwrap();
+    let (issuers, issuer_server) = Issuers::start(&pki.issuer_ca).await.unwrap();
+    before(&issuers);
+    let ai = Server::echo("ai-gateway", Listen::default()).await.unwrap();
+    let obs = Server::echo("observability", Listen::default()).await.unwrap();
+    let admin = edgewise::free_port().unwrap();
+    let config = tweak(pki.config(run.path(), issuer_server.port(), ai.port(), obs.port(), admin));
+    let options = Options { env: vec![(cc::SECRET_ENV.into(), SECRET.into())], ..Options::default() };
+    let work = run.path().join("envoy");
+    std::fs::create_dir_all(&work).unwrap();
+    let envoy = Envoy::start_in(&config, &work, options).await.unwrap();
+    let front = envoy.listener("cloud_connector_https").await.unwrap();
+    let client = pki.front_client(false).unwrap();
+    Setup { _run: run, pki, issuers, _issuer_server: issuer_server, ai, obs, envoy, front, client }
+}
+
+impl Setup {
+    async fn call(&self, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Response {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut req = Request::get("cloud.gitlab.com", path);
+        if let Some(b) = &bearer {
+            req = req.header("authorization", b);
+        }
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        self.client.send(self.front, req).await.unwrap()
+    }
+
+    /// Waits until a token is accepted (keys fetched by some worker), at most `limit`.
+    async fn until_accepted(&self, token: &str, limit: Duration) -> Response {
+        let start = Instant::now();
+        loop {
+            let r = self.call("/ai/v2/code/completions", Some(token), &[]).await;
+            if r.status == 200 || start.elapsed() > limit {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        self.envoy.stat(&format!("wasmcustom.edgewise.cloud_connector.{name}")).await.unwrap_or(0)
+    }
+}
+
+fn published(keys: &[&Idp]) -> Vec<Value> {
+    keys.iter().map(|k| k.jwk()).collect()
+}
+
+fn assert_invalid_token(r: &Response, why: &str) {
+    assert_eq!(r.status, 401, "{why}: {}", r.text());
+    assert_eq!(r.header("www-authenticate"), Some("Bearer error=\"invalid_token\""), "{why}");
+    assert_eq!(r.json()["error"], "invalid_token", "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_status_identity_headers_and_signature() {
+    let gitlab = Idp::rs256(GITLAB, "gitlab-1").unwrap();
+    let customers = Idp::new(CUSTOMERS, "customers-1").unwrap();
+    let p384 = Idp::p384(GITLAB, "gitlab-p384").unwrap();
+    let s = setup(
+        |c| c,
+        |i| {
+            i.publish(GITLAB, published(&[&gitlab, &p384]));
+            i.publish(CUSTOMERS, published(&[&customers]));
+        },
+    )
+    .await;
+    let instance = "6b1a2c3d-0000-4000-8000-000000000001";
+    let token = gitlab.token(cc::claims(instance, &["code_suggestions", "duo_chat"]));
+    assert_eq!(s.until_accepted(&token, Duration::from_secs(10)).await.status, 200);
+    let ai_before = s.ai.count();
+
+    // Allowed: rewritten path, verified identity, a signature the backend can check. Whatever the
+    // client claimed in gateway-owned headers is replaced, and it cannot pick the backend.
+    let forged = [
+        ("x-gitlab-instance-id", instance),
+        ("x-gitlab-realm", "self-managed"),
+        ("x-gitlab-scopes", "admin_everything"),
+        ("x-gitlab-token-issuer", "https://evil.example"),
+        ("x-edgewise-signature", "t=1,v1=00"),
+        ("x-edgewise-backend", "observability"),
+    ];
+    let r = s.call("/ai/v2/code/completions?lang=rust", Some(&token), &forged).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = s.ai.seen().pop().unwrap();
+    assert_eq!(seen.path, "/v2/code/completions?lang=rust");
+    assert_eq!(seen.header("x-gitlab-instance-id"), Some(instance));
+    assert_eq!(seen.header("x-gitlab-realm"), Some("self-managed"));
+    assert_eq!(seen.header("x-gitlab-scopes"), Some("code_suggestions,duo_chat"));
+    assert_eq!(seen.header("x-gitlab-token-issuer"), Some(GITLAB));
+    assert_eq!(seen.header("x-edgewise-backend"), None, "the routing header never leaves Envoy");
+    assert!(seen.header("authorization").is_some_and(|a| a.ends_with(&token)));
+    let sig = seen.header("x-edgewise-signature").unwrap();
+    assert!(cc::signature_valid(SECRET.as_bytes(), sig, "GET", "/v2/code/completions?lang=rust", instance), "{sig}");
+    assert!(!cc::signature_valid(SECRET.as_bytes(), sig, "GET", "/v2/code/completions", instance));
+    assert!(!cc::signature_valid(
+        b"another-secret-another-secret-xx",
+        sig,
+        "GET",
+        "/v2/code/completions?lang=rust",
+        instance
+    ));
+    assert_eq!(s.obs.count(), 0, "x-edgewise-backend from the client chose nothing");
+
+    // The other issuer, ES256, over HTTP/2, to another feature and backend.
+    let obs_token = customers.token(cc::claims("instance-2", &["observability"]));
+    let h2 = s.pki.front_client(true).unwrap();
+    let bearer = format!("Bearer {obs_token}");
+    let req = Request::get("cloud.gitlab.com", "/observability/v1/traces").header("authorization", &bearer);
+    let r = h2.send(s.front, req).await.unwrap();
+    assert_eq!((r.status, r.version), (200, hyper::Version::HTTP_2), "{}", r.text());
+    let seen = s.obs.seen().pop().unwrap();
+    assert_eq!(seen.path, "/v1/traces");
+    assert_eq!(seen.header("x-gitlab-token-issuer"), Some(CUSTOMERS));
+    assert_eq!(seen.header("x-gitlab-instance-id"), Some("instance-2"));
+
+    // 401 without a token, with a token of another scheme, and for every bad token.
+    let r = s.call("/ai/v2/code/completions", None, &[]).await;
+    assert_eq!((r.status, r.header("www-authenticate")), (401, Some("Bearer")));
+    assert_eq!(r.json()["error"], "unauthenticated");
+    let basic = s
+        .client
+        .send(s.front, Request::get("cloud.gitlab.com", "/ai/v2/code").header("authorization", "Basic YTpi"))
+        .await
+        .unwrap();
+    assert_eq!(basic.status, 401);
+    let mut expired = cc::claims(instance, &["code_suggestions"]);
+    expired["exp"] = (idp::now() - 120).into();
+    let mut wrong_aud = cc::claims(instance, &["code_suggestions"]);
+    wrong_aud["aud"] = "another-service".into();
+    let mut future = cc::claims(instance, &["code_suggestions"]);
+    future["nbf"] = (idp::now() + 600).into();
+    let mut claims_gitlab = cc::claims(instance, &["code_suggestions"]);
+    claims_gitlab["iss"] = GITLAB.into();
+    let stranger = Idp::rs256("https://gitlab.example", "gitlab-1").unwrap();
+    let impostor = Idp::rs256(GITLAB, "gitlab-1").unwrap(); // same kid, another key
+    let bad: Vec<(&str, String)> = vec![
+        ("expired", gitlab.token(expired)),
+        ("wrong audience", gitlab.token(wrong_aud)),
+        ("not yet valid", gitlab.token(future)),
+        ("unknown issuer", stranger.token(cc::claims(instance, &["code_suggestions"]))),
+        ("signed by another key", impostor.token(cc::claims(instance, &["code_suggestions"]))),
+        ("alg none", idp::unsigned("gitlab-1", &claims_gitlab)),
+        ("HS256 with the public key", gitlab.hs256_with_public_key(&claims_gitlab)),
+        ("ES384 (P-384 key in the JWKS)", p384.token(cc::claims(instance, &["code_suggestions"]))),
+        ("P-384 signature under ES256", p384.sign_as(json!({"alg":"ES256","kid":"gitlab-p384"}), &claims_gitlab)),
+        ("RS256 header on the EC kid", gitlab.sign_as(json!({"alg":"RS256","kid":"gitlab-p384"}), &claims_gitlab)),
+        ("garbage", "not.a.jwt".into()),
+    ];
+    for (why, t) in &bad {
+        assert_invalid_token(&s.call("/ai/v2/code/completions", Some(t), &[]).await, why);
+    }
+    // The client's own identity headers must agree with the token.
+    let r = s.call("/ai/v2/code/completions", Some(&token), &[("x-gitlab-instance-id", "someone-else")]).await;
+    assert_invalid_token(&r, "X-Gitlab-Instance-Id mismatch");
+    let r = s.call("/ai/v2/code/completions", Some(&token), &[("x-gitlab-realm", "saas")]).await;
+    assert_invalid_token(&r, "X-Gitlab-Realm mismatch");
+
+    // 403 names the missing scope; 404 for a path no feature serves.
+    let chat_less = gitlab.token(cc::claims(instance, &["code_suggestions"]));
+    let r = s.call("/ai/v1/chat/agent", Some(&chat_less), &[]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.header("www-authenticate"), Some("Bearer error=\"insufficient_scope\", scope=\"duo_chat\""));
+    assert_eq!(r.json()["error"], "insufficient_scope");
+    let r = s.call("/admin/users", Some(&token), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"], "not_found");
+    // Path tricks are normalised before the filter sees them.
+    let r = s.call("/observability/../ai/v1/chat/agent", Some(&chat_less), &[]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(s.ai.count(), ai_before + 1, "no denied request reached a backend");
+
+    // The gateway's own endpoints.
+    let r = s.call("/-/health", None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    assert_eq!(r.json()["issuers"]["gitlab_com"]["keys"], 1, "the P-384 key is not usable, so not counted");
+    let r = s.call("/-/metrics", None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    for series in [
+        r#"edgewise_cloud_connector_requests{feature="code_suggestions",outcome="allowed"}"#,
+        r#"edgewise_cloud_connector_requests{feature="code_suggestions",outcome="unauthenticated"}"#,
+        r#"edgewise_cloud_connector_requests{feature="duo_chat",outcome="forbidden"}"#,
+        r#"edgewise_cloud_connector_requests{feature="none",outcome="not_found"}"#,
+        r#"edgewise_cloud_connector_jwks_fetch{issuer="gitlab_com",result="ok"}"#,
+        r#"edgewise_cloud_connector_jwks_key_age_seconds{issuer="customers_gitlab_com"}"#,
+    ] {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        if !series.contains("key_age") {
+            assert!(value >= 1.0, "{line}");
+        }
+    }
+    assert!(!text.contains("instance-2") && !text.contains(instance), "no per-instance label");
+    assert_eq!(s.metric("requests.code_suggestions.allowed").await, 2);
+    assert_eq!(s.metric("requests.duo_chat.forbidden").await, 2);
+
+    // The access log names instance, feature and outcome (Envoy flushes it about once a second).
+    let start = Instant::now();
+    let entry: Value = loop {
+        let log = s.envoy.log();
+        if let Some(line) = log.lines().find(|l| l.contains("\"outcome\":\"forbidden\"")) {
+            break serde_json::from_str(line.trim()).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no access log line with the outcome:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((entry["feature"].as_str(), entry["instance_id"].as_str()), (Some("duo_chat"), Some(instance)));
+    assert_eq!(entry["status"], 403);
+}
+
+const JWKS_TIMING: &str = r#""refresh_seconds": 3600, "min_refresh_seconds": 60, "max_refresh_seconds": 86400,
+                        "retry_seconds": 10, "kid_miss_cooldown_seconds": 60, "wait_ms": 3000"#;
+
+fn jwks_timing(
+    refresh: u64,
+    retry: u64,
+    cooldown: u64,
+    wait_ms: u64,
+) -> impl FnOnce(edgewise::envoy::Config) -> edgewise::envoy::Config {
+    move |c| {
+        c.replace(
+            JWKS_TIMING,
+            &format!(
+                r#""refresh_seconds": {refresh}, "min_refresh_seconds": 1, "max_refresh_seconds": {refresh}, "retry_seconds": {retry}, "kid_miss_cooldown_seconds": {cooldown}, "wait_ms": {wait_ms}"#
+            ),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_key_is_accepted_at_once_and_forged_kids_cause_no_fetch_storm() {
+    let k1 = Idp::new(GITLAB, "k1").unwrap();
+    let k2 = Idp::new(GITLAB, "k2").unwrap();
+    let s = setup(jwks_timing(3600, 1, 30, 3000), |i| i.publish(GITLAB, published(&[&k1]))).await;
+    let t1 = k1.token(cc::claims("instance-1", &["code_suggestions"]));
+    assert_eq!(s.until_accepted(&t1, Duration::from_secs(10)).await.status, 200);
+    let fetches = s.issuers.jwks_fetches(GITLAB);
+    assert_eq!(fetches, 1, "one fetch for both workers");
+
+    // The issuer adds k2 and signs with it: the unknown kid triggers one refetch, and the request
+    // waits for it instead of failing.
+    s.issuers.publish(GITLAB, published(&[&k1, &k2]));
+    let t2 = k2.token(cc::claims("instance-1", &["code_suggestions"]));
+    let r = s.call("/ai/v2/code/completions", Some(&t2), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.issuers.jwks_fetches(GITLAB), fetches + 1);
+
+    // Tokens naming kids nobody publishes: refused, and within the cooldown no fetch at all.
+    for i in 0..30 {
+        let forged = k2.sign_as(json!({"alg":"ES256","kid":format!("forged-{i}")}), &json!({"iss": GITLAB}));
+        assert_invalid_token(&s.call("/ai/v2/code/completions", Some(&forged), &[]).await, "forged kid");
+    }
+    assert_eq!(s.issuers.jwks_fetches(GITLAB), fetches + 1, "forged kids caused fetches");
+    assert_eq!(s.metric("jwks.gitlab_com.fetch.ok").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_refresh_by_max_age_once_for_all_workers_and_survive_a_failing_issuer() {
+    let k1 = Idp::rs256(GITLAB, "k1").unwrap();
+    let k2 = Idp::new(GITLAB, "k2").unwrap();
+    let s = setup(jwks_timing(30, 1, 30, 3000), |i| {
+        i.publish(GITLAB, published(&[&k1, &k2]));
+        i.set_max_age(GITLAB, Some(2));
+    })
+    .await;
+    let t1 = k1.token(cc::claims("instance-1", &["code_suggestions"]));
+    assert_eq!(s.until_accepted(&t1, Duration::from_secs(10)).await.status, 200);
+
+    // max-age=2 (within the configured 1..30 s): a fetch every 2 s, by one worker of the two.
+    let before = s.issuers.jwks_fetches(GITLAB);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let fetched = s.issuers.jwks_fetches(GITLAB) - before;
+    assert!((3..=5).contains(&fetched), "{fetched} JWKS fetches in 8 s with max-age=2 and two workers");
+    assert_eq!(s.issuers.discovery_fetches(GITLAB), 1, "the discovered jwks_uri is kept");
+
+    // k1 is removed: after the next refresh its tokens are refused, even the one cached as valid.
+    s.issuers.publish(GITLAB, published(&[&k2]));
+    let start = Instant::now();
+    loop {
+        let r = s.call("/ai/v2/code/completions", Some(&t1), &[]).await;
+        if r.status == 401 {
+            assert_invalid_token(&r, "removed kid");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "k1 still accepted {:?} after removal", start.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("removed kid refused {:?} after the issuer dropped it", start.elapsed());
+
+    // The issuer fails: refreshes fail, the keys in force stay in use.
+    let t2 = k2.token(cc::claims("instance-1", &["code_suggestions"]));
+    s.issuers.set_down(GITLAB, true);
+    let failed = s.metric("jwks.gitlab_com.fetch.failed").await;
+    let start = Instant::now();
+    while s.metric("jwks.gitlab_com.fetch.failed").await < failed + 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no failed refresh");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = s.call("/ai/v2/code/completions", Some(&t2), &[]).await;
+    assert_eq!(r.status, 200, "keys dropped after a failed refresh: {}", r.text());
+    assert!(s.envoy.log().contains("keeping the keys in force"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_issuer_down_at_start_fails_closed_and_paused_requests_pass_once_it_is_up() {
+    let k1 = Idp::rs256(GITLAB, "k1").unwrap();
+    let c1 = Idp::new(CUSTOMERS, "c1").unwrap();
+    let s = setup(jwks_timing(3600, 1, 30, 3000), |i| {
+        i.publish(GITLAB, published(&[&k1]));
+        i.publish(CUSTOMERS, published(&[&c1]));
+        i.set_down(GITLAB, true);
+    })
+    .await;
+    let token = k1.token(cc::claims("instance-1", &["code_suggestions"]));
+
+    // Never fetched: 503 (never 401, never open), after waiting the configured bound.
+    let start = Instant::now();
+    let r = s.call("/ai/v2/code/completions", Some(&token), &[]).await;
+    let waited = start.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "keys_unavailable");
+    assert!(waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6), "answered after {waited:?}");
+    let health = s.call("/-/health", None, &[]).await;
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["issuers"]["gitlab_com"]["keys"], 0);
+    assert_eq!(health.json()["issuers"]["customers_gitlab_com"]["keys"], 1, "{}", health.text());
+    assert_eq!(s.ai.count(), 0);
+    assert!(s.metric("requests.code_suggestions.keys_unavailable").await >= 1);
+
+    // A request arriving while the issuer is still down is paused, and passes once it is up.
+    let paused = {
+        let (client, front, token) = (s.client.clone(), s.front, token.clone());
+        tokio::spawn(async move {
+            let bearer = format!("Bearer {token}");
+            let start = Instant::now();
+            let r = client
+                .send(front, Request::get("cloud.gitlab.com", "/ai/v2/code").header("authorization", &bearer))
+                .await;
+            (r.unwrap().status, start.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.issuers.set_down(GITLAB, false);
+    let (status, took) = paused.await.unwrap();
+    assert_eq!(status, 200, "paused request");
+    assert!(took >= Duration::from_millis(500), "it was paused ({took:?}), not answered at once");
+    println!("paused request answered {took:?} after it arrived (issuer up after 500 ms)");
+    let r = s.call("/-/health", None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_hold_across_two_workers() {
+    let k1 = Idp::rs256(GITLAB, "k1").unwrap();
+    let (rate, burst) = (40.0, 10.0);
+    let s = setup(
+        |c| {
+            c.replace(
+                r#""rate_limit": { "requests": 600, "per": "minute", "burst": 100 }"#,
+                r#""rate_limit": { "requests": 40, "per": "second", "burst": 10 }"#,
+            )
+        },
+        |i| i.publish(GITLAB, published(&[&k1])),
+    )
+    .await;
+    let busy = k1.token(cc::claims("busy-org", &["code_suggestions"]));
+    let quiet = k1.token(cc::claims("quiet-org", &["code_suggestions"]));
+    // Accepted once (the keys are in), then the bucket is given time to fill up again.
+    assert_eq!(s.until_accepted(&quiet, Duration::from_secs(10)).await.status, 200);
+    let warm = s.call("/ai/v1/chat", Some(&busy), &[]).await; // another feature: its own bucket
+    assert_eq!(warm.status, 403);
+
+    // 16 clients hammer as fast as they can for 4 s over fresh connections, which Envoy spreads
+    // over its two workers.
+    let duration = Duration::from_secs(4);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (client, front, token) = (s.client.clone(), s.front, busy.clone());
+        tasks.push(tokio::spawn(async move {
+            let bearer = format!("Bearer {token}");
+            let (mut ok, mut limited, mut retry_after) = (0u32, 0u32, None);
+            while start.elapsed() < duration {
+                let req = Request::get("cloud.gitlab.com", "/ai/v2/code/completions").header("authorization", &bearer);
+                let r = client.send(front, req).await.unwrap();
+                match r.status {
+                    200 => ok += 1,
+                    429 => {
+                        limited += 1;
+                        retry_after = r.header("retry-after").map(str::to_owned);
+                        assert_eq!(r.header("ratelimit-limit"), Some("10"));
+                        assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+                        assert!(r.header("ratelimit-reset").is_some());
+                        assert_eq!(r.header("ratelimit-policy"), Some("40;w=1;burst=10"));
+                        assert_eq!(r.json()["error"], "rate_limited");
+                    }
+                    other => panic!("unexpected {other}: {}", r.text()),
+                }
+            }
+            (ok, limited, retry_after)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        let (o, l, retry) = t.await.unwrap();
+        ok += o;
+        limited += l;
+        if l > 0 {
+            assert_eq!(retry.as_deref(), Some("1"));
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let expected = burst + rate * elapsed;
+    println!("rate limit: {ok} allowed, {limited} limited in {elapsed:.2} s; expected {expected:.0} allowed");
+    assert!(limited > ok, "the load did not exceed the limit: {ok} allowed, {limited} limited");
+    assert!((ok as f64 - expected).abs() <= 0.1 * expected, "{ok} allowed, expected {expected:.0} ± 10%");
+    // Both workers took connections, so the bucket really was shared.
+    let stats = s.envoy.stats().await.unwrap();
+    let per_worker: Vec<u64> = (0..2)
+        .map(|w| {
+            stats
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("listener.127.0.0.1_") && k.ends_with(&format!("worker_{w}.downstream_cx_total"))
+                })
+                .map(|(_, v)| *v)
+                .sum()
+        })
+        .collect();
+    assert!(per_worker.iter().all(|n| *n > 20), "connections per worker: {per_worker:?}");
+    // Another organization is not affected.
+    assert_eq!(s.call("/ai/v2/code/completions", Some(&quiet), &[]).await.status, 200);
+    assert_eq!(s.metric("requests.code_suggestions.rate_limited").await, limited as u64);
+}
