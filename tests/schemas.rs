@@ -2,13 +2,14 @@
 //! (schemars), committed under schemas/ and checked here to be up to date.
 //! `make schemas` (EDGEWISE_UPDATE_SCHEMAS=1) rewrites them.
 
-use edgewise_core::{egress, mesh, serverless};
+use edgewise_core::{connector, egress, mesh, serverless};
 
 fn generated() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("serverless", serde_json::to_value(schemars::schema_for!(serverless::Config)).unwrap()),
         ("egress", serde_json::to_value(schemars::schema_for!(egress::Config)).unwrap()),
         ("mesh-identity", serde_json::to_value(schemars::schema_for!(mesh::Config)).unwrap()),
+        ("cloud-connector", serde_json::to_value(schemars::schema_for!(connector::config::Config)).unwrap()),
     ]
 }
 

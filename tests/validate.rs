@@ -55,6 +55,24 @@ const BAD_PLUGIN_CONFIGS: &[(&str, &str, &str, &str)] = &[
         "\"suffix\": \"egress..local\"",
         "egress: invalid plugin configuration: `suffix`",
     ),
+    (
+        "cloud-connector",
+        "\"clock_skew_seconds\": 60",
+        "\"clock_skew\": 60",
+        "cloud-connector: invalid plugin configuration: unknown field `clock_skew`",
+    ),
+    (
+        "cloud-connector",
+        "\"secret_env\": \"EDGEWISE_AUTHENTICITY_SECRET\"",
+        "\"secret_env\": \"EDGEWISE_HMAC_KEY\"",
+        "cloud-connector: invalid plugin configuration: `authenticity.secret_env` environment variable EDGEWISE_HMAC_KEY is not set",
+    ),
+    (
+        "cloud-connector",
+        "\"prefix\": \"/observability\"",
+        "\"prefix\": \"observability\"",
+        "cloud-connector: invalid plugin configuration: `features[2].prefix` must be a path starting with /",
+    ),
 ];
 
 #[tokio::test]
