@@ -54,11 +54,18 @@ pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// Sent after the body (gRPC's `grpc-status`).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Answer {
     pub fn json(status: u16, body: impl Into<Bytes>) -> Self {
-        Answer { status, headers: vec![("content-type".into(), "application/json".into())], body: body.into() }
+        Answer {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.into(),
+            trailers: vec![],
+        }
     }
 }
 
@@ -208,7 +215,19 @@ impl Conn {
                 if ctx.close_each {
                     resp = resp.header("connection", "close");
                 }
-                resp.body(Full::new(answer.body))
+                let trailers: hyper::HeaderMap = answer
+                    .trailers
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.parse::<hyper::header::HeaderName>().ok()?, v.parse().ok()?)))
+                    .collect();
+                let body = Full::new(answer.body);
+                let body: http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible> = if trailers.is_empty()
+                {
+                    body.boxed()
+                } else {
+                    body.with_trailers(std::future::ready(Some(Ok(trailers)))).boxed()
+                };
+                resp.body(body)
             }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -271,7 +290,7 @@ impl Document {
                 DocMode::Fail(status) => Answer::json(status, r#"{"error":"failing on purpose"}"#),
                 DocMode::Garbage => Answer::json(200, "{\"version\": 99, \"routes\": [garbage"),
                 DocMode::Serve if seen.header("if-none-match") == Some(etag.as_str()) => {
-                    Answer { status: 304, headers: vec![("etag".into(), etag)], body: Bytes::new() }
+                    Answer { status: 304, headers: vec![("etag".into(), etag)], body: Bytes::new(), trailers: vec![] }
                 }
                 DocMode::Serve => {
                     let mut a = Answer::json(200, s.body.clone());

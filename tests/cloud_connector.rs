@@ -470,3 +470,34 @@ async fn rate_limits_hold_across_two_workers() {
     assert_eq!(s.call("/ai/v2/code/completions", Some(&quiet), &[]).await.status, 200);
     assert_eq!(s.metric("requests.code_suggestions.rate_limited").await, limited as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_shares_limits_through_the_global_rate_limit_service() {
+    let k1 = Idp::new(GITLAB, "k1").unwrap();
+    let rls = cc::rate_limit_service("blocked-org").await.unwrap();
+    let port = rls.port();
+    let s = setup(
+        move |c| {
+            c.replace("numerator: 0, denominator: HUNDRED", "numerator: 100, denominator: HUNDRED").port(18081, port)
+        },
+        |i| i.publish(GITLAB, published(&[&k1])),
+    )
+    .await;
+    let good = k1.token(cc::claims("good-org", &["code_suggestions"]));
+    let blocked = k1.token(cc::claims("blocked-org", &["code_suggestions"]));
+    assert_eq!(s.until_accepted(&good, Duration::from_secs(10)).await.status, 200);
+    // The descriptor comes from the verified token: a forged key header changes nothing.
+    let r = s.call("/ai/v2/code/completions", Some(&blocked), &[("x-edgewise-ratelimit-key", "good-org")]).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"));
+    let asked = rls.seen();
+    let last = asked.last().unwrap();
+    assert_eq!(last.path, "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit");
+    for part in ["cloud-connector", "feature", "code_suggestions", "organization", "blocked-org"] {
+        assert!(last.body.contains(part), "descriptor without {part:?}: {:?}", last.body);
+    }
+    assert!(!last.body.contains("good-org"));
+    // Nothing of it reaches the backend.
+    let seen = s.ai.seen().pop().unwrap();
+    assert_eq!((seen.header("x-edgewise-feature"), seen.header("x-edgewise-ratelimit-key")), (None, None));
+}

@@ -246,6 +246,12 @@ impl Shared {
         host::set_request_header(&h.realm, id.realm.as_deref());
         host::set_request_header(&h.scopes, Some(&id.scopes));
         host::set_request_header(&h.issuer, gw.issuers.get(id.issuer).map(|i| i.issuer.as_str()));
+        if let Some(name) = &h.feature {
+            host::set_request_header(name, Some(&feature.name));
+        }
+        if let Some(name) = &h.rate_limit_key {
+            host::set_request_header(name, Some(&id.rate_key));
+        }
         for name in &h.strip {
             host::set_request_header(name, None);
         }

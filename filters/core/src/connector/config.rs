@@ -168,6 +168,11 @@ pub struct HeadersConfig {
     pub scopes: String,
     pub issuer: String,
     pub signature: String,
+    /// If set, the feature's name goes in this header (for Envoy's global rate limit filter).
+    pub feature: Option<String>,
+    /// If set, the organization's rate-limit key (`rate_limit.key_claim`) goes in this header,
+    /// so a fleet of gateways can share limits through Envoy's global rate limit service.
+    pub rate_limit_key: Option<String>,
     /// Further headers removed from every forwarded request.
     pub strip: Vec<String>,
 }
@@ -180,6 +185,8 @@ impl Default for HeadersConfig {
             scopes: "x-gitlab-scopes".into(),
             issuer: "x-gitlab-token-issuer".into(),
             signature: "x-edgewise-signature".into(),
+            feature: None,
+            rate_limit_key: None,
             strip: Vec::new(),
         }
     }
@@ -355,8 +362,8 @@ impl Config {
                 return Err(ConfigError::field(name, format!("{value:?} is not a lowercase header name")));
             }
         }
-        if let Some(bad) = h.strip.iter().find(|s| !is_header_name(s)) {
-            return Err(ConfigError::field("headers.strip", format!("{bad:?} is not a lowercase header name")));
+        if let Some(bad) = h.feature.iter().chain(&h.rate_limit_key).chain(&h.strip).find(|s| !is_header_name(s)) {
+            return Err(ConfigError::field("headers", format!("{bad:?} is not a lowercase header name")));
         }
         let secret = match self.authenticity {
             None => None,
