@@ -7,17 +7,14 @@ use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING};
 use rsa::traits::PublicKeyParts;
-use rsa::{Pkcs1v15Sign, RsaPrivateKey};
+use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 enum Key {
     /// P-256 (ES256), or P-384 for wrong-curve tests.
-    Ec {
-        pair: Box<EcdsaKeyPair>,
-        crv: &'static str,
-    },
-    Rsa(Box<RsaPrivateKey>),
+    Ec { pair: Box<EcdsaKeyPair>, crv: &'static str },
+    /// The key, and the same key in ring for fast signing.
+    Rsa(Box<RsaPrivateKey>, Box<ring::signature::RsaKeyPair>),
 }
 
 pub struct Idp {
@@ -55,12 +52,14 @@ impl Idp {
         ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut seed).map_err(|e| anyhow!("{e}"))?;
         let mut rng = <rand_chacha::ChaCha20Rng as rand_chacha::rand_core::SeedableRng>::from_seed(seed);
         let key = RsaPrivateKey::new(&mut rng, 2048)?;
-        Ok(Idp { key: Key::Rsa(Box::new(key)), kid: kid.into(), issuer: issuer.into() })
+        let der = rsa::pkcs8::EncodePrivateKey::to_pkcs8_der(&key)?;
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+        Ok(Idp { key: Key::Rsa(Box::new(key), Box::new(pair)), kid: kid.into(), issuer: issuer.into() })
     }
 
     pub fn alg(&self) -> &'static str {
         match &self.key {
-            Key::Rsa(_) => "RS256",
+            Key::Rsa(..) => "RS256",
             Key::Ec { crv: "P-256", .. } => "ES256",
             Key::Ec { .. } => "ES384",
         }
@@ -74,7 +73,7 @@ impl Idp {
                 let (x, y) = point.get(1..).unwrap_or_default().split_at((point.len() - 1) / 2);
                 json!({ "kty": "EC", "crv": crv, "kid": self.kid, "use": "sig", "x": b64(x), "y": b64(y) })
             }
-            Key::Rsa(key) => {
+            Key::Rsa(key, _) => {
                 let (n, e) = (key.n().to_bytes_be(), key.e().to_bytes_be());
                 json!({ "kty": "RSA", "kid": self.kid, "use": "sig", "alg": "RS256", "n": b64(&n), "e": b64(&e) })
             }
@@ -94,8 +93,12 @@ impl Idp {
             Key::Ec { pair, .. } => {
                 pair.sign(&SystemRandom::new(), input.as_bytes()).map(|s| s.as_ref().to_vec()).unwrap_or_default()
             }
-            Key::Rsa(key) => {
-                key.sign(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(input.as_bytes())).unwrap_or_default()
+            Key::Rsa(_, pair) => {
+                let mut sig = vec![0; pair.public().modulus_len()];
+                match pair.sign(&ring::signature::RSA_PKCS1_SHA256, &SystemRandom::new(), input.as_bytes(), &mut sig) {
+                    Ok(()) => sig,
+                    Err(_) => Vec::new(),
+                }
             }
         };
         format!("{input}.{}", b64(&sig))
@@ -105,7 +108,7 @@ impl Idp {
     /// (the JWK's `n`, or the EC point, as bytes).
     pub fn hs256_with_public_key(&self, claims: &Value) -> String {
         let secret = match &self.key {
-            Key::Rsa(key) => key.n().to_bytes_be(),
+            Key::Rsa(key, _) => key.n().to_bytes_be(),
             Key::Ec { pair, .. } => pair.public_key().as_ref().to_vec(),
         };
         let input = signing_input(&json!({ "alg": "HS256", "kid": self.kid, "typ": "JWT" }), claims);

@@ -4,10 +4,11 @@
 //! and noisy. The key figure is the front Envoy's CPU time per request (from /proc), as a ratio
 //! to the no-filter baseline and as microseconds added per request.
 //!
-//! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS (default 5), BENCH_ONLY (substring of
-//! configuration names to run).
+//! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS (default 5), BENCH_ONLY (comma-separated
+//! substrings of configuration names to run), BENCH_TOKENS (distinct tokens signed).
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -24,6 +25,17 @@ struct Bench {
     /// The Host wrk sends.
     host: &'static str,
     filters: String,
+    /// Bearer tokens wrk sends, one per request in turn (none: no Authorization header).
+    tokens: Tokens,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tokens {
+    None,
+    /// The same token on every request (a cache hit after the first).
+    One,
+    /// A new token on every request (a cache miss, signature verified every time).
+    Fresh,
 }
 
 #[derive(Default, Clone)]
@@ -35,6 +47,8 @@ struct Sample {
     rps_c1: f64,
     p50_c1_us: f64,
     rss_mib: f64,
+    /// RSS with `--concurrency 2` (measured in the first round only).
+    rss2_mib: Option<f64>,
     ready_s: f64,
 }
 
@@ -146,46 +160,127 @@ fn lua_egress() -> String {
     .to_string()
 }
 
-fn benches() -> Vec<Bench> {
+const ISSUER: &str = "https://gitlab.com";
+const CC_HOST: &str = "cloud.gitlab.com";
+
+/// cloud-connector as deployed: a feature with a scope, a rate limit that is never reached,
+/// identity headers and the HMAC signature; keys from the issuer stand-in of the bench process.
+fn cloud_connector() -> String {
+    wasm_filter(
+        "cloud-connector",
+        &format!(
+            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream","rate_limit":{{"requests":1000000,"per":"second"}}}}],"cluster_header":"x-edgewise-cluster","authenticity":{{"secret":"a-benchmark-secret-of-at-least-32-bytes"}}}}"#
+        ),
+    )
+}
+
+/// Envoy's native JWT filter with the same key, optionally with its verified-token cache.
+fn jwt_authn(jwks: &str, cache: bool) -> String {
+    let cache = if cache { "\n                  jwt_cache_config: { jwt_cache_size: 1000 }" } else { "" };
+    format!(
+        r#"          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                gitlab:
+                  issuer: {ISSUER}
+                  audiences: [gitlab-ai-gateway]
+                  local_jwks: {{ inline_string: '{jwks}' }}
+                  forward: true{cache}
+              rules:
+              - match: {{ prefix: / }}
+                requires: {{ provider_name: gitlab }}
+"#
+    )
+}
+
+fn benches(jwks: &str) -> Vec<Bench> {
     let serverless = |n| wasm_filter("serverless", &serverless_config(n));
     let egress = wasm_filter(
         "egress",
         r#"{"allow":["api.github.com","*.googleapis.com","hooks.slack.com","example.com:8443"]}"#,
     );
     vec![
-        Bench { name: "baseline", what: "no filter", host: SERVERLESS_HOST, filters: String::new() },
+        Bench {
+            name: "baseline",
+            what: "no filter",
+            host: SERVERLESS_HOST,
+            filters: String::new(),
+            tokens: Tokens::None,
+        },
         Bench {
             name: "serverless-10",
             what: "serverless.wasm, 10 routes",
             host: SERVERLESS_HOST,
             filters: serverless(10),
+            tokens: Tokens::None,
         },
         Bench {
             name: "serverless-100k",
             what: "serverless.wasm, 100,000 routes from the management service",
             host: SERVERLESS_HOST,
             filters: wasm_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
+            tokens: Tokens::None,
         },
         Bench {
             name: "lua-serverless",
             what: "Lua, the serverless rewrite, 10 routes",
             host: SERVERLESS_HOST,
             filters: lua_serverless(),
+            tokens: Tokens::None,
         },
-        Bench { name: "egress", what: "egress.wasm, 4 allowlist entries", host: EGRESS_HOST, filters: egress },
+        Bench {
+            name: "egress",
+            what: "egress.wasm, 4 allowlist entries",
+            host: EGRESS_HOST,
+            filters: egress,
+            tokens: Tokens::None,
+        },
         Bench {
             name: "lua-egress",
             what: "Lua, the egress rewrite, 3 names",
             host: EGRESS_HOST,
             filters: lua_egress(),
+            tokens: Tokens::None,
+        },
+        Bench {
+            name: "cc-hit",
+            what: "cloud-connector.wasm, RS256, the same token (cache hit)",
+            host: CC_HOST,
+            filters: cloud_connector(),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-miss",
+            what: "cloud-connector.wasm, RS256, a new token per request",
+            host: CC_HOST,
+            filters: cloud_connector(),
+            tokens: Tokens::Fresh,
+        },
+        Bench {
+            name: "jwt_authn-cache",
+            what: "native jwt_authn, RS256, jwt_cache_config, the same token",
+            host: CC_HOST,
+            filters: jwt_authn(jwks, true),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "jwt_authn",
+            what: "native jwt_authn, RS256, no cache, a new token per request",
+            host: CC_HOST,
+            filters: jwt_authn(jwks, false),
+            tokens: Tokens::Fresh,
         },
     ]
 }
 
-fn front_config(bench: &Bench, upstream_port: u16, management_port: u16) -> Config {
+fn front_config(bench: &Bench, upstream_port: u16, management_port: u16, issuer_port: u16) -> Config {
     let template = std::fs::read_to_string(edgewise::repo_root().join("bench/front.yaml")).unwrap_or_default();
     let yaml = template.replace("          # FILTERS\n", &bench.filters);
-    Config { name: format!("bench-{}", bench.name), yaml }.port(18000, upstream_port).port(18001, management_port)
+    Config { name: format!("bench-{}", bench.name), yaml }
+        .port(18000, upstream_port)
+        .port(18001, management_port)
+        .port(18002, issuer_port)
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -226,13 +321,26 @@ fn parse_duration_us(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mult)
 }
 
-fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64) -> Result<Wrk> {
-    let out = Command::new("taskset")
-        .args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
-        .args(["-H", &format!("Host: {host}")])
-        .arg(format!("http://{addr}/"))
-        .output()
-        .context("running wrk (apt-get install wrk)")?;
+/// The wrk Lua script that sends each token of the file in `BENCH_TOKENS` in turn.
+const TOKENS_LUA: &str = r#"
+local tokens = {}
+for line in io.lines(os.getenv("BENCH_TOKENS")) do tokens[#tokens + 1] = "Bearer " .. line end
+local i = 0
+request = function()
+  i = i % #tokens + 1
+  wrk.headers["Authorization"] = tokens[i]
+  return wrk.format()
+end
+"#;
+
+fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64, tokens: Option<&Path>) -> Result<Wrk> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .args(["-H", &format!("Host: {host}")]);
+    if let Some(tokens) = tokens {
+        cmd.env("BENCH_TOKENS", tokens).args(["-s", &tokens.with_extension("lua").display().to_string()]);
+    }
+    let out = cmd.arg(format!("http://{addr}/")).output().context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut w = Wrk { requests: 0.0, rps: 0.0, p50_us: 0.0, p99_us: 0.0 };
     for line in text.lines() {
@@ -255,8 +363,25 @@ fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64) -
     Ok(w)
 }
 
-async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, seconds: u64) -> Result<Sample> {
-    let config = front_config(bench, upstream_port, management_port);
+struct Env {
+    upstream_port: u16,
+    management_port: u16,
+    issuer_port: u16,
+    one_token: PathBuf,
+    fresh_tokens: PathBuf,
+}
+
+async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<Sample> {
+    let config = front_config(bench, env.upstream_port, env.management_port, env.issuer_port);
+    let tokens = match bench.tokens {
+        Tokens::None => None,
+        Tokens::One => Some(env.one_token.as_path()),
+        Tokens::Fresh => Some(env.fresh_tokens.as_path()),
+    };
+    let first_token = match tokens {
+        Some(path) => std::fs::read_to_string(path)?.lines().next().unwrap_or_default().to_string(),
+        None => String::new(),
+    };
     let started = Instant::now();
     let envoy = Envoy::start_with(
         &config,
@@ -268,7 +393,12 @@ async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, second
     // Check the configuration answers 200 (a polled table may take a moment) before measuring.
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let r = edgewise::client::Client::plain().get(addr, bench.host, "/").await?;
+        let bearer = format!("Bearer {first_token}");
+        let mut req = edgewise::client::Request::get(bench.host, "/");
+        if tokens.is_some() {
+            req = req.header("authorization", &bearer);
+        }
+        let r = edgewise::client::Client::plain().send(addr, req).await?;
         if r.status == 200 {
             break;
         }
@@ -277,14 +407,26 @@ async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, second
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    wrk(addr, bench.host, 32, 1)?;
+    wrk(addr, bench.host, 32, 1, tokens)?;
     let pid = envoy.pid();
     let before = cpu_ticks(pid)?;
-    let w = wrk(addr, bench.host, 32, seconds)?;
+    let w = wrk(addr, bench.host, 32, seconds, tokens)?;
     let after = cpu_ticks(pid)?;
     let ticks_per_s = 100.0;
     let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
-    let c1 = wrk(addr, bench.host, 1, (seconds / 2).max(1))?;
+    let c1 = wrk(addr, bench.host, 1, (seconds / 2).max(1), tokens)?;
+    let rss1_mib = rss_mib(pid);
+    drop(envoy);
+    // RSS with two workers (two more VMs per module), after a short load on both.
+    let rss2_mib = if rss2 {
+        let envoy =
+            Envoy::start_with(&config, Options { concurrency: 2, log_level: "warning", ..Options::default() }).await?;
+        let addr = envoy.listener("bench").await?;
+        wrk(addr, bench.host, 8, 1, tokens)?;
+        Some(rss_mib(envoy.pid()))
+    } else {
+        None
+    };
     Ok(Sample {
         rps: w.rps,
         p50_us: w.p50_us,
@@ -292,7 +434,8 @@ async fn run_one(bench: &Bench, upstream_port: u16, management_port: u16, second
         cpu_us_per_req: cpu_us / w.requests,
         rps_c1: c1.rps,
         p50_c1_us: c1.p50_us,
-        rss_mib: rss_mib(pid),
+        rss_mib: rss1_mib,
+        rss2_mib,
         ready_s,
     })
 }
@@ -307,8 +450,48 @@ async fn main() -> Result<()> {
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let benches: Vec<Bench> =
-        benches().into_iter().filter(|b| b.name == "baseline" || b.name.contains(&only)).collect();
+
+    // One RS256 key for cloud-connector and jwt_authn, and the tokens wrk sends: one repeated, and
+    // enough distinct ones that a run never sends one twice (each run is a fresh Envoy).
+    let idp = edgewise::idp::Idp::rs256(ISSUER, "bench-1")?;
+    let jwks = serde_json::json!({ "keys": [idp.jwk()] }).to_string();
+    let work = edgewise::repo_root().join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let fresh: usize =
+        std::env::var("BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(8_000 * seconds as usize);
+    let started = Instant::now();
+    let tokens: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|w| {
+                let idp = &idp;
+                scope.spawn(move || {
+                    (0..fresh / 2 + 1)
+                        .map(|i| {
+                            let mut claims = serde_json::json!({
+                                "aud": "gitlab-ai-gateway", "sub": format!("instance-{w}-{i}"), "gitlab_realm": "saas",
+                                "scopes": ["code_suggestions", "duo_chat"], "exp": edgewise::idp::now() + 7200,
+                            });
+                            claims["jti"] = format!("{w}-{i}").into();
+                            idp.token(claims)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    eprintln!("signed {} tokens in {:.1} s", tokens.len(), started.elapsed().as_secs_f64());
+    let one_token = work.join("one-token.txt");
+    let fresh_tokens = work.join("fresh-tokens.txt");
+    std::fs::write(&one_token, format!("{}\n", tokens.first().map_or("", String::as_str)))?;
+    std::fs::write(&fresh_tokens, tokens.join("\n") + "\n")?;
+    for path in [&one_token, &fresh_tokens] {
+        std::fs::write(path.with_extension("lua"), TOKENS_LUA)?;
+    }
+    let benches: Vec<Bench> = benches(&jwks)
+        .into_iter()
+        .filter(|b| b.name == "baseline" || only.split(',').any(|o| b.name.contains(o)))
+        .collect();
 
     let upstream_yaml = std::fs::read_to_string(edgewise::repo_root().join("bench/upstream.yaml"))?;
     let upstream = Envoy::start_with(
@@ -319,14 +502,16 @@ async fn main() -> Result<()> {
     let upstream_port = upstream.listener("upstream").await?.port();
     let table = Document::new(format!(r#"{{"version":1,"routes":[{}]}}"#, serverless_routes(100_000)));
     let management = Server::start("management", Listen::default(), table.handler()).await?;
+    let keys = Document::new(jwks.clone());
+    let issuer = Server::start("issuer", Listen::default(), keys.handler()).await?;
+    let env =
+        Env { upstream_port, management_port: management.port(), issuer_port: issuer.port(), one_token, fresh_tokens };
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); benches.len()];
     for round in 0..rounds {
         for k in 0..benches.len() {
             let i = (k + round) % benches.len();
-            let s = run_one(&benches[i], upstream_port, management.port(), seconds)
-                .await
-                .with_context(|| benches[i].name)?;
+            let s = run_one(&benches[i], &env, seconds, round == 0).await.with_context(|| benches[i].name)?;
             eprintln!(
                 "round {}/{rounds} {:<16} {:>8.0} req/s  cpu {:>6.1} us/req  p50 {:>6.0} us  p99 {:>6.0} us",
                 round + 1,
@@ -344,14 +529,16 @@ async fn main() -> Result<()> {
     let base_cpu = med(0, |s| s.cpu_us_per_req);
     let base_ready = med(0, |s| s.ready_s);
     let base_rss = med(0, |s| s.rss_mib);
+    let base_rss2 = samples[0].iter().find_map(|s| s.rss2_mib).unwrap_or(0.0);
+    let rss2 = |i: usize| samples[i].iter().find_map(|s| s.rss2_mib).unwrap_or(0.0);
     let mut table = String::new();
-    table.push_str("| configuration | req/s (32 conns) | p50 | p99 | front CPU per request | vs baseline | added per request | req/s (1 conn) | p50 (1 conn) | RSS (conc. 1) | start-up |\n");
-    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    table.push_str("| configuration | req/s (32 conns) | p50 | p99 | front CPU per request | vs baseline | added per request | req/s (1 conn) | p50 (1 conn) | RSS conc. 1 | RSS conc. 2 | start-up (module load) |\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (i, b) in benches.iter().enumerate() {
         let cpu = med(i, |s| s.cpu_us_per_req);
         let _ = writeln!(
             table,
-            "| {} ({}) | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.2}x | {:+.1} µs | {:.0} | {:.0} µs | {:.1} MiB ({:+.1}) | {:.2} s ({:+.2}) |",
+            "| {} ({}) | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.2}x | {:+.1} µs | {:.0} | {:.0} µs | {:.1} MiB ({:+.1}) | {:.1} MiB ({:+.1}) | {:.2} s ({:+.2}) |",
             b.name,
             b.what,
             med(i, |s| s.rps),
@@ -364,9 +551,58 @@ async fn main() -> Result<()> {
             med(i, |s| s.p50_c1_us),
             med(i, |s| s.rss_mib),
             med(i, |s| s.rss_mib) - base_rss,
+            rss2(i),
+            rss2(i) - base_rss2,
             med(i, |s| s.ready_s),
             med(i, |s| s.ready_s) - base_ready,
         );
+    }
+
+    // The targets of the benchmark issue, each met or not, with the measured figures.
+    let index = |name: &str| benches.iter().position(|b| b.name == name);
+    let added = |name: &str| index(name).map(|i| med(i, |s| s.cpu_us_per_req) - base_cpu);
+    let mut targets = String::new();
+    let mut check = |what: &str, figures: Option<(String, bool)>| {
+        let _ = match figures {
+            Some((text, met)) => writeln!(targets, "| {what} | {text} | {} |", if met { "met" } else { "**not met**" }),
+            None => writeln!(targets, "| {what} | not measured in this run | – |"),
+        };
+    };
+    let ratio = |a: &str, b: &str, limit: f64| {
+        let (a_us, b_us) = (added(a)?, added(b)?);
+        let r = a_us / b_us;
+        Some((format!("{a} {a_us:+.1} µs vs {b} {b_us:+.1} µs: ratio {r:.2}"), r <= limit))
+    };
+    check(
+        "serverless adds no more than Lua doing the same (ratio ≤ 1.0)",
+        ratio("serverless-10", "lua-serverless", 1.0),
+    );
+    check("egress adds no more than Lua doing the same (ratio ≤ 1.0)", ratio("egress", "lua-egress", 1.0));
+    check(
+        "serverless costs the same with 100,000 routes as with 10 (ratio ≤ 1.15: run-to-run noise here is ±10 µs)",
+        ratio("serverless-100k", "serverless-10", 1.15),
+    );
+    check(
+        "cloud-connector, cached token, adds no more than jwt_authn with its cache (ratio ≤ 1.0)",
+        ratio("cc-hit", "jwt_authn-cache", 1.0),
+    );
+    check(
+        "cloud-connector, new token per request, adds at most 3x jwt_authn without cache (ratio ≤ 3.0)",
+        ratio("cc-miss", "jwt_authn", 3.0),
+    );
+    for (i, b) in benches.iter().enumerate() {
+        if b.filters.contains("wasm.v3.Wasm") && !b.name.ends_with("-miss") && b.name != "serverless-100k" {
+            let load = med(i, |s| s.ready_s) - base_ready;
+            check(
+                &format!("{} loads in under 0.5 s", b.name),
+                Some((format!("{load:+.2} s over the baseline's start-up"), load < 0.5)),
+            );
+            let rss = rss2(i) - base_rss2;
+            check(
+                &format!("{} adds at most 30 MiB RSS at --concurrency 2", b.name),
+                Some((format!("{rss:+.1} MiB"), rss <= 30.0)),
+            );
+        }
     }
     let mut sizes = String::new();
     let mut wasm: Vec<_> =
@@ -396,7 +632,7 @@ async fn main() -> Result<()> {
          - Machine: {cores} cores, {cpu}\n- Envoy: {envoy_version}\n\
          - Front Envoy: `--concurrency 1`, pinned to CPU 0; wrk (`-t1 -c32`, then `-c1`) and the upstream Envoy (direct_response) on CPU 1.\n\
          - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections.\n\n\
-         {table}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
+         {table}\n## Targets\n\n| target | measured | |\n|---|---|---|\n{targets}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu = cpu_model.split(':').nth(1).unwrap_or("").trim(),
     );

@@ -23,6 +23,8 @@ struct Slot {
     key_fetched: String,
     key_completed: String,
     key_kid_miss: String,
+    /// The discovered JWKS location, shared so that one discovery serves every worker.
+    key_jwks_at: String,
     /// (authority, path) of the JWKS: configured, or learned by discovery.
     jwks_at: Option<(String, String)>,
     in_flight: Option<(u32, Stage)>,
@@ -58,6 +60,7 @@ impl Fetcher {
                     key_fetched: key("fetched_ms"),
                     key_completed: key("completed"),
                     key_kid_miss: key("kid_miss_ms"),
+                    key_jwks_at: key("jwks_at"),
                     jwks_at: issuer.jwks_path.clone().map(|p| (issuer.authority.clone(), p)),
                     in_flight: None,
                     fetch_ok: Counter::define(&metric("fetch.ok")),
@@ -132,6 +135,12 @@ impl Fetcher {
     fn start(slot: &mut Slot, gw: &Gateway, issuer: usize) {
         let Some(cfg) = gw.issuers.get(issuer) else { return };
         let timeout = Duration::from_millis(gw.jwks.timeout_ms);
+        if slot.jwks_at.is_none() {
+            // Another worker may have discovered it already ("authority path").
+            let (shared, _) = host::shared_get(&slot.key_jwks_at);
+            let text = shared.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+            slot.jwks_at = text.split_once(' ').map(|(a, p)| (a.to_string(), p.to_string()));
+        }
         let (stage, authority, path) = match &slot.jwks_at {
             Some((authority, path)) => (Stage::Jwks, authority.as_str(), path.as_str()),
             None => (Stage::Discovery, cfg.authority.as_str(), cfg.discovery_path.as_str()),
@@ -159,7 +168,9 @@ impl Fetcher {
                 status.as_deref().unwrap_or("nothing (unreachable or timed out)")
             );
             if stage == Stage::Jwks && cfg.jwks_path.is_none() {
-                slot.jwks_at = None; // discover again next time: the jwks_uri may have moved
+                // Discover again next time: the jwks_uri may have moved.
+                slot.jwks_at = None;
+                host::shared_set(&slot.key_jwks_at, b"", None);
             }
             Self::complete(slot, false);
             return false;
@@ -167,6 +178,7 @@ impl Fetcher {
         match stage {
             Stage::Discovery => match keys::jwks_uri(&body, &cfg.issuer) {
                 Ok(at) => {
+                    host::shared_set(&slot.key_jwks_at, format!("{} {}", at.0, at.1).as_bytes(), None);
                     slot.jwks_at = Some(at);
                     Self::start(slot, gw, issuer);
                     false

@@ -155,7 +155,10 @@ impl Shared {
     /// Decides a request and applies the decision to the current (effective) stream.
     fn handle(&self, context_id: u32, may_wait: bool) -> Step {
         let gw = &self.gw;
-        let path = host::request_header(":path").unwrap_or_default();
+        // One host call for every header this needs; one more to write them back.
+        let headers = host::request_headers();
+        let get = |name: &str| host::header(&headers, name);
+        let path = get(":path").unwrap_or_default();
         let bare = path.split('?').next().unwrap_or_default();
         if bare == gw.health_path {
             return self.health();
@@ -164,13 +167,12 @@ impl Shared {
             host::set_request_header(&gw.cluster_header, None);
             return Step::Continue;
         }
-        let Some((index, feature)) = gw.route(&path) else {
-            return self.deny(None, &path, Denial::NotFound, None);
+        let Some((index, feature)) = gw.route(path) else {
+            return self.deny(None, path, Denial::NotFound, None);
         };
-        let authorization = host::request_header("authorization");
-        let token = match Gateway::bearer(authorization.as_deref()) {
+        let token = match Gateway::bearer(get("authorization")) {
             Ok(token) => token,
-            Err(denial) => return self.deny(Some((index, feature)), &path, denial, None),
+            Err(denial) => return self.deny(Some((index, feature)), path, denial, None),
         };
         let now_ms = host::now_ms();
         let id = match self.authenticate(token, now_ms) {
@@ -188,26 +190,21 @@ impl Shared {
                 let wake = Wake::Refetch { completed };
                 return self.wait(Waiter { context_id, issuer, wake, deadline_ms: 0 }, now_ms);
             }
-            Err(denial) => return self.deny(Some((index, feature)), &path, denial, None),
+            Err(denial) => return self.deny(Some((index, feature)), path, denial, None),
         };
         let h = &gw.headers;
-        let checked = gw
-            .check_client_headers(
-                &id,
-                host::request_header(&h.instance_id).as_deref(),
-                host::request_header(&h.realm).as_deref(),
-            )
-            .and_then(|()| gw.authorize(feature, &id));
+        let checked =
+            gw.check_client_headers(&id, get(&h.instance_id), get(&h.realm)).and_then(|()| gw.authorize(feature, &id));
         if let Err(denial) = checked {
-            return self.deny(Some((index, feature)), &path, denial, Some(&id));
+            return self.deny(Some((index, feature)), path, denial, Some(&id));
         }
         if let Some(limit) = &feature.limit {
             let verdict = self.buckets.take(limit, index, &id.rate_key, now_ms);
             if !verdict.allowed {
-                return self.deny(Some((index, feature)), &path, Denial::RateLimited(verdict), Some(&id));
+                return self.deny(Some((index, feature)), path, Denial::RateLimited(verdict), Some(&id));
             }
         }
-        self.forward(feature, &path, &id, now_ms);
+        self.forward(&headers, feature, &id, now_ms);
         self.count(Some(index), Outcome::Allowed);
         log_state(&feature.name, Outcome::Allowed, Some(&id));
         Step::Continue
@@ -237,34 +234,52 @@ impl Shared {
         }
     }
 
-    /// Sets what the backend is told and where the request goes.
-    fn forward(&self, feature: &Feature, path: &str, id: &Identity, now_ms: u64) {
+    /// Writes the forwarded request's headers: the client's, minus every header the gateway
+    /// owns, plus the verified identity, the signature and the backend's cluster.
+    fn forward(&self, headers: &[(String, String)], feature: &Feature, id: &Identity, now_ms: u64) {
         let gw = &self.gw;
         let h = &gw.headers;
-        host::set_request_header(&gw.cluster_header, Some(&feature.cluster));
-        host::set_request_header(&h.instance_id, Some(&id.instance_id));
-        host::set_request_header(&h.realm, id.realm.as_deref());
-        host::set_request_header(&h.scopes, Some(&id.scopes));
-        host::set_request_header(&h.issuer, gw.issuers.get(id.issuer).map(|i| i.issuer.as_str()));
+        let path = host::header(headers, ":path").unwrap_or_default();
+        let rewritten = gw.rewrite(feature, path);
+        let forwarded_path = rewritten.as_deref().unwrap_or(path);
+        let method = host::header(headers, ":method").unwrap_or_default();
+        let signature = gw.sign(now_ms / 1000, method, forwarded_path, &id.instance_id);
+        let issuer = gw.issuers.get(id.issuer).map_or("", |i| i.issuer.as_str());
+        let owned = |name: &str| {
+            name == h.instance_id
+                || name == h.realm
+                || name == h.scopes
+                || name == h.issuer
+                || name == h.signature
+                || name == gw.cluster_header
+                || (name == ":path" && rewritten.is_some())
+                || (name == "authorization" && !gw.forward_authorization)
+                || h.feature.as_deref() == Some(name)
+                || h.rate_limit_key.as_deref() == Some(name)
+                || h.strip.iter().any(|s| s == name)
+        };
+        let mut out: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + 8);
+        out.extend(headers.iter().filter(|(k, _)| !owned(k)).map(|(k, v)| (k.as_str(), v.as_str())));
+        if rewritten.is_some() {
+            out.push((":path", forwarded_path));
+        }
+        out.push((&gw.cluster_header, &feature.cluster));
+        out.push((&h.instance_id, &id.instance_id));
+        if let Some(realm) = &id.realm {
+            out.push((&h.realm, realm));
+        }
+        out.push((&h.scopes, &id.scopes));
+        out.push((&h.issuer, issuer));
+        if let Some(sig) = &signature {
+            out.push((&h.signature, sig));
+        }
         if let Some(name) = &h.feature {
-            host::set_request_header(name, Some(&feature.name));
+            out.push((name, &feature.name));
         }
         if let Some(name) = &h.rate_limit_key {
-            host::set_request_header(name, Some(&id.rate_key));
+            out.push((name, &id.rate_key));
         }
-        for name in &h.strip {
-            host::set_request_header(name, None);
-        }
-        if !gw.forward_authorization {
-            host::set_request_header("authorization", None);
-        }
-        let rewritten = gw.rewrite(feature, path);
-        if let Some(p) = &rewritten {
-            host::set_request_header(":path", Some(p));
-        }
-        let signature = host::request_header(":method")
-            .and_then(|method| gw.sign(now_ms / 1000, &method, rewritten.as_deref().unwrap_or(path), &id.instance_id));
-        host::set_request_header(&h.signature, signature.as_deref());
+        host::set_request_headers(out);
     }
 
     fn deny(&self, feature: Option<(usize, &Feature)>, path: &str, denial: Denial, id: Option<&Identity>) -> Step {

@@ -208,3 +208,20 @@ pub fn resume_http_request() {
         log::warn!("resuming a paused request failed: {e:?}");
     }
 }
+
+/// Every request header in one host call (cheaper than several single reads).
+pub fn request_headers() -> Vec<(String, String)> {
+    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+}
+
+/// Replaces the whole request header map in one host call.
+pub fn set_request_headers(pairs: Vec<(&str, &str)>) {
+    if let Err(e) = hostcalls::set_map(MapType::HttpRequestHeaders, pairs) {
+        log::warn!("replacing the request headers failed: {e:?}");
+    }
+}
+
+/// Looks a header up in a map read by [`request_headers`] (names are lowercase there).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
