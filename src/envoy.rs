@@ -282,6 +282,12 @@ impl Envoy {
         lines[lines.len().saturating_sub(200)..].join("\n")
     }
 
+    /// Kills the process now (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

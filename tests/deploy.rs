@@ -31,8 +31,13 @@ fn every_manifest_parses_and_names_its_kind() {
         let text = fs::read_to_string(&file).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            if file.file_name().is_some_and(|n| n == "envoy.yaml") {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name == "envoy.yaml" {
                 assert!(value.get("static_resources").is_some(), "{}", file.display());
+                continue;
+            }
+            if name.starts_with("sds-") {
+                assert!(value["resources"].as_sequence().is_some_and(|r| !r.is_empty()), "{}", file.display());
                 continue;
             }
             for key in ["apiVersion", "kind"] {
@@ -69,6 +74,29 @@ fn the_production_egress_config_validates_and_allows_nothing_private() {
     let config = Config { name: "deploy-egress".into(), yaml }
         .replace("/etc/edgewise/wasm/", &format!("{}/", edgewise::filters_dir().display()));
     if let Err(e) = envoy::validate(&config, dir.path()) {
+        panic!("{e:#}");
+    }
+}
+
+#[test]
+fn the_tunnel_agent_config_validates_and_only_dials_out() {
+    let dir = edgewise::repo_root().join("deploy/tunnel-agent");
+    let yaml = fs::read_to_string(dir.join("envoy.yaml")).unwrap();
+    // One listener, and it is the reverse-connection one: no inbound socket but the admin.
+    let value: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let listeners = value["static_resources"]["listeners"].as_sequence().unwrap();
+    assert_eq!(listeners.len(), 1);
+    assert!(listeners[0]["address"]["socket_address"]["address"].as_str().unwrap().starts_with("rc://"));
+    assert_eq!(value["admin"]["address"]["socket_address"]["address"], "127.0.0.1");
+    // The SDS files it names come from the same ConfigMap: validate with copies of them.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config { name: "deploy-tunnel-agent".into(), yaml };
+    for sds in ["sds-agent.yaml", "sds-hub-ca.yaml"] {
+        fs::copy(dir.join(sds), tmp.path().join(sds)).unwrap();
+        let to = tmp.path().join(sds).display().to_string();
+        config = config.replace(&format!("/etc/edgewise/envoy/{sds}"), &to);
+    }
+    if let Err(e) = envoy::validate(&config, tmp.path()) {
         panic!("{e:#}");
     }
 }

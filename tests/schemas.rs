@@ -2,7 +2,7 @@
 //! (schemars), committed under schemas/ and checked here to be up to date.
 //! `make schemas` (EDGEWISE_UPDATE_SCHEMAS=1) rewrites them.
 
-use edgewise_core::{connector, egress, mesh, serverless};
+use edgewise_core::{connector, egress, mesh, serverless, tunnel};
 
 fn generated() -> Vec<(&'static str, serde_json::Value)> {
     vec![
@@ -10,6 +10,7 @@ fn generated() -> Vec<(&'static str, serde_json::Value)> {
         ("egress", serde_json::to_value(schemars::schema_for!(egress::Config)).unwrap()),
         ("mesh-identity", serde_json::to_value(schemars::schema_for!(mesh::Config)).unwrap()),
         ("cloud-connector", serde_json::to_value(schemars::schema_for!(connector::config::Config)).unwrap()),
+        ("tunnel-auth", serde_json::to_value(schemars::schema_for!(tunnel::Config)).unwrap()),
     ]
 }
 

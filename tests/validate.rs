@@ -73,6 +73,12 @@ const BAD_PLUGIN_CONFIGS: &[(&str, &str, &str, &str)] = &[
         "\"prefix\": \"observability\"",
         "cloud-connector: invalid plugin configuration: `features[2].prefix` must be a path starting with /",
     ),
+    (
+        "tunnel-hub",
+        "\"clusters_claim\": \"clusters\",",
+        "",
+        "tunnel-auth: invalid plugin configuration: `clusters_claim` set clusters_claim or allow",
+    ),
 ];
 
 #[tokio::test]

@@ -5,6 +5,7 @@ pub mod cloud_connector;
 pub mod egress;
 pub mod mesh;
 pub mod serverless;
+pub mod tunnel;
 
 use std::fs;
 use std::path::Path;
@@ -38,6 +39,7 @@ pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     match scenario {
         "serverless" => serverless::Pki::install(run_dir).map(drop),
         "cloud-connector" => cloud_connector::Pki::install(run_dir).map(drop),
+        "tunnel-hub" | "tunnel-agent" => tunnel::Pki::install(run_dir).map(drop),
         "egress" => egress::install(run_dir).map(drop),
         "mesh-gateway" | "mesh-sidecar" => mesh::Pki::install(run_dir).map(drop),
         other => anyhow::bail!("no set-up for envoy/{other}.yaml: add one to edgewise::scenarios::install"),

@@ -2,7 +2,7 @@
 //! Routes by path prefix to a feature, authenticates the bearer JWT against its issuer's keys,
 //! checks the feature's scopes, applies per-organization rate limits, and forwards with identity
 //! headers the gateway sets itself. The decisions live in `edgewise_core::connector`; this crate
-//! reads headers, keeps keys fresh (`keys`), keeps token buckets in shared data (`buckets`) and
+//! reads headers, keeps keys fresh (`edgewise_host::jwks`), keeps token buckets in shared data (`buckets`) and
 //! applies what core decides.
 //!
 //! A request whose issuer's keys are being fetched (before the first fetch, or after a token named
@@ -10,7 +10,6 @@
 //! fetch completes, by running the same decision on the paused stream.
 
 mod buckets;
-mod keys;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -22,7 +21,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use buckets::Buckets;
-use keys::Fetcher;
+use host::jwks::Fetcher;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -73,7 +72,7 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let Some(shared) = &self.shared else { return };
         if let (Ok(mut fetcher), Ok(mut keyring)) = (shared.fetcher.try_borrow_mut(), shared.keyring.try_borrow_mut()) {
-            fetcher.on_response(token, body_size, &shared.gw, &mut keyring);
+            fetcher.on_response(token, body_size, shared.gw.issuers(), &shared.gw.jwks, &mut keyring);
         }
         shared.resume_waiters();
     }
@@ -96,9 +95,9 @@ impl RootContext for Root {
             })
             .collect();
         self.shared = Some(Rc::new(Shared {
-            keyring: RefCell::new(Keyring::new(gw.issuers.len())),
+            keyring: RefCell::new(Keyring::new(gw.issuers().len())),
             cache: RefCell::new(TokenCache::new(gw.token_cache_size)),
-            fetcher: RefCell::new(Fetcher::new(&gw, &namespace)),
+            fetcher: RefCell::new(Fetcher::new("cloud_connector", gw.issuers(), &namespace)),
             buckets: Buckets::new(&namespace, gw.slots, gw.idle_ms),
             waiters: RefCell::new(Vec::new()),
             requests,
@@ -114,7 +113,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         if let (Ok(mut fetcher), Ok(mut keyring)) = (shared.fetcher.try_borrow_mut(), shared.keyring.try_borrow_mut()) {
-            fetcher.on_tick(&shared.gw, &mut keyring);
+            fetcher.on_tick(shared.gw.issuers(), &shared.gw.jwks, &mut keyring);
         }
         shared.resume_waiters();
     }
@@ -244,7 +243,7 @@ impl Shared {
         let forwarded_path = rewritten.as_deref().unwrap_or(path);
         let method = host::header(headers, ":method").unwrap_or_default();
         let signature = gw.sign(now_ms / 1000, method, forwarded_path, &id.instance_id);
-        let issuer = gw.issuers.get(id.issuer).map_or("", |i| i.issuer.as_str());
+        let issuer = gw.issuers().get(id.issuer).map_or("", |i| i.issuer.as_str());
         let owned = |name: &str| {
             name == h.instance_id
                 || name == h.realm
@@ -348,7 +347,7 @@ impl Shared {
         let now = host::now_ms();
         let mut all = true;
         let mut issuers = Vec::new();
-        for (i, issuer) in self.gw.issuers.iter().enumerate() {
+        for (i, issuer) in self.gw.issuers().iter().enumerate() {
             if let (Ok(fetcher), Ok(mut keyring)) = (self.fetcher.try_borrow(), self.keyring.try_borrow_mut()) {
                 fetcher.sync(i, &mut keyring);
             }

@@ -4,6 +4,7 @@
 //! this crate, and apply what it decides. That keeps the logic unit-tested natively (and, by
 //! `make test`, compiled to wasm32-wasip1 and run under Node's WASI, the code Envoy runs).
 
+pub mod auth;
 pub mod authority;
 pub mod config;
 pub mod connector;
@@ -13,3 +14,4 @@ pub mod mesh;
 pub mod reply;
 pub mod rs256;
 pub mod serverless;
+pub mod tunnel;

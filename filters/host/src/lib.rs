@@ -2,6 +2,8 @@
 //! host errors; on the request path a panic traps the VM and breaks every later request, so the
 //! filters go through `hostcalls` here and degrade instead.
 
+pub mod jwks;
+
 use std::time::{Duration, UNIX_EPOCH};
 
 use edgewise_core::config::ConfigError;

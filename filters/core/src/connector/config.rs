@@ -6,7 +6,10 @@ use crate::config::ConfigError;
 use crate::jwt::Validation;
 
 use super::limiter::Limit;
-use super::{Feature, Gateway, Issuer, MAX_SCOPES};
+use super::{Feature, Gateway, MAX_SCOPES};
+use crate::auth::{
+    compile_issuers, default_audiences, default_clock_skew, default_issuers, label, IssuerConfig, JwksConfig, Verifier,
+};
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -55,23 +58,6 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
-pub struct IssuerConfig {
-    /// The exact `iss` value, an https URL.
-    pub issuer: String,
-    /// Envoy cluster the keys are fetched through. Default: the issuer's host.
-    pub cluster: Option<String>,
-    /// `:authority` of the key requests. Default: the issuer's host (and port).
-    pub authority: Option<String>,
-    /// Fetch the JWKS from this path instead of discovering `jwks_uri` through
-    /// `<issuer>/.well-known/openid-configuration`.
-    pub jwks_path: Option<String>,
-    /// Metric label. Default: the issuer's host with dots as `_`.
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields)]
 pub struct FeatureConfig {
     /// Metric label and the name in replies, e.g. `code_suggestions`.
     pub name: String,
@@ -106,40 +92,6 @@ pub enum Period {
     Second,
     Minute,
     Hour,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, default)]
-pub struct JwksConfig {
-    /// Refresh interval when the issuer sends no `Cache-Control: max-age`.
-    pub refresh_seconds: u64,
-    /// Bounds applied to `max-age`.
-    pub min_refresh_seconds: u64,
-    pub max_refresh_seconds: u64,
-    /// Retry interval after a failed fetch (keys in force stay in use).
-    pub retry_seconds: u64,
-    /// A token whose `kid` is unknown triggers at most one refetch per this many seconds.
-    pub kid_miss_cooldown_seconds: u64,
-    /// Timeout of each discovery or JWKS request.
-    pub timeout_ms: u64,
-    /// How long a request waits for keys that are being fetched (first fetch, unknown kid)
-    /// before it is answered 503 (or 401 for a kid still unknown).
-    pub wait_ms: u64,
-}
-
-impl Default for JwksConfig {
-    fn default() -> Self {
-        JwksConfig {
-            refresh_seconds: 3600,
-            min_refresh_seconds: 60,
-            max_refresh_seconds: 86400,
-            retry_seconds: 10,
-            kid_miss_cooldown_seconds: 60,
-            timeout_ms: 5000,
-            wait_ms: 3000,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,23 +154,6 @@ pub struct AuthenticityConfig {
     pub secret: Option<String>,
 }
 
-fn default_issuers() -> Vec<IssuerConfig> {
-    ["https://gitlab.com", "https://customers.gitlab.com"]
-        .map(|issuer| IssuerConfig {
-            issuer: issuer.into(),
-            cluster: None,
-            authority: None,
-            jwks_path: None,
-            name: None,
-        })
-        .into()
-}
-fn default_audiences() -> Vec<String> {
-    vec!["gitlab-ai-gateway".into()]
-}
-fn default_clock_skew() -> u64 {
-    60
-}
 fn default_token_cache_size() -> usize {
     10_000
 }
@@ -240,38 +175,7 @@ const MIN_SECRET_BYTES: usize = 32;
 impl Config {
     /// Checks every field and builds the gateway. `env` reads the VM's environment variables.
     pub fn compile(self, env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
-        if self.issuers.is_empty() {
-            return Err(ConfigError::field("issuers", "must name at least one issuer"));
-        }
-        let mut issuers = Vec::with_capacity(self.issuers.len());
-        for (i, c) in self.issuers.iter().enumerate() {
-            let f = |name: &str| format!("issuers[{i}].{name}");
-            let host = c
-                .issuer
-                .strip_prefix("https://")
-                .map(|rest| rest.split('/').next().unwrap_or_default())
-                .filter(|h| !h.is_empty())
-                .ok_or_else(|| ConfigError::field(f("issuer"), format!("{:?} is not an https URL", c.issuer)))?;
-            if issuers.iter().any(|other: &Issuer| other.issuer == c.issuer) {
-                return Err(ConfigError::field(f("issuer"), format!("{:?} is listed twice", c.issuer)));
-            }
-            let path = |p: &Option<String>, name: &str| match p {
-                Some(p) if !p.starts_with('/') => Err(ConfigError::field(f(name), "must start with /")),
-                _ => Ok(p.clone()),
-            };
-            let bare_host = host.split(':').next().unwrap_or(host);
-            issuers.push(Issuer {
-                issuer: c.issuer.clone(),
-                cluster: c.cluster.clone().unwrap_or_else(|| bare_host.into()),
-                authority: c.authority.clone().unwrap_or_else(|| host.into()),
-                jwks_path: path(&c.jwks_path, "jwks_path")?,
-                discovery_path: format!(
-                    "{}/.well-known/openid-configuration",
-                    c.issuer.trim_end_matches('/').get(8 + host.len()..).unwrap_or_default()
-                ),
-                name: label(c.name.as_deref().unwrap_or(bare_host), &f("name"))?,
-            });
-        }
+        let issuers = compile_issuers(&self.issuers)?;
         if self.audiences.is_empty() {
             return Err(ConfigError::field("audiences", "must name at least one audience"));
         }
@@ -327,22 +231,7 @@ impl Config {
         }
         // Longest prefix first, so the first match is the most specific.
         features.sort_by_key(|f| std::cmp::Reverse(f.prefix.len()));
-        let j = &self.jwks;
-        if j.min_refresh_seconds == 0 || j.min_refresh_seconds > j.max_refresh_seconds {
-            return Err(ConfigError::field(
-                "jwks.min_refresh_seconds",
-                "must be at least 1 and at most max_refresh_seconds",
-            ));
-        }
-        if !(j.min_refresh_seconds..=j.max_refresh_seconds).contains(&j.refresh_seconds) {
-            return Err(ConfigError::field(
-                "jwks.refresh_seconds",
-                "must lie between min_refresh_seconds and max_refresh_seconds",
-            ));
-        }
-        if j.retry_seconds == 0 || j.timeout_ms == 0 {
-            return Err(ConfigError::field("jwks.retry_seconds", "retry_seconds and timeout_ms must be positive"));
-        }
+        self.jwks.check()?;
         if self.rate_limit.slots == 0 || self.rate_limit.key_claim.is_empty() {
             return Err(ConfigError::field("rate_limit.slots", "slots must be positive and key_claim non-empty"));
         }
@@ -391,17 +280,20 @@ impl Config {
         required.push("sub".into());
         let idle_ms = features.iter().filter_map(|f| f.limit.map(|l| l.refill_ms())).max().unwrap_or(0);
         Ok(Gateway {
-            validation: Validation {
-                issuers: issuers.iter().map(|i| i.issuer.clone()).collect(),
-                audiences: self.audiences,
-                leeway: self.clock_skew_seconds,
-                required,
+            verifier: Verifier {
+                validation: Validation {
+                    issuers: issuers.iter().map(|i| i.issuer.clone()).collect(),
+                    audiences: self.audiences,
+                    leeway: self.clock_skew_seconds,
+                    required,
+                },
+                issuers,
+                scopes,
+                key_claim: self.rate_limit.key_claim,
+                access_claim: None,
             },
-            issuers,
             features,
-            scopes,
             jwks: self.jwks,
-            key_claim: self.rate_limit.key_claim,
             slots: self.rate_limit.slots,
             idle_ms,
             token_cache_size: self.token_cache_size,
@@ -413,15 +305,6 @@ impl Config {
             forward_authorization: self.forward_authorization,
         })
     }
-}
-
-/// A bounded metric label: letters, digits and `_` (dots and dashes become `_`).
-fn label(raw: &str, field: &str) -> Result<String, ConfigError> {
-    let label: String = raw.chars().map(|c| if c == '.' || c == '-' { '_' } else { c }).collect();
-    if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(ConfigError::field(field, format!("{raw:?} must be letters, digits, '_', '-' or '.'")));
-    }
-    Ok(label)
 }
 
 fn is_header_name(s: &str) -> bool {

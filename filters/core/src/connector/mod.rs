@@ -6,37 +6,28 @@
 //! The filter crate fetches keys, keeps buckets in shared data and applies what this module decides.
 
 pub mod config;
-pub mod keys;
 pub mod limiter;
 
-use std::collections::HashMap;
 use std::fmt::Write;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use hmac::{Hmac, Mac};
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
+use crate::auth::{AuthError, JwksConfig, Verifier};
+pub use crate::auth::{Identity, Issuer, IssuerKeys, Keyring, TokenCache, MAX_SCOPES};
 use crate::config::ConfigError;
-use crate::jwt::{Jwks, JwtError, Unverified, Validation};
 use crate::reply::Reply;
-use config::{HeadersConfig, JwksConfig};
+use config::HeadersConfig;
 use limiter::{Limit, Verdict};
-
-/// Scopes are kept as a bit set per token and per feature.
-pub const MAX_SCOPES: usize = 64;
 
 /// The compiled configuration.
 #[derive(Debug)]
 pub struct Gateway {
-    pub issuers: Vec<Issuer>,
+    /// Issuers, claims checks, and the scopes the features require.
+    pub verifier: Verifier,
     pub features: Vec<Feature>,
-    /// Every scope some feature requires; bit i of a mask is `scopes[i]`.
-    scopes: Vec<String>,
-    validation: Validation,
     pub jwks: JwksConfig,
-    key_claim: String,
     pub slots: u32,
     /// After this long untouched, every bucket is full again (so its slot is free).
     pub idle_ms: u64,
@@ -47,18 +38,6 @@ pub struct Gateway {
     pub health_path: String,
     pub public_paths: Vec<String>,
     pub forward_authorization: bool,
-}
-
-#[derive(Debug)]
-pub struct Issuer {
-    pub issuer: String,
-    pub cluster: String,
-    pub authority: String,
-    /// Configured JWKS path; `None`: discover it.
-    pub jwks_path: Option<String>,
-    pub discovery_path: String,
-    /// Metric label.
-    pub name: String,
 }
 
 #[derive(Debug)]
@@ -193,107 +172,12 @@ impl Denial {
     }
 }
 
-/// The verified identity of a token, as the backends are told it.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Identity {
-    /// `sub`: the GitLab instance id.
-    pub instance_id: String,
-    /// `gitlab_realm`, if the token has one.
-    pub realm: Option<String>,
-    /// The `scopes` claim, comma-separated.
-    pub scopes: String,
-    scope_mask: u64,
-    pub issuer: usize,
-    /// The rate-limit key claim's value (`sub` when the token lacks the claim).
-    pub rate_key: String,
-    /// Unix seconds after which the token is no longer accepted (exp + clock skew).
-    valid_until: u64,
-    /// The issuer's keys generation it was verified with.
-    generation: u64,
-}
-
-/// One issuer's keys in force in this worker.
-#[derive(Debug)]
-pub struct IssuerKeys {
-    pub jwks: Jwks,
-    /// Bumped by every fetch that published new keys (shared across workers).
-    pub generation: u64,
-    pub fetched_ms: u64,
-}
-
-/// The keys in force, by issuer index.
-#[derive(Debug, Default)]
-pub struct Keyring {
-    issuers: Vec<Option<IssuerKeys>>,
-}
-
-impl Keyring {
-    pub fn new(issuers: usize) -> Self {
-        Keyring { issuers: (0..issuers).map(|_| None).collect() }
-    }
-
-    pub fn get(&self, issuer: usize) -> Option<&IssuerKeys> {
-        self.issuers.get(issuer)?.as_ref()
-    }
-
-    pub fn install(&mut self, issuer: usize, keys: IssuerKeys) {
-        if let Some(slot) = self.issuers.get_mut(issuer) {
-            *slot = Some(keys);
-        }
-    }
-}
-
-/// Verified tokens by sha256, bounded; an entry is used only until the token's `exp` and only
-/// while its issuer's keys are the ones it was verified with (a removed key is not honoured
-/// from the cache).
-#[derive(Debug)]
-pub struct TokenCache {
-    map: HashMap<[u8; 32], Rc<Identity>, BuildHasherDefault<DigestHasher>>,
-    capacity: usize,
-}
-
-impl TokenCache {
-    pub fn new(capacity: usize) -> Self {
-        TokenCache { map: HashMap::default(), capacity }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    fn insert(&mut self, digest: [u8; 32], identity: Rc<Identity>, now: u64) {
-        if self.capacity == 0 {
-            return;
-        }
-        if self.map.len() >= self.capacity {
-            self.map.retain(|_, id| id.valid_until > now);
-        }
-        if self.map.len() >= self.capacity {
-            // Still full of live tokens: drop an arbitrary eighth (amortised O(1) per insert).
-            let drop: Vec<[u8; 32]> = self.map.keys().take(self.capacity.div_ceil(8)).copied().collect();
-            for k in drop {
-                self.map.remove(&k);
-            }
-        }
-        self.map.insert(digest, identity);
-    }
-}
-
-/// The keys are sha256 digests already: their first 8 bytes are a perfectly good hash.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes.iter().take(8) {
-            self.0 = (self.0 << 8) | *b as u64;
+impl From<AuthError> for Denial {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Invalid(detail) => Denial::InvalidToken(detail),
+            AuthError::KeysUnavailable { issuer } => Denial::KeysUnavailable { issuer },
+            AuthError::UnknownKid { issuer } => Denial::UnknownKid { issuer },
         }
     }
 }
@@ -345,68 +229,11 @@ impl Gateway {
         cache: &mut TokenCache,
         now: u64,
     ) -> Result<Rc<Identity>, Denial> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(id) = cache.map.get(&digest) {
-            if now < id.valid_until && keys.get(id.issuer).is_some_and(|k| k.generation == id.generation) {
-                return Ok(id.clone());
-            }
-        }
-        let invalid = |e: JwtError| Denial::InvalidToken(e.to_string());
-        let unverified = Unverified::parse(token).map_err(invalid)?;
-        let iss = unverified.issuer().unwrap_or_default();
-        let issuer = self
-            .issuers
-            .iter()
-            .position(|i| i.issuer == iss)
-            .ok_or_else(|| Denial::InvalidToken(format!("issuer {iss:?} is not accepted")))?;
-        let issuer_keys = keys.get(issuer).ok_or(Denial::KeysUnavailable { issuer })?;
-        let claims = match unverified.verify(&issuer_keys.jwks) {
-            Err(JwtError::UnknownKid(_)) => return Err(Denial::UnknownKid { issuer }),
-            other => other.map_err(invalid)?,
-        };
-        self.validation.check(&claims, now).map_err(invalid)?;
-        let identity = Rc::new(self.identity(&claims, issuer, issuer_keys.generation)?);
-        cache.insert(digest, identity.clone(), now);
-        Ok(identity)
+        Ok(self.verifier.authenticate(token, keys, cache, now)?)
     }
 
-    fn identity(&self, claims: &Map<String, Value>, issuer: usize, generation: u64) -> Result<Identity, Denial> {
-        let string = |name: &str| match claims.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(Denial::InvalidToken(format!("claim `{name}` must be a string"))),
-        };
-        let instance_id = string("sub")?.ok_or_else(|| Denial::InvalidToken("claim `sub` is missing".into()))?;
-        let scope_list: Vec<&str> = match claims.get("scopes") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|s| s.as_str().ok_or_else(|| Denial::InvalidToken("`scopes` must be strings".into())))
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(Denial::InvalidToken("claim `scopes` must be an array".into())),
-        };
-        let scope_mask = self
-            .scopes
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| scope_list.contains(&s.as_str()))
-            .fold(0u64, |m, (bit, _)| m | 1 << bit);
-        let rate_key = match claims.get(&self.key_claim) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => instance_id.clone(),
-        };
-        let exp = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as u64;
-        Ok(Identity {
-            realm: string("gitlab_realm")?,
-            scopes: scope_list.join(","),
-            scope_mask,
-            issuer,
-            rate_key,
-            valid_until: exp.saturating_add(self.validation.leeway),
-            generation,
-            instance_id,
-        })
+    pub fn issuers(&self) -> &[Issuer] {
+        &self.verifier.issuers
     }
 
     /// The client's own claims about itself must agree with its token.
@@ -431,7 +258,7 @@ impl Gateway {
         if missing == 0 {
             return Ok(());
         }
-        let scope = self.scopes.get(missing.trailing_zeros() as usize).cloned().unwrap_or_default();
+        let scope = self.verifier.scopes.get(missing.trailing_zeros() as usize).cloned().unwrap_or_default();
         Err(Denial::Forbidden { scope })
     }
 

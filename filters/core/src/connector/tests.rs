@@ -1,9 +1,11 @@
 use super::*;
+use crate::jwt::Jwks;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Signer;
 use rand_chacha::rand_core::SeedableRng;
 use serde_json::json;
+use serde_json::Value;
 
 const NOW: u64 = 1_800_000_000;
 
@@ -53,7 +55,7 @@ fn gateway() -> Gateway {
 }
 
 fn keyring(gw: &Gateway, keys: Jwks, generation: u64) -> Keyring {
-    let mut ring = Keyring::new(gw.issuers.len());
+    let mut ring = Keyring::new(gw.issuers().len());
     ring.install(0, IssuerKeys { jwks: keys, generation, fetched_ms: 0 });
     ring
 }
@@ -61,7 +63,7 @@ fn keyring(gw: &Gateway, keys: Jwks, generation: u64) -> Keyring {
 #[test]
 fn defaults_follow_gitlab() {
     let gw = gateway();
-    let names: Vec<_> = gw.issuers.iter().map(|i| (i.issuer.as_str(), i.cluster.as_str(), i.name.as_str())).collect();
+    let names: Vec<_> = gw.issuers().iter().map(|i| (i.issuer.as_str(), i.cluster.as_str(), i.name.as_str())).collect();
     assert_eq!(
         names,
         vec![
@@ -69,15 +71,15 @@ fn defaults_follow_gitlab() {
             ("https://customers.gitlab.com", "customers.gitlab.com", "customers_gitlab_com")
         ]
     );
-    assert_eq!(gw.issuers[0].discovery_path, "/.well-known/openid-configuration");
-    assert_eq!(gw.validation.audiences, vec!["gitlab-ai-gateway"]);
+    assert_eq!(gw.issuers()[0].discovery_path, "/.well-known/openid-configuration");
+    assert_eq!(gw.verifier.validation.audiences, vec!["gitlab-ai-gateway"]);
     assert_eq!(gw.idle_ms, 12_000);
     let custom = r#"{"issuers":[{"issuer":"https://id.example:8443/realms/x/","jwks_path":"/keys"}],
                      "features":[{"name":"f","prefix":"/","cluster":"c"}]}"#;
     let gw = Gateway::from_json_env(custom.as_bytes(), |_| None).unwrap();
-    assert_eq!(gw.issuers[0].authority, "id.example:8443");
-    assert_eq!(gw.issuers[0].cluster, "id.example");
-    assert_eq!(gw.issuers[0].discovery_path, "/realms/x/.well-known/openid-configuration");
+    assert_eq!(gw.issuers()[0].authority, "id.example:8443");
+    assert_eq!(gw.issuers()[0].cluster, "id.example");
+    assert_eq!(gw.issuers()[0].discovery_path, "/realms/x/.well-known/openid-configuration");
     assert_eq!(gw.route("/anything").map(|(i, _)| i), Some(0), "prefix / serves every path");
 }
 

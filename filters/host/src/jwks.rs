@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use edgewise_core::connector::keys::{self, decode_shared, encode_shared};
-use edgewise_core::connector::{Gateway, IssuerKeys, Keyring};
+use edgewise_core::auth::keys::{self, decode_shared, encode_shared};
+use edgewise_core::auth::{Issuer, IssuerKeys, JwksConfig, Keyring};
 use edgewise_core::jwt::Jwks;
-use edgewise_host as host;
-use host::{Counter, Gauge};
+
+use crate as host;
+use crate::{Counter, Gauge};
 
 /// Shared-data keys and metrics of one issuer.
 struct Slot {
@@ -45,14 +46,15 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(gw: &Gateway, namespace: &str) -> Self {
-        let slots = gw
-            .issuers
+    /// `filter` names the metrics (`edgewise.<filter>.jwks.<issuer>.*`); `namespace` (the plugin
+    /// name) the shared data.
+    pub fn new(filter: &str, issuers: &[Issuer], namespace: &str) -> Self {
+        let slots = issuers
             .iter()
             .enumerate()
             .map(|(i, issuer)| {
-                let key = |k: &str| format!("edgewise.cloud_connector.{namespace}.{i}.{k}");
-                let metric = |m: &str| format!("edgewise.cloud_connector.jwks.{}.{m}", issuer.name);
+                let key = |k: &str| format!("edgewise.{filter}.{namespace}.{i}.{k}");
+                let metric = |m: &str| format!("edgewise.{filter}.jwks.{}.{m}", issuer.name);
                 Slot {
                     key_jwks: key("jwks"),
                     key_generation: key("generation"),
@@ -94,7 +96,7 @@ impl Fetcher {
                 true
             }
             Err(e) => {
-                log::error!("cloud-connector: shared keys of issuer {issuer} do not parse: {e}");
+                log::error!("jwks: shared keys of issuer {issuer} do not parse: {e}");
                 false
             }
         }
@@ -111,7 +113,7 @@ impl Fetcher {
     }
 
     /// Per tick: installs keys other workers fetched, and starts due fetches.
-    pub fn on_tick(&mut self, gw: &Gateway, keyring: &mut Keyring) -> bool {
+    pub fn on_tick(&mut self, issuers: &[Issuer], cfg: &JwksConfig, keyring: &mut Keyring) -> bool {
         let now = host::now_ms();
         let mut changed = false;
         for issuer in 0..self.slots.len() {
@@ -124,17 +126,17 @@ impl Fetcher {
             if slot.in_flight.is_some() {
                 continue;
             }
-            let retry_ms = gw.jwks.retry_seconds * 1000;
+            let retry_ms = cfg.retry_seconds * 1000;
             if host::shared_u64_cas(&slot.key_lease, |due| (now >= due).then_some(now + retry_ms)).is_some() {
-                Self::start(slot, gw, issuer);
+                Self::start(slot, issuers, cfg, issuer);
             }
         }
         changed
     }
 
-    fn start(slot: &mut Slot, gw: &Gateway, issuer: usize) {
-        let Some(cfg) = gw.issuers.get(issuer) else { return };
-        let timeout = Duration::from_millis(gw.jwks.timeout_ms);
+    fn start(slot: &mut Slot, issuers: &[Issuer], jwks: &JwksConfig, issuer: usize) {
+        let Some(cfg) = issuers.get(issuer) else { return };
+        let timeout = Duration::from_millis(jwks.timeout_ms);
         if slot.jwks_at.is_none() {
             // Another worker may have discovered it already ("authority path").
             let (shared, _) = host::shared_get(&slot.key_jwks_at);
@@ -152,17 +154,24 @@ impl Fetcher {
     }
 
     /// A discovery or JWKS response (or its failure). Returns true if new keys were installed.
-    pub fn on_response(&mut self, token: u32, body_size: usize, gw: &Gateway, keyring: &mut Keyring) -> bool {
+    pub fn on_response(
+        &mut self,
+        token: u32,
+        body_size: usize,
+        issuers: &[Issuer],
+        jwks: &JwksConfig,
+        keyring: &mut Keyring,
+    ) -> bool {
         let Some(issuer) = self.slots.iter().position(|s| s.in_flight.is_some_and(|(t, _)| t == token)) else {
             return false;
         };
-        let (Some(slot), Some(cfg)) = (self.slots.get_mut(issuer), gw.issuers.get(issuer)) else { return false };
+        let (Some(slot), Some(cfg)) = (self.slots.get_mut(issuer), issuers.get(issuer)) else { return false };
         let Some((_, stage)) = slot.in_flight.take() else { return false };
         let status = host::call_response_header(":status");
         let body = if status.as_deref() == Some("200") { host::call_response_body(body_size) } else { None };
         let Some(body) = body else {
             log::warn!(
-                "cloud-connector: {} of {} answered {}; keeping the keys in force",
+                "jwks: {} of {} answered {}; keeping the keys in force",
                 if stage == Stage::Jwks { "JWKS" } else { "OpenID configuration" },
                 cfg.issuer,
                 status.as_deref().unwrap_or("nothing (unreachable or timed out)")
@@ -180,38 +189,34 @@ impl Fetcher {
                 Ok(at) => {
                     host::shared_set(&slot.key_jwks_at, format!("{} {}", at.0, at.1).as_bytes(), None);
                     slot.jwks_at = Some(at);
-                    Self::start(slot, gw, issuer);
+                    Self::start(slot, issuers, jwks, issuer);
                     false
                 }
                 Err(e) => {
-                    log::warn!("cloud-connector: OpenID configuration of {}: {e}", cfg.issuer);
+                    log::warn!("jwks: OpenID configuration of {}: {e}", cfg.issuer);
                     Self::complete(slot, false);
                     false
                 }
             },
             Stage::Jwks => {
                 let installed = match Jwks::from_json(&body) {
-                    Ok(jwks) if !jwks.is_empty() => {
+                    Ok(parsed) if !parsed.is_empty() => {
                         let now = host::now_ms();
                         let refresh_ms =
-                            keys::refresh_after(host::call_response_header("cache-control").as_deref(), &gw.jwks)
-                                * 1000;
+                            keys::refresh_after(host::call_response_header("cache-control").as_deref(), jwks) * 1000;
                         host::shared_set(&slot.key_lease, &(now + refresh_ms).to_le_bytes(), None);
                         host::shared_set(&slot.key_fetched, &now.to_le_bytes(), None);
-                        let installed = Self::publish(slot, issuer, &body, jwks, now, keyring);
+                        let installed = Self::publish(slot, issuer, &body, parsed, now, keyring);
                         Self::complete(slot, true);
                         installed
                     }
                     Ok(_) => {
-                        log::warn!(
-                            "cloud-connector: JWKS of {} has no usable signing key; keeping the keys in force",
-                            cfg.issuer
-                        );
+                        log::warn!("jwks: JWKS of {} has no usable signing key; keeping the keys in force", cfg.issuer);
                         Self::complete(slot, false);
                         false
                     }
                     Err(e) => {
-                        log::warn!("cloud-connector: JWKS of {}: {e}; keeping the keys in force", cfg.issuer);
+                        log::warn!("jwks: JWKS of {}: {e}; keeping the keys in force", cfg.issuer);
                         Self::complete(slot, false);
                         false
                     }
@@ -231,7 +236,7 @@ impl Fetcher {
             return false;
         }
         let Some(generation) = host::shared_u64_cas(&slot.key_generation, |g| Some(g + 1)) else { return false };
-        log::info!("cloud-connector: {} keys of issuer {issuer} in force (generation {generation})", jwks.len());
+        log::info!("jwks: {} keys of issuer {issuer} in force (generation {generation})", jwks.len());
         slot.key_count.set(jwks.len() as u64);
         keyring.install(issuer, IssuerKeys { jwks, generation, fetched_ms: now });
         true

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::config::JwksConfig;
+use super::JwksConfig;
 
 #[derive(Deserialize)]
 struct Discovery {

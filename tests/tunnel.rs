@@ -1,0 +1,301 @@
+//! End-to-end: envoy/tunnel-hub.yaml (two workers, tunnel-auth.wasm) and envoy/tunnel-agent.yaml
+//! on real Envoy, a token issuer stand-in and a kubectl-proxy stand-in behind the agent. The agent
+//! only dials out; users reach the stand-in through the hub, as far as their token allows.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use edgewise::client::{Client, Request, Response};
+use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::idp::Idp;
+use edgewise::scenarios::cloud_connector::{Issuers, GITLAB};
+use edgewise::scenarios::tunnel::{self as tn, KubectlProxy, Pki};
+use serde_json::json;
+
+struct Hub {
+    envoy: Envoy,
+    users: SocketAddr,
+    handshake: u16,
+}
+
+async fn start_hub(config: &Config, work: &Path, users: u16, handshake: u16) -> Hub {
+    let config = config.clone().port(tn::ports::USERS, users).port(tn::ports::HANDSHAKE, handshake);
+    std::fs::create_dir_all(work).unwrap();
+    let envoy = Envoy::start_in(&config.any_admin_port(), work, Options::default()).await.unwrap();
+    let users = envoy.listener("tunnel_users").await.unwrap();
+    let handshake = envoy.listener("tunnel_handshake").await.unwrap().port();
+    Hub { envoy, users, handshake }
+}
+
+async fn start_agent(config: &Config) -> Envoy {
+    Envoy::start_with(config, Options { concurrency: 1, ..Options::default() }).await.unwrap()
+}
+
+/// Waits until both hub workers hold a tunnel of `cluster`; returns how long that took.
+async fn tunnels_up(hub: &Envoy, cluster: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let stats = hub.stats().await.unwrap_or_default();
+        let up = (0..2).all(|w| stats.get(&format!("tunnel_hub.worker_{w}.node.{cluster}")).is_some_and(|n| *n >= 1));
+        if up {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "no tunnels of {cluster} on both hub workers after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Setup {
+    run: tempfile::TempDir,
+    pki: Pki,
+    _issuers: (Issuers, edgewise::server::Server),
+    user_key: Idp,
+    kubectl: KubectlProxy,
+    hub_config: Config,
+    hub: Hub,
+    agent: Envoy,
+}
+
+async fn setup() -> Setup {
+    edgewise::init_crypto();
+    let run = tempfile::tempdir().unwrap();
+    let pki = Pki::install(run.path()).unwrap();
+    let issuers = Issuers::start(&pki.issuer_ca).await.unwrap();
+    let user_key = Idp::new(GITLAB, "users-1").unwrap();
+    issuers.0.publish(GITLAB, vec![user_key.jwk()]);
+    let kubectl = KubectlProxy::start(12).await.unwrap();
+    let hub_config = pki.hub_config(run.path(), issuers.1.port());
+    let hub = start_hub(&hub_config, &run.path().join("hub"), 0, 0).await;
+    let agent = start_agent(&pki.agent_config(run.path(), hub.handshake, kubectl.port)).await;
+    tunnels_up(&hub.envoy, "cluster-a", Duration::from_secs(10)).await;
+    let s = Setup { run, pki, _issuers: issuers, user_key, kubectl, hub_config, hub, agent };
+    // tunnel-auth answers 503 until the issuer's keys are in (fetched within ~0.2 s of start).
+    let probe = s.token("probe", &["cluster-z"]);
+    let start = Instant::now();
+    while s.get("/clusters/cluster-a/version", Some(&probe), &[]).await.status == 503 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the hub never got the issuer's keys");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s
+}
+
+impl Setup {
+    fn token(&self, user: &str, clusters: &[&str]) -> String {
+        let now = edgewise::idp::now();
+        self.user_key
+            .token(json!({"sub": user, "aud": tn::AUDIENCE, "clusters": clusters, "exp": now + 600, "iat": now}))
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>, extra: &[(&str, &str)]) -> Response {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut req = Request::get("hub.example", path);
+        if let Some(b) = &bearer {
+            req = req.header("authorization", b);
+        }
+        for (k, v) in extra {
+            req = req.header(k, v);
+        }
+        Client::plain().timeout(Duration::from_secs(40)).send(self.hub.users, req).await.unwrap()
+    }
+}
+
+fn assert_json_error(r: &Response, status: u16, error: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.json()["error"], error, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_reach_only_their_clusters_through_the_tunnel() {
+    let s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    // Through hub -> tunnel -> agent -> kubectl proxy, prefix stripped, Host rewritten; the
+    // client's own selection header and token do not reach the cluster.
+    let start = Instant::now();
+    let r = loop {
+        let r = s
+            .get(
+                "/clusters/cluster-a/api/v1/namespaces?limit=1",
+                Some(&alice),
+                &[("x-edgewise-tunnel-cluster", "cluster-b")],
+            )
+            .await;
+        if r.status == 200 || start.elapsed() > Duration::from_secs(10) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["path"], "/api/v1/namespaces?limit=1");
+    assert_eq!(seen["headers"]["host"], "kubernetes.default.svc");
+    assert!(seen["headers"].get("x-edgewise-tunnel-cluster").is_none(), "{seen}");
+    assert!(seen["headers"].get("authorization").is_none(), "the user's token stays at the hub: {seen}");
+
+    // 401 without or with a bad token, 403 for someone else's cluster, 404 for other paths.
+    assert_json_error(&s.get("/clusters/cluster-a/api", None, &[]).await, 401, "unauthenticated");
+    assert_json_error(&s.get("/clusters/cluster-a/api", Some("not.a.token"), &[]).await, 401, "invalid_token");
+    let bob = s.token("bob", &["cluster-b"]);
+    let r = s.get("/clusters/cluster-a/api", Some(&bob), &[]).await;
+    assert_json_error(&r, 403, "forbidden");
+    assert!(r.json()["detail"].as_str().unwrap().contains("bob may not reach cluster cluster-a"));
+    assert_json_error(
+        &s.get("/api/v1/namespaces", Some(&alice), &[("x-edgewise-tunnel-cluster", "cluster-a")]).await,
+        404,
+        "not_found",
+    );
+    let requests = s.kubectl.requests().len();
+    assert_eq!(requests, 1, "only the allowed request reached the cluster");
+
+    // A cluster the user may reach but whose agent is not connected: a clear 503.
+    let carol = s.token("carol", &["cluster-c"]);
+    let r = s.get("/clusters/cluster-c/api", Some(&carol), &[]).await;
+    assert_json_error(&r, 503, "tunnel_unavailable");
+    assert_eq!(r.json()["cluster"], "cluster-c");
+
+    // The agent listens on nothing but its admin address.
+    let out = std::process::Command::new("ss").args(["-Hltnp"]).output().unwrap();
+    let pid = format!("pid={},", s.agent.pid());
+    let listening: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&pid)).map(str::to_owned).collect();
+    assert_eq!(listening.len(), 1, "agent sockets: {listening:?}");
+    assert!(listening[0].contains(&s.agent.admin.to_string()), "{listening:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_impostor_agent_is_refused_and_gets_no_traffic() {
+    let mut s = setup().await;
+    // Stop the real agent: only impostors claim cluster-a now.
+    s.agent.kill();
+    let alice = s.token("alice", &["cluster-a"]);
+    let refused_before = s.hub.envoy.stat("reverse_tunnel.handshake.validation_failed").await.unwrap_or(0);
+    let impostor_proxy = KubectlProxy::start(1).await.unwrap();
+    let mut impostors = Vec::new();
+    // A genuine agent certificate of cluster-b claiming cluster-a, and a cluster-a certificate
+    // from a CA the hub does not trust.
+    let rogue_ca = edgewise::certs::Ca::new("rogue CA").unwrap();
+    for (name, leaf) in [
+        ("cluster-b", s.pki.agent_leaf("cluster-b").unwrap()),
+        ("rogue", rogue_ca.issue(&edgewise::certs::LeafSpec::server(&["cluster-a"])).unwrap()),
+    ] {
+        let dir = s.run.path().join(name);
+        s.pki.other_agent(&dir, &leaf).unwrap();
+        impostors.push(start_agent(&s.pki.agent_config(&dir, s.hub.handshake, impostor_proxy.port)).await);
+    }
+    let start = Instant::now();
+    while s.hub.envoy.stat("reverse_tunnel.handshake.validation_failed").await.unwrap_or(0) < refused_before + 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the cluster-b impostor was not refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = s.hub.envoy.stats().await.unwrap();
+    let tls_refused: u64 = stats.iter().filter(|(k, _)| k.ends_with("ssl.fail_verify_error")).map(|(_, v)| *v).sum();
+    assert!(tls_refused >= 1, "the rogue certificate passed TLS");
+    for _ in 0..5 {
+        let r = s.get("/clusters/cluster-a/api", Some(&alice), &[]).await;
+        assert_json_error(&r, 503, "tunnel_unavailable");
+    }
+    assert!(impostor_proxy.requests().is_empty(), "an impostor got cluster-a's traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_and_hub_restarts_recover_and_a_frozen_agent_fails_fast() {
+    let mut s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let until_ok = |users: SocketAddr| {
+        let bearer = format!("Bearer {alice}");
+        async move {
+            let start = Instant::now();
+            loop {
+                let req = Request::get("hub.example", "/clusters/cluster-a/version").header("authorization", &bearer);
+                if Client::plain().send(users, req).await.is_ok_and(|r| r.status == 200) {
+                    return start.elapsed();
+                }
+                assert!(start.elapsed() < Duration::from_secs(15), "no 200 after {:?}", start.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until_ok(s.hub.users).await;
+
+    // The agent is killed and started again: measured from the new agent's start.
+    s.agent.kill();
+    let agent_config = s.pki.agent_config(s.run.path(), s.hub.handshake, s.kubectl.port);
+    let start = Instant::now();
+    s.agent = start_agent(&agent_config).await;
+    until_ok(s.hub.users).await;
+    let after_agent = start.elapsed();
+    println!("agent restart: first 200 {after_agent:?} after starting the new agent");
+    assert!(after_agent < Duration::from_secs(4), "{after_agent:?}");
+
+    // The hub is killed and started again on the same ports: the agent re-dials by itself.
+    let (users, handshake) = (s.hub.users.port(), s.hub.handshake);
+    s.hub.envoy.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    s.hub = start_hub(&s.hub_config, &s.run.path().join("hub"), users, handshake).await;
+    let ready = start.elapsed();
+    let reconnected = tunnels_up(&s.hub.envoy, "cluster-a", Duration::from_secs(10)).await;
+    until_ok(s.hub.users).await;
+    let after_hub = start.elapsed();
+    println!("hub restart: ready after {ready:?}, tunnels on both workers {reconnected:?} later, first 200 {after_hub:?} after the start");
+    assert!(reconnected < Duration::from_millis(2500), "agent re-dialled {reconnected:?} after the hub was ready");
+
+    // A frozen agent (SIGSTOP): the hub's HTTP/2 keepalive fails requests fast, never hanging
+    // until a route timeout (there is none: watches must not be cut).
+    let pid = s.agent.pid().to_string();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let r = s.get("/clusters/cluster-a/version", Some(&alice), &[]).await;
+    let took = start.elapsed();
+    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    println!("frozen agent: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(took < Duration::from_secs(6), "a frozen agent held the request {took:?}");
+    let after_thaw = until_ok(s.hub.users).await;
+    println!("thawed agent: first 200 after {after_thaw:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_streams_through_the_tunnel_without_being_cut() {
+    let s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let start = Instant::now();
+    let r = s.get("/clusters/cluster-a/api/v1/pods?watch=true", Some(&alice), &[]).await;
+    let took = start.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = r.text().lines().filter(|l| l.contains("MODIFIED")).count();
+    println!("watch: {events} events over {took:?}");
+    assert_eq!(events, 12, "{}", r.text());
+    assert!(took >= Duration::from_secs(11), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_agent_serves_two_hub_replicas() {
+    let mut s = setup().await;
+    let hub2 = start_hub(&s.hub_config, &s.run.path().join("hub2"), 0, 0).await;
+    // The agent's `hub` cluster with both replicas as endpoints (in Kubernetes: STRICT_DNS on a
+    // headless Service, as deploy/tunnel-agent/envoy.yaml does).
+    let endpoint = |port: u16| {
+        format!("        - endpoint:\n            address:\n              socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n")
+    };
+    let config = s
+        .pki
+        .agent_config(s.run.path(), s.hub.handshake, s.kubectl.port)
+        .replace(&endpoint(s.hub.handshake), &(endpoint(s.hub.handshake) + &endpoint(hub2.handshake)));
+    s.agent.kill();
+    s.agent = start_agent(&config).await;
+    tunnels_up(&s.hub.envoy, "cluster-a", Duration::from_secs(10)).await;
+    tunnels_up(&hub2.envoy, "cluster-a", Duration::from_secs(10)).await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let bearer = format!("Bearer {alice}");
+    for hub in [s.hub.users, hub2.users] {
+        let req = Request::get("hub.example", "/clusters/cluster-a/version").header("authorization", &bearer);
+        let r = Client::plain().send(hub, req).await.unwrap();
+        assert_eq!(r.status, 200, "via {hub}: {}", r.text());
+    }
+    // One replica goes away: the other keeps serving.
+    s.hub.envoy.kill();
+    let req = Request::get("hub.example", "/clusters/cluster-a/version").header("authorization", &bearer);
+    assert_eq!(Client::plain().send(hub2.users, req).await.unwrap().status, 200);
+}
