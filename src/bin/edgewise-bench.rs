@@ -4,7 +4,7 @@
 //! and noisy. The key figure is the front Envoy's CPU time per request (from /proc), as a ratio
 //! to the no-filter baseline and as microseconds added per request.
 //!
-//! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS (default 5), BENCH_ONLY (comma-separated
+//! Environment: BENCH_ROUNDS (default 5), BENCH_SECONDS (default 4), BENCH_ONLY (comma-separated
 //! substrings of configuration names to run), BENCH_TOKENS (distinct tokens signed).
 
 use std::fmt::Write as _;
@@ -165,11 +165,19 @@ const CC_HOST: &str = "cloud.gitlab.com";
 
 /// cloud-connector as deployed: a feature with a scope, a rate limit that is never reached,
 /// identity headers and the HMAC signature; keys from the issuer stand-in of the bench process.
-fn cloud_connector() -> String {
+fn cloud_connector(lean: bool) -> String {
+    let (limit, authenticity) = if lean {
+        ("", "")
+    } else {
+        (
+            r#","rate_limit":{"requests":1000000,"per":"second"}"#,
+            r#","authenticity":{"secret":"a-benchmark-secret-of-at-least-32-bytes"}"#,
+        )
+    };
     wasm_filter(
         "cloud-connector",
         &format!(
-            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream","rate_limit":{{"requests":1000000,"per":"second"}}}}],"cluster_header":"x-edgewise-cluster","authenticity":{{"secret":"a-benchmark-secret-of-at-least-32-bytes"}}}}"#
+            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream"{limit}}}],"cluster_header":"x-edgewise-cluster"{authenticity}}}"#
         ),
     )
 }
@@ -247,14 +255,21 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "cc-hit",
             what: "cloud-connector.wasm, RS256, the same token (cache hit)",
             host: CC_HOST,
-            filters: cloud_connector(),
+            filters: cloud_connector(false),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-hit-lean",
+            what: "cloud-connector.wasm, cache hit, no rate limit and no signature",
+            host: CC_HOST,
+            filters: cloud_connector(true),
             tokens: Tokens::One,
         },
         Bench {
             name: "cc-miss",
             what: "cloud-connector.wasm, RS256, a new token per request",
             host: CC_HOST,
-            filters: cloud_connector(),
+            filters: cloud_connector(false),
             tokens: Tokens::Fresh,
         },
         Bench {
@@ -447,8 +462,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
 
     // One RS256 key for cloud-connector and jwt_authn, and the tokens wrk sends: one repeated, and
@@ -591,7 +606,11 @@ async fn main() -> Result<()> {
         ratio("cc-miss", "jwt_authn", 3.0),
     );
     for (i, b) in benches.iter().enumerate() {
-        if b.filters.contains("wasm.v3.Wasm") && !b.name.ends_with("-miss") && b.name != "serverless-100k" {
+        if b.filters.contains("wasm.v3.Wasm")
+            && !b.name.ends_with("-miss")
+            && !b.name.ends_with("-lean")
+            && b.name != "serverless-100k"
+        {
             let load = med(i, |s| s.ready_s) - base_ready;
             check(
                 &format!("{} loads in under 0.5 s", b.name),

@@ -9,8 +9,6 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Verifier;
-use rsa::traits::PublicKeyParts;
-use rsa::{BigUint, Pkcs1v15Sign, RsaPublicKey};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -70,16 +68,16 @@ pub enum JwksError {
 
 #[derive(Debug, Clone)]
 enum KeyMaterial {
-    /// e = 65537, the exponent every JWKS in practice uses: the fast path.
+    /// RSA with e = 65537, the exponent every JWKS in practice uses (keys with another exponent
+    /// are left out as unusable: supporting them would double the module for no real issuer).
     Rsa65537(Rs256Key),
-    Rsa(RsaPublicKey),
     P256(p256::ecdsa::VerifyingKey),
 }
 
 impl KeyMaterial {
     fn alg(&self) -> Alg {
         match self {
-            KeyMaterial::Rsa65537(_) | KeyMaterial::Rsa(_) => Alg::RS256,
+            KeyMaterial::Rsa65537(_) => Alg::RS256,
             KeyMaterial::P256(_) => Alg::ES256,
         }
     }
@@ -135,19 +133,18 @@ impl Jwks {
                 ("RSA", _) => {
                     let n = b64(k.n.as_deref()).ok_or_else(|| bad("n is missing or not base64url"))?;
                     let e = b64(k.e.as_deref()).ok_or_else(|| bad("e is missing or not base64url"))?;
-                    let key = RsaPublicKey::new_with_max_size(
-                        BigUint::from_bytes_be(&n),
-                        BigUint::from_bytes_be(&e),
-                        MAX_RSA_BITS,
-                    )
-                    .map_err(|_| bad("not a valid RSA public key"))?;
-                    if key.n().bits() < MIN_RSA_BITS {
-                        return Err(bad("RSA keys must have at least 2048 bits"));
-                    }
                     let small_e = if e.len() <= 8 { e.iter().fold(0u64, |acc, &b| (acc << 8) | b as u64) } else { 0 };
-                    match Rs256Key::new(&n, small_e) {
-                        Some(fast) => KeyMaterial::Rsa65537(fast),
-                        None => KeyMaterial::Rsa(key),
+                    let n = n.get(n.iter().take_while(|b| **b == 0).count()..).unwrap_or_default();
+                    if n.len() * 8 > MAX_RSA_BITS {
+                        return Err(bad("RSA keys may have at most 8192 bits"));
+                    }
+                    match Rs256Key::new(n, small_e) {
+                        Some(key) if key.bits() < MIN_RSA_BITS => {
+                            return Err(bad("RSA keys must have at least 2048 bits"))
+                        }
+                        Some(key) => KeyMaterial::Rsa65537(key),
+                        None if small_e == 65537 => return Err(bad("not a valid RSA public key")),
+                        None => continue,
                     }
                 }
                 ("EC", Some("P-256")) => {
@@ -261,7 +258,6 @@ impl<'a> Unverified<'a> {
         let digest: [u8; 32] = Sha256::digest(input).into();
         let ok = fitting.any(|k| match &k.key {
             KeyMaterial::Rsa65537(key) => key.verify(&digest, &self.signature),
-            KeyMaterial::Rsa(key) => key.verify(Pkcs1v15Sign::new::<Sha256>(), &digest, &self.signature).is_ok(),
             KeyMaterial::P256(key) => p256::ecdsa::Signature::from_slice(&self.signature)
                 .map(|sig| key.verify(input, &sig).is_ok())
                 .unwrap_or(false),
@@ -334,6 +330,7 @@ mod tests {
     use p256::ecdsa::signature::Signer;
     use rand_chacha::rand_core::SeedableRng;
     use rsa::traits::PublicKeyParts;
+    use rsa::Pkcs1v15Sign;
     use std::sync::OnceLock;
 
     fn rng(seed: u64) -> rand_chacha::ChaCha20Rng {
@@ -474,6 +471,12 @@ mod tests {
             {
                 let mut k = rsa_jwk("enc", None);
                 k["use"] = "enc".into();
+                k
+            },
+            {
+                // e = 3: no issuer uses it, and only e = 65537 is implemented.
+                let mut k = rsa_jwk("e3", None);
+                k["e"] = "Aw".into();
                 k
             },
         ]);
