@@ -4,7 +4,7 @@
 //! and noisy. The key figure is the front Envoy's CPU time per request (from /proc), as a ratio
 //! to the no-filter baseline and as microseconds added per request.
 //!
-//! Environment: BENCH_ROUNDS (default 5), BENCH_SECONDS (default 4), BENCH_ONLY (comma-separated
+//! Environment: BENCH_ROUNDS (default 5), BENCH_SECONDS (default 3: 1-second bursts, each paired with one on the reference), BENCH_ONLY (comma-separated
 //! substrings of configuration names to run), BENCH_TOKENS (distinct tokens signed).
 
 use std::fmt::Write as _;
@@ -40,6 +40,9 @@ enum Tokens {
 
 #[derive(Default, Clone)]
 struct Sample {
+    /// CPU per request of the reference (no-filter) Envoy, measured in the bursts alternating
+    /// with this configuration's.
+    base_cpu_us_per_req: f64,
     rps: f64,
     p50_us: f64,
     p99_us: f64,
@@ -231,6 +234,13 @@ fn benches(jwks: &str) -> Vec<Bench> {
             tokens: Tokens::None,
         },
         Bench {
+            name: "wasm-floor",
+            what: "serverless.wasm passing through a Host outside its domain: the fixed cost of any wasm filter",
+            host: "www.example.com",
+            filters: serverless(10),
+            tokens: Tokens::None,
+        },
+        Bench {
             name: "lua-serverless",
             what: "Lua, the serverless rewrite, 10 routes",
             host: SERVERLESS_HOST,
@@ -378,7 +388,58 @@ fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64, t
     Ok(w)
 }
 
+/// Waits until the configuration answers 200 (a polled table or fetched keys may take a moment).
+async fn until_ok(addr: std::net::SocketAddr, bench: &Bench, token: &str) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let bearer = format!("Bearer {token}");
+    loop {
+        let mut req = edgewise::client::Request::get(bench.host, "/");
+        if bench.tokens != Tokens::None {
+            req = req.header("authorization", &bearer);
+        }
+        let r = edgewise::client::Client::plain().send(addr, req).await?;
+        if r.status == 200 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{}: warm-up request answered {}: {}", bench.name, r.status, r.text());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Accumulated 1-second wrk bursts (32 connections) on one Envoy.
+#[derive(Default)]
+struct Bursts {
+    ticks: u64,
+    requests: f64,
+    seconds: f64,
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+}
+
+impl Bursts {
+    fn run(&mut self, addr: std::net::SocketAddr, pid: u32, host: &str, tokens: Option<&Path>) -> Result<()> {
+        let before = cpu_ticks(pid)?;
+        let w = wrk(addr, host, 32, 1, tokens)?;
+        self.ticks += cpu_ticks(pid)? - before;
+        self.requests += w.requests;
+        self.seconds += 1.0;
+        self.p50s.push(w.p50_us);
+        self.p99s.push(w.p99_us);
+        Ok(())
+    }
+
+    /// CPU time per request (clock ticks are 10 ms; summed over the bursts).
+    fn cpu_us_per_req(&self) -> f64 {
+        self.ticks as f64 * 10_000.0 / self.requests.max(1.0)
+    }
+}
+
 struct Env {
+    /// The reference front Envoy (no filter) the bursts alternate with, and its process.
+    reference: std::net::SocketAddr,
+    reference_pid: u32,
     upstream_port: u16,
     management_port: u16,
     issuer_port: u16,
@@ -405,30 +466,17 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
     .await?;
     let ready_s = started.elapsed().as_secs_f64();
     let addr = envoy.listener("bench").await?;
-    // Check the configuration answers 200 (a polled table may take a moment) before measuring.
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let bearer = format!("Bearer {first_token}");
-        let mut req = edgewise::client::Request::get(bench.host, "/");
-        if tokens.is_some() {
-            req = req.header("authorization", &bearer);
-        }
-        let r = edgewise::client::Client::plain().send(addr, req).await?;
-        if r.status == 200 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{}: warm-up request answered {}: {}", bench.name, r.status, r.text());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    wrk(addr, bench.host, 32, 1, tokens)?;
+    until_ok(addr, bench, &first_token).await?;
+    // Paired measurement: 1-second bursts alternate between this configuration and the reference
+    // Envoy (no filter, same requests), so both see the same machine, however noisy it is.
     let pid = envoy.pid();
-    let before = cpu_ticks(pid)?;
-    let w = wrk(addr, bench.host, 32, seconds, tokens)?;
-    let after = cpu_ticks(pid)?;
-    let ticks_per_s = 100.0;
-    let cpu_us = (after - before) as f64 / ticks_per_s * 1e6;
+    wrk(addr, bench.host, 32, 1, tokens)?;
+    wrk(env.reference, bench.host, 32, 1, tokens)?;
+    let (mut mine, mut base) = (Bursts::default(), Bursts::default());
+    for _ in 0..seconds.max(1) {
+        base.run(env.reference, env.reference_pid, bench.host, tokens)?;
+        mine.run(addr, pid, bench.host, tokens)?;
+    }
     let c1 = wrk(addr, bench.host, 1, (seconds / 2).max(1), tokens)?;
     let rss1_mib = rss_mib(pid);
     drop(envoy);
@@ -437,16 +485,18 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
         let envoy =
             Envoy::start_with(&config, Options { concurrency: 2, log_level: "warning", ..Options::default() }).await?;
         let addr = envoy.listener("bench").await?;
+        until_ok(addr, bench, &first_token).await?;
         wrk(addr, bench.host, 8, 1, tokens)?;
         Some(rss_mib(envoy.pid()))
     } else {
         None
     };
     Ok(Sample {
-        rps: w.rps,
-        p50_us: w.p50_us,
-        p99_us: w.p99_us,
-        cpu_us_per_req: cpu_us / w.requests,
+        base_cpu_us_per_req: base.cpu_us_per_req(),
+        rps: mine.requests / mine.seconds,
+        p50_us: median(mine.p50s.clone()),
+        p99_us: median(mine.p99s.clone()),
+        cpu_us_per_req: mine.cpu_us_per_req(),
         rps_c1: c1.rps,
         p50_c1_us: c1.p50_us,
         rss_mib: rss1_mib,
@@ -463,7 +513,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
 
     // One RS256 key for cloud-connector and jwt_authn, and the tokens wrk sends: one repeated, and
@@ -519,8 +569,22 @@ async fn main() -> Result<()> {
     let management = Server::start("management", Listen::default(), table.handler()).await?;
     let keys = Document::new(jwks.clone());
     let issuer = Server::start("issuer", Listen::default(), keys.handler()).await?;
-    let env =
-        Env { upstream_port, management_port: management.port(), issuer_port: issuer.port(), one_token, fresh_tokens };
+    let reference_bench =
+        Bench { name: "reference", what: "", host: SERVERLESS_HOST, filters: String::new(), tokens: Tokens::None };
+    let reference = Envoy::start_with(
+        &front_config(&reference_bench, upstream_port, management.port(), issuer.port()),
+        Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() },
+    )
+    .await?;
+    let env = Env {
+        reference: reference.listener("bench").await?,
+        reference_pid: reference.pid(),
+        upstream_port,
+        management_port: management.port(),
+        issuer_port: issuer.port(),
+        one_token,
+        fresh_tokens,
+    };
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); benches.len()];
     for round in 0..rounds {
@@ -541,7 +605,9 @@ async fn main() -> Result<()> {
     }
 
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
-    let base_cpu = med(0, |s| s.cpu_us_per_req);
+    // Added CPU per request: the median over rounds of (this - the reference in the same bursts).
+    let added = |i: usize| med(i, |s| s.cpu_us_per_req - s.base_cpu_us_per_req);
+    let ratio = |i: usize| med(i, |s| s.cpu_us_per_req / s.base_cpu_us_per_req);
     let base_ready = med(0, |s| s.ready_s);
     let base_rss = med(0, |s| s.rss_mib);
     let base_rss2 = samples[0].iter().find_map(|s| s.rss2_mib).unwrap_or(0.0);
@@ -560,8 +626,8 @@ async fn main() -> Result<()> {
             med(i, |s| s.p50_us),
             med(i, |s| s.p99_us),
             cpu,
-            cpu / base_cpu,
-            cpu - base_cpu,
+            ratio(i),
+            added(i),
             med(i, |s| s.rps_c1),
             med(i, |s| s.p50_c1_us),
             med(i, |s| s.rss_mib),
@@ -575,7 +641,7 @@ async fn main() -> Result<()> {
 
     // The targets of the benchmark issue, each met or not, with the measured figures.
     let index = |name: &str| benches.iter().position(|b| b.name == name);
-    let added = |name: &str| index(name).map(|i| med(i, |s| s.cpu_us_per_req) - base_cpu);
+    let added = |name: &str| index(name).map(added);
     let mut targets = String::new();
     let mut check = |what: &str, figures: Option<(String, bool)>| {
         let _ = match figures {
@@ -650,7 +716,7 @@ async fn main() -> Result<()> {
          Produced by `make bench` ({rounds} rounds, {seconds} s per run, medians; configurations interleaved in rotating order).\n\n\
          - Machine: {cores} cores, {cpu}\n- Envoy: {envoy_version}\n\
          - Front Envoy: `--concurrency 1`, pinned to CPU 0; wrk (`-t1 -c32`, then `-c1`) and the upstream Envoy (direct_response) on CPU 1.\n\
-         - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections.\n\n\
+         - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections, in 1-second bursts that alternate with bursts on a reference front Envoy without filters (same requests, same core). \"vs baseline\" and \"added per request\" compare each configuration with the reference in its own bursts (median over the rounds), so both sides of every difference saw the same machine: this VM's speed swings by 2x within minutes.\n\n\
          {table}\n## Targets\n\n| target | measured | |\n|---|---|---|\n{targets}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu = cpu_model.split(':').nth(1).unwrap_or("").trim(),

@@ -6,9 +6,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::scenarios::cloud_connector as cc;
 use edgewise::scenarios::egress as eg;
 use edgewise::scenarios::mesh;
 use edgewise::scenarios::serverless::{self as sl, ports, Pki};
+use edgewise::scenarios::tunnel as tn;
 use edgewise::server::{Document, Listen, Server};
 
 const B_LABEL: &str = "1111111a-2222222b-333333333c";
@@ -57,6 +59,17 @@ async fn main() -> Result<()> {
     // Out-of-cluster gateway in front of a sidecar mesh.
     let mesh = start_mesh(&run).await?;
 
+    // Cloud Connector gateway and the reverse-tunnel hub and agent, with one issuer stand-in
+    // (OIDC discovery + JWKS for gitlab.com and customers.gitlab.com) for both.
+    let issuer_ca = edgewise::certs::Ca::new("demo issuer CA")?;
+    let (issuers, issuer_server) = cc::Issuers::start_on(&issuer_ca, DEMO_ISSUER_PORT).await?;
+    let gitlab = edgewise::idp::Idp::rs256(cc::GITLAB, "gitlab-demo-1")?;
+    let customers = edgewise::idp::Idp::new(cc::CUSTOMERS, "customers-demo-1")?;
+    issuers.publish(cc::GITLAB, vec![gitlab.jwk()]);
+    issuers.publish(cc::CUSTOMERS, vec![customers.jwk()]);
+    let cloud = start_cloud_connector(&run, &issuer_ca).await?;
+    let tunnel = start_tunnel(&run, &issuer_ca).await?;
+
     // Give the serverless filter its first poll of the management service.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -84,7 +97,7 @@ Serverless ingress (envoy/serverless.yaml, https://*.{domain}:{front}):
 
   # Metrics:
   curl -s http://127.0.0.1:9901/stats/prometheus | grep edgewise_serverless
-{egress}{mesh}
+{egress}{mesh}{cloud}{tunnel}
 Ctrl-C stops everything."#,
         domain = sl::DOMAIN,
         front = ports::FRONT,
@@ -94,13 +107,125 @@ Ctrl-C stops everything."#,
         malformed = curl(&format!("0000000a-0000000b-0000000.{}", sl::DOMAIN), "/"),
         egress = if egress.is_some() { EGRESS_HELP } else { "" },
         mesh = mesh_help(&mesh.token),
+        cloud = cloud_help(&gitlab),
+        tunnel = tunnel_help(&gitlab),
     );
     tokio::signal::ctrl_c().await?;
     println!("\nstopping");
     drop(envoy);
     drop(egress);
     drop(mesh);
+    drop((cloud, tunnel, issuer_server));
     Ok(())
+}
+
+/// The issuer stand-in of the demo (the shipped configs name gitlab.com:443).
+const DEMO_ISSUER_PORT: u16 = 19403;
+
+fn issuer_ca_file(run: &std::path::Path, ca: &edgewise::certs::Ca, scenario: &str) -> Result<std::path::PathBuf> {
+    edgewise::certs::write_pem(&run.join(scenario), "demo-issuer-ca.pem", &ca.pem)
+}
+
+/// Points a shipped config's issuer cluster(s) at the demo issuer stand-in.
+fn at_demo_issuer(config: Config, ca_file: &std::path::Path, hosts: &[&str]) -> Config {
+    let mut config = config.replace("/etc/ssl/certs/ca-certificates.crt", &ca_file.display().to_string());
+    for host in hosts {
+        config = config.replace(
+            &format!("{{ address: {host}, port_value: 443 }}"),
+            &format!("{{ address: 127.0.0.1, port_value: {DEMO_ISSUER_PORT} }}"),
+        );
+    }
+    config
+}
+
+struct Running {
+    _servers: Vec<Server>,
+    _envoys: Vec<Envoy>,
+    _kubectl: Option<tn::KubectlProxy>,
+}
+
+async fn start_cloud_connector(run: &std::path::Path, issuer_ca: &edgewise::certs::Ca) -> Result<Running> {
+    cc::Pki::install(run)?;
+    let ai = Server::echo("ai-gateway", Listen { port: cc::ports::AI_GATEWAY, ..Listen::default() }).await?;
+    let obs = Server::echo("observability", Listen { port: cc::ports::OBSERVABILITY, ..Listen::default() }).await?;
+    let ca_file = issuer_ca_file(run, issuer_ca, "cloud-connector")?;
+    let config = at_demo_issuer(Config::shipped("cloud-connector"), &ca_file, &["gitlab.com", "customers.gitlab.com"]);
+    let envoy = Envoy::start_in(&config, run, Options { concurrency: 2, ..Options::default() })
+        .await
+        .context("starting envoy/cloud-connector.yaml")?;
+    Ok(Running { _servers: vec![ai, obs], _envoys: vec![envoy], _kubectl: None })
+}
+
+async fn start_tunnel(run: &std::path::Path, issuer_ca: &edgewise::certs::Ca) -> Result<Running> {
+    tn::Pki::install(run)?;
+    let kubectl = tn::KubectlProxy::start_on(tn::ports::KUBECTL_PROXY, 30).await?;
+    let ca_file = issuer_ca_file(run, issuer_ca, "tunnel")?;
+    let hub = at_demo_issuer(Config::shipped("tunnel-hub"), &ca_file, &["gitlab.com"]);
+    let hub = Envoy::start_in(&hub, run, Options::default()).await.context("starting envoy/tunnel-hub.yaml")?;
+    let agent =
+        Envoy::start_in(&Config::shipped("tunnel-agent"), run, Options { concurrency: 1, ..Options::default() })
+            .await
+            .context("starting envoy/tunnel-agent.yaml")?;
+    Ok(Running { _servers: vec![], _envoys: vec![hub, agent], _kubectl: Some(kubectl) })
+}
+
+fn cloud_help(gitlab: &edgewise::idp::Idp) -> String {
+    let now = edgewise::idp::now();
+    let token = gitlab.token(serde_json::json!({
+        "sub": "6b1a2c3d-0000-4000-8000-000000000001", "aud": cc::AUDIENCE, "gitlab_realm": "self-managed",
+        "scopes": ["code_suggestions"], "iat": now, "nbf": now, "exp": now + 86_400
+    }));
+    format!(
+        r#"
+Cloud Connector gateway (envoy/cloud-connector.yaml, https://cloud.gitlab.com:{front}):
+
+  # An instance token (RS256, from the demo gitlab.com issuer, valid 24 h, scope code_suggestions):
+  CC_TOKEN={token}
+  CC="curl -s --cacert target/run/cloud-connector/front-ca.pem --resolve cloud.gitlab.com:{front}:127.0.0.1"
+
+  # Allowed: the AI gateway stand-in sees /v2/code/completions, the verified X-Gitlab-* headers and
+  # the x-edgewise-signature:
+  $CC -H "Authorization: Bearer $CC_TOKEN" https://cloud.gitlab.com:{front}/ai/v2/code/completions
+
+  # 403 insufficient_scope (duo_chat), 401 without a token, 404 for an unknown path:
+  $CC -i -H "Authorization: Bearer $CC_TOKEN" https://cloud.gitlab.com:{front}/ai/v1/chat/agent
+  $CC -i https://cloud.gitlab.com:{front}/ai/v2/code/completions
+  $CC -H "Authorization: Bearer $CC_TOKEN" https://cloud.gitlab.com:{front}/nothing-here
+
+  # Health and the gateway's own metrics:
+  $CC https://cloud.gitlab.com:{front}/-/health
+  $CC https://cloud.gitlab.com:{front}/-/metrics | grep edgewise_cloud_connector_requests
+"#,
+        front = cc::ports::FRONT
+    )
+}
+
+fn tunnel_help(gitlab: &edgewise::idp::Idp) -> String {
+    let now = edgewise::idp::now();
+    let token = gitlab.token(serde_json::json!({
+        "sub": "alice", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "iat": now, "exp": now + 86_400
+    }));
+    format!(
+        r#"
+Reverse tunnels (envoy/tunnel-hub.yaml: users on {users}, agents on {handshake}; envoy/tunnel-agent.yaml
+dials out, no listening socket; the kubectl-proxy stand-in on {kubectl}):
+
+  # A user token allowed to reach cluster-a (valid 24 h):
+  TUNNEL_TOKEN={token}
+
+  # Through the hub, the tunnel and the agent to "kubectl proxy" (it echoes what it saw):
+  curl -s -H "Authorization: Bearer $TUNNEL_TOKEN" http://127.0.0.1:{users}/clusters/cluster-a/api/v1/namespaces
+
+  # A watch streams through the tunnel (30 events, one a second):
+  curl -sN -H "Authorization: Bearer $TUNNEL_TOKEN" 'http://127.0.0.1:{users}/clusters/cluster-a/api/v1/pods?watch=true'
+
+  # Not allowed (403), and a cluster without an agent would be 503:
+  curl -s -H "Authorization: Bearer $TUNNEL_TOKEN" http://127.0.0.1:{users}/clusters/cluster-b/api
+"#,
+        users = tn::ports::USERS,
+        handshake = tn::ports::HANDSHAKE,
+        kubectl = tn::ports::KUBECTL_PROXY,
+    )
 }
 
 fn mesh_help(token: &str) -> String {

@@ -95,6 +95,11 @@ pub struct Issuers {
 impl Issuers {
     /// Starts the TLS stand-in for gitlab.com and customers.gitlab.com (issued by `ca`).
     pub async fn start(ca: &Ca) -> Result<(Issuers, Server)> {
+        Self::start_on(ca, 0).await
+    }
+
+    /// The same on a fixed port (0: any).
+    pub async fn start_on(ca: &Ca, port: u16) -> Result<(Issuers, Server)> {
         let leaf = ca.issue(&LeafSpec::server(&["gitlab.com", "customers.gitlab.com"]))?;
         let issuers = Issuers::default();
         let handler = {
@@ -102,7 +107,7 @@ impl Issuers {
             Arc::new(move |seen: &Seen| issuers.answer(seen))
         };
         let tls = tls::server(&leaf, &[], &["http/1.1"])?;
-        let server = Server::start("issuers", Listen { tls: Some(tls), ..Listen::default() }, handler).await?;
+        let server = Server::start("issuers", Listen { tls: Some(tls), port, ..Listen::default() }, handler).await?;
         Ok((issuers, server))
     }
 

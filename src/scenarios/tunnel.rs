@@ -108,7 +108,11 @@ impl Drop for KubectlProxy {
 
 impl KubectlProxy {
     pub async fn start(stream_seconds: u64) -> Result<KubectlProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(0, stream_seconds).await
+    }
+
+    pub async fn start_on(port: u16, stream_seconds: u64) -> Result<KubectlProxy> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();

@@ -205,11 +205,7 @@ impl Hub {
                 None,
             );
         };
-        let token = authorization
-            .and_then(|a| a.trim().split_once(' '))
-            .filter(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty())
-            .map(|(_, t)| t.trim());
-        let Some(token) = token else {
+        let Some(token) = crate::auth::bearer(authorization) else {
             let detail = "send a token as `Authorization: Bearer <token>`".to_string();
             return deny(Outcome::Unauthenticated, 401, "unauthenticated", detail, Some("Bearer"));
         };

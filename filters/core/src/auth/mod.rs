@@ -301,6 +301,13 @@ impl Hasher for DigestHasher {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header value (scheme case-insensitive).
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, token) = authorization?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 impl Verifier {
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.
     pub fn authenticate(

@@ -212,13 +212,7 @@ impl Gateway {
 
     /// The token from an `Authorization` header value.
     pub fn bearer(authorization: Option<&str>) -> Result<&str, Denial> {
-        let value = authorization.ok_or(Denial::MissingToken)?.trim();
-        let (scheme, token) = value.split_once(' ').ok_or(Denial::MissingToken)?;
-        let token = token.trim();
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-            return Err(Denial::MissingToken);
-        }
-        Ok(token)
+        crate::auth::bearer(authorization).ok_or(Denial::MissingToken)
     }
 
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.
