@@ -110,7 +110,12 @@ Ctrl-C stops everything."#,
         cloud = cloud_help(&gitlab),
         tunnel = tunnel_help(&gitlab),
     );
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C or a plain kill: either way the Envoys are stopped (dropped), not orphaned.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = terminate.recv() => {}
+    }
     println!("\nstopping");
     drop(envoy);
     drop(egress);
