@@ -70,17 +70,26 @@ async fn setup() -> Setup {
     let agent = start_agent(&pki.agent_config(run.path(), hub.handshake, kubectl.port)).await;
     tunnels_up(&hub.envoy, "cluster-a", Duration::from_secs(10)).await;
     let s = Setup { run, pki, _issuers: issuers, user_key, kubectl, hub_config, hub, agent };
-    // tunnel-auth answers 503 until the issuer's keys are in (fetched within ~0.2 s of start).
-    let probe = s.token("probe", &["cluster-z"]);
-    let start = Instant::now();
-    while s.get("/clusters/cluster-a/version", Some(&probe), &[]).await.status == 503 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the hub never got the issuer's keys");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.until_keys(s.hub.users).await;
     s
 }
 
 impl Setup {
+    /// tunnel-auth answers 503 until the issuer's keys are in (fetched within ~0.2 s of start):
+    /// waits for that on the hub at `users`, with a token for a cluster that has no agent.
+    async fn until_keys(&self, users: SocketAddr) {
+        let bearer = format!("Bearer {}", self.token("probe", &["cluster-z"]));
+        let start = Instant::now();
+        loop {
+            let req = Request::get("hub.example", "/clusters/cluster-a/version").header("authorization", &bearer);
+            if Client::plain().send(users, req).await.is_ok_and(|r| r.status == 403) {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "the hub at {users} never got the issuer's keys");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn token(&self, user: &str, clusters: &[&str]) -> String {
         let now = edgewise::idp::now();
         self.user_key
@@ -287,6 +296,7 @@ async fn one_agent_serves_two_hub_replicas() {
     s.agent = start_agent(&config).await;
     tunnels_up(&s.hub.envoy, "cluster-a", Duration::from_secs(10)).await;
     tunnels_up(&hub2.envoy, "cluster-a", Duration::from_secs(10)).await;
+    s.until_keys(hub2.users).await;
     let alice = s.token("alice", &["cluster-a"]);
     let bearer = format!("Bearer {alice}");
     for hub in [s.hub.users, hub2.users] {
