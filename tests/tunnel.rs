@@ -140,6 +140,10 @@ async fn users_reach_only_their_clusters_through_the_tunnel() {
     assert_eq!(seen["headers"]["host"], "kubernetes.default.svc");
     assert!(seen["headers"].get("x-edgewise-tunnel-cluster").is_none(), "{seen}");
     assert!(seen["headers"].get("authorization").is_none(), "the user's token stays at the hub: {seen}");
+    // The traffic inside the tunnel is its own mutual TLS (the handshake's TLS ends with the
+    // handshake): the hub's reverse cluster completed TLS handshakes with the agent.
+    let handshakes = s.hub.envoy.stat("cluster.reverse_tunnels.ssl.handshake").await.unwrap_or(0);
+    assert!(handshakes >= 1, "no TLS inside the tunnel");
 
     // 401 without or with a bad token, 403 for someone else's cluster, 404 for other paths.
     assert_json_error(&s.get("/clusters/cluster-a/api", None, &[]).await, 401, "unauthenticated");
