@@ -10,29 +10,34 @@ const CAS_ATTEMPTS: usize = 8;
 
 pub struct Buckets {
     prefix: String,
+    /// The slot's shared-data key, rebuilt in place (no allocation per request).
+    name: std::cell::RefCell<String>,
     slots: u32,
     idle_ms: u64,
 }
 
 impl Buckets {
     pub fn new(namespace: &str, slots: u32, idle_ms: u64) -> Self {
-        Buckets { prefix: format!("edgewise.cloud_connector.{namespace}.rl."), slots, idle_ms }
+        let prefix = format!("edgewise.cloud_connector.{namespace}.rl.");
+        let name = std::cell::RefCell::new(String::with_capacity(prefix.len() + 10));
+        Buckets { prefix, name, slots, idle_ms }
     }
 
     /// Takes a token from the bucket of (feature, organization key).
     pub fn take(&self, limit: &Limit, feature: usize, key: &str, now_ms: u64) -> Verdict {
         let fp = fingerprint(feature, key);
-        let mut name = String::with_capacity(self.prefix.len() + 10);
+        let Ok(mut name) = self.name.try_borrow_mut() else { return limit.take(None, fp, now_ms).1 };
+        let name = &mut *name;
         for _ in 0..CAS_ATTEMPTS {
-            let Some((slot, current, cas)) = self.find(fp, now_ms, &mut name) else { continue };
+            let Some((slot, current, cas)) = self.find(fp, now_ms, name) else { continue };
             if cas.is_none() {
                 // A slot never used: create it empty first, so the write below can be a CAS (the
                 // host applies a write to a missing key whatever the CAS).
-                host::shared_set(&name, &[0; Bucket::SIZE], None);
+                host::shared_set(name, &[0; Bucket::SIZE], None);
                 continue;
             }
             let (bucket, verdict) = limit.take(current, fp, now_ms);
-            if host::shared_set(&name, &bucket.encode(), cas) {
+            if host::shared_set(name, &bucket.encode(), cas) {
                 return verdict;
             }
             log::debug!("cloud-connector: rate-limit slot {slot} changed under us; retrying");

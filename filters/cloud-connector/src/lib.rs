@@ -203,7 +203,7 @@ impl Shared {
                 return self.deny(Some((index, feature)), path, Denial::RateLimited(verdict), Some(&id));
             }
         }
-        self.forward(&headers, feature, &id, now_ms);
+        self.forward(&headers, path, feature, &id, now_ms);
         self.count(Some(index), Outcome::Allowed);
         log_state(&feature.name, Outcome::Allowed, Some(&id));
         Step::Continue
@@ -235,10 +235,9 @@ impl Shared {
 
     /// Writes the forwarded request's headers: the client's, minus every header the gateway
     /// owns, plus the verified identity, the signature and the backend's cluster.
-    fn forward(&self, headers: &[(String, String)], feature: &Feature, id: &Identity, now_ms: u64) {
+    fn forward(&self, headers: &[(String, String)], path: &str, feature: &Feature, id: &Identity, now_ms: u64) {
         let gw = &self.gw;
         let h = &gw.headers;
-        let path = host::header(headers, ":path").unwrap_or_default();
         let rewritten = gw.rewrite(feature, path);
         let forwarded_path = rewritten.as_deref().unwrap_or(path);
         let method = host::header(headers, ":method").unwrap_or_default();
@@ -317,12 +316,14 @@ impl Shared {
             }
             let now = host::now_ms();
             let (Ok(fetcher), Ok(keyring)) = (self.fetcher.try_borrow(), self.keyring.try_borrow()) else { return };
+            // One shared-data read per issuer, not per waiter.
+            let completed: Vec<u64> = (0..self.gw.issuers().len()).map(|i| fetcher.completed(i)).collect();
             let mut ready = Vec::new();
             waiters.retain(|w| {
                 let done = now >= w.deadline_ms
                     || match w.wake {
                         Wake::Keys => keyring.get(w.issuer).is_some(),
-                        Wake::Refetch { completed } => fetcher.completed(w.issuer) != completed,
+                        Wake::Refetch { completed: then } => completed.get(w.issuer) != Some(&then),
                     };
                 if done {
                     ready.push(w.context_id);

@@ -198,31 +198,28 @@ impl Fetcher {
                     false
                 }
             },
-            Stage::Jwks => {
-                let installed = match Jwks::from_json(&body) {
-                    Ok(parsed) if !parsed.is_empty() => {
-                        let now = host::now_ms();
-                        let refresh_ms =
-                            keys::refresh_after(host::call_response_header("cache-control").as_deref(), jwks) * 1000;
-                        host::shared_set(&slot.key_lease, &(now + refresh_ms).to_le_bytes(), None);
-                        host::shared_set(&slot.key_fetched, &now.to_le_bytes(), None);
-                        let installed = Self::publish(slot, issuer, &body, parsed, now, keyring);
-                        Self::complete(slot, true);
-                        installed
-                    }
-                    Ok(_) => {
-                        log::warn!("jwks: JWKS of {} has no usable signing key; keeping the keys in force", cfg.issuer);
-                        Self::complete(slot, false);
-                        false
-                    }
-                    Err(e) => {
-                        log::warn!("jwks: JWKS of {}: {e}; keeping the keys in force", cfg.issuer);
-                        Self::complete(slot, false);
-                        false
-                    }
-                };
-                installed
-            }
+            Stage::Jwks => match Jwks::from_json(&body) {
+                Ok(parsed) if !parsed.is_empty() => {
+                    let now = host::now_ms();
+                    let refresh_ms =
+                        keys::refresh_after(host::call_response_header("cache-control").as_deref(), jwks) * 1000;
+                    host::shared_set(&slot.key_lease, &(now + refresh_ms).to_le_bytes(), None);
+                    host::shared_set(&slot.key_fetched, &now.to_le_bytes(), None);
+                    let installed = Self::publish(slot, issuer, &body, parsed, now, keyring);
+                    Self::complete(slot, true);
+                    installed
+                }
+                Ok(_) => {
+                    log::warn!("jwks: JWKS of {} has no usable signing key; keeping the keys in force", cfg.issuer);
+                    Self::complete(slot, false);
+                    false
+                }
+                Err(e) => {
+                    log::warn!("jwks: JWKS of {}: {e}; keeping the keys in force", cfg.issuer);
+                    Self::complete(slot, false);
+                    false
+                }
+            },
         }
     }
 

@@ -1,6 +1,8 @@
 //! The `cloud-connector` plugin configuration, as written in the Envoy YAML, and its compilation.
 
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
+use sha2::Sha256;
 
 use crate::config::ConfigError;
 use crate::jwt::Validation;
@@ -273,7 +275,8 @@ impl Config {
                         format!("the secret must have at least {MIN_SECRET_BYTES} bytes"),
                     ));
                 }
-                Some(secret.into_bytes())
+                // HMAC accepts keys of any length.
+                Hmac::<Sha256>::new_from_slice(secret.as_bytes()).ok()
             }
         };
         let mut required = self.required_claims;
@@ -298,7 +301,7 @@ impl Config {
             idle_ms,
             token_cache_size: self.token_cache_size,
             headers: self.headers,
-            secret,
+            mac: secret,
             cluster_header: self.cluster_header,
             health_path: self.health_path,
             public_paths: self.public_paths,

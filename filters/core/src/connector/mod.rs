@@ -33,7 +33,9 @@ pub struct Gateway {
     pub idle_ms: u64,
     pub token_cache_size: usize,
     pub headers: HeadersConfig,
-    secret: Option<Vec<u8>>,
+    /// HMAC-SHA256 keyed with the shared secret, prepared once (the key schedule is not
+    /// repeated per request): each signature clones it.
+    pub(crate) mac: Option<Hmac<Sha256>>,
     pub cluster_header: String,
     pub health_path: String,
     pub public_paths: Vec<String>,
@@ -258,7 +260,7 @@ impl Gateway {
 
     /// The authenticity header value, if a secret is configured (see [`signature`]).
     pub fn sign(&self, unix_s: u64, method: &str, path: &str, instance_id: &str) -> Option<String> {
-        self.secret.as_deref().map(|secret| signature(secret, unix_s, method, path, instance_id))
+        self.mac.as_ref().map(|mac| sign_with(mac.clone(), unix_s, method, path, instance_id))
     }
 }
 
@@ -266,7 +268,11 @@ impl Gateway {
 /// over the path as the backend receives it (query included).
 pub fn signature(secret: &[u8], unix_s: u64, method: &str, path: &str, instance_id: &str) -> String {
     // HMAC accepts keys of any length; the error arm cannot happen.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return String::new() };
+    let Ok(mac) = Hmac::<Sha256>::new_from_slice(secret) else { return String::new() };
+    sign_with(mac, unix_s, method, path, instance_id)
+}
+
+fn sign_with(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, instance_id: &str) -> String {
     let t = unix_s.to_string();
     for part in ["v1", &t, method, path, instance_id] {
         mac.update(part.as_bytes());
