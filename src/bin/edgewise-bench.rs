@@ -22,8 +22,9 @@ const EGRESS_HOST: &str = "api.github.com.egress.local";
 struct Bench {
     name: &'static str,
     what: &'static str,
-    /// The Host wrk sends.
+    /// The Host wrk sends, and the path.
     host: &'static str,
+    path: &'static str,
     filters: String,
     /// Bearer tokens wrk sends, one per request in turn (none: no Authorization header).
     tokens: Tokens,
@@ -185,6 +186,25 @@ fn cloud_connector(lean: bool) -> String {
     )
 }
 
+/// mesh-identity at the gateway: the same key, inline (its only key source).
+fn mesh_identity(jwks: &str) -> String {
+    wasm_filter(
+        "mesh-identity",
+        &format!(r#"{{"role":"gateway","jwks":{jwks},"issuers":["{ISSUER}"],"audiences":["gitlab-ai-gateway"]}}"#),
+    )
+}
+
+/// tunnel-auth as on the hub, the bench's upstream standing in for a tunnel (its cluster id is
+/// `upstream`, which the front's route selects by the header).
+fn tunnel_auth() -> String {
+    wasm_filter(
+        "tunnel-auth",
+        &format!(
+            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"audiences":["gitlab-ai-gateway"],"allow":{{"instance-0-0":["upstream"]}},"cluster_header":"x-edgewise-cluster"}}"#
+        ),
+    )
+}
+
 /// Envoy's native JWT filter with the same key, optionally with its verified-token cache.
 fn jwt_authn(jwks: &str, cache: bool) -> String {
     let cache = if cache { "\n                  jwt_cache_config: { jwt_cache_size: 1000 }" } else { "" };
@@ -216,6 +236,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "baseline",
             what: "no filter",
             host: SERVERLESS_HOST,
+            path: "/",
             filters: String::new(),
             tokens: Tokens::None,
         },
@@ -223,6 +244,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "serverless-10",
             what: "serverless.wasm, 10 routes",
             host: SERVERLESS_HOST,
+            path: "/",
             filters: serverless(10),
             tokens: Tokens::None,
         },
@@ -230,6 +252,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "serverless-100k",
             what: "serverless.wasm, 100,000 routes from the management service",
             host: SERVERLESS_HOST,
+            path: "/",
             filters: wasm_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
             tokens: Tokens::None,
         },
@@ -237,6 +260,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "wasm-floor",
             what: "serverless.wasm passing through a Host outside its domain: the fixed cost of any wasm filter",
             host: "www.example.com",
+            path: "/",
             filters: serverless(10),
             tokens: Tokens::None,
         },
@@ -244,6 +268,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "lua-serverless",
             what: "Lua, the serverless rewrite, 10 routes",
             host: SERVERLESS_HOST,
+            path: "/",
             filters: lua_serverless(),
             tokens: Tokens::None,
         },
@@ -251,6 +276,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "egress",
             what: "egress.wasm, 4 allowlist entries",
             host: EGRESS_HOST,
+            path: "/",
             filters: egress,
             tokens: Tokens::None,
         },
@@ -258,6 +284,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "lua-egress",
             what: "Lua, the egress rewrite, 3 names",
             host: EGRESS_HOST,
+            path: "/",
             filters: lua_egress(),
             tokens: Tokens::None,
         },
@@ -265,6 +292,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "cc-hit",
             what: "cloud-connector.wasm, RS256, the same token (cache hit)",
             host: CC_HOST,
+            path: "/",
             filters: cloud_connector(false),
             tokens: Tokens::One,
         },
@@ -272,6 +300,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "cc-hit-lean",
             what: "cloud-connector.wasm, cache hit, no rate limit and no signature",
             host: CC_HOST,
+            path: "/",
             filters: cloud_connector(true),
             tokens: Tokens::One,
         },
@@ -279,13 +308,31 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "cc-miss",
             what: "cloud-connector.wasm, RS256, a new token per request",
             host: CC_HOST,
+            path: "/",
             filters: cloud_connector(false),
             tokens: Tokens::Fresh,
+        },
+        Bench {
+            name: "mesh-identity",
+            what: "mesh-identity.wasm, gateway role, RS256 verified on every request (it has no token cache)",
+            host: CC_HOST,
+            path: "/",
+            filters: mesh_identity(jwks),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "tunnel-auth",
+            what: "tunnel-auth.wasm, RS256 token (cache hit), tunnel selected from the path",
+            host: "hub.example",
+            path: "/clusters/upstream/api/v1/namespaces",
+            filters: tunnel_auth(),
+            tokens: Tokens::One,
         },
         Bench {
             name: "jwt_authn-cache",
             what: "native jwt_authn, RS256, jwt_cache_config, the same token",
             host: CC_HOST,
+            path: "/",
             filters: jwt_authn(jwks, true),
             tokens: Tokens::One,
         },
@@ -293,6 +340,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             name: "jwt_authn",
             what: "native jwt_authn, RS256, no cache, a new token per request",
             host: CC_HOST,
+            path: "/",
             filters: jwt_authn(jwks, false),
             tokens: Tokens::Fresh,
         },
@@ -358,14 +406,20 @@ request = function()
 end
 "#;
 
-fn wrk(addr: std::net::SocketAddr, host: &str, connections: u32, seconds: u64, tokens: Option<&Path>) -> Result<Wrk> {
+fn wrk(
+    addr: std::net::SocketAddr,
+    bench: &Bench,
+    connections: u32,
+    seconds: u64,
+    tokens: Option<&Path>,
+) -> Result<Wrk> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
-        .args(["-H", &format!("Host: {host}")]);
+        .args(["-H", &format!("Host: {}", bench.host)]);
     if let Some(tokens) = tokens {
         cmd.env("BENCH_TOKENS", tokens).args(["-s", &tokens.with_extension("lua").display().to_string()]);
     }
-    let out = cmd.arg(format!("http://{addr}/")).output().context("running wrk (apt-get install wrk)")?;
+    let out = cmd.arg(format!("http://{addr}{}", bench.path)).output().context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut w = Wrk { requests: 0.0, rps: 0.0, p50_us: 0.0, p99_us: 0.0 };
     for line in text.lines() {
@@ -393,7 +447,7 @@ async fn until_ok(addr: std::net::SocketAddr, bench: &Bench, token: &str) -> Res
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     let bearer = format!("Bearer {token}");
     loop {
-        let mut req = edgewise::client::Request::get(bench.host, "/");
+        let mut req = edgewise::client::Request::get(bench.host, bench.path);
         if bench.tokens != Tokens::None {
             req = req.header("authorization", &bearer);
         }
@@ -419,9 +473,9 @@ struct Bursts {
 }
 
 impl Bursts {
-    fn run(&mut self, addr: std::net::SocketAddr, pid: u32, host: &str, tokens: Option<&Path>) -> Result<()> {
+    fn run(&mut self, addr: std::net::SocketAddr, pid: u32, bench: &Bench, tokens: Option<&Path>) -> Result<()> {
         let before = cpu_ticks(pid)?;
-        let w = wrk(addr, host, 32, 1, tokens)?;
+        let w = wrk(addr, bench, 32, 1, tokens)?;
         self.ticks += cpu_ticks(pid)? - before;
         self.requests += w.requests;
         self.seconds += 1.0;
@@ -470,14 +524,14 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
     // Paired measurement: 1-second bursts alternate between this configuration and the reference
     // Envoy (no filter, same requests), so both see the same machine, however noisy it is.
     let pid = envoy.pid();
-    wrk(addr, bench.host, 32, 1, tokens)?;
-    wrk(env.reference, bench.host, 32, 1, tokens)?;
+    wrk(addr, bench, 32, 1, tokens)?;
+    wrk(env.reference, bench, 32, 1, tokens)?;
     let (mut mine, mut base) = (Bursts::default(), Bursts::default());
     for _ in 0..seconds.max(1) {
-        base.run(env.reference, env.reference_pid, bench.host, tokens)?;
-        mine.run(addr, pid, bench.host, tokens)?;
+        base.run(env.reference, env.reference_pid, bench, tokens)?;
+        mine.run(addr, pid, bench, tokens)?;
     }
-    let c1 = wrk(addr, bench.host, 1, (seconds / 2).max(1), tokens)?;
+    let c1 = wrk(addr, bench, 1, (seconds / 2).max(1), tokens)?;
     let rss1_mib = rss_mib(pid);
     drop(envoy);
     // RSS with two workers (two more VMs per module), after a short load on both.
@@ -486,7 +540,7 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
             Envoy::start_with(&config, Options { concurrency: 2, log_level: "warning", ..Options::default() }).await?;
         let addr = envoy.listener("bench").await?;
         until_ok(addr, bench, &first_token).await?;
-        wrk(addr, bench.host, 8, 1, tokens)?;
+        wrk(addr, bench, 8, 1, tokens)?;
         Some(rss_mib(envoy.pid()))
     } else {
         None
@@ -569,8 +623,14 @@ async fn main() -> Result<()> {
     let management = Server::start("management", Listen::default(), table.handler()).await?;
     let keys = Document::new(jwks.clone());
     let issuer = Server::start("issuer", Listen::default(), keys.handler()).await?;
-    let reference_bench =
-        Bench { name: "reference", what: "", host: SERVERLESS_HOST, filters: String::new(), tokens: Tokens::None };
+    let reference_bench = Bench {
+        name: "reference",
+        what: "",
+        host: SERVERLESS_HOST,
+        path: "/",
+        filters: String::new(),
+        tokens: Tokens::None,
+    };
     let reference = Envoy::start_with(
         &front_config(&reference_bench, upstream_port, management.port(), issuer.port()),
         Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() },

@@ -6,10 +6,12 @@
 //! One filter, two roles, chosen by `"role"` in the configuration.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::auth::{token_digest, Expiring, TokenCache};
 use crate::config::ConfigError;
 use crate::jwt::{Jwks, Unverified, Validation};
 use crate::reply::Reply;
@@ -41,6 +43,10 @@ pub struct GatewayConfig {
     /// replace it, and the token never crosses a hop that may be plaintext.
     #[serde(default)]
     pub forward_token: bool,
+    /// Verified tokens remembered per worker (until they expire), so that a token's signature is
+    /// checked once, not on every request. 0 turns the cache off.
+    #[serde(default = "default_token_cache_size")]
+    pub token_cache_size: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +60,9 @@ pub struct SidecarConfig {
     pub identity_headers: Vec<String>,
 }
 
+fn default_token_cache_size() -> usize {
+    10_000
+}
 fn default_leeway() -> u64 {
     30
 }
@@ -75,6 +84,20 @@ pub struct Gateway {
     validation: Validation,
     claim_headers: Vec<(String, String)>,
     pub forward_token: bool,
+    pub token_cache_size: usize,
+}
+
+/// A verified token's identity headers, cached until the token expires.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub headers: Vec<(String, String)>,
+    valid_until: u64,
+}
+
+impl Expiring for Verified {
+    fn valid_until(&self) -> u64 {
+        self.valid_until
+    }
 }
 
 /// The sidecar role, compiled.
@@ -94,6 +117,9 @@ impl Role {
     pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
         match serde_json::from_slice::<Config>(json)? {
             Config::Gateway(c) => {
+                if c.token_cache_size > 1_000_000 {
+                    return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
+                }
                 let jwks = Jwks::from_json(c.jwks.to_string().as_bytes())
                     .map_err(|e| ConfigError::field("jwks", e.to_string()))?;
                 if jwks.is_empty() {
@@ -119,6 +145,7 @@ impl Role {
                     validation,
                     claim_headers: c.claim_headers.into_iter().collect(),
                     forward_token: c.forward_token,
+                    token_cache_size: c.token_cache_size,
                 }))
             }
             Config::Sidecar(c) => {
@@ -146,16 +173,27 @@ impl Gateway {
         self.claim_headers.iter().map(|(_, h)| h.as_str())
     }
 
-    /// Authenticates `Authorization: Bearer <JWT>`; on success, the (header, value) pairs to set.
-    pub fn authenticate(&self, authorization: Option<&str>, now: u64) -> Result<Vec<(&str, String)>, Reply> {
+    /// Authenticates `Authorization: Bearer <JWT>` (or finds the token verified in the cache);
+    /// on success, the (header, value) pairs to set.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        now: u64,
+        cache: &mut TokenCache<Verified>,
+    ) -> Result<Rc<Verified>, Reply> {
         let Some(token) = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
         else {
             return Err(Reply::new(401, "unauthenticated", "an Authorization: Bearer token is required"));
         };
+        let token = token.trim();
+        let digest = token_digest(token);
+        if let Some(verified) = cache.get(&digest, now) {
+            return Ok(verified.clone());
+        }
         let invalid = |e: crate::jwt::JwtError| Reply::new(401, "invalid_token", e.to_string());
-        let claims = Unverified::parse(token.trim()).and_then(|t| t.verify(&self.jwks)).map_err(invalid)?;
+        let claims = Unverified::parse(token).and_then(|t| t.verify(&self.jwks)).map_err(invalid)?;
         self.validation.check(&claims, now).map_err(invalid)?;
-        Ok(self
+        let headers = self
             .claim_headers
             .iter()
             .filter_map(|(claim, header)| {
@@ -167,9 +205,17 @@ impl Gateway {
                     _ => return None,
                 };
                 // Header values must not carry line breaks or other control characters.
-                (!value.bytes().any(|b| b < b' ' || b == 0x7f)).then_some((header.as_str(), value))
+                (!value.bytes().any(|b| b < b' ' || b == 0x7f)).then_some((header.clone(), value))
             })
-            .collect())
+            .collect();
+        // Cached only with an `exp`, and until then (plus the leeway `check` allowed).
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        let verified =
+            Rc::new(Verified { headers, valid_until: exp.map_or(0, |e| e.saturating_add(self.validation.leeway)) });
+        if exp.is_some() {
+            cache.insert(digest, verified.clone(), now);
+        }
+        Ok(verified)
     }
 }
 
@@ -230,18 +276,27 @@ mod tests {
         let good = sign(
             serde_json::json!({"iss":"https://idp.example","aud":"shop","sub":"alice","groups":["admins","devs"],"exp":now+60}),
         );
-        let headers = g.authenticate(Some(&good), now).unwrap();
+        let mut cache = TokenCache::new(10);
+        let verified = g.authenticate(Some(&good), now, &mut cache).unwrap();
+        let pair = |h: &str, v: &str| (h.to_string(), v.to_string());
         assert_eq!(
-            headers,
-            vec![("x-edgewise-user-groups", "admins,devs".to_string()), ("x-edgewise-user", "alice".to_string())]
+            verified.headers,
+            vec![pair("x-edgewise-user-groups", "admins,devs"), pair("x-edgewise-user", "alice")]
         );
+        // Verified once, then served from the cache until exp + leeway, and not after.
+        assert_eq!(cache.len(), 1);
+        assert!(Rc::ptr_eq(&verified, &g.authenticate(Some(&good), now + 89, &mut cache).unwrap()));
+        let mut unverifiable = good.clone();
+        unverifiable.push('A');
+        assert!(g.authenticate(Some(&unverifiable), now, &mut cache).is_err(), "another token is verified on its own");
+        assert_eq!(g.authenticate(Some(&good), now + 90, &mut cache).unwrap_err().detail, "token expired");
         assert_eq!(g.identity_headers().collect::<Vec<_>>(), ["x-edgewise-user-groups", "x-edgewise-user"]);
         // A claim value with a line break never becomes a header.
         let crlf = sign(
             serde_json::json!({"iss":"https://idp.example","aud":"shop","sub":"alice\r\nx-admin: 1","exp":now+60}),
         );
-        assert!(g.authenticate(Some(&crlf), now).unwrap().is_empty());
-        let reply = |auth: Option<&str>| g.authenticate(auth, now).unwrap_err();
+        assert!(g.authenticate(Some(&crlf), now, &mut cache).unwrap().headers.is_empty());
+        let reply = |auth: Option<&str>| g.authenticate(auth, now, &mut TokenCache::new(10)).unwrap_err();
         assert_eq!(reply(None).error, "unauthenticated");
         assert_eq!(reply(Some("Basic abc")).error, "unauthenticated");
         assert_eq!(reply(Some("Bearer x.y.z")).error, "invalid_token");
@@ -268,6 +323,10 @@ mod tests {
             (r#"{"role":"router"}"#, "unknown variant `router`"),
             (r#"{"role":"gateway","jwks":{"keys":[]},"issuers":["i"],"audiences":["a"]}"#, "`jwks` has no usable"),
             (r#"{"role":"gateway","jwks":{"nokeys":1},"issuers":["i"],"audiences":["a"]}"#, "`jwks`"),
+            (
+                r#"{"role":"gateway","jwks":{"keys":[]},"issuers":["i"],"audiences":["a"],"token_cache_size":2000000}"#,
+                "`token_cache_size` must be at most 1000000",
+            ),
         ];
         for (json, want) in cases {
             let err = Role::from_json(json.as_bytes()).unwrap_err().to_string();

@@ -6,9 +6,11 @@
 //!   gateway, and removes them otherwise, so a workload can trust them exactly when the gateway
 //!   vouched for them.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
-use edgewise_core::mesh::Role;
+use edgewise_core::auth::TokenCache;
+use edgewise_core::mesh::{Role, Verified};
 use edgewise_host as host;
 use host::Counter;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -21,6 +23,8 @@ proxy_wasm::main! {{
 
 struct Shared {
     role: Role,
+    /// Verified tokens of this worker (gateway role).
+    cache: RefCell<TokenCache<Verified>>,
     authenticated: Counter,
     unauthenticated: Counter,
     invalid_token: Counter,
@@ -41,8 +45,13 @@ impl RootContext for Root {
             return false;
         };
         let c = |name: &str| Counter::define(&format!("edgewise.mesh_identity.{name}"));
+        let cache_size = match &role {
+            Role::Gateway(g) => g.token_cache_size,
+            Role::Sidecar(_) => 0,
+        };
         self.shared = Some(Rc::new(Shared {
             role,
+            cache: RefCell::new(TokenCache::new(cache_size)),
             authenticated: c("gateway.authenticated"),
             unauthenticated: c("gateway.unauthenticated"),
             invalid_token: c("gateway.invalid_token"),
@@ -76,9 +85,16 @@ impl HttpContext for Filter {
                     host::set_request_header(header, None);
                 }
                 let authorization = host::request_header("authorization");
-                match gateway.authenticate(authorization.as_deref(), host::now_ms() / 1000) {
+                // The cache is never borrowed twice on one thread; verify without it if it were.
+                let mut uncached = TokenCache::new(0);
+                let mut borrowed = s.cache.try_borrow_mut();
+                let cache = match borrowed.as_deref_mut() {
+                    Ok(cache) => cache,
+                    Err(_) => &mut uncached,
+                };
+                match gateway.authenticate(authorization.as_deref(), host::now_ms() / 1000, cache) {
                     Ok(identity) => {
-                        for (header, value) in &identity {
+                        for (header, value) in &identity.headers {
                             host::set_request_header(header, Some(value));
                         }
                         if !gateway.forward_token {

@@ -246,16 +246,32 @@ impl Keyring {
     }
 }
 
-/// Verified tokens by sha256, bounded; an entry is used only until the token's `exp` and only
-/// while its issuer's keys are the ones it was verified with (a removed key is not honoured
-/// from the cache).
+/// What a verified token is cached as, and until when (unix seconds) it may be served.
+pub trait Expiring {
+    fn valid_until(&self) -> u64;
+}
+
+impl Expiring for Identity {
+    fn valid_until(&self) -> u64 {
+        self.valid_until
+    }
+}
+
+/// Verified tokens by sha256, bounded; an entry is used only until the token's `exp` (and, for
+/// an [`Identity`], only while its issuer's keys are the ones it was verified with: a removed key
+/// is not honoured from the cache).
 #[derive(Debug)]
-pub struct TokenCache {
-    map: HashMap<[u8; 32], Rc<Identity>, BuildHasherDefault<DigestHasher>>,
+pub struct TokenCache<T = Identity> {
+    map: HashMap<[u8; 32], Rc<T>, BuildHasherDefault<DigestHasher>>,
     capacity: usize,
 }
 
-impl TokenCache {
+/// The cache key of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl<T: Expiring> TokenCache<T> {
     pub fn new(capacity: usize) -> Self {
         TokenCache { map: HashMap::default(), capacity }
     }
@@ -268,12 +284,17 @@ impl TokenCache {
         self.map.is_empty()
     }
 
-    fn insert(&mut self, digest: [u8; 32], identity: Rc<Identity>, now: u64) {
+    /// The entry of a token digest, if it is still valid at `now`.
+    pub fn get(&self, digest: &[u8; 32], now: u64) -> Option<&Rc<T>> {
+        self.map.get(digest).filter(|v| now < v.valid_until())
+    }
+
+    pub fn insert(&mut self, digest: [u8; 32], value: Rc<T>, now: u64) {
         if self.capacity == 0 {
             return;
         }
         if self.map.len() >= self.capacity {
-            self.map.retain(|_, id| id.valid_until > now);
+            self.map.retain(|_, v| v.valid_until() > now);
         }
         if self.map.len() >= self.capacity {
             // Still full of live tokens: drop an arbitrary eighth (amortised O(1) per insert).
@@ -282,7 +303,7 @@ impl TokenCache {
                 self.map.remove(&k);
             }
         }
-        self.map.insert(digest, identity);
+        self.map.insert(digest, value);
     }
 }
 
@@ -317,9 +338,9 @@ impl Verifier {
         cache: &mut TokenCache,
         now: u64,
     ) -> Result<Rc<Identity>, AuthError> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(id) = cache.map.get(&digest) {
-            if now < id.valid_until && keys.get(id.issuer).is_some_and(|k| k.generation == id.generation) {
+        let digest = token_digest(token);
+        if let Some(id) = cache.get(&digest, now) {
+            if keys.get(id.issuer).is_some_and(|k| k.generation == id.generation) {
                 return Ok(id.clone());
             }
         }
