@@ -109,12 +109,18 @@ const GRPC: &[&str] = &[
 /// The trait methods a filter crate defines (`fn on_...(` anywhere in its sources): the context
 /// impls live in the filter crate itself, so a method it does not define is the SDK's no-op.
 fn implemented_callbacks(src: &Path) -> Vec<&'static str> {
-    let mut text = String::new();
-    for entry in fs::read_dir(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display())).flatten() {
-        if entry.path().extension().is_some_and(|x| x == "rs") {
-            text.push_str(&fs::read_to_string(entry.path()).unwrap_or_default());
+    fn read_all(dir: &Path, text: &mut String) {
+        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())).flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                read_all(&path, text);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                text.push_str(&fs::read_to_string(&path).unwrap_or_default());
+            }
         }
     }
+    let mut text = String::new();
+    read_all(src, &mut text);
     OPTIONAL_CALLBACKS
         .iter()
         .flat_map(|(_, methods)| methods.iter().copied())

@@ -43,7 +43,10 @@ enum Tokens {
 struct Sample {
     /// CPU per request of the reference (no-filter) Envoy, measured in the bursts alternating
     /// with this configuration's.
-    base_cpu_us_per_req: f64,
+    /// Per pair of bursts (this configuration, then the reference right before it): the CPU per
+    /// request this one added, and the ratio.
+    pair_added_us: Vec<f64>,
+    pair_ratios: Vec<f64>,
     rps: f64,
     p50_us: f64,
     p99_us: f64,
@@ -470,13 +473,17 @@ struct Bursts {
     seconds: f64,
     p50s: Vec<f64>,
     p99s: Vec<f64>,
+    /// CPU per request of each burst.
+    per_burst: Vec<f64>,
 }
 
 impl Bursts {
     fn run(&mut self, addr: std::net::SocketAddr, pid: u32, bench: &Bench, tokens: Option<&Path>) -> Result<()> {
         let before = cpu_ticks(pid)?;
         let w = wrk(addr, bench, 32, 1, tokens)?;
-        self.ticks += cpu_ticks(pid)? - before;
+        let ticks = cpu_ticks(pid)? - before;
+        self.per_burst.push(ticks as f64 * 10_000.0 / w.requests.max(1.0));
+        self.ticks += ticks;
         self.requests += w.requests;
         self.seconds += 1.0;
         self.p50s.push(w.p50_us);
@@ -546,7 +553,8 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
         None
     };
     Ok(Sample {
-        base_cpu_us_per_req: base.cpu_us_per_req(),
+        pair_added_us: mine.per_burst.iter().zip(&base.per_burst).map(|(m, b)| m - b).collect(),
+        pair_ratios: mine.per_burst.iter().zip(&base.per_burst).map(|(m, b)| m / b).collect(),
         rps: mine.requests / mine.seconds,
         p50_us: median(mine.p50s.clone()),
         p99_us: median(mine.p99s.clone()),
@@ -665,9 +673,18 @@ async fn main() -> Result<()> {
     }
 
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
-    // Added CPU per request: the median over rounds of (this - the reference in the same bursts).
-    let added = |i: usize| med(i, |s| s.cpu_us_per_req - s.base_cpu_us_per_req);
-    let ratio = |i: usize| med(i, |s| s.cpu_us_per_req / s.base_cpu_us_per_req);
+    // Added CPU per request: the median over every pair of bursts of all rounds (a round the
+    // machine was busy in moves it less than a per-round median would).
+    let pairs = |i: usize, f: fn(&Sample) -> &Vec<f64>| median(samples[i].iter().flat_map(f).copied().collect());
+    let added = |i: usize| pairs(i, |s| &s.pair_added_us);
+    let ratio = |i: usize| pairs(i, |s| &s.pair_ratios);
+    // The spread of those pairs: the middle half lies between these.
+    let quartiles = |i: usize| {
+        let mut v: Vec<f64> = samples[i].iter().flat_map(|s| s.pair_added_us.iter().copied()).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: usize| v.get(v.len() * q / 4).copied().unwrap_or(0.0);
+        (at(1), at(3))
+    };
     let base_ready = med(0, |s| s.ready_s);
     let base_rss = med(0, |s| s.rss_mib);
     let base_rss2 = samples[0].iter().find_map(|s| s.rss2_mib).unwrap_or(0.0);
@@ -679,7 +696,7 @@ async fn main() -> Result<()> {
         let cpu = med(i, |s| s.cpu_us_per_req);
         let _ = writeln!(
             table,
-            "| {} ({}) | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.2}x | {:+.1} µs | {:.0} | {:.0} µs | {:.1} MiB ({:+.1}) | {:.1} MiB ({:+.1}) | {:.2} s ({:+.2}) |",
+            "| {} ({}) | {:.0} | {:.0} µs | {:.0} µs | {:.1} µs | {:.2}x | {:+.1} µs ({:+.0}…{:+.0}) | {:.0} | {:.0} µs | {:.1} MiB ({:+.1}) | {:.1} MiB ({:+.1}) | {:.2} s ({:+.2}) |",
             b.name,
             b.what,
             med(i, |s| s.rps),
@@ -688,6 +705,8 @@ async fn main() -> Result<()> {
             cpu,
             ratio(i),
             added(i),
+            quartiles(i).0,
+            quartiles(i).1,
             med(i, |s| s.rps_c1),
             med(i, |s| s.p50_c1_us),
             med(i, |s| s.rss_mib),
@@ -776,8 +795,8 @@ async fn main() -> Result<()> {
          Produced by `make bench` ({rounds} rounds, {seconds} s per run, medians; configurations interleaved in rotating order).\n\n\
          - Machine: {cores} cores, {cpu}\n- Envoy: {envoy_version}\n\
          - Front Envoy: `--concurrency 1`, pinned to CPU 0; wrk (`-t1 -c32`, then `-c1`) and the upstream Envoy (direct_response) on CPU 1.\n\
-         - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections, in 1-second bursts that alternate with bursts on a reference front Envoy without filters (same requests, same core). \"vs baseline\" and \"added per request\" compare each configuration with the reference in its own bursts (median over the rounds), so both sides of every difference saw the same machine: this VM's speed swings by 2x within minutes.\n\n\
-         {table}\n## Targets\n\n| target | measured | |\n|---|---|---|\n{targets}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
+         - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections, in 1-second bursts that alternate with bursts on a reference front Envoy without filters (same requests, same core). \"vs baseline\" and \"added per request\" compare each configuration with the reference in the burst just before (median over every such pair of all rounds; in brackets the middle half of the pairs), so both sides of every difference saw the same machine: this VM's speed swings by 2x within minutes.\n\n\
+         {table}\nWhat limits the configurations that miss a target, and the one-off measurements behind that (a module with no logic, the SDK alone): README.md, section Benchmarks.\n\n## Targets\n\n| target | measured | |\n|---|---|---|\n{targets}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu = cpu_model.split(':').nth(1).unwrap_or("").trim(),
     );
