@@ -536,10 +536,8 @@ struct Duel {
 impl Duel {
     /// (a's added µs, b's added µs, a - b) medians, and the middle half of a - b.
     fn summary(&self) -> (f64, f64, f64, (f64, f64)) {
-        let mut diff: Vec<f64> = self.a_added.iter().zip(&self.b_added).map(|(a, b)| a - b).collect();
-        diff.sort_by(|x, y| x.total_cmp(y));
-        let at = |q: usize| diff.get(diff.len() * q / 4).copied().unwrap_or(0.0);
-        (median(self.a_added.clone()), median(self.b_added.clone()), median(diff.clone()), (at(1), at(3)))
+        let diff: Vec<f64> = self.a_added.iter().zip(&self.b_added).map(|(a, b)| a - b).collect();
+        (median(self.a_added.clone()), median(self.b_added.clone()), median(diff.clone()), middle_half(diff))
     }
 }
 
@@ -661,6 +659,13 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The first and third quartiles: the middle half of the values lies between them.
+fn middle_half(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: usize| v.get(v.len() * q / 4).copied().unwrap_or(0.0);
+    (at(1), at(3))
 }
 
 #[tokio::main]
@@ -786,12 +791,7 @@ async fn main() -> Result<()> {
     let added = |i: usize| pairs(i, |s| &s.pair_added_us);
     let ratio = |i: usize| pairs(i, |s| &s.pair_ratios);
     // The spread of those pairs: the middle half lies between these.
-    let quartiles = |i: usize| {
-        let mut v: Vec<f64> = samples[i].iter().flat_map(|s| s.pair_added_us.iter().copied()).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let at = |q: usize| v.get(v.len() * q / 4).copied().unwrap_or(0.0);
-        (at(1), at(3))
-    };
+    let quartiles = |i: usize| middle_half(samples[i].iter().flat_map(|s| s.pair_added_us.iter().copied()).collect());
     let base_ready = med(0, |s| s.ready_s);
     let base_rss = med(0, |s| s.rss_mib);
     let base_rss2 = samples[0].iter().find_map(|s| s.rss2_mib).unwrap_or(0.0);

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::auth::{token_digest, Expiring, TokenCache};
+use crate::auth::{bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache};
 use crate::config::ConfigError;
 use crate::jwt::{Jwks, Unverified, Validation};
 use crate::reply::Reply;
@@ -60,9 +60,6 @@ pub struct SidecarConfig {
     pub identity_headers: Vec<String>,
 }
 
-fn default_token_cache_size() -> usize {
-    10_000
-}
 fn default_leeway() -> u64 {
     30
 }
@@ -117,9 +114,7 @@ impl Role {
     pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
         match serde_json::from_slice::<Config>(json)? {
             Config::Gateway(c) => {
-                if c.token_cache_size > 1_000_000 {
-                    return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
-                }
+                check_token_cache_size(c.token_cache_size)?;
                 let jwks = Jwks::from_json(c.jwks.to_string().as_bytes())
                     .map_err(|e| ConfigError::field("jwks", e.to_string()))?;
                 if jwks.is_empty() {
@@ -181,11 +176,9 @@ impl Gateway {
         now: u64,
         cache: &mut TokenCache<Verified>,
     ) -> Result<Rc<Verified>, Reply> {
-        let Some(token) = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
-        else {
+        let Some(token) = bearer(authorization) else {
             return Err(Reply::new(401, "unauthenticated", "an Authorization: Bearer token is required"));
         };
-        let token = token.trim();
         let digest = token_digest(token);
         if let Some(verified) = cache.get(&digest, now) {
             return Ok(verified.clone());

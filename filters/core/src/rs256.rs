@@ -269,6 +269,17 @@ mod tests {
         KEYS.get_or_init(|| vec![key(1024, 11), key(1536, 12), key(2048, 13), key(2048, 14)])
     }
 
+    /// 0, 1, 2, n - 1 and 40 random values below n.
+    fn values_below(n: &BigUint, len: usize, rng: &mut rand_chacha::ChaCha20Rng) -> Vec<BigUint> {
+        let mut values = vec![BigUint::from(0u32), BigUint::from(1u32), BigUint::from(2u32), n - BigUint::from(1u32)];
+        for _ in 0..40 {
+            let mut bytes = vec![0u8; len];
+            rng.fill_bytes(&mut bytes);
+            values.push(BigUint::from_bytes_be(&bytes) % n);
+        }
+        values
+    }
+
     fn prepared(k: &RsaPrivateKey) -> Rs256Key {
         Rs256Key::new(&k.n().to_bytes_be(), 65537).unwrap()
     }
@@ -283,15 +294,7 @@ mod tests {
             let n = k.n().clone();
             let len = ours.k;
             let e = BigUint::from(65537u32);
-            let n_minus_1 = &n - BigUint::from(1u32);
-            let mut bases: Vec<BigUint> =
-                vec![BigUint::from(0u32), BigUint::from(1u32), BigUint::from(2u32), n_minus_1.clone()];
-            for _ in 0..40 {
-                let mut bytes = vec![0u8; len];
-                rng.fill_bytes(&mut bytes);
-                bases.push(BigUint::from_bytes_be(&bytes) % &n);
-            }
-            for s in bases {
+            for s in values_below(&n, len, &mut rng) {
                 let want = s.modpow(&e, &n).to_bytes_be();
                 let mut want_padded = vec![0u8; len - want.len()];
                 want_padded.extend_from_slice(&want);
@@ -315,19 +318,14 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
         for k in keys() {
             let ours = prepared(k);
-            let n = k.n().clone();
+            let n = k.n();
             let limbs = ours.n.len();
-            let n_minus_1 = to_limbs(&(&n - BigUint::from(1u32)).to_bytes_be(), limbs);
-            let mut values = vec![vec![0u32; limbs], to_limbs(&[1], limbs), n_minus_1, vec![0u32; limbs]];
-            // The largest value below n whose limbs are all 0xffffffff but the top one's.
-            let last = values.len() - 1;
-            values[last] = ours.n.iter().map(|_| u32::MAX).collect();
-            *values[last].last_mut().unwrap() = ours.n.last().unwrap() - 1;
-            for _ in 0..40 {
-                let mut bytes = vec![0u8; ours.k];
-                rng.fill_bytes(&mut bytes);
-                values.push(to_limbs(&(BigUint::from_bytes_be(&bytes) % &n).to_bytes_be(), limbs));
-            }
+            let mut values: Vec<Vec<u32>> =
+                values_below(n, ours.k, &mut rng).iter().map(|v| to_limbs(&v.to_bytes_be(), limbs)).collect();
+            // Every limb 0xffffffff but the top one, which is n's minus 1: the most carries.
+            let mut carries = vec![u32::MAX; limbs];
+            *carries.last_mut().unwrap() = ours.n.last().unwrap() - 1;
+            values.push(carries);
             for x in values {
                 assert!(less_than(&x, &ours.n));
                 assert_eq!(ours.mont_sqr(&x), ours.mont_mul(&x, &x), "{} bits", n.bits());

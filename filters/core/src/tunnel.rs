@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::auth::{
-    compile_issuers, default_clock_skew, AuthError, Identity, IssuerConfig, JwksConfig, Keyring, TokenCache, Verifier,
+    compile_issuers, default_clock_skew, default_token_cache_size, AuthError, Identity, IssuerConfig, JwksConfig,
+    Keyring, TokenCache, Verifier,
 };
 use crate::config::ConfigError;
 use crate::jwt::Validation;
@@ -49,9 +50,6 @@ pub struct Config {
     pub forward_authorization: bool,
 }
 
-fn default_token_cache_size() -> usize {
-    10_000
-}
 fn default_path_prefix() -> String {
     "/clusters".into()
 }

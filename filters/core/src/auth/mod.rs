@@ -266,6 +266,18 @@ pub struct TokenCache<T = Identity> {
     capacity: usize,
 }
 
+pub fn default_token_cache_size() -> usize {
+    10_000
+}
+
+/// A `token_cache_size` is bounded: every entry holds a verified identity in each worker.
+pub fn check_token_cache_size(size: usize) -> Result<(), ConfigError> {
+    if size > 1_000_000 {
+        return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
+    }
+    Ok(())
+}
+
 /// The cache key of a token.
 pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()

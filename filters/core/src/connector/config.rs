@@ -10,7 +10,8 @@ use crate::jwt::Validation;
 use super::limiter::Limit;
 use super::{Feature, Gateway, MAX_SCOPES};
 use crate::auth::{
-    compile_issuers, default_audiences, default_clock_skew, default_issuers, label, IssuerConfig, JwksConfig, Verifier,
+    check_token_cache_size, compile_issuers, default_audiences, default_clock_skew, default_issuers,
+    default_token_cache_size, label, IssuerConfig, JwksConfig, Verifier,
 };
 
 #[derive(Debug, Deserialize)]
@@ -156,9 +157,6 @@ pub struct AuthenticityConfig {
     pub secret: Option<String>,
 }
 
-fn default_token_cache_size() -> usize {
-    10_000
-}
 fn default_cluster_header() -> String {
     "x-edgewise-backend".into()
 }
@@ -237,9 +235,7 @@ impl Config {
         if self.rate_limit.slots == 0 || self.rate_limit.key_claim.is_empty() {
             return Err(ConfigError::field("rate_limit.slots", "slots must be positive and key_claim non-empty"));
         }
-        if self.token_cache_size > 1_000_000 {
-            return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
-        }
+        check_token_cache_size(self.token_cache_size)?;
         let h = &self.headers;
         for (name, value) in [
             ("headers.instance_id", &h.instance_id),
