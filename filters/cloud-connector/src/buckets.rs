@@ -24,6 +24,7 @@ impl Buckets {
     }
 
     /// Takes a token from the bucket of (feature, organization key).
+    #[inline(never)]
     pub fn take(&self, limit: &Limit, feature: usize, key: &str, now_ms: u64) -> Verdict {
         let fp = fingerprint(feature, key);
         let Ok(mut name) = self.name.try_borrow_mut() else { return limit.take(None, fp, now_ms).1 };

@@ -149,6 +149,7 @@ impl HttpContext for Filter {
 
 impl Shared {
     /// Decides a request and applies the decision to the current (effective) stream.
+    // The steps it calls once are kept out of it (`#[inline(never)]`): see edgewise_core::config::from_json.
     fn handle(&self, context_id: u32, may_wait: bool) -> Step {
         let gw = &self.gw;
         // One host call for every header this needs; one more to write them back.
@@ -232,6 +233,7 @@ impl Shared {
 
     /// Writes the forwarded request's headers: the client's, minus every header the gateway
     /// owns, plus the verified identity, the signature and the backend's cluster.
+    #[inline(never)]
     fn forward(&self, headers: &[(String, String)], path: &str, feature: &Feature, id: &Identity, now_ms: u64) {
         let gw = &self.gw;
         let h = &gw.headers;
@@ -294,6 +296,7 @@ impl Shared {
         }
     }
 
+    #[inline(never)]
     fn wait(&self, mut waiter: Waiter, now_ms: u64) -> Step {
         waiter.deadline_ms = now_ms + self.gw.jwks.wait_ms;
         let context_id = waiter.context_id;
@@ -341,6 +344,7 @@ impl Shared {
 
     /// `{"status":"ok"|"unavailable","issuers":{"<name>":{"keys":n,"age_seconds":s}}}`: 200 when
     /// every issuer has keys, else 503 (a readiness probe).
+    #[inline(never)]
     fn health(&self) -> Step {
         let now = host::now_ms();
         let mut all = true;

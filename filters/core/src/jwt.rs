@@ -121,6 +121,7 @@ const MAX_RSA_BITS: usize = 8192;
 impl Jwks {
     /// Parses a JWKS document. A usable key that is malformed is an error (the whole document is
     /// refused, so that a broken rotation never replaces good keys); unusable keys are skipped.
+    #[inline(never)] // see `config::from_json`
     pub fn from_json(json: &[u8]) -> Result<Jwks, JwksError> {
         let raw: RawJwks = serde_json::from_slice(json)?;
         let mut keys = Vec::with_capacity(raw.keys.len());
@@ -211,6 +212,7 @@ pub struct Unverified<'a> {
 impl<'a> Unverified<'a> {
     /// Splits and decodes a compact JWS. Refuses anything but RS256 and ES256 here, before any key
     /// is looked at.
+    #[inline(never)]
     pub fn parse(token: &'a str) -> Result<Unverified<'a>, JwtError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
@@ -242,6 +244,7 @@ impl<'a> Unverified<'a> {
 
     /// Checks the signature with the key the token names (or, without `kid`, any key of the
     /// right type) and returns the claims.
+    #[inline(never)]
     pub fn verify(self, jwks: &Jwks) -> Result<Map<String, Value>, JwtError> {
         let mut candidates = jwks.keys.iter().filter(|k| self.kid.is_none() || k.kid == self.kid).peekable();
         if candidates.peek().is_none() {

@@ -9,6 +9,7 @@ pub mod authority;
 pub mod config;
 pub mod connector;
 pub mod egress;
+pub mod json;
 pub mod jwt;
 pub mod mesh;
 pub mod reply;

@@ -111,8 +111,9 @@ pub enum Role {
 }
 
 impl Role {
+    #[inline(never)] // see `config::from_json`
     pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
-        match serde_json::from_slice::<Config>(json)? {
+        match crate::config::from_json::<Config>(json)? {
             Config::Gateway(c) => {
                 check_token_cache_size(c.token_cache_size)?;
                 let jwks = Jwks::from_json(c.jwks.to_string().as_bytes())
@@ -170,6 +171,7 @@ impl Gateway {
 
     /// Authenticates `Authorization: Bearer <JWT>` (or finds the token verified in the cache);
     /// on success, the (header, value) pairs to set.
+    #[inline(never)]
     pub fn authenticate(
         &self,
         authorization: Option<&str>,

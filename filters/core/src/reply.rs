@@ -1,12 +1,9 @@
 //! Local replies: the JSON error bodies the filters send instead of forwarding a request.
 
-use serde::Serialize;
-
 /// A response a filter sends itself. `error` is a stable machine-readable code, `detail` says what
 /// happened in words a person can act on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    #[serde(skip)]
     pub status: u32,
     pub error: &'static str,
     pub detail: String,
@@ -19,8 +16,13 @@ impl Reply {
 
     /// `{"error":"...","detail":"..."}`, escaped properly whatever the detail contains.
     pub fn body(&self) -> Vec<u8> {
-        // Serializing two strings cannot fail; fall back to the code alone if it ever did.
-        serde_json::to_vec(self).unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", self.error).into_bytes())
+        let mut body = String::with_capacity(24 + self.error.len() + self.detail.len());
+        body.push_str("{\"error\":");
+        crate::json::quote(self.error, &mut body);
+        body.push_str(",\"detail\":");
+        crate::json::quote(&self.detail, &mut body);
+        body.push('}');
+        body.into_bytes()
     }
 }
 

@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use regex_lite::{CaptureLocations, Regex, RegexBuilder};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::authority;
 use crate::config::ConfigError;
+use crate::json::{Field, Reader};
 use crate::reply::Reply;
 
 pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
@@ -20,6 +20,8 @@ pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
 pub const DEFAULT_PATTERN: &str = "(?P<project>[0-9a-f]{8})-(?P<environment>[0-9a-f]{8})-(?P<function>[0-9a-f]{10})";
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-edgewise-cluster";
 
+// `Config::read` reads it; the serde derives are its JSON Schema (and, in the tests, the
+// reference the reader is checked against).
 /// The plugin configuration, as JSON.
 #[derive(Debug, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -93,6 +95,101 @@ fn default_poll_interval_ms() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     5_000
+}
+
+impl Config {
+    #[inline(never)] // see `config::from_json`
+    pub fn read(json: &[u8]) -> Result<Config, ConfigError> {
+        let mut config = Config {
+            domain: default_domain(),
+            pattern: default_pattern(),
+            cluster_header: default_cluster_header(),
+            routes: Vec::new(),
+            management: None,
+        };
+        let mut r = Reader::new(json);
+        r.object(&Field::Root, |r, key| {
+            let at = Field::Root.key(&key);
+            match &*key {
+                "domain" => config.domain = r.string(&at)?,
+                "pattern" => config.pattern = r.string(&at)?,
+                "cluster_header" => config.cluster_header = r.string(&at)?,
+                "routes" => r.array(&at, |r, i| {
+                    config.routes.push(RouteSpec::read(r, &at.index(i))?);
+                    Ok(())
+                })?,
+                "management" => config.management = if r.null() { None } else { Some(Management::read(r, &at)?) },
+                other => {
+                    return Err(
+                        Field::Root.unknown(other, &["domain", "pattern", "cluster_header", "routes", "management"])
+                    )
+                }
+            }
+            Ok(())
+        })?;
+        r.end()?;
+        Ok(config)
+    }
+}
+
+impl RouteSpec {
+    #[inline(never)]
+    fn read(r: &mut Reader, at: &Field) -> Result<RouteSpec, ConfigError> {
+        let (mut matches, mut cluster, mut host) = (None, None, None);
+        r.object(at, |r, key| {
+            let field = at.key(&key);
+            match &*key {
+                "match" => {
+                    let mut groups = BTreeMap::new();
+                    r.object(&field, |r, group| {
+                        let value = r.string(&field.key(&group))?;
+                        groups.insert(group.into_owned(), value);
+                        Ok(())
+                    })?;
+                    matches = Some(groups);
+                }
+                "cluster" => cluster = Some(r.string(&field)?),
+                "host" => host = Some(r.string(&field)?),
+                other => return Err(at.unknown(other, &["match", "cluster", "host"])),
+            }
+            Ok(())
+        })?;
+        Ok(RouteSpec {
+            matches: matches.ok_or_else(|| at.key("match").missing())?,
+            cluster: cluster.ok_or_else(|| at.key("cluster").missing())?,
+            host: host.ok_or_else(|| at.key("host").missing())?,
+        })
+    }
+}
+
+impl Management {
+    #[inline(never)]
+    fn read(r: &mut Reader, at: &Field) -> Result<Management, ConfigError> {
+        let mut cluster = None;
+        let mut m = Management {
+            cluster: String::new(),
+            authority: default_mgmt_authority(),
+            path: default_mgmt_path(),
+            poll_interval_ms: default_poll_interval_ms(),
+            timeout_ms: default_timeout_ms(),
+        };
+        r.object(at, |r, key| {
+            let field = at.key(&key);
+            match &*key {
+                "cluster" => cluster = Some(r.string(&field)?),
+                "authority" => m.authority = r.string(&field)?,
+                "path" => m.path = r.string(&field)?,
+                "poll_interval_ms" => m.poll_interval_ms = r.u64(&field)?,
+                "timeout_ms" => m.timeout_ms = r.u64(&field)?,
+                other => {
+                    return Err(at.unknown(other, &["cluster", "authority", "path", "poll_interval_ms", "timeout_ms"]))
+                }
+            }
+            Ok(())
+        })?;
+        m.cluster = cluster.ok_or_else(|| at.key("cluster").missing())?;
+        Ok(m)
+    }
 }
 
 /// Where a request goes.
@@ -315,66 +412,6 @@ impl<'a> TableBuilder<'a> {
     }
 }
 
-/// Deserializes a management document (`{"version": N, "routes": [...]}`) straight into a
-/// compiled table, route by route.
-struct TableSeed<'a>(&'a HostDecoder);
-
-impl<'de> DeserializeSeed<'de> for TableSeed<'_> {
-    type Value = RouteTable;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RouteTable, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TableSeed<'_> {
-    type Value = RouteTable;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(r#"a route table {"version": N, "routes": [...]}"#)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RouteTable, A::Error> {
-        let mut version = None;
-        let mut routes = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "version" => version = Some(map.next_value::<u64>()?),
-                "routes" => routes = Some(map.next_value_seed(RoutesSeed(TableBuilder::new(self.0, "routes")))?),
-                other => return Err(de::Error::unknown_field(other, &["version", "routes"])),
-            }
-        }
-        let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
-        let builder = routes.ok_or_else(|| de::Error::missing_field("routes"))?;
-        Ok(builder.finish(version))
-    }
-}
-
-struct RoutesSeed<'a>(TableBuilder<'a>);
-
-impl<'de, 'a> DeserializeSeed<'de> for RoutesSeed<'a> {
-    type Value = TableBuilder<'a>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<TableBuilder<'a>, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de, 'a> Visitor<'de> for RoutesSeed<'a> {
-    type Value = TableBuilder<'a>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a list of routes")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<TableBuilder<'a>, A::Error> {
-        while let Some(spec) = seq.next_element::<RouteSpec>()? {
-            self.0.add(spec).map_err(de::Error::custom)?;
-        }
-        Ok(self.0)
-    }
-}
-
 /// The configuration, compiled: everything a request needs, ready.
 #[derive(Debug)]
 pub struct Router {
@@ -417,12 +454,9 @@ impl Outcome {
 }
 
 impl Router {
-    // Not inlined into the filter's on_configure: V8 compiles every wasm function with TurboFan
-    // at load, and one 13 KB function there cost ~3 MiB more Envoy RSS (measured) than two.
-    #[inline(never)]
+    #[inline(never)] // see `config::from_json`
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        let config: Config = serde_json::from_slice(json)?;
-        Self::new(config)
+        Self::new(Config::read(json)?)
     }
 
     pub fn new(config: Config) -> Result<Self, ConfigError> {
@@ -454,12 +488,27 @@ impl Router {
         Ok(Router { decoder, cluster_header: header, management: config.management, inline, polled: None })
     }
 
-    /// Parses and compiles a management document route by route, without installing it.
+    /// Parses and compiles a management document (`{"version": N, "routes": [...]}`) route by
+    /// route, so that a large table never exists twice in memory; does not install it.
     pub fn compile_table(&self, doc: &[u8]) -> Result<RouteTable, ConfigError> {
-        let mut de = serde_json::Deserializer::from_slice(doc);
-        let table = TableSeed(&self.decoder).deserialize(&mut de)?;
-        de.end()?;
-        Ok(table)
+        let (mut version, mut routes) = (None, None);
+        let mut r = Reader::new(doc);
+        r.object(&Field::Root, |r, key| {
+            let at = Field::Root.key(&key);
+            match &*key {
+                "version" => version = Some(r.u64(&at)?),
+                "routes" => {
+                    let mut builder = TableBuilder::new(&self.decoder, "routes");
+                    r.array(&at, |r, i| builder.add(RouteSpec::read(r, &at.index(i))?))?;
+                    routes = Some(builder);
+                }
+                other => return Err(Field::Root.unknown(other, &["version", "routes"])),
+            }
+            Ok(())
+        })?;
+        r.end()?;
+        let version = version.ok_or_else(|| Field::Root.key("version").missing())?;
+        Ok(routes.ok_or_else(|| Field::Root.key("routes").missing())?.finish(version))
     }
 
     pub fn install(&mut self, table: RouteTable) {
@@ -664,23 +713,66 @@ mod tests {
         }
     }
 
+    /// `Config::read` accepts exactly what the serde derive (the JSON Schema's source) accepts,
+    /// with the same result.
+    #[test]
+    fn the_reader_agrees_with_the_schema_types() {
+        let docs = [
+            "{}",
+            ONE_ROUTE,
+            r#"{"domain":"d.example","pattern":"(?P<f>[a-z]+)","cluster_header":"x-c","routes":[],
+                "management":{"cluster":"m","authority":"a","path":"/p","poll_interval_ms":100,"timeout_ms":1}}"#,
+            r#"{"management":null}"#,
+            r#"{"management":{"cluster":"m"}}"#,
+            r#"{"routes":[{"match":{"a":"b"},"cluster":"c","host":"h"}],"routes":[]}"#,
+            r#"{"management":{"path":"/p"}}"#,
+            r#"{"management":{"cluster":"m","timeout_ms":-1}}"#,
+            r#"{"management":{"cluster":"m","timeout_ms":1.5}}"#,
+            r#"{"routes":[{"match":{"a":"b"},"cluster":"c"}]}"#,
+            r#"{"routes":[{"match":{"a":1},"cluster":"c","host":"h"}]}"#,
+            r#"{"routes":{}}"#,
+            r#"{"routes":null}"#,
+            r#"{"domain":null}"#,
+            r#"{"pattern":"x","other":1}"#,
+            r#"{"domain":"a\u0062c"}"#,
+            "",
+            "{} x",
+        ];
+        // Stricter where serde is lax: it would take a struct as the list of its fields' values.
+        assert!(Config::read(b"[]").is_err());
+        for doc in docs {
+            let ours = Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
+            let theirs = serde_json::from_str::<Config>(doc).map(|c| format!("{c:?}"));
+            match (&ours, &theirs) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+            }
+        }
+    }
+
     #[test]
     fn bad_management_documents_are_refused() {
         let r = router(r#"{"management":{"cluster":"mgmt"}}"#);
         let good = r#"{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"c","host":"h"}"#;
         let cases = [
-            ("not json".to_string(), "expected ident"),
-            ("{}".to_string(), "missing field `version`"),
-            (r#"{"version":1}"#.to_string(), "missing field `routes`"),
+            ("not json".to_string(), "not valid JSON at byte 0: expected a value"),
+            ("{}".to_string(), "`version` is required"),
+            (r#"{"version":1}"#.to_string(), "`routes` is required"),
             (r#"{"version":1,"routes":[],"extra":0}"#.to_string(), "unknown field `extra`"),
-            (r#"{"version":-1,"routes":[]}"#.to_string(), "invalid value"),
+            (r#"{"version":-1,"routes":[]}"#.to_string(), "`version` must be a non-negative integer"),
+            (r#"{"version":1,"routes":[{"match":{},"cluster":"c"}]}"#.to_string(), "`routes[0].host` is required"),
+            (
+                r#"{"version":1,"routes":[{"match":{"project":1}}]}"#.to_string(),
+                "`routes[0].match.project` must be a string",
+            ),
             (
                 format!(r#"{{"version":1,"routes":[{good},{{"match":{{}},"cluster":"c","host":"h"}}]}}"#),
                 "`routes[1].match`",
             ),
             (format!(r#"{{"version":1,"routes":[{good},{good}]}}"#), "`routes[1].match` duplicates"),
             (format!(r#"{{"version":1,"routes":[{good}]}} trailing"#), "trailing characters"),
-            ("\u{feff}".to_string(), "expected value"),
+            ("\u{feff}".to_string(), "expected a value"),
         ];
         for (doc, want) in cases {
             let err = r.compile_table(doc.as_bytes()).unwrap_err().to_string();

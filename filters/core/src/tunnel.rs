@@ -114,8 +114,9 @@ pub enum Decision {
 }
 
 impl Hub {
+    #[inline(never)] // see `config::from_json`
     pub fn from_json(json: &[u8]) -> Result<Hub, ConfigError> {
-        let c: Config = serde_json::from_slice(json)?;
+        let c: Config = crate::config::from_json(json)?;
         let issuers = compile_issuers(&c.issuers)?;
         if c.audiences.is_empty() {
             return Err(ConfigError::field("audiences", "must name at least one audience"));

@@ -343,6 +343,7 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 impl Verifier {
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.
+    #[inline(never)] // see `config::from_json`
     pub fn authenticate(
         &self,
         token: &str,
@@ -375,6 +376,7 @@ impl Verifier {
         Ok(identity)
     }
 
+    #[inline(never)]
     fn identity(&self, claims: &Map<String, Value>, issuer: usize, generation: u64) -> Result<Identity, AuthError> {
         let string = |name: &str| match claims.get(name) {
             None | Some(Value::Null) => Ok(None),

@@ -174,6 +174,7 @@ const MIN_SECRET_BYTES: usize = 32;
 
 impl Config {
     /// Checks every field and builds the gateway. `env` reads the VM's environment variables.
+    #[inline(never)] // see `config::from_json`
     pub fn compile(self, env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
         let issuers = compile_issuers(&self.issuers)?;
         if self.audiences.is_empty() {
