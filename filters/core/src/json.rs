@@ -14,6 +14,37 @@ use std::fmt;
 
 use crate::config::ConfigError;
 
+/// What is wrong with a document, naming the field when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "`{field}` {}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Error> for ConfigError {
+    fn from(e: Error) -> Self {
+        match e.field {
+            Some(field) => ConfigError::Field { field, reason: e.reason },
+            None => ConfigError::Json(e.reason),
+        }
+    }
+}
+
+fn error(reason: String) -> Error {
+    Error { field: None, reason }
+}
+
 /// Where a value sits in the document, for error messages (`routes[3].match`): a path of
 /// borrowed links, so that naming fields costs nothing until an error is written.
 #[derive(Clone, Copy)]
@@ -43,27 +74,107 @@ impl<'p> Field<'p> {
         Field::Index(self, i)
     }
 
-    pub fn error(&self, reason: impl Into<String>) -> ConfigError {
+    pub fn error(&self, reason: impl Into<String>) -> Error {
         match self {
-            Field::Root => ConfigError::Json(format!("the document {}", reason.into())),
-            _ => ConfigError::field(self.to_string(), reason),
+            Field::Root => error(format!("the document {}", reason.into())),
+            _ => Error { field: Some(self.to_string()), reason: reason.into() },
         }
     }
 
     /// A key the object at this field does not have.
-    pub fn unknown(&self, key: &str, known: &[&str]) -> ConfigError {
-        let within = match self {
-            Field::Root => String::new(),
-            _ => format!(" in `{self}`"),
-        };
-        ConfigError::Json(format!("unknown field `{key}`{within}, expected one of `{}`", known.join("`, `")))
+    pub fn unknown(&self, key: &str, known: &[&str]) -> Error {
+        error(format!("unknown field `{key}`{}, expected one of `{}`", self.within(), known.join("`, `")))
     }
 
     /// This key is missing from its object.
-    pub fn missing(&self) -> ConfigError {
+    pub fn missing(&self) -> Error {
         self.error("is required")
     }
+
+    fn within(&self) -> String {
+        match self {
+            Field::Root => String::new(),
+            _ => format!(" in `{self}`"),
+        }
+    }
 }
+
+/// A whole JSON value, for documents whose fields are not known in advance (JWT claims).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    /// The number as written: passed on verbatim (a numeric rate-limit key), read on demand.
+    Number(String),
+    String(String),
+    Array(Vec<Value>),
+    Object(Object),
+}
+
+/// An object's members in document order (keys are unique: the reader refuses duplicates). A
+/// token has a dozen claims: a scan finds one faster than a map is built.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Object(pub Vec<(String, Value)>);
+
+impl Object {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// A non-negative integer written without fraction or exponent.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Number(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Any number, to about 15 significant digits (enough for times; no float parser is linked).
+    pub fn as_f64(&self) -> Option<f64> {
+        let Value::Number(n) = self else {
+            return None;
+        };
+        let (mantissa, exponent) = n.split_once(['e', 'E']).unwrap_or((n, "0"));
+        let (negative, mantissa) = mantissa.strip_prefix('-').map_or((false, mantissa), |m| (true, m));
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let digits = |s: &str| s.bytes().fold(0.0, |acc, d| acc * 10.0 + f64::from(d - b'0'));
+        let exponent: i32 = exponent.strip_prefix('+').unwrap_or(exponent).parse().ok()?;
+        let frac_len = i32::try_from(frac.len()).ok()?;
+        let value = (digits(int) * 10f64.powi(frac_len) + digits(frac)) * 10f64.powi(exponent.saturating_sub(frac_len));
+        Some(if negative { -value } else { value })
+    }
+}
+
+#[cfg(test)]
+impl Value {
+    /// The same value as serde_json's, for tests that compare or index.
+    pub fn to_serde(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Number(n) => serde_json::from_str(n).unwrap_or_default(),
+            Value::String(s) => s.as_str().into(),
+            Value::Array(items) => items.iter().map(Value::to_serde).collect(),
+            Value::Object(o) => o.0.iter().map(|(k, v)| (k.clone(), v.to_serde())).collect(),
+        }
+    }
+}
+
+/// How deeply values read whole may nest: they come from clients (token payloads).
+const MAX_DEPTH: u32 = 32;
 
 pub struct Reader<'a> {
     src: &'a [u8],
@@ -75,8 +186,8 @@ impl<'a> Reader<'a> {
         Reader { src, pos: 0 }
     }
 
-    fn syntax(&self, expected: &str) -> ConfigError {
-        ConfigError::Json(format!("not valid JSON at byte {}: expected {expected}", self.pos))
+    fn syntax(&self, expected: &str) -> Error {
+        error(format!("not valid JSON at byte {}: expected {expected}", self.pos))
     }
 
     /// The next byte that is not whitespace, not consumed.
@@ -115,13 +226,13 @@ impl<'a> Reader<'a> {
     /// value, which `each` must read. A key seen twice is refused.
     // Never inlined, here and in the readers built on it: see `config::from_json`.
     #[inline(never)]
-    pub fn object(
+    pub fn object<E: From<Error>>(
         &mut self,
         at: &Field,
-        mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), ConfigError>,
-    ) -> Result<(), ConfigError> {
+        mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), E>,
+    ) -> Result<(), E> {
         if self.peek() != Some(b'{') {
-            return Err(self.type_error(at, "must be an object"));
+            return Err(self.type_error(at, "must be an object").into());
         }
         self.pos += 1;
         if self.eat(b'}') {
@@ -131,17 +242,17 @@ impl<'a> Reader<'a> {
         let mut seen: Vec<&'a [u8]> = Vec::new();
         loop {
             if self.peek() != Some(b'"') {
-                return Err(self.syntax("a string key"));
+                return Err(self.syntax("a string key").into());
             }
             let start = self.pos;
-            let key = self.string_token()?;
+            let key = self.string_token().map_err(E::from)?;
             let raw = self.src.get(start..self.pos).unwrap_or_default();
             if seen.contains(&raw) {
-                return Err(ConfigError::Json(format!("duplicate field `{key}` in `{at}`")));
+                return Err(error(format!("duplicate field `{key}`{}", at.within())).into());
             }
             seen.push(raw);
             if !self.eat(b':') {
-                return Err(self.syntax("`:`"));
+                return Err(self.syntax("`:`").into());
             }
             each(self, key)?;
             if self.eat(b',') {
@@ -150,19 +261,19 @@ impl<'a> Reader<'a> {
             if self.eat(b'}') {
                 return Ok(());
             }
-            return Err(self.syntax("`,` or `}`"));
+            return Err(self.syntax("`,` or `}`").into());
         }
     }
 
     /// Reads an array, calling `each` with the index of every element and the reader at it.
     #[inline(never)]
-    pub fn array(
+    pub fn array<E: From<Error>>(
         &mut self,
         at: &Field,
-        mut each: impl FnMut(&mut Self, usize) -> Result<(), ConfigError>,
-    ) -> Result<(), ConfigError> {
+        mut each: impl FnMut(&mut Self, usize) -> Result<(), E>,
+    ) -> Result<(), E> {
         if self.peek() != Some(b'[') {
-            return Err(self.type_error(at, "must be an array"));
+            return Err(self.type_error(at, "must be an array").into());
         }
         self.pos += 1;
         if self.eat(b']') {
@@ -178,23 +289,23 @@ impl<'a> Reader<'a> {
             if self.eat(b']') {
                 return Ok(());
             }
-            return Err(self.syntax("`,` or `]`"));
+            return Err(self.syntax("`,` or `]`").into());
         }
     }
 
-    pub fn string(&mut self, at: &Field) -> Result<String, ConfigError> {
+    pub fn string(&mut self, at: &Field) -> Result<String, Error> {
         self.str(at).map(Cow::into_owned)
     }
 
     /// A string, borrowed from the document unless it holds escapes.
-    pub fn str(&mut self, at: &Field) -> Result<Cow<'a, str>, ConfigError> {
+    pub fn str(&mut self, at: &Field) -> Result<Cow<'a, str>, Error> {
         if self.peek() != Some(b'"') {
             return Err(self.type_error(at, "must be a string"));
         }
         self.string_token()
     }
 
-    pub fn strings(&mut self, at: &Field) -> Result<Vec<String>, ConfigError> {
+    pub fn strings(&mut self, at: &Field) -> Result<Vec<String>, Error> {
         let mut list = Vec::new();
         self.array(at, |r, i| {
             list.push(r.string(&at.index(i))?);
@@ -203,7 +314,7 @@ impl<'a> Reader<'a> {
         Ok(list)
     }
 
-    pub fn u64(&mut self, at: &Field) -> Result<u64, ConfigError> {
+    pub fn u64(&mut self, at: &Field) -> Result<u64, Error> {
         let start = self.pos;
         if !matches!(self.peek(), Some(b'0'..=b'9')) {
             return Err(self.type_error(at, "must be a non-negative integer"));
@@ -225,7 +336,80 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| at.error("is too large"))
     }
 
-    pub fn bool(&mut self, at: &Field) -> Result<bool, ConfigError> {
+    /// Any value, read whole.
+    pub fn value(&mut self, at: &Field) -> Result<Value, Error> {
+        self.value_within(at, 0)
+    }
+
+    /// Reads a value and drops it (an unknown member of a document that may have any).
+    pub fn skip(&mut self, at: &Field) -> Result<(), Error> {
+        self.value(at).map(drop)
+    }
+
+    fn value_within(&mut self, at: &Field, depth: u32) -> Result<Value, Error> {
+        if depth >= MAX_DEPTH {
+            return Err(self.syntax("less nesting"));
+        }
+        Ok(match self.peek() {
+            Some(b'{') => {
+                let mut members = Vec::new();
+                self.object(at, |r, key| {
+                    members.push((key.into_owned(), r.value_within(at, depth + 1)?));
+                    Ok::<_, Error>(())
+                })?;
+                Value::Object(Object(members))
+            }
+            Some(b'[') => {
+                let mut items = Vec::new();
+                self.array(at, |r, _| {
+                    items.push(r.value_within(at, depth + 1)?);
+                    Ok::<_, Error>(())
+                })?;
+                Value::Array(items)
+            }
+            Some(b'"') => Value::String(self.string(at)?),
+            Some(b'-' | b'0'..=b'9') => Value::Number(self.number()?.to_owned()),
+            _ if self.null() => Value::Null,
+            _ => Value::Bool(self.bool(at)?),
+        })
+    }
+
+    /// A number token: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+    fn number(&mut self) -> Result<&'a str, Error> {
+        let start = self.pos;
+        let src = self.src;
+        let digits = |pos: &mut usize| {
+            let from = *pos;
+            while matches!(src.get(*pos), Some(b'0'..=b'9')) {
+                *pos += 1;
+            }
+            *pos - from
+        };
+        let mut pos = self.pos;
+        if src.get(pos) == Some(&b'-') {
+            pos += 1;
+        }
+        let int = digits(&mut pos);
+        let mut ok = int == 1 || (int > 1 && src.get(pos - int) != Some(&b'0'));
+        if src.get(pos) == Some(&b'.') {
+            pos += 1;
+            ok &= digits(&mut pos) > 0;
+        }
+        if matches!(src.get(pos), Some(b'e' | b'E')) {
+            pos += 1;
+            if matches!(src.get(pos), Some(b'+' | b'-')) {
+                pos += 1;
+            }
+            ok &= digits(&mut pos) > 0;
+        }
+        if !ok {
+            return Err(self.syntax("a number"));
+        }
+        self.pos = pos;
+        src.get(start..pos).and_then(|n| std::str::from_utf8(n).ok()).ok_or_else(|| self.syntax("a number"))
+    }
+
+    pub fn bool(&mut self, at: &Field) -> Result<bool, Error> {
         if self.literal("true") {
             Ok(true)
         } else if self.literal("false") {
@@ -236,7 +420,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The document holds nothing more.
-    pub fn end(&mut self) -> Result<(), ConfigError> {
+    pub fn end(&mut self) -> Result<(), Error> {
         match self.peek() {
             None => Ok(()),
             Some(_) => Err(self.syntax("the end of the document (trailing characters)")),
@@ -244,7 +428,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A value of the wrong type, or no valid value at all.
-    fn type_error(&mut self, at: &Field, reason: &str) -> ConfigError {
+    fn type_error(&mut self, at: &Field, reason: &str) -> Error {
         let rest = self.src.get(self.pos..).unwrap_or_default();
         let value = match self.peek() {
             Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9') => true,
@@ -259,7 +443,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A string token at `pos` (which is `"`), unescaped.
-    fn string_token(&mut self) -> Result<Cow<'a, str>, ConfigError> {
+    fn string_token(&mut self) -> Result<Cow<'a, str>, Error> {
         self.pos += 1;
         let start = self.pos;
         loop {
@@ -311,7 +495,7 @@ impl<'a> Reader<'a> {
 
     /// `\uXXXX` (with `pos` at the `u`), and its low surrogate if it is a high one; leaves `pos`
     /// at the last hex digit.
-    fn unicode_escape(&mut self) -> Result<char, ConfigError> {
+    fn unicode_escape(&mut self) -> Result<char, Error> {
         let hex4 = |r: &Self, at: usize| {
             let s = r.src.get(at..at + 4)?;
             u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok().filter(|_| s.iter().all(u8::is_ascii_hexdigit))
@@ -359,8 +543,8 @@ mod tests {
 
     const TOP: &Field = &Field::Root;
 
-    /// Reads any document into a serde_json::Value, to compare with serde_json's reading.
-    fn value(r: &mut Reader, at: &Field) -> Result<serde_json::Value, ConfigError> {
+    /// Reads any document into a serde_json::Value with the typed readers.
+    fn value(r: &mut Reader, at: &Field) -> Result<serde_json::Value, Error> {
         use serde_json::Value;
         Ok(match r.peek() {
             Some(b'{') => {
@@ -458,14 +642,48 @@ mod tests {
                 })
             })
             .unwrap_err();
-        assert_eq!(err.to_string(), "invalid plugin configuration: `routes[0].host` must be a string");
+        assert_eq!(err, Error { field: Some("routes[0].host".into()), reason: "must be a string".into() });
+        assert_eq!(ConfigError::from(err).to_string(), "invalid plugin configuration: `routes[0].host` must be a string");
         assert_eq!(TOP.key("a").index(2).key("b").to_string(), "a[2].b");
         let unknown = TOP.key("management").unknown("x", &["cluster", "path"]).to_string();
-        assert!(unknown.ends_with("unknown field `x` in `management`, expected one of `cluster`, `path`"), "{unknown}");
+        assert_eq!(unknown, "unknown field `x` in `management`, expected one of `cluster`, `path`");
         assert_eq!(
             TOP.unknown("x", &["a"]).to_string(),
-            "invalid plugin configuration: unknown field `x`, expected one of `a`"
+            "unknown field `x`, expected one of `a`"
         );
+    }
+
+    #[test]
+    fn values_read_whole_match_serde_json() {
+        let docs = [
+            r#"{"iss":"https://a","aud":["x","y"],"exp":1800000000,"f":-1.5e-3,"n":null,"t":true,"o":{"k":[{}]}}"#,
+            "[0, -0, 1.25, 1E+2, 12345678901234567890]",
+            r#""s""#,
+        ];
+        for doc in docs {
+            let mut r = Reader::new(doc.as_bytes());
+            let v = r.value(TOP).unwrap();
+            r.end().unwrap();
+            assert_eq!(v.to_serde(), serde_json::from_str::<serde_json::Value>(doc).unwrap(), "{doc}");
+        }
+        let mut r = Reader::new(br#"{"exp":1800000000,"f":1.8e9,"g":-2.5,"big":1e400,"s":"1"}"#);
+        let Value::Object(o) = r.value(TOP).unwrap() else { panic!("an object") };
+        assert_eq!(o.get("exp").and_then(Value::as_u64), Some(1_800_000_000));
+        assert_eq!(o.get("exp").and_then(Value::as_f64), Some(1.8e9));
+        assert_eq!(o.get("f").and_then(Value::as_f64), Some(1.8e9));
+        assert_eq!(o.get("f").and_then(Value::as_u64), None);
+        assert_eq!(o.get("g").and_then(Value::as_f64), Some(-2.5));
+        assert_eq!(o.get("big").and_then(Value::as_f64), Some(f64::INFINITY));
+        assert_eq!(o.get("s").and_then(Value::as_f64), None);
+        assert_eq!(o.get("missing"), None);
+        for bad in ["01", "1.", "-", "1e", "1e+", ".5", "+1", "--1"] {
+            let mut r = Reader::new(bad.as_bytes());
+            assert!(r.value(TOP).is_err() || r.end().is_err(), "{bad} is not a number");
+        }
+        let deep = "[".repeat(40) + &"]".repeat(40);
+        assert!(Reader::new(deep.as_bytes()).value(TOP).unwrap_err().reason.contains("less nesting"));
+        let ok = "[".repeat(30) + &"]".repeat(30);
+        assert!(Reader::new(ok.as_bytes()).value(TOP).is_ok());
     }
 
     #[test]
@@ -474,7 +692,7 @@ mod tests {
         let mut kinds = Vec::new();
         r.array(TOP, |r, _| {
             kinds.push(matches!(r.str(TOP)?, Cow::Borrowed(_)));
-            Ok(())
+            Ok::<_, Error>(())
         })
         .unwrap();
         assert_eq!(kinds, [true, false]);

@@ -9,9 +9,9 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Verifier;
-use serde::Deserialize;
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+use crate::json::{self, Field, Object, Reader, Value};
 
 use crate::rs256::Rs256Key;
 
@@ -61,7 +61,7 @@ pub enum JwtError {
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
     #[error("invalid JWKS: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(#[from] json::Error),
     #[error("invalid JWKS: key {index} ({kid:?}): {reason}")]
     Key { index: usize, kid: Option<String>, reason: &'static str },
 }
@@ -96,23 +96,61 @@ pub struct Jwks {
     keys: Vec<Jwk>,
 }
 
-#[derive(Deserialize)]
-struct RawJwks {
-    keys: Vec<RawJwk>,
-}
-
-#[derive(Deserialize)]
+/// A JWK as written (RFC 7517; members this module does not use are skipped).
+#[derive(Default)]
 struct RawJwk {
     kty: String,
     kid: Option<String>,
     alg: Option<String>,
-    #[serde(rename = "use")]
     use_: Option<String>,
     n: Option<String>,
     e: Option<String>,
     crv: Option<String>,
     x: Option<String>,
     y: Option<String>,
+}
+
+/// `{"keys": [JWK, ...]}`.
+#[inline(never)] // see `config::from_json`
+fn read_jwks(json: &[u8]) -> Result<Vec<RawJwk>, json::Error> {
+    let mut keys = None;
+    let mut r = Reader::new(json);
+    r.object(&Field::Root, |r, name| {
+        let at = Field::Root.key(&name);
+        if name != "keys" {
+            return r.skip(&at);
+        }
+        let mut list = Vec::new();
+        r.array(&at, |r, i| {
+            let at = at.index(i);
+            let mut k = RawJwk::default();
+            let mut kty = None;
+            r.object(&at, |r, name| {
+                let field = at.key(&name);
+                let slot = match &*name {
+                    "kty" => &mut kty,
+                    "kid" => &mut k.kid,
+                    "alg" => &mut k.alg,
+                    "use" => &mut k.use_,
+                    "n" => &mut k.n,
+                    "e" => &mut k.e,
+                    "crv" => &mut k.crv,
+                    "x" => &mut k.x,
+                    "y" => &mut k.y,
+                    _ => return r.skip(&field),
+                };
+                *slot = if r.null() { None } else { Some(r.string(&field)?) };
+                Ok(())
+            })?;
+            k.kty = kty.ok_or_else(|| at.key("kty").missing())?;
+            list.push(k);
+            Ok(())
+        })?;
+        keys = Some(list);
+        Ok(())
+    })?;
+    r.end()?;
+    keys.ok_or_else(|| Field::Root.key("keys").missing())
 }
 
 const MIN_RSA_BITS: usize = 2048;
@@ -123,9 +161,9 @@ impl Jwks {
     /// refused, so that a broken rotation never replaces good keys); unusable keys are skipped.
     #[inline(never)] // see `config::from_json`
     pub fn from_json(json: &[u8]) -> Result<Jwks, JwksError> {
-        let raw: RawJwks = serde_json::from_slice(json)?;
-        let mut keys = Vec::with_capacity(raw.keys.len());
-        for (index, k) in raw.keys.into_iter().enumerate() {
+        let raw = read_jwks(json)?;
+        let mut keys = Vec::with_capacity(raw.len());
+        for (index, k) in raw.into_iter().enumerate() {
             let bad = |reason| JwksError::Key { index, kid: k.kid.clone(), reason };
             if k.use_.as_deref().is_some_and(|u| u != "sig") {
                 continue;
@@ -192,11 +230,48 @@ fn b64(s: Option<&str>) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(s?).ok()
 }
 
-#[derive(Deserialize)]
 struct Header {
     alg: String,
     kid: Option<String>,
-    crit: Option<Value>,
+    /// Critical extensions (RFC 7515 4.1.11): none is understood here.
+    crit: bool,
+}
+
+impl Header {
+    #[inline(never)]
+    fn read(json: &[u8]) -> Option<Header> {
+        let (mut alg, mut kid, mut crit) = (None, None, false);
+        let mut r = Reader::new(json);
+        r.object(&Field::Root, |r, name| {
+            let at = Field::Root.key(&name);
+            match &*name {
+                "alg" => alg = Some(r.string(&at)?),
+                "kid" => kid = if r.null() { None } else { Some(r.string(&at)?) },
+                "crit" => {
+                    crit = !r.null();
+                    if crit {
+                        r.skip(&at)?;
+                    }
+                }
+                _ => r.skip(&at)?,
+            }
+            Ok::<_, json::Error>(())
+        })
+        .ok()?;
+        r.end().ok()?;
+        Some(Header { alg: alg?, kid, crit })
+    }
+}
+
+/// The token's payload: a JSON object.
+#[inline(never)]
+fn read_claims(json: &[u8]) -> Option<Object> {
+    let mut r = Reader::new(json);
+    let Value::Object(claims) = r.value(&Field::Root).ok()? else {
+        return None;
+    };
+    r.end().ok()?;
+    Some(claims)
 }
 
 /// A token split and decoded, signature not yet checked.
@@ -204,7 +279,7 @@ struct Header {
 pub struct Unverified<'a> {
     pub alg: Alg,
     pub kid: Option<String>,
-    pub claims: Map<String, Value>,
+    pub claims: Object,
     signing_input: &'a str,
     signature: Vec<u8>,
 }
@@ -218,19 +293,19 @@ impl<'a> Unverified<'a> {
         let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(JwtError::Malformed("expected three dot-separated parts"));
         };
-        let header: Header = URL_SAFE_NO_PAD
+        let header = URL_SAFE_NO_PAD
             .decode(h)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| Header::read(&b))
             .ok_or(JwtError::Malformed("header is not base64url JSON"))?;
-        if header.crit.is_some() {
+        if header.crit {
             return Err(JwtError::Malformed("critical header extensions are not supported"));
         }
         let alg = Alg::parse(&header.alg).ok_or_else(|| JwtError::UnsupportedAlg(header.alg.clone()))?;
-        let claims: Map<String, Value> = URL_SAFE_NO_PAD
+        let claims = URL_SAFE_NO_PAD
             .decode(p)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| read_claims(&b))
             .ok_or(JwtError::Malformed("payload is not a base64url JSON object"))?;
         let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed("signature is not base64url"))?;
         let signing_input = token.get(..h.len() + 1 + p.len()).ok_or(JwtError::Malformed("token"))?;
@@ -245,7 +320,7 @@ impl<'a> Unverified<'a> {
     /// Checks the signature with the key the token names (or, without `kid`, any key of the
     /// right type) and returns the claims.
     #[inline(never)]
-    pub fn verify(self, jwks: &Jwks) -> Result<Map<String, Value>, JwtError> {
+    pub fn verify(self, jwks: &Jwks) -> Result<Object, JwtError> {
         let mut candidates = jwks.keys.iter().filter(|k| self.kid.is_none() || k.kid == self.kid).peekable();
         if candidates.peek().is_none() {
             return Err(match self.kid {
@@ -285,7 +360,7 @@ pub struct Validation {
 }
 
 impl Validation {
-    pub fn check(&self, claims: &Map<String, Value>, now: u64) -> Result<(), JwtError> {
+    pub fn check(&self, claims: &Object, now: u64) -> Result<(), JwtError> {
         let time = |name: &str| -> Result<Option<u64>, JwtError> {
             match claims.get(name) {
                 None => Ok(None),
@@ -330,6 +405,7 @@ impl Validation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use p256::ecdsa::signature::Signer;
     use rand_chacha::rand_core::SeedableRng;
     use rsa::traits::PublicKeyParts;
@@ -404,10 +480,44 @@ mod tests {
         }
     }
 
-    fn verify(token: &str, keys: &Jwks) -> Result<Map<String, Value>, JwtError> {
+    fn verify(token: &str, keys: &Jwks) -> Result<Value, JwtError> {
         let claims = Unverified::parse(token)?.verify(keys)?;
         validation().check(&claims, NOW)?;
-        Ok(claims)
+        Ok(json::Value::Object(claims).to_serde())
+    }
+
+    #[test]
+    fn documents_are_read_strictly_where_it_matters() {
+        // JWKS: members this module does not use, of any type, are skipped; a used one of the
+        // wrong type, or no `keys`, refuses the document.
+        let mut k = rsa_jwk("r1", None);
+        k["x5c"] = serde_json::json!(["MIIB", {"nested": [1, 2.5e3, null, true]}]);
+        let doc = serde_json::json!({"keys": [k, {"kty": "oct", "k": "c2VjcmV0"}], "extra": {"a": 1}}).to_string();
+        assert_eq!(Jwks::from_json(doc.as_bytes()).unwrap().len(), 1);
+        for bad in [r#"{"keys":[{"kty":"RSA","kid":5}]}"#, r#"{"keys":[{"kid":"a"}]}"#, r#"{"other":[]}"#, "[]"] {
+            assert!(matches!(Jwks::from_json(bad.as_bytes()), Err(JwksError::Json(_))), "{bad}");
+        }
+        // Tokens: a duplicated claim, a payload that is not an object, a header without alg.
+        let keys = jwks(vec![rsa_jwk("r1", None)]);
+        let raw = |header: &str, payload: &str| {
+            let input = format!("{}.{}", enc(header.as_bytes()), enc(payload.as_bytes()));
+            let sig = rs256(input.as_bytes());
+            format!("{input}.{}", enc(&sig))
+        };
+        let good = claims(NOW).to_string();
+        assert!(verify(&raw(r#"{"alg":"RS256","kid":"r1"}"#, &good), &keys).is_ok());
+        let dup = good.replacen('{', r#"{"sub":"admin","#, 1);
+        let cases = [
+            (raw(r#"{"alg":"RS256","kid":"r1"}"#, &dup), "payload"),
+            (raw(r#"{"alg":"RS256","kid":"r1"}"#, "[1]"), "payload"),
+            (raw(r#"{"kid":"r1"}"#, &good), "header"),
+            (raw(r#"{"alg":"RS256","alg":"RS256"}"#, &good), "header"),
+            (raw(r#"{"alg":"RS256","crit":["exp"]}"#, &good), "critical"),
+        ];
+        for (t, want) in cases {
+            let err = verify(&t, &keys).unwrap_err().to_string();
+            assert!(err.contains(want), "{t}: {err}");
+        }
     }
 
     #[test]

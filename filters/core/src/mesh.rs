@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use serde::Deserialize;
-use serde_json::Value;
+use crate::json::Value;
 
 use crate::auth::{bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache};
 use crate::config::ConfigError;
@@ -31,7 +31,7 @@ pub enum Config {
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The issuer's keys (a JWKS document, inline).
-    pub jwks: Value,
+    pub jwks: serde_json::Value,
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     #[serde(default = "default_leeway")]

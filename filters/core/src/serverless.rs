@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::authority;
 use crate::config::ConfigError;
-use crate::json::{Field, Reader};
+use crate::json::{self, Field, Reader};
 use crate::reply::Reply;
 
 pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
@@ -99,7 +99,7 @@ fn default_timeout_ms() -> u64 {
 
 impl Config {
     #[inline(never)] // see `config::from_json`
-    pub fn read(json: &[u8]) -> Result<Config, ConfigError> {
+    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
         let mut config = Config {
             domain: default_domain(),
             pattern: default_pattern(),
@@ -134,7 +134,7 @@ impl Config {
 
 impl RouteSpec {
     #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<RouteSpec, ConfigError> {
+    fn read(r: &mut Reader, at: &Field) -> Result<RouteSpec, json::Error> {
         let (mut matches, mut cluster, mut host) = (None, None, None);
         r.object(at, |r, key| {
             let field = at.key(&key);
@@ -164,7 +164,7 @@ impl RouteSpec {
 
 impl Management {
     #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<Management, ConfigError> {
+    fn read(r: &mut Reader, at: &Field) -> Result<Management, json::Error> {
         let mut cluster = None;
         let mut m = Management {
             cluster: String::new(),
@@ -502,9 +502,9 @@ impl Router {
                     r.array(&at, |r, i| builder.add(RouteSpec::read(r, &at.index(i))?))?;
                     routes = Some(builder);
                 }
-                other => return Err(Field::Root.unknown(other, &["version", "routes"])),
+                other => return Err(Field::Root.unknown(other, &["version", "routes"]).into()),
             }
-            Ok(())
+            Ok::<_, ConfigError>(())
         })?;
         r.end()?;
         let version = version.ok_or_else(|| Field::Root.key("version").missing())?;

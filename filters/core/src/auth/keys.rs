@@ -1,29 +1,42 @@
 //! Fetching issuers' keys: OIDC discovery, Cache-Control, and the value shared between workers.
 
-use serde::Deserialize;
-
 use super::JwksConfig;
+use crate::json::{self, Field, Reader};
 
-#[derive(Deserialize)]
-struct Discovery {
-    issuer: String,
-    jwks_uri: String,
+/// The two members of an OpenID Provider configuration this needs (it has dozens).
+#[inline(never)] // see `config::from_json`
+fn read_discovery(json: &[u8]) -> Result<(String, String), json::Error> {
+    let (mut issuer, mut jwks_uri) = (None, None);
+    let mut r = Reader::new(json);
+    r.object(&Field::Root, |r, name| {
+        let at = Field::Root.key(&name);
+        match &*name {
+            "issuer" => issuer = Some(r.string(&at)?),
+            "jwks_uri" => jwks_uri = Some(r.string(&at)?),
+            _ => r.skip(&at)?,
+        }
+        Ok::<_, json::Error>(())
+    })?;
+    r.end()?;
+    let issuer = issuer.ok_or_else(|| Field::Root.key("issuer").missing())?;
+    Ok((issuer, jwks_uri.ok_or_else(|| Field::Root.key("jwks_uri").missing())?))
 }
 
 /// The `jwks_uri` of an OpenID Provider configuration, as (authority, path). The document must
 /// name the issuer it was fetched for (OpenID Connect Discovery §4.3) and the URI must be https.
 pub fn jwks_uri(discovery: &[u8], issuer: &str) -> Result<(String, String), String> {
-    let d: Discovery = serde_json::from_slice(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
-    if d.issuer != issuer {
-        return Err(format!("the configuration is for issuer {:?}", d.issuer));
+    let (configured, jwks_uri) =
+        read_discovery(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
+    if configured != issuer {
+        return Err(format!("the configuration is for issuer {configured:?}"));
     }
-    let rest = d.jwks_uri.strip_prefix("https://").ok_or_else(|| format!("jwks_uri {:?} is not https", d.jwks_uri))?;
+    let rest = jwks_uri.strip_prefix("https://").ok_or_else(|| format!("jwks_uri {jwks_uri:?} is not https"))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
     };
     if authority.is_empty() || authority.contains(['@', ' ']) {
-        return Err(format!("jwks_uri {:?} has no usable host", d.jwks_uri));
+        return Err(format!("jwks_uri {jwks_uri:?} has no usable host"));
     }
     Ok((authority.into(), path.into()))
 }

@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use crate::json::{Object, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::ConfigError;
@@ -377,7 +377,7 @@ impl Verifier {
     }
 
     #[inline(never)]
-    fn identity(&self, claims: &Map<String, Value>, issuer: usize, generation: u64) -> Result<Identity, AuthError> {
+    fn identity(&self, claims: &Object, issuer: usize, generation: u64) -> Result<Identity, AuthError> {
         let string = |name: &str| match claims.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -400,7 +400,7 @@ impl Verifier {
             .fold(0u64, |m, (bit, _)| m | 1 << bit);
         let rate_key = match claims.get(&self.key_claim) {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Number(n)) => n.clone(),
             _ => instance_id.clone(),
         };
         let access = match self.access_claim.as_ref().and_then(|c| claims.get(c)) {
