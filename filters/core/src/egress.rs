@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::authority;
 use crate::config::ConfigError;
+use crate::json::{self, Field, Reader};
 use crate::reply::Reply;
 
 pub const DEFAULT_SUFFIX: &str = "egress.local";
@@ -35,6 +36,28 @@ pub struct Config {
 
 fn default_suffix() -> String {
     DEFAULT_SUFFIX.into()
+}
+
+impl Config {
+    /// Reads the configuration (see `crate::json`); the serde derive is its JSON Schema.
+    #[inline(never)] // see `crate::json`
+    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
+        let (mut suffix, mut allow, mut allow_private) = (default_suffix(), None, Vec::new());
+        let mut r = Reader::new(json);
+        r.object(&Field::Root, |r, key| {
+            let f = Field::Root.key(&key);
+            match &*key {
+                "suffix" => suffix = r.string(&f)?,
+                "allow" => allow = Some(r.strings(&f)?),
+                "allow_private" => allow_private = r.strings(&f)?,
+                other => return Err(Field::Root.unknown(other, &["suffix", "allow", "allow_private"])),
+            }
+            Ok(())
+        })?;
+        r.end()?;
+        let allow = allow.ok_or_else(|| Field::Root.key("allow").missing())?;
+        Ok(Config { suffix, allow, allow_private })
+    }
 }
 
 /// One allowlist entry, compiled.
@@ -179,8 +202,7 @@ pub enum Decision<'a> {
 
 impl Policy {
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        let config: Config = serde_json::from_slice(json)?;
-        Self::new(config)
+        Self::new(Config::read(json)?)
     }
 
     pub fn new(config: Config) -> Result<Self, ConfigError> {
@@ -304,6 +326,29 @@ fn deny<'a>(denial: Denial, status: u32, error: &'static str, detail: String) ->
 mod tests {
     use super::*;
 
+    /// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+    #[test]
+    fn the_reader_agrees_with_the_schema_types() {
+        let docs = [
+            r#"{"allow":["a.example"]}"#,
+            r#"{"suffix":"x.local","allow":[],"allow_private":["a"]}"#,
+            r#"{"suffix":"x.local"}"#,
+            r#"{"allow":"a"}"#,
+            r#"{"allow":[],"allow_private":null}"#,
+            r#"{"allow":[],"deny":[]}"#,
+            r#"{"allow":[1]}"#,
+        ];
+        for doc in docs {
+            let ours = Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
+            let theirs = serde_json::from_str::<Config>(doc).map(|c| format!("{c:?}"));
+            match (&ours, &theirs) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+            }
+        }
+    }
+
     fn policy() -> Policy {
         Policy::from_json(
             br#"{"allow":["api.github.com","*.googleapis.com","example.com:8443","intranet.corp.example","10.1.2.3","localhost:8080"],
@@ -391,7 +436,7 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         let cases = [
-            (r#"{}"#, "missing field `allow`"),
+            (r#"{}"#, "`allow` is required"),
             (r#"{"allow":[]}"#, "`allow` is empty"),
             (r#"{"allow":["a.com"],"sufix":"x"}"#, "unknown field `sufix`"),
             (r#"{"allow":["a.com"],"suffix":"a b"}"#, "`suffix`"),

@@ -111,7 +111,7 @@ struct RawJwk {
 }
 
 /// `{"keys": [JWK, ...]}`.
-#[inline(never)] // see `config::from_json`
+#[inline(never)] // see `crate::json`
 fn read_jwks(json: &[u8]) -> Result<Vec<RawJwk>, json::Error> {
     let mut keys = None;
     let mut r = Reader::new(json);
@@ -159,7 +159,7 @@ const MAX_RSA_BITS: usize = 8192;
 impl Jwks {
     /// Parses a JWKS document. A usable key that is malformed is an error (the whole document is
     /// refused, so that a broken rotation never replaces good keys); unusable keys are skipped.
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn from_json(json: &[u8]) -> Result<Jwks, JwksError> {
         let raw = read_jwks(json)?;
         let mut keys = Vec::with_capacity(raw.len());
@@ -405,11 +405,11 @@ impl Validation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use p256::ecdsa::signature::Signer;
     use rand_chacha::rand_core::SeedableRng;
     use rsa::traits::PublicKeyParts;
     use rsa::Pkcs1v15Sign;
+    use serde_json::Value;
     use std::sync::OnceLock;
 
     fn rng(seed: u64) -> rand_chacha::ChaCha20Rng {

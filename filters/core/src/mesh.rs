@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use serde::Deserialize;
 use crate::json::Value;
+use serde::Deserialize;
 
 use crate::auth::{bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache};
 use crate::config::ConfigError;
+use crate::json::{self, Field, Reader};
 use crate::jwt::{Jwks, Unverified, Validation};
 use crate::reply::Reply;
 
@@ -31,7 +32,9 @@ pub enum Config {
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The issuer's keys (a JWKS document, inline).
-    pub jwks: serde_json::Value,
+    #[serde(deserialize_with = "any_json")]
+    #[cfg_attr(feature = "schema", schemars(with = "serde_json::Value"))]
+    pub jwks: String,
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     #[serde(default = "default_leeway")]
@@ -58,6 +61,101 @@ pub struct SidecarConfig {
     /// The identity headers; removed unless the peer is a trusted gateway.
     #[serde(default = "default_identity_headers")]
     pub identity_headers: Vec<String>,
+}
+
+/// The serde derive's reading of an embedded document (`Config::read` keeps it as written).
+fn any_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    serde_json::Value::deserialize(d).map(|v| v.to_string())
+}
+
+const GATEWAY_FIELDS: &[&str] =
+    &["role", "jwks", "issuers", "audiences", "leeway_seconds", "claim_headers", "forward_token", "token_cache_size"];
+const SIDECAR_FIELDS: &[&str] = &["role", "trusted_gateways", "identity_headers"];
+
+impl Config {
+    /// Reads the configuration (see `crate::json`); the serde derives are its JSON Schema.
+    #[inline(never)] // see `crate::json`
+    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
+        let role = Field::Root.key("role");
+        // The tag may come anywhere: find it first.
+        let mut tag = None;
+        let mut r = Reader::new(json);
+        r.object(&Field::Root, |r, key| {
+            if key == "role" {
+                tag = Some(r.string(&role)?);
+                return Ok(());
+            }
+            r.skip(&Field::Root.key(&key))
+        })?;
+        r.end()?;
+        let mut r = Reader::new(json);
+        match tag.as_deref() {
+            Some("gateway") => GatewayConfig::read(&mut r).map(Config::Gateway),
+            Some("sidecar") => SidecarConfig::read(&mut r).map(Config::Sidecar),
+            Some(_) => Err(role.error("must be gateway or sidecar")),
+            None => Err(role.missing()),
+        }
+    }
+}
+
+impl GatewayConfig {
+    fn read(r: &mut Reader) -> Result<GatewayConfig, json::Error> {
+        let (mut jwks, mut issuers, mut audiences) = (None, None, None);
+        let mut c = GatewayConfig {
+            jwks: String::new(),
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            leeway_seconds: default_leeway(),
+            claim_headers: default_claim_headers(),
+            forward_token: false,
+            token_cache_size: default_token_cache_size(),
+        };
+        r.object(&Field::Root, |r, key| {
+            let f = Field::Root.key(&key);
+            match &*key {
+                "role" => r.skip(&f)?,
+                "jwks" => jwks = Some(r.raw(&f)?.to_owned()),
+                "issuers" => issuers = Some(r.strings(&f)?),
+                "audiences" => audiences = Some(r.strings(&f)?),
+                "leeway_seconds" => c.leeway_seconds = r.u64(&f)?,
+                "claim_headers" => {
+                    c.claim_headers.clear();
+                    r.object(&f, |r, claim| {
+                        let header = r.string(&f.key(&claim))?;
+                        c.claim_headers.insert(claim.into_owned(), header);
+                        Ok::<_, json::Error>(())
+                    })?;
+                }
+                "forward_token" => c.forward_token = r.bool(&f)?,
+                "token_cache_size" => c.token_cache_size = r.uint(&f)?,
+                other => return Err(Field::Root.unknown(other, GATEWAY_FIELDS)),
+            }
+            Ok(())
+        })?;
+        c.jwks = jwks.ok_or_else(|| Field::Root.key("jwks").missing())?;
+        c.issuers = issuers.ok_or_else(|| Field::Root.key("issuers").missing())?;
+        c.audiences = audiences.ok_or_else(|| Field::Root.key("audiences").missing())?;
+        Ok(c)
+    }
+}
+
+impl SidecarConfig {
+    fn read(r: &mut Reader) -> Result<SidecarConfig, json::Error> {
+        let mut trusted = None;
+        let mut identity_headers = default_identity_headers();
+        r.object(&Field::Root, |r, key| {
+            let f = Field::Root.key(&key);
+            match &*key {
+                "role" => r.skip(&f)?,
+                "trusted_gateways" => trusted = Some(r.strings(&f)?),
+                "identity_headers" => identity_headers = r.strings(&f)?,
+                other => return Err(Field::Root.unknown(other, SIDECAR_FIELDS)),
+            }
+            Ok(())
+        })?;
+        let trusted_gateways = trusted.ok_or_else(|| Field::Root.key("trusted_gateways").missing())?;
+        Ok(SidecarConfig { trusted_gateways, identity_headers })
+    }
 }
 
 fn default_leeway() -> u64 {
@@ -111,13 +209,12 @@ pub enum Role {
 }
 
 impl Role {
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
-        match crate::config::from_json::<Config>(json)? {
+        match Config::read(json)? {
             Config::Gateway(c) => {
                 check_token_cache_size(c.token_cache_size)?;
-                let jwks = Jwks::from_json(c.jwks.to_string().as_bytes())
-                    .map_err(|e| ConfigError::field("jwks", e.to_string()))?;
+                let jwks = Jwks::from_json(c.jwks.as_bytes()).map_err(|e| ConfigError::field("jwks", e.to_string()))?;
                 if jwks.is_empty() {
                     return Err(ConfigError::field("jwks", "has no usable RS256 or ES256 key"));
                 }
@@ -225,6 +322,35 @@ impl Sidecar {
 mod tests {
     use super::*;
 
+    /// `Config::read` reads every document as the serde derives (the JSON Schema's source) do.
+    #[test]
+    fn the_reader_agrees_with_the_schema_types() {
+        let docs = [
+            r#"{"role":"sidecar","trusted_gateways":["spiffe://a/b"]}"#,
+            r#"{"trusted_gateways":[],"identity_headers":["x-a"],"role":"sidecar"}"#,
+            r#"{"role":"gateway","jwks":{"keys":[{"e":"AQAB","kty":"RSA","n":"x"}]},"issuers":["i"],"audiences":["a"]}"#,
+            r#"{"issuers":[],"audiences":[],"jwks":{"keys":[]},"leeway_seconds":1,"claim_headers":{"sub":"x-u","g":"x-g"},
+                "forward_token":true,"token_cache_size":3,"role":"gateway"}"#,
+            r#"{"role":"gateway","jwks":{},"issuers":[],"audiences":[],"claim_headers":{}}"#,
+            r#"{"role":"other"}"#,
+            r#"{"trusted_gateways":[]}"#,
+            r#"{"role":"sidecar","trusted_gateways":[],"jwks":{}}"#,
+            r#"{"role":"gateway","issuers":[],"audiences":[]}"#,
+            r#"{"role":"gateway","jwks":{},"issuers":[],"audiences":[],"trusted_gateways":[]}"#,
+            r#"{"role":5,"trusted_gateways":[]}"#,
+            r#"{"role":"sidecar","trusted_gateways":[]} x"#,
+        ];
+        for doc in docs {
+            let ours = Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
+            let theirs = serde_json::from_str::<Config>(doc).map(|c| format!("{c:?}"));
+            match (&ours, &theirs) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+            }
+        }
+    }
+
     #[test]
     fn the_sidecar_trusts_exactly_the_listed_gateways() {
         let Role::Sidecar(s) =
@@ -315,7 +441,8 @@ mod tests {
                 "`identity_headers`",
             ),
             (r#"{"role":"sidecar","trusted_gateways":["spiffe://a/b"],"extra":1}"#, "unknown field `extra`"),
-            (r#"{"role":"router"}"#, "unknown variant `router`"),
+            (r#"{"role":"router"}"#, "`role` must be gateway or sidecar"),
+            (r#"{"trusted_gateways":[]}"#, "`role` is required"),
             (r#"{"role":"gateway","jwks":{"keys":[]},"issuers":["i"],"audiences":["a"]}"#, "`jwks` has no usable"),
             (r#"{"role":"gateway","jwks":{"nokeys":1},"issuers":["i"],"audiences":["a"]}"#, "`jwks`"),
             (

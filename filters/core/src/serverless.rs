@@ -98,7 +98,7 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl Config {
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn read(json: &[u8]) -> Result<Config, json::Error> {
         let mut config = Config {
             domain: default_domain(),
@@ -454,7 +454,7 @@ impl Outcome {
 }
 
 impl Router {
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
         Self::new(Config::read(json)?)
     }

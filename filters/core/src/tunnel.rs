@@ -15,6 +15,7 @@ use crate::auth::{
     Keyring, TokenCache, Verifier,
 };
 use crate::config::ConfigError;
+use crate::json::{self, Field, Reader};
 use crate::jwt::Validation;
 use crate::reply::Reply;
 
@@ -55,6 +56,70 @@ fn default_path_prefix() -> String {
 }
 fn default_cluster_header() -> String {
     "x-edgewise-tunnel-cluster".into()
+}
+
+impl Config {
+    /// Reads the configuration (see `crate::json`); the serde derive is its JSON Schema.
+    #[inline(never)] // see `crate::json`
+    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
+        let (mut issuers, mut audiences) = (None, None);
+        let mut c = Config {
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            clock_skew_seconds: default_clock_skew(),
+            jwks: JwksConfig::default(),
+            token_cache_size: default_token_cache_size(),
+            path_prefix: default_path_prefix(),
+            cluster_header: default_cluster_header(),
+            clusters_claim: None,
+            allow: BTreeMap::new(),
+            forward_authorization: false,
+        };
+        let mut r = Reader::new(json);
+        r.object(&Field::Root, |r, key| {
+            let f = Field::Root.key(&key);
+            match &*key {
+                "issuers" => issuers = Some(r.list(&f, IssuerConfig::read)?),
+                "audiences" => audiences = Some(r.strings(&f)?),
+                "clock_skew_seconds" => c.clock_skew_seconds = r.u64(&f)?,
+                "jwks" => c.jwks = JwksConfig::read(r, &f)?,
+                "token_cache_size" => c.token_cache_size = r.uint(&f)?,
+                "path_prefix" => c.path_prefix = r.string(&f)?,
+                "cluster_header" => c.cluster_header = r.string(&f)?,
+                "clusters_claim" => c.clusters_claim = r.opt_string(&f)?,
+                "allow" => {
+                    r.object(&f, |r, subject| {
+                        let clusters = r.strings(&f.key(&subject))?;
+                        c.allow.insert(subject.into_owned(), clusters);
+                        Ok::<_, json::Error>(())
+                    })?;
+                }
+                "forward_authorization" => c.forward_authorization = r.bool(&f)?,
+                other => {
+                    return Err(Field::Root.unknown(
+                        other,
+                        &[
+                            "issuers",
+                            "audiences",
+                            "clock_skew_seconds",
+                            "jwks",
+                            "token_cache_size",
+                            "path_prefix",
+                            "cluster_header",
+                            "clusters_claim",
+                            "allow",
+                            "forward_authorization",
+                        ],
+                    ))
+                }
+            }
+            Ok(())
+        })?;
+        r.end()?;
+        c.issuers = issuers.ok_or_else(|| Field::Root.key("issuers").missing())?;
+        c.audiences = audiences.ok_or_else(|| Field::Root.key("audiences").missing())?;
+        Ok(c)
+    }
 }
 
 #[derive(Debug)]
@@ -114,9 +179,9 @@ pub enum Decision {
 }
 
 impl Hub {
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn from_json(json: &[u8]) -> Result<Hub, ConfigError> {
-        let c: Config = crate::config::from_json(json)?;
+        let c = Config::read(json)?;
         let issuers = compile_issuers(&c.issuers)?;
         if c.audiences.is_empty() {
             return Err(ConfigError::field("audiences", "must name at least one audience"));
@@ -355,6 +420,33 @@ mod tests {
             NOW,
         );
         assert!(matches!(no_keys, Decision::Deny { outcome: Outcome::KeysUnavailable, .. }));
+    }
+
+    /// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+    #[test]
+    fn the_reader_agrees_with_the_schema_types() {
+        let docs = [
+            r#"{"issuers":[{"issuer":"https://a"}],"audiences":["x"]}"#,
+            r#"{"issuers":[],"audiences":[],"clock_skew_seconds":1,"jwks":{"wait_ms":1},"token_cache_size":2,
+                "path_prefix":"/p","cluster_header":"x-c","clusters_claim":"cl","allow":{"alice":["a","b"],"bob":[]},
+                "forward_authorization":true}"#,
+            r#"{"issuers":[],"audiences":[],"clusters_claim":null,"allow":{}}"#,
+            r#"{"audiences":[]}"#,
+            r#"{"issuers":[]}"#,
+            r#"{"issuers":[],"audiences":[],"allow":{"a":"b"}}"#,
+            r#"{"issuers":[],"audiences":[],"allow":[]}"#,
+            r#"{"issuers":[],"audiences":[],"path":"/"}"#,
+            r#"{"issuers":[],"audiences":[],"forward_authorization":null}"#,
+        ];
+        for doc in docs {
+            let ours = Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
+            let theirs = serde_json::from_str::<Config>(doc).map(|c| format!("{c:?}"));
+            match (&ours, &theirs) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+                (Err(_), Err(_)) => {}
+                _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+            }
+        }
     }
 
     #[test]

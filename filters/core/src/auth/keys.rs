@@ -4,7 +4,7 @@ use super::JwksConfig;
 use crate::json::{self, Field, Reader};
 
 /// The two members of an OpenID Provider configuration this needs (it has dozens).
-#[inline(never)] // see `config::from_json`
+#[inline(never)] // see `crate::json`
 fn read_discovery(json: &[u8]) -> Result<(String, String), json::Error> {
     let (mut issuer, mut jwks_uri) = (None, None);
     let mut r = Reader::new(json);
@@ -25,8 +25,7 @@ fn read_discovery(json: &[u8]) -> Result<(String, String), json::Error> {
 /// The `jwks_uri` of an OpenID Provider configuration, as (authority, path). The document must
 /// name the issuer it was fetched for (OpenID Connect Discovery §4.3) and the URI must be https.
 pub fn jwks_uri(discovery: &[u8], issuer: &str) -> Result<(String, String), String> {
-    let (configured, jwks_uri) =
-        read_discovery(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
+    let (configured, jwks_uri) = read_discovery(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
     if configured != issuer {
         return Err(format!("the configuration is for issuer {configured:?}"));
     }

@@ -9,10 +9,10 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use serde::Deserialize;
-use crate::json::{Object, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::ConfigError;
+use crate::json::{self, Field, Object, Reader, Value};
 use crate::jwt::{Jwks, JwtError, Unverified, Validation};
 
 /// Scopes are kept as a bit set per token.
@@ -69,7 +69,62 @@ impl Default for JwksConfig {
     }
 }
 
+impl IssuerConfig {
+    #[inline(never)] // see `crate::json`
+    pub fn read(r: &mut Reader, at: &Field) -> Result<IssuerConfig, json::Error> {
+        let mut c = IssuerConfig { issuer: String::new(), cluster: None, authority: None, jwks_path: None, name: None };
+        let mut issuer = None;
+        r.object(at, |r, key| {
+            let f = at.key(&key);
+            match &*key {
+                "issuer" => issuer = Some(r.string(&f)?),
+                "cluster" => c.cluster = r.opt_string(&f)?,
+                "authority" => c.authority = r.opt_string(&f)?,
+                "jwks_path" => c.jwks_path = r.opt_string(&f)?,
+                "name" => c.name = r.opt_string(&f)?,
+                other => return Err(at.unknown(other, &["issuer", "cluster", "authority", "jwks_path", "name"])),
+            }
+            Ok(())
+        })?;
+        c.issuer = issuer.ok_or_else(|| at.key("issuer").missing())?;
+        Ok(c)
+    }
+}
+
 impl JwksConfig {
+    #[inline(never)]
+    pub fn read(r: &mut Reader, at: &Field) -> Result<JwksConfig, json::Error> {
+        let mut c = JwksConfig::default();
+        r.object(at, |r, key| {
+            let f = at.key(&key);
+            *match &*key {
+                "refresh_seconds" => &mut c.refresh_seconds,
+                "min_refresh_seconds" => &mut c.min_refresh_seconds,
+                "max_refresh_seconds" => &mut c.max_refresh_seconds,
+                "retry_seconds" => &mut c.retry_seconds,
+                "kid_miss_cooldown_seconds" => &mut c.kid_miss_cooldown_seconds,
+                "timeout_ms" => &mut c.timeout_ms,
+                "wait_ms" => &mut c.wait_ms,
+                other => {
+                    return Err(at.unknown(
+                        other,
+                        &[
+                            "refresh_seconds",
+                            "min_refresh_seconds",
+                            "max_refresh_seconds",
+                            "retry_seconds",
+                            "kid_miss_cooldown_seconds",
+                            "timeout_ms",
+                            "wait_ms",
+                        ],
+                    ))
+                }
+            } = r.u64(&f)?;
+            Ok(())
+        })?;
+        Ok(c)
+    }
+
     pub fn check(&self) -> Result<(), ConfigError> {
         let j = self;
         if j.min_refresh_seconds == 0 || j.min_refresh_seconds > j.max_refresh_seconds {
@@ -343,7 +398,7 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 impl Verifier {
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn authenticate(
         &self,
         token: &str,

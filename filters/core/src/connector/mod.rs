@@ -189,9 +189,9 @@ impl Gateway {
         Self::from_json_env(json, |var| std::env::var(var).ok())
     }
 
-    #[inline(never)] // see `config::from_json`
+    #[inline(never)] // see `crate::json`
     pub fn from_json_env(json: &[u8], env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
-        crate::config::from_json::<config::Config>(json)?.compile(env)
+        config::Config::read(json)?.compile(env)
     }
 
     /// The feature serving `path` (whole-segment prefix match, longest first).

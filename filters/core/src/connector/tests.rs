@@ -284,3 +284,59 @@ fn bad_configs_name_the_field() {
     assert!(gw.sign(1, "GET", "/", "i").is_some());
     assert!(gateway().sign(1, "GET", "/", "i").is_none());
 }
+
+/// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+#[test]
+fn the_reader_agrees_with_the_schema_types() {
+    let docs = [
+        CONFIG,
+        r#"{"features":[]}"#,
+        r#"{"issuers":[{"issuer":"https://a","cluster":"c","authority":"a:1","jwks_path":"/k","name":"n"},
+                       {"issuer":"https://b","cluster":null}],
+            "audiences":["x"],"clock_skew_seconds":5,"required_claims":["org"],
+            "features":[{"name":"f","prefix":"/f","scopes":["s"],"cluster":"c","rewrite_prefix":null,
+                         "rate_limit":{"requests":5,"per":"hour","burst":null}},
+                        {"name":"g","prefix":"/g","cluster":"c","rate_limit":{"requests":1,"per":"second","burst":3}}],
+            "jwks":{"refresh_seconds":10,"min_refresh_seconds":1,"max_refresh_seconds":20,"retry_seconds":2,
+                    "kid_miss_cooldown_seconds":3,"timeout_ms":4,"wait_ms":5},
+            "rate_limit":{"key_claim":"org","slots":7},"token_cache_size":0,
+            "headers":{"instance_id":"a","realm":"b","scopes":"c","issuer":"d","signature":"e","feature":"f",
+                       "rate_limit_key":"g","strip":["h"]},
+            "authenticity":{"secret_env":"S","secret":null},"cluster_header":"x-b","health_path":"/h",
+            "public_paths":[],"forward_authorization":false}"#,
+        r#"{"features":[],"authenticity":null,"headers":{},"jwks":{},"rate_limit":{}}"#,
+        // Refused by both:
+        r#"{}"#,
+        r#"{"features":[{"name":"f","prefix":"/f"}]}"#,
+        r#"{"features":[],"clock_skew":1}"#,
+        r#"{"features":[],"jwks":{"refresh":1}}"#,
+        r#"{"features":[],"rate_limit":{"slots":4294967296}}"#,
+        r#"{"features":[{"name":"f","prefix":"/","cluster":"c","rate_limit":{"requests":1,"per":"day"}}]}"#,
+        r#"{"features":[{"name":"f","prefix":"/","cluster":"c","rate_limit":{"per":"hour"}}]}"#,
+        r#"{"features":[],"issuers":[{"cluster":"c"}]}"#,
+        r#"{"features":[],"issuers":null}"#,
+        r#"{"features":[],"forward_authorization":"yes"}"#,
+        r#"{"features":[],"token_cache_size":-1}"#,
+        r#"{"features":[],"headers":{"strip":"x"}}"#,
+        r#"{"features":[],"authenticity":{"key":"x"}}"#,
+        r#"{"features":[]} x"#,
+    ];
+    for doc in docs {
+        let ours = config::Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
+        let theirs = serde_json::from_str::<config::Config>(doc).map(|c| format!("{c:?}"));
+        match (&ours, &theirs) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+        }
+    }
+    let err = Gateway::from_json_env(
+        br#"{"features":[{"name":"f","prefix":"/","cluster":"c","rate_limit":{"requests":1,"per":"day"}}]}"#,
+        |_| None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid plugin configuration: `features[0].rate_limit.per` must be second, minute or hour"
+    );
+}
