@@ -228,12 +228,22 @@ impl<'a> Reader<'a> {
 
     /// Reads an object, calling `each` with every key in document order and the reader at its
     /// value, which `each` must read. A key seen twice is refused.
-    // Never inlined, here and in the readers built on it (see the module's comment).
-    #[inline(never)]
     pub fn object<E: From<Error>>(
         &mut self,
         at: &Field,
         mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.object_dyn(at, &mut each)
+    }
+
+    // One loop per error type, not one per caller: the callers' closures are called through a
+    // pointer (configuration time, or once per token). Never inlined, here and in the readers
+    // built on it (see the module's comment).
+    #[inline(never)]
+    fn object_dyn<E: From<Error>>(
+        &mut self,
+        at: &Field,
+        each: &mut dyn FnMut(&mut Self, Cow<'a, str>) -> Result<(), E>,
     ) -> Result<(), E> {
         if self.peek() != Some(b'{') {
             return Err(self.type_error(at, "must be an object").into());
@@ -270,11 +280,19 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads an array, calling `each` with the index of every element and the reader at it.
-    #[inline(never)]
     pub fn array<E: From<Error>>(
         &mut self,
         at: &Field,
         mut each: impl FnMut(&mut Self, usize) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.array_dyn(at, &mut each)
+    }
+
+    #[inline(never)] // as `object_dyn`
+    fn array_dyn<E: From<Error>>(
+        &mut self,
+        at: &Field,
+        each: &mut dyn FnMut(&mut Self, usize) -> Result<(), E>,
     ) -> Result<(), E> {
         if self.peek() != Some(b'[') {
             return Err(self.type_error(at, "must be an array").into());
