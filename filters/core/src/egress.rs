@@ -338,15 +338,7 @@ mod tests {
             r#"{"allow":[],"deny":[]}"#,
             r#"{"allow":[1]}"#,
         ];
-        for doc in docs {
-            let ours = Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
-            let theirs = serde_json::from_str::<Config>(doc).map(|c| format!("{c:?}"));
-            match (&ours, &theirs) {
-                (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
-                (Err(_), Err(_)) => {}
-                _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
-            }
-        }
+        crate::json::assert_reads_like_serde::<Config, _>(&docs, Config::read);
     }
 
     fn policy() -> Policy {

@@ -574,6 +574,25 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Test support: `read` accepts and refuses each document as the serde derive of `T` (the JSON
+/// Schema's source) does, and reads the same value.
+#[cfg(test)]
+pub fn assert_reads_like_serde<T, E>(docs: &[&str], read: impl Fn(&[u8]) -> Result<T, E>)
+where
+    T: serde::de::DeserializeOwned + fmt::Debug,
+    E: fmt::Debug,
+{
+    for doc in docs {
+        let ours = read(doc.as_bytes()).map(|v| format!("{v:?}"));
+        let theirs = serde_json::from_str::<T>(doc).map(|v| format!("{v:?}"));
+        match (&ours, &theirs) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
+        }
+    }
+}
+
 /// Appends `s` to `out` as a JSON string.
 pub fn quote(s: &str, out: &mut String) {
     out.push('"');

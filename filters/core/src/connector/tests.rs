@@ -321,15 +321,7 @@ fn the_reader_agrees_with_the_schema_types() {
         r#"{"features":[],"authenticity":{"key":"x"}}"#,
         r#"{"features":[]} x"#,
     ];
-    for doc in docs {
-        let ours = config::Config::read(doc.as_bytes()).map(|c| format!("{c:?}"));
-        let theirs = serde_json::from_str::<config::Config>(doc).map(|c| format!("{c:?}"));
-        match (&ours, &theirs) {
-            (Ok(a), Ok(b)) => assert_eq!(a, b, "{doc}"),
-            (Err(_), Err(_)) => {}
-            _ => panic!("{doc}: the reader says {ours:?}, serde says {theirs:?}"),
-        }
-    }
+    crate::json::assert_reads_like_serde::<config::Config, _>(&docs, config::Config::read);
     let err = Gateway::from_json_env(
         br#"{"features":[{"name":"f","prefix":"/","cluster":"c","rate_limit":{"requests":1,"per":"day"}}]}"#,
         |_| None,
