@@ -345,19 +345,20 @@ impl<'a> Reader<'a> {
         Ok(list)
     }
 
-    /// A string, or `null` for none: what an optional string field holds.
-    pub fn opt_string(&mut self, at: &Field) -> Result<Option<String>, Error> {
+    /// `null` for none, or what `read` reads: an optional field's value.
+    pub fn optional<T>(&mut self, read: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<Option<T>, Error> {
         if self.null() {
             return Ok(None);
         }
-        self.string(at).map(Some)
+        read(self).map(Some)
+    }
+
+    pub fn opt_string(&mut self, at: &Field) -> Result<Option<String>, Error> {
+        self.optional(|r| r.string(at))
     }
 
     pub fn opt_u64(&mut self, at: &Field) -> Result<Option<u64>, Error> {
-        if self.null() {
-            return Ok(None);
-        }
-        self.u64(at).map(Some)
+        self.optional(|r| r.u64(at))
     }
 
     /// A non-negative integer that fits `T` (`u32`, `usize`).

@@ -139,7 +139,7 @@ fn read_jwks(json: &[u8]) -> Result<Vec<RawJwk>, json::Error> {
                     "y" => &mut k.y,
                     _ => return r.skip(&field),
                 };
-                *slot = if r.null() { None } else { Some(r.string(&field)?) };
+                *slot = r.opt_string(&field)?;
                 Ok(())
             })?;
             k.kty = kty.ok_or_else(|| at.key("kty").missing())?;
@@ -246,7 +246,7 @@ impl Header {
             let at = Field::Root.key(&name);
             match &*name {
                 "alg" => alg = Some(r.string(&at)?),
-                "kid" => kid = if r.null() { None } else { Some(r.string(&at)?) },
+                "kid" => kid = r.opt_string(&at)?,
                 "crit" => {
                     crit = !r.null();
                     if crit {

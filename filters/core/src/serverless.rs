@@ -118,7 +118,7 @@ impl Config {
                     config.routes.push(RouteSpec::read(r, &at.index(i))?);
                     Ok(())
                 })?,
-                "management" => config.management = if r.null() { None } else { Some(Management::read(r, &at)?) },
+                "management" => config.management = r.optional(|r| Management::read(r, &at))?,
                 other => {
                     return Err(
                         Field::Root.unknown(other, &["domain", "pattern", "cluster_header", "routes", "management"])

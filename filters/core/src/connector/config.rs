@@ -209,7 +209,7 @@ impl Config {
                 "rate_limit" => c.rate_limit = RateLimitConfig::read(r, &f)?,
                 "token_cache_size" => c.token_cache_size = r.uint(&f)?,
                 "headers" => c.headers = HeadersConfig::read(r, &f)?,
-                "authenticity" => c.authenticity = if r.null() { None } else { Some(AuthenticityConfig::read(r, &f)?) },
+                "authenticity" => c.authenticity = r.optional(|r| AuthenticityConfig::read(r, &f))?,
                 "cluster_header" => c.cluster_header = r.string(&f)?,
                 "health_path" => c.health_path = r.string(&f)?,
                 "public_paths" => c.public_paths = r.strings(&f)?,
@@ -254,7 +254,7 @@ impl FeatureConfig {
                 "scopes" => scopes = r.strings(&f)?,
                 "cluster" => cluster = Some(r.string(&f)?),
                 "rewrite_prefix" => rewrite_prefix = r.opt_string(&f)?,
-                "rate_limit" => rate_limit = if r.null() { None } else { Some(LimitConfig::read(r, &f)?) },
+                "rate_limit" => rate_limit = r.optional(|r| LimitConfig::read(r, &f))?,
                 other => {
                     return Err(
                         at.unknown(other, &["name", "prefix", "scopes", "cluster", "rewrite_prefix", "rate_limit"])
