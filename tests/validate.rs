@@ -44,6 +44,12 @@ const BAD_PLUGIN_CONFIGS: &[(&str, &str, &str, &str)] = &[
         "serverless: invalid plugin configuration: `routes[0].host` \"hello/world\" is not a valid Host",
     ),
     (
+        "serverless",
+        "\"domain\": \"serverless.gitlab.io\"",
+        "\"domain\": \"serverless.gitlab.io\", \"pattern\": \"(?i)(?P<function>[a-z]+)\"",
+        "serverless: invalid plugin configuration: `pattern` at offset 2: flags are not supported",
+    ),
+    (
         "egress",
         "\"allow_private\": [\"api.github.com\"",
         "\"allow_private\": [\"api.gitlab.com\"",

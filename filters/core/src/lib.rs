@@ -12,6 +12,7 @@ pub mod egress;
 pub mod json;
 pub mod jwt;
 pub mod mesh;
+pub mod pattern;
 pub mod reply;
 pub mod rs256;
 pub mod serverless;

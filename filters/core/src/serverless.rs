@@ -1,18 +1,19 @@
 //! Serverless ingress: `<8hex>-<8hex>-<10hex>.serverless.<domain>` -> the function's Knative host
 //! and the Envoy cluster (one per customer cluster) that reaches it over mutual TLS.
 //!
-//! The host is decoded by a regex with named groups, compiled once at configure time. The values
-//! of the named groups, in pattern order, form the route key; routes name the same groups.
+//! The host is decoded by a pattern with named groups (regex syntax, `crate::pattern`), compiled
+//! once at configure time. The values of the named groups, in pattern order, form the route key;
+//! routes name the same groups.
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use regex_lite::{CaptureLocations, Regex, RegexBuilder};
 use serde::Deserialize;
 
 use crate::authority;
 use crate::config::ConfigError;
 use crate::json::{self, Field, Reader};
+use crate::pattern::{self, Pattern};
 use crate::reply::Reply;
 
 pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
@@ -31,7 +32,9 @@ pub struct Config {
     #[serde(default = "default_domain")]
     pub domain: String,
     /// Regex with named groups for the labels in front of the domain; anchored and
-    /// case-insensitive. The named groups are the route key.
+    /// case-insensitive. The named groups are the route key. The syntax a host layout needs:
+    /// literals, `.`, `\d \w \s` (and negations), classes, `(?P<name>...)`, `(?:...)`, `|`,
+    /// `* + ? {n} {n,} {n,m}` (and lazy forms), `^`, `$`.
     #[serde(default = "default_pattern")]
     pub pattern: String,
     /// Header the filter sets to the selected cluster, for a route's `cluster_header`. Any value a
@@ -203,16 +206,15 @@ pub struct Target {
 #[derive(Debug)]
 pub struct HostDecoder {
     domain: String,
-    /// `None` for the default layout, which `decode_default` reads without the regex engine
-    /// (about 3 µs per host natively with regex-lite, a few ns this way); no regex is compiled.
-    regex: Option<Regex>,
+    /// `None` for the default layout, which `decode_default` reads without the matcher.
+    pattern: Option<Pattern>,
     groups: Vec<String>,
 }
 
 /// Per-VM scratch space, so that decoding a host allocates nothing.
 #[derive(Debug)]
 pub struct Scratch {
-    locs: Option<CaptureLocations>,
+    matching: pattern::Scratch,
     key: String,
 }
 
@@ -231,27 +233,21 @@ impl HostDecoder {
         let domain = authority::normalize_domain(domain).map_err(|e| ConfigError::field("domain", e))?;
         if pattern == DEFAULT_PATTERN {
             let groups = ["project", "environment", "function"].map(String::from).to_vec();
-            return Ok(HostDecoder { domain, regex: None, groups });
+            return Ok(HostDecoder { domain, pattern: None, groups });
         }
-        Self::with_regex(domain, pattern)
+        Self::with_pattern(domain, pattern)
     }
 
-    fn with_regex(domain: String, pattern: &str) -> Result<Self, ConfigError> {
-        let regex = RegexBuilder::new(&format!("^(?:{pattern})$"))
-            .case_insensitive(true)
-            .build()
-            .map_err(|e| ConfigError::field("pattern", e.to_string()))?;
-        let groups: Vec<String> = regex.capture_names().flatten().map(str::to_owned).collect();
+    fn with_pattern(domain: String, pattern: &str) -> Result<Self, ConfigError> {
+        let pattern = Pattern::new(pattern).map_err(|e| ConfigError::field("pattern", e))?;
+        let groups = pattern.names().to_vec();
         if groups.is_empty() {
             return Err(ConfigError::field(
                 "pattern",
                 "needs at least one named group, e.g. (?P<function>[0-9a-f]{10})",
             ));
         }
-        if regex.captures_len() != groups.len() + 1 {
-            return Err(ConfigError::field("pattern", "use (?:...) for groups that are not part of the route key"));
-        }
-        Ok(HostDecoder { domain, regex: Some(regex), groups })
+        Ok(HostDecoder { domain, pattern: Some(pattern), groups })
     }
 
     pub fn groups(&self) -> &[String] {
@@ -259,7 +255,8 @@ impl HostDecoder {
     }
 
     pub fn scratch(&self) -> Scratch {
-        Scratch { locs: self.regex.as_ref().map(Regex::capture_locations), key: String::with_capacity(64) }
+        let matching = self.pattern.as_ref().map(Pattern::scratch).unwrap_or_default();
+        Scratch { matching, key: String::with_capacity(64) }
     }
 
     /// Decodes an authority. Only the authority counts: callers must never pass
@@ -272,27 +269,27 @@ impl HostDecoder {
             return Decoded::NotOurs;
         };
         scratch.key.clear();
-        let (Some(regex), Some(locs)) = (&self.regex, &mut scratch.locs) else {
+        let Some(pattern) = &self.pattern else {
             return decode_default(prefix, &mut scratch.key);
         };
-        if regex.captures_read(locs, prefix).is_none() {
+        if !pattern.matches(prefix, &mut scratch.matching) {
             return Decoded::Malformed;
         }
-        for i in 1..=self.groups.len() {
-            if i > 1 {
+        for i in 0..self.groups.len() {
+            if i > 0 {
                 scratch.key.push('/');
             }
-            if let Some(value) = locs.get(i).and_then(|(s, e)| prefix.get(s..e)) {
+            if let Some(value) = pattern.group(i, &scratch.matching).and_then(|(s, e)| prefix.get(s..e)) {
                 scratch.key.extend(value.chars().map(|c| c.to_ascii_lowercase()));
             }
         }
         Decoded::Key
     }
 
-    /// Decodes with the regex engine whatever the pattern (for the differential test).
+    /// Decodes with the matcher whatever the pattern (for the differential test).
     #[cfg(test)]
-    fn decode_with_regex(&self, authority: &str) -> (Decoded, String) {
-        let Ok(slow) = HostDecoder::with_regex(self.domain.clone(), DEFAULT_PATTERN) else {
+    fn decode_with_pattern(&self, authority: &str) -> (Decoded, String) {
+        let Ok(slow) = HostDecoder::with_pattern(self.domain.clone(), DEFAULT_PATTERN) else {
             panic!("the default pattern compiles");
         };
         assert_eq!(slow.groups, self.groups);
@@ -321,8 +318,8 @@ impl HostDecoder {
     }
 }
 
-/// `DEFAULT_PATTERN` without a regex: 8 hex, `-`, 8 hex, `-`, 10 hex; the key is the three
-/// groups lowercased and joined by `/`, exactly as the regex path builds it.
+/// `DEFAULT_PATTERN` without the matcher: 8 hex, `-`, 8 hex, `-`, 10 hex; the key is the three
+/// groups lowercased and joined by `/`, exactly as the pattern path builds it.
 fn decode_default(prefix: &str, key: &mut String) -> Decoded {
     let b = prefix.as_bytes();
     let hex = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_hexdigit));
@@ -609,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_layout_fast_path_agrees_with_the_regex() {
+    fn the_default_layout_fast_path_agrees_with_the_pattern() {
         let r = router(ONE_ROUTE);
         let mut a = r.decoder.scratch();
         let mut labels: Vec<String> = vec![
@@ -637,7 +634,7 @@ mod tests {
         for label in labels {
             let host = format!("{label}.serverless.gitlab.io");
             let decoded = r.decoder.decode(&host, &mut a);
-            assert_eq!((decoded, a.key.clone()), r.decoder.decode_with_regex(&host), "{host}");
+            assert_eq!((decoded, a.key.clone()), r.decoder.decode_with_pattern(&host), "{host}");
         }
     }
 
@@ -687,7 +684,10 @@ mod tests {
             (r#"{"domain":"a b","routes":[]}"#, "`domain`"),
             (r#"{"pattern":"(","management":{"cluster":"m"}}"#, "`pattern`"),
             (r#"{"pattern":"[0-9a-f]+","management":{"cluster":"m"}}"#, "`pattern` needs at least one named group"),
-            (r#"{"pattern":"(?P<a>x)(y)","management":{"cluster":"m"}}"#, "`pattern` use (?:...)"),
+            (
+                r#"{"pattern":"(?P<a>x)(y)","management":{"cluster":"m"}}"#,
+                "`pattern` at offset 9: a plain group; use (?:...)",
+            ),
             (r#"{"cluster_header":":authority","management":{"cluster":"m"}}"#, "`cluster_header`"),
             (r#"{"management":{"cluster":"m","poll_interval_ms":5}}"#, "`management.poll_interval_ms`"),
             (r#"{"management":{"cluster":"m","path":"x"}}"#, "`management.path`"),
