@@ -277,6 +277,7 @@ impl Parser<'_> {
     }
 
     /// `*`, `+`, `?` or `{n}`, `{n,}`, `{n,m}`: the bounds.
+    #[inline(never)]
     fn repetition(&mut self) -> Result<(u32, Option<u32>), String> {
         match self.next()? {
             b'*' => return Ok((0, None)),
@@ -316,6 +317,8 @@ impl Parser<'_> {
     }
 
     /// `(?:...)`, `(?P<name>...)` or `(?<name>...)`.
+    // The parser's steps stay out of `concat`: large functions cost Envoy memory to compile.
+    #[inline(never)]
     fn group(&mut self) -> Result<Node, String> {
         self.at += 1;
         if !self.eat(b'?') {
@@ -366,6 +369,7 @@ impl Parser<'_> {
     }
 
     /// `[...]` or `[^...]`.
+    #[inline(never)]
     fn class(&mut self) -> Result<Set, String> {
         self.at += 1;
         let negated = self.eat(b'^');

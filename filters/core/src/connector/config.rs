@@ -388,49 +388,8 @@ impl Config {
         let mut scopes: Vec<String> = Vec::new();
         let mut features = Vec::with_capacity(self.features.len());
         for (i, c) in self.features.into_iter().enumerate() {
-            let f = |name: &str| format!("features[{i}].{name}");
-            let prefix = c.prefix.trim_end_matches('/');
-            if !c.prefix.starts_with('/') || c.prefix.contains(['?', '#']) {
-                return Err(ConfigError::field(f("prefix"), "must be a path starting with /"));
-            }
-            if features.iter().any(|x: &Feature| x.prefix == prefix) {
-                return Err(ConfigError::field(f("prefix"), format!("{:?} is routed twice", c.prefix)));
-            }
-            if c.cluster.is_empty() {
-                return Err(ConfigError::field(f("cluster"), "must name an Envoy cluster"));
-            }
-            let mut mask = 0u64;
-            for s in &c.scopes {
-                let bit = match scopes.iter().position(|x| x == s) {
-                    Some(bit) => bit,
-                    None if scopes.len() < MAX_SCOPES => {
-                        scopes.push(s.clone());
-                        scopes.len() - 1
-                    }
-                    None => {
-                        return Err(ConfigError::field(f("scopes"), format!("more than {MAX_SCOPES} distinct scopes")))
-                    }
-                };
-                mask |= 1 << bit;
-            }
-            if let Some(rewrite) = &c.rewrite_prefix {
-                if !(rewrite.is_empty() || rewrite.starts_with('/')) {
-                    return Err(ConfigError::field(f("rewrite_prefix"), "must be empty or start with /"));
-                }
-            }
-            let limit = c
-                .rate_limit
-                .map(|l| Limit::new(l).map_err(|why| ConfigError::field(f("rate_limit"), why)))
-                .transpose()?;
-            features.push(Feature {
-                name: label(&c.name, &f("name"))?,
-                prefix: prefix.into(),
-                required_scopes: c.scopes,
-                scope_mask: mask,
-                cluster: c.cluster,
-                rewrite_prefix: c.rewrite_prefix.map(|r| r.trim_end_matches('/').into()),
-                limit,
-            });
+            let feature = compile_feature(i, c, &features, &mut scopes)?;
+            features.push(feature);
         }
         // Longest prefix first, so the first match is the most specific.
         features.sort_by_key(|f| std::cmp::Reverse(f.prefix.len()));
@@ -455,29 +414,7 @@ impl Config {
         if let Some(bad) = h.feature.iter().chain(&h.rate_limit_key).chain(&h.strip).find(|s| !is_header_name(s)) {
             return Err(ConfigError::field("headers", format!("{bad:?} is not a lowercase header name")));
         }
-        let secret = match self.authenticity {
-            None => None,
-            Some(a) => {
-                let secret = match (a.secret_env, a.secret) {
-                    (Some(var), None) => env(&var).ok_or_else(|| {
-                        ConfigError::field(
-                            "authenticity.secret_env",
-                            format!("environment variable {var} is not set in the VM"),
-                        )
-                    })?,
-                    (None, Some(secret)) => secret,
-                    _ => return Err(ConfigError::field("authenticity", "set exactly one of secret_env and secret")),
-                };
-                if secret.len() < MIN_SECRET_BYTES {
-                    return Err(ConfigError::field(
-                        "authenticity",
-                        format!("the secret must have at least {MIN_SECRET_BYTES} bytes"),
-                    ));
-                }
-                // HMAC accepts keys of any length.
-                Hmac::<Sha256>::new_from_slice(secret.as_bytes()).ok()
-            }
-        };
+        let secret = self.authenticity.map(|a| compile_secret(a, env)).transpose()?.flatten();
         let mut required = self.required_claims;
         required.push("sub".into());
         let idle_ms = features.iter().filter_map(|f| f.limit.map(|l| l.refill_ms())).max().unwrap_or(0);
@@ -507,6 +444,79 @@ impl Config {
             forward_authorization: self.forward_authorization,
         })
     }
+}
+
+/// One entry of `features`, checked against the ones before it; its scopes get bits in `scopes`.
+// Out of `compile`: one large function costs Envoy more memory to compile than its parts.
+#[inline(never)]
+fn compile_feature(
+    i: usize,
+    c: FeatureConfig,
+    features: &[Feature],
+    scopes: &mut Vec<String>,
+) -> Result<Feature, ConfigError> {
+    let f = |name: &str| format!("features[{i}].{name}");
+    let prefix = c.prefix.trim_end_matches('/');
+    if !c.prefix.starts_with('/') || c.prefix.contains(['?', '#']) {
+        return Err(ConfigError::field(f("prefix"), "must be a path starting with /"));
+    }
+    if features.iter().any(|x: &Feature| x.prefix == prefix) {
+        return Err(ConfigError::field(f("prefix"), format!("{:?} is routed twice", c.prefix)));
+    }
+    if c.cluster.is_empty() {
+        return Err(ConfigError::field(f("cluster"), "must name an Envoy cluster"));
+    }
+    let mut mask = 0u64;
+    for s in &c.scopes {
+        let bit = match scopes.iter().position(|x| x == s) {
+            Some(bit) => bit,
+            None if scopes.len() < MAX_SCOPES => {
+                scopes.push(s.clone());
+                scopes.len() - 1
+            }
+            None => return Err(ConfigError::field(f("scopes"), format!("more than {MAX_SCOPES} distinct scopes"))),
+        };
+        mask |= 1 << bit;
+    }
+    if let Some(rewrite) = &c.rewrite_prefix {
+        if !(rewrite.is_empty() || rewrite.starts_with('/')) {
+            return Err(ConfigError::field(f("rewrite_prefix"), "must be empty or start with /"));
+        }
+    }
+    let limit =
+        c.rate_limit.map(|l| Limit::new(l).map_err(|why| ConfigError::field(f("rate_limit"), why))).transpose()?;
+    Ok(Feature {
+        name: label(&c.name, &f("name"))?,
+        prefix: prefix.into(),
+        required_scopes: c.scopes,
+        scope_mask: mask,
+        cluster: c.cluster,
+        rewrite_prefix: c.rewrite_prefix.map(|r| r.trim_end_matches('/').into()),
+        limit,
+    })
+}
+
+/// The HMAC key of `authenticity`, from the VM's environment or inline.
+#[inline(never)]
+fn compile_secret(
+    a: AuthenticityConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Hmac<Sha256>>, ConfigError> {
+    let secret = match (a.secret_env, a.secret) {
+        (Some(var), None) => env(&var).ok_or_else(|| {
+            ConfigError::field("authenticity.secret_env", format!("environment variable {var} is not set in the VM"))
+        })?,
+        (None, Some(secret)) => secret,
+        _ => return Err(ConfigError::field("authenticity", "set exactly one of secret_env and secret")),
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::field(
+            "authenticity",
+            format!("the secret must have at least {MIN_SECRET_BYTES} bytes"),
+        ));
+    }
+    // HMAC accepts keys of any length.
+    Ok(Hmac::<Sha256>::new_from_slice(secret.as_bytes()).ok())
 }
 
 fn is_header_name(s: &str) -> bool {
