@@ -171,6 +171,56 @@ async fn unknown_and_malformed_hosts_get_404_and_no_upstream_is_contacted() {
     assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.malformed_host"), Some(&4));
 }
 
+/// The host layout GitLab shipped (`<function>-<cluster: 14 hex><environment: hex>-<slug>`), a
+/// custom `pattern` matched in the module by `core::pattern`: inline and polled routes name its
+/// groups; other hosts under the domain, the default layout's included, are malformed.
+#[tokio::test]
+async fn a_custom_host_pattern_routes_by_its_named_groups() {
+    let table = r#"{"version": 3, "routes": [{"match": {"function": "my-func", "cluster": "0123456789abcd", "environment": "7"},
+                                      "cluster": "customer-b", "host": "my-func.env-7.knative.customer-b.example"}]}"#;
+    let s = setup(Options {
+        table: table.into(),
+        tweak: |c| {
+            c.replace(
+                "\"domain\": \"serverless.gitlab.io\",",
+                r#""domain": "serverless.gitlab.io", "pattern": "(?P<function>[a-z0-9]+(?:-[a-z0-9]+)*)-(?P<cluster>[0-9a-f]{14})(?P<environment>[0-9a-f]+)-(?:[a-z0-9-]+)","#,
+            )
+            .replace(
+                r#"{ "project": "0000000a", "environment": "0000000b", "function": "000000000c" }"#,
+                r#"{ "function": "hello", "cluster": "a1b2c3d4e5f607", "environment": "2a" }"#,
+            )
+        },
+        ..Options::default()
+    })
+    .await;
+    s.wait_table_version(3).await;
+
+    let r = s.get("hello-a1b2c3d4e5f6072a-production.serverless.gitlab.io").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "customer-a");
+    assert_eq!(r.json()["host"], sl::INLINE_KNATIVE_HOST);
+    // Case-insensitive; the function's own dashes are its name, the last one starts the slug.
+    let r = s.get("My-Func-0123456789ABCD7-review-fix-42.serverless.gitlab.io").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "customer-b");
+    assert_eq!(r.json()["host"], "my-func.env-7.knative.customer-b.example");
+
+    let long = format!("{}-0123456789abcd7-x.serverless.gitlab.io", "a".repeat(250));
+    let cases = [
+        ("my-func-0123456789abcd8-production.serverless.gitlab.io", "unknown_function"),
+        ("my-func-0123456789abcd7.serverless.gitlab.io", "malformed_host"),
+        ("my-func-0123456789abc-production.serverless.gitlab.io", "malformed_host"),
+        (sl::INLINE_HOST, "malformed_host"),
+        (&long, "malformed_host"),
+    ];
+    for (host, error) in cases {
+        let r = s.get(host).await;
+        assert_eq!(r.status, 404, "{host}: {}", r.text());
+        assert_eq!(r.json()["error"], error, "{host}");
+    }
+    assert_eq!((s.a.count(), s.b.count(), s.www.count()), (1, 1, 0));
+}
+
 #[tokio::test]
 async fn a_gateway_with_the_wrong_ca_or_san_fails_closed() {
     let s = setup(Options {
