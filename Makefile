@@ -69,7 +69,7 @@ test: setup
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
 test-core:
-	$(CARGO) test -p edgewise-core
+	$(CARGO) test -p edgewise-core -p edgewise-host
 
 test-wasm:
 	$(WASM_TEST)

@@ -125,6 +125,70 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Writes `bytes` as they are on one HTTP/1.1 connection (over TLS when this client has it)
+    /// and reads until the server closes it: for requests no well-behaved client library sends
+    /// (bytes that are not UTF-8, pipelining). End the last request with `connection: close`.
+    pub async fn raw(&self, addr: SocketAddr, server_name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        let exchange = async {
+            let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+            match &self.tls {
+                None => write_then_read(tcp, bytes).await,
+                Some(config) => {
+                    let mut config = (**config).clone();
+                    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    let name = ServerName::try_from(self.sni.as_deref().unwrap_or(server_name).to_string())?;
+                    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS handshake")?;
+                    write_then_read(tls, bytes).await
+                }
+            }
+        };
+        let limit = self.timeout.unwrap_or(Duration::from_secs(30));
+        tokio::time::timeout(limit, exchange).await.map_err(|_| anyhow!("raw exchange timed out after {limit:?}"))?
+    }
+}
+
+async fn write_then_read<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, bytes: &[u8]) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(bytes).await?;
+    io.flush().await?;
+    let mut out = Vec::new();
+    // A TLS peer may close without close_notify: what was read until then is the answer.
+    let _ = io.read_to_end(&mut out).await;
+    Ok(out)
+}
+
+/// A GET as bytes for [`Client::raw`], closing the connection after its response.
+pub fn raw_get(host: &[u8], path: &str, headers: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = format!("GET {path} HTTP/1.1\r\nhost: ").into_bytes();
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
+
+/// The status codes of the HTTP/1.1 responses in a raw exchange, in order.
+pub fn raw_statuses(raw: &[u8]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    let mut at = 0;
+    while let Some(found) = raw.get(at..).and_then(|rest| rest.windows(9).position(|w| w == b"HTTP/1.1 ")) {
+        let start = at + found;
+        let line_start = start == 0 || raw.get(start - 2..start) == Some(b"\r\n");
+        let code = raw.get(start + 9..start + 12).and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
+        if let (true, Some(code)) = (line_start, code) {
+            statuses.push(code);
+        }
+        at = start + 9;
+    }
+    statuses
+}
+
 async fn exchange<S>(io: S, h2: bool, scheme: &str, req: Request<'_>) -> Result<Response>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

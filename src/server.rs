@@ -27,6 +27,10 @@ pub struct Seen {
     pub host: String,
     pub version: String,
     pub headers: Vec<(String, String)>,
+    /// The same headers as they came, byte for byte (`headers` shows bytes that are not UTF-8 as
+    /// U+FFFD).
+    #[serde(skip)]
+    pub raw_headers: Vec<(String, Vec<u8>)>,
     pub body: String,
     pub tls: Option<TlsSeen>,
 }
@@ -42,6 +46,10 @@ pub struct TlsSeen {
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.raw_headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
     }
 
     pub fn peer_sans(&self) -> Vec<String> {
@@ -201,6 +209,7 @@ impl Conn {
                         .iter()
                         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                         .collect(),
+                    raw_headers: parts.headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
                     body: String::from_utf8_lossy(&body).into_owned(),
                     tls,
                 };

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use edgewise::client::{Client, Request, Response};
+use edgewise::client::{raw_get, raw_statuses, Client, Request, Response};
 use edgewise::envoy::{Envoy, Options};
 use edgewise::idp::{self, Idp};
 use edgewise::scenarios::cloud_connector::{self as cc, Issuers, Pki, CUSTOMERS, GITLAB};
@@ -500,4 +500,44 @@ async fn a_fleet_shares_limits_through_the_global_rate_limit_service() {
     // Nothing of it reaches the backend.
     let seen = s.ai.seen().pop().unwrap();
     assert_eq!((seen.header("x-edgewise-feature"), seen.header("x-edgewise-ratelimit-key")), (None, None));
+}
+
+/// Header values that are not UTF-8 (obs-text, legal in HTTP/1.1) sent on a raw socket: one the
+/// gateway must interpret gets a clear 400, one it only passes on reaches the backend byte for
+/// byte, and every valid request after them is served (a trapped VM would fail them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn header_values_that_are_not_utf8_get_a_400_or_pass_untouched_and_break_nothing() {
+    let gitlab = Idp::rs256(GITLAB, "gitlab-1").unwrap();
+    let s = setup(|c| c, |i| i.publish(GITLAB, published(&[&gitlab]))).await;
+    let instance = "6b1a2c3d-0000-4000-8000-000000000009";
+    let token = gitlab.token(cc::claims(instance, &["code_suggestions"]));
+    assert_eq!(s.until_accepted(&token, Duration::from_secs(10)).await.status, 200);
+    let bearer = format!("Bearer {token}");
+    let s = &s;
+    let raw = |authorization: &[u8], extra: &[(&str, &[u8])]| {
+        let headers = [&[("authorization", authorization)], extra].concat();
+        let bytes = raw_get(b"cloud.gitlab.com", "/ai/v2/code/completions", &headers);
+        async move { s.client.raw(s.front, "cloud.gitlab.com", &bytes).await.unwrap() }
+    };
+
+    let passed = raw(bearer.as_bytes(), &[("x-anything", b"caf\xe9 \x80\xff")]).await;
+    assert_eq!(raw_statuses(&passed), [200], "{}", String::from_utf8_lossy(&passed));
+    assert_eq!(s.ai.seen().pop().unwrap().header_bytes("x-anything"), Some(&b"caf\xe9 \x80\xff"[..]));
+
+    let ai_before = s.ai.count();
+    let bad_instance = [instance.as_bytes(), b"\xe9"].concat();
+    for (what, out) in [
+        ("authorization", raw(b"Bearer caf\xe9", &[]).await),
+        ("instance id", raw(bearer.as_bytes(), &[("x-gitlab-instance-id", &bad_instance)]).await),
+        ("realm", raw(bearer.as_bytes(), &[("x-gitlab-realm", b"saas\xff")]).await),
+    ] {
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(raw_statuses(&out), [400], "{what}: {text}");
+        assert!(text.contains("\"error\":\"invalid_header\"") && text.contains("is not valid UTF-8"), "{what}: {text}");
+    }
+    assert_eq!(s.ai.count(), ai_before, "no refused request reached the backend");
+    assert_eq!(s.metric("requests.code_suggestions.bad_request").await, 3);
+    for _ in 0..10 {
+        assert_eq!(s.call("/ai/v2/code/completions", Some(&token), &[]).await.status, 200);
+    }
 }

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use edgewise::certs::Ca;
-use edgewise::client::{Client, Request};
+use edgewise::client::{raw_get, raw_statuses, Client, Request};
 use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy};
 use edgewise::scenarios::egress::{self as eg, ports};
@@ -203,4 +203,27 @@ async fn metrics_are_per_allowlisted_destination_only() {
     );
     let named: Vec<&str> = prom.lines().filter(|l| l.contains("gist") || l.contains("nope")).collect();
     assert!(named.is_empty(), "no metric may be named after a host that is not on the allowlist: {named:?}");
+}
+
+/// Bytes that are not UTF-8 (obs-text, legal in HTTP/1.1) on a raw socket: a Host the filter
+/// cannot read is refused (by Envoy or with the filter's 400) and reaches no destination; another
+/// header passes to the destination byte for byte; the valid requests after them are all served.
+#[tokio::test]
+async fn header_values_that_are_not_utf8_are_refused_or_pass_untouched_and_break_nothing() {
+    let s = setup().await;
+    let raw = |host: &[u8], headers: &[(&str, &[u8])]| {
+        let bytes = raw_get(host, "/", headers);
+        async move { Client::plain().raw(s.front, "egress", &bytes).await.unwrap() }
+    };
+    for host in [&b"api.github.com\xe9.egress.local"[..], b"caf\xe9.egress.local"] {
+        let out = raw(host, &[]).await;
+        assert_eq!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
+    }
+    assert_eq!(s.upstream_requests(), 0, "a refused request reached a destination");
+    let out = raw(b"api.github.com.egress.local", &[("x-anything", b"caf\xe9\x80")]).await;
+    assert_eq!(raw_statuses(&out), [200], "{}", String::from_utf8_lossy(&out));
+    assert_eq!(s.github.seen().pop().unwrap().header_bytes("x-anything"), Some(&b"caf\xe9\x80"[..]));
+    for _ in 0..10 {
+        assert_eq!(s.get("api.github.com.egress.local").await.status, 200);
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgewise::certs::{Ca, Leaf};
-use edgewise::client::{Client, Request};
+use edgewise::client::{raw_get, raw_statuses, Client, Request};
 use edgewise::envoy::{Config, Envoy};
 use edgewise::scenarios::mesh::{self as mesh, ports, Pki};
 use edgewise::server::{Listen, Server};
@@ -256,4 +256,36 @@ async fn wait_tls_update(envoy: &Envoy, seen: u64, what: &str) {
         assert!(start.elapsed() < Duration::from_secs(15), "no TLS context update after {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Header values that are not UTF-8 at the gateway (obs-text, legal in HTTP/1.1): an
+/// Authorization it cannot read gets a clear 400 and reaches no workload, any other header passes
+/// byte for byte, and the valid requests after them are all served.
+#[tokio::test]
+async fn header_values_that_are_not_utf8_get_a_400_or_pass_untouched_and_break_nothing() {
+    let s = setup().await;
+    let bearer = format!("Bearer {}", s.pki.user_token("alice"));
+    let raw = |headers: &[(&str, &[u8])]| {
+        let bytes = raw_get(b"shop.example", "/catalog/items", headers);
+        async move { Client::plain().raw(s.gateway_addr, "shop.example", &bytes).await.unwrap() }
+    };
+    for _ in 0..4 {
+        let out = raw(&[("authorization", b"Bearer caf\xe9")]).await;
+        assert_eq!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("\"error\":\"invalid_header\""), "{text}");
+        assert!(text.to_ascii_lowercase().contains("www-authenticate: bearer error=\"invalid_request\""), "{text}");
+    }
+    assert_eq!(s.workload.count() + s.non_meshed.count(), 0, "a refused request reached a workload");
+    for _ in 0..4 {
+        let out = raw(&[("authorization", bearer.as_bytes()), ("x-anything", b"caf\xe9\x80")]).await;
+        assert_eq!(raw_statuses(&out), [200], "{}", String::from_utf8_lossy(&out));
+    }
+    let seen: Vec<_> = s.workload.seen().into_iter().chain(s.non_meshed.seen()).collect();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.iter().all(|r| r.header_bytes("x-anything") == Some(&b"caf\xe9\x80"[..])));
+    for _ in 0..10 {
+        assert_eq!(s.via_gateway("/catalog/items", Some(&s.pki.user_token("alice")), &[]).await.status, 200);
+    }
+    assert_eq!(s.gateway.stat("wasmcustom.edgewise.mesh_identity.gateway.bad_request").await.unwrap(), 4);
 }

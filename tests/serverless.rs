@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgewise::certs::{Ca, Leaf, LeafSpec};
-use edgewise::client::{Client, Request};
+use edgewise::client::{raw_get, raw_statuses, Client, Request};
 use edgewise::envoy::{Config, Envoy};
 use edgewise::scenarios::serverless::{self as sl, ports, Pki};
 use edgewise::server::{DocMode, Document, Listen, Server};
@@ -405,5 +405,31 @@ async fn a_table_of_100000_functions_loads_and_serves() {
         let r = s.get(&host).await;
         assert_eq!(r.status, 200, "{host}: {}", r.text());
         assert_eq!(r.json()["host"], format!("f{i}.knative.customer-b.example"));
+    }
+}
+
+/// Bytes that are not UTF-8 (obs-text, legal in HTTP/1.1) on a raw socket: a Host the filter
+/// cannot read is refused (by Envoy or with the filter's 400) and reaches no upstream; another
+/// header passes to the customer byte for byte; the valid requests after them are all served.
+#[tokio::test]
+async fn header_values_that_are_not_utf8_are_refused_or_pass_untouched_and_break_nothing() {
+    let s = setup(Options::default()).await;
+    s.wait_table_version(1).await;
+    let client = s.pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
+    let raw = |host: &[u8], headers: &[(&str, &[u8])]| {
+        let bytes = raw_get(host, "/", headers);
+        let client = client.clone();
+        async move { client.raw(s.front, sl::INLINE_HOST, &bytes).await.unwrap() }
+    };
+    for host in [&b"0000000a-0000000b-000000000c.serverless.gitlab.i\xe9"[..], b"caf\xe9.serverless.gitlab.io"] {
+        let out = raw(host, &[]).await;
+        assert_eq!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
+    }
+    assert_eq!(s.a.count() + s.b.count() + s.www.count(), 0, "a refused request reached an upstream");
+    let out = raw(sl::INLINE_HOST.as_bytes(), &[("x-anything", b"caf\xe9\x80")]).await;
+    assert_eq!(raw_statuses(&out), [200], "{}", String::from_utf8_lossy(&out));
+    assert_eq!(s.a.seen().pop().unwrap().header_bytes("x-anything"), Some(&b"caf\xe9\x80"[..]));
+    for _ in 0..10 {
+        assert_eq!(s.get(sl::INLINE_HOST).await.status, 200);
     }
 }

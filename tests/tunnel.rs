@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use edgewise::client::{Client, Request, Response};
+use edgewise::client::{raw_get, raw_statuses, Client, Request, Response};
 use edgewise::envoy::{Config, Envoy, Options};
 use edgewise::idp::Idp;
 use edgewise::scenarios::cloud_connector::{Issuers, GITLAB};
@@ -312,4 +312,41 @@ async fn one_agent_serves_two_hub_replicas() {
     s.hub.envoy.kill();
     let req = Request::get("hub.example", "/clusters/cluster-a/version").header("authorization", &bearer);
     assert_eq!(Client::plain().send(hub2.users, req).await.unwrap().status, 200);
+}
+
+/// Bytes that are not UTF-8 (obs-text, legal in HTTP/1.1) on a raw socket: an Authorization the
+/// hub cannot read gets a clear 400 and reaches no cluster; another header is forwarded; the valid
+/// requests after them are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn header_values_that_are_not_utf8_get_a_400_or_pass_and_break_nothing() {
+    let s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let start = Instant::now();
+    while s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the tunnel never carried a request");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = s.kubectl.requests().len();
+    let raw = |headers: &[(&str, &[u8])]| {
+        let bytes = raw_get(b"hub.example", "/clusters/cluster-a/version", headers);
+        async move { Client::plain().raw(s.hub.users, "hub.example", &bytes).await.unwrap() }
+    };
+    for _ in 0..4 {
+        let out = raw(&[("authorization", b"Bearer caf\xe9")]).await;
+        assert_eq!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
+        assert!(String::from_utf8_lossy(&out).contains("\"error\":\"invalid_header\""));
+    }
+    assert_eq!(s.kubectl.requests().len(), before, "a refused request reached the cluster");
+    // The filter forwards a header it only passes on, whatever its bytes. (Envoy's HTTP/2 hop
+    // into the tunnel then resets the stream: that is Envoy's codec, not the filter.)
+    let allowed = s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.allowed").await.unwrap();
+    let bearer = format!("Bearer {alice}");
+    let out = raw(&[("authorization", bearer.as_bytes()), ("x-anything", b"caf\xe9\x80")]).await;
+    assert_ne!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
+    let now_allowed = s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.allowed").await.unwrap();
+    assert_eq!(now_allowed, allowed + 1);
+    for _ in 0..10 {
+        assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
+    }
+    assert_eq!(s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.bad_request").await.unwrap(), 4);
 }

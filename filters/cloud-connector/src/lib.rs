@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use edgewise_core::connector::{Denial, Feature, Gateway, Identity, Keyring, Outcome, TokenCache};
+use edgewise_core::reply::header_text;
 use edgewise_host as host;
 use host::Counter;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -152,10 +153,14 @@ impl Shared {
     // The steps it calls once are kept out of it (`#[inline(never)]`): see edgewise_core::config::from_json.
     fn handle(&self, context_id: u32, may_wait: bool) -> Step {
         let gw = &self.gw;
-        // One host call for every header this needs; one more to write them back.
+        // One host call for every header this needs; one more to write them back. Headers the
+        // gateway interprets must be text; the others pass through as the client sent them.
         let headers = host::request_headers();
-        let get = |name: &str| host::header(&headers, name);
-        let path = get(":path").unwrap_or_default();
+        let text = |name: &str| header_text(name, host::header(&headers, name));
+        let path = match text(":path") {
+            Ok(path) => path.unwrap_or_default(),
+            Err(reply) => return self.deny(None, "", Denial::BadHeader(reply), None),
+        };
         let bare = path.split('?').next().unwrap_or_default();
         if bare == gw.health_path {
             return self.health();
@@ -167,7 +172,14 @@ impl Shared {
         let Some((index, feature)) = gw.route(path) else {
             return self.deny(None, path, Denial::NotFound, None);
         };
-        let token = match Gateway::bearer(get("authorization")) {
+        let (authorization, method, instance_id, realm) =
+            match (text("authorization"), text(":method"), text(&gw.headers.instance_id), text(&gw.headers.realm)) {
+                (Ok(a), Ok(m), Ok(i), Ok(r)) => (a, m.unwrap_or_default(), i, r),
+                (Err(reply), ..) | (_, Err(reply), ..) | (.., Err(reply), _) | (.., Err(reply)) => {
+                    return self.deny(Some((index, feature)), path, Denial::BadHeader(reply), None)
+                }
+            };
+        let token = match Gateway::bearer(authorization) {
             Ok(token) => token,
             Err(denial) => return self.deny(Some((index, feature)), path, denial, None),
         };
@@ -189,9 +201,7 @@ impl Shared {
             }
             Err(denial) => return self.deny(Some((index, feature)), path, denial, None),
         };
-        let h = &gw.headers;
-        let checked =
-            gw.check_client_headers(&id, get(&h.instance_id), get(&h.realm)).and_then(|()| gw.authorize(feature, &id));
+        let checked = gw.check_client_headers(&id, instance_id, realm).and_then(|()| gw.authorize(feature, &id));
         if let Err(denial) = checked {
             return self.deny(Some((index, feature)), path, denial, Some(&id));
         }
@@ -201,7 +211,7 @@ impl Shared {
                 return self.deny(Some((index, feature)), path, Denial::RateLimited(verdict), Some(&id));
             }
         }
-        self.forward(&headers, path, feature, &id, now_ms);
+        self.forward(&headers, path, method, feature, &id, now_ms);
         self.count(Some(index), Outcome::Allowed);
         log_state(&feature.name, Outcome::Allowed, Some(&id));
         Step::Continue
@@ -234,15 +244,23 @@ impl Shared {
     /// Writes the forwarded request's headers: the client's, minus every header the gateway
     /// owns, plus the verified identity, the signature and the backend's cluster.
     #[inline(never)]
-    fn forward(&self, headers: &[(String, String)], path: &str, feature: &Feature, id: &Identity, now_ms: u64) {
+    fn forward(
+        &self,
+        headers: &[(Vec<u8>, Vec<u8>)],
+        path: &str,
+        method: &str,
+        feature: &Feature,
+        id: &Identity,
+        now_ms: u64,
+    ) {
         let gw = &self.gw;
         let h = &gw.headers;
         let rewritten = gw.rewrite(feature, path);
         let forwarded_path = rewritten.as_deref().unwrap_or(path);
-        let method = host::header(headers, ":method").unwrap_or_default();
         let signature = gw.sign(now_ms / 1000, method, forwarded_path, &id.instance_id);
         let issuer = gw.issuers().get(id.issuer).map_or("", |i| i.issuer.as_str());
-        let owned = |name: &str| {
+        let owned = |name: &[u8]| {
+            let Ok(name) = std::str::from_utf8(name) else { return false };
             name == h.instance_id
                 || name == h.realm
                 || name == h.scopes
@@ -255,28 +273,30 @@ impl Shared {
                 || h.rate_limit_key.as_deref() == Some(name)
                 || h.strip.iter().any(|s| s == name)
         };
-        let mut out: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + 8);
-        out.extend(headers.iter().filter(|(k, _)| !owned(k)).map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(headers.len() + 8);
+        out.extend(headers.iter().filter(|(k, _)| !owned(k)).map(|(k, v)| (k.as_slice(), v.as_slice())));
+        let mut set: Vec<(&str, &str)> = Vec::with_capacity(9);
         if rewritten.is_some() {
-            out.push((":path", forwarded_path));
+            set.push((":path", forwarded_path));
         }
-        out.push((&gw.cluster_header, &feature.cluster));
-        out.push((&h.instance_id, &id.instance_id));
+        set.push((&gw.cluster_header, &feature.cluster));
+        set.push((&h.instance_id, &id.instance_id));
         if let Some(realm) = &id.realm {
-            out.push((&h.realm, realm));
+            set.push((&h.realm, realm));
         }
-        out.push((&h.scopes, &id.scopes));
-        out.push((&h.issuer, issuer));
+        set.push((&h.scopes, &id.scopes));
+        set.push((&h.issuer, issuer));
         if let Some(sig) = &signature {
-            out.push((&h.signature, sig));
+            set.push((&h.signature, sig));
         }
         if let Some(name) = &h.feature {
-            out.push((name, &feature.name));
+            set.push((name, &feature.name));
         }
         if let Some(name) = &h.rate_limit_key {
-            out.push((name, &id.rate_key));
+            set.push((name, &id.rate_key));
         }
-        host::set_request_headers(out);
+        out.extend(set.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+        host::set_request_headers(&out);
     }
 
     fn deny(&self, feature: Option<(usize, &Feature)>, path: &str, denial: Denial, id: Option<&Identity>) -> Step {

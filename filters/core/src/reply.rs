@@ -26,9 +26,29 @@ impl Reply {
     }
 }
 
+/// A header the filter must interpret, as text. A value that is not UTF-8 (obs-text is legal in
+/// HTTP/1.1) is refused with a 400 rather than guessed at; headers a filter only passes on are
+/// never read this way, so their bytes go through untouched.
+pub fn header_text<'a>(name: &str, value: Option<&'a [u8]>) -> Result<Option<&'a str>, Reply> {
+    match value.map(std::str::from_utf8) {
+        None => Ok(None),
+        Some(Ok(text)) => Ok(Some(text)),
+        Some(Err(_)) => Err(Reply::new(400, "invalid_header", format!("the {name} header is not valid UTF-8"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_text_refuses_bytes_that_are_not_utf8() {
+        assert_eq!(header_text("authorization", None), Ok(None));
+        assert_eq!(header_text("authorization", Some(b"Bearer x")), Ok(Some("Bearer x")));
+        let refused = header_text("authorization", Some(b"Bearer caf\xe9")).unwrap_err();
+        assert_eq!((refused.status, refused.error), (400, "invalid_header"));
+        assert_eq!(refused.detail, "the authorization header is not valid UTF-8");
+    }
 
     #[test]
     fn body_is_escaped_json() {

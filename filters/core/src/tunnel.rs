@@ -141,11 +141,19 @@ pub enum Outcome {
     Unauthenticated,
     Forbidden,
     KeysUnavailable,
+    /// A header the hub must read is not text.
+    BadRequest,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] =
-        [Outcome::Allowed, Outcome::NotFound, Outcome::Unauthenticated, Outcome::Forbidden, Outcome::KeysUnavailable];
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Allowed,
+        Outcome::NotFound,
+        Outcome::Unauthenticated,
+        Outcome::Forbidden,
+        Outcome::KeysUnavailable,
+        Outcome::BadRequest,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -154,6 +162,7 @@ impl Outcome {
             Outcome::Unauthenticated => "unauthenticated",
             Outcome::Forbidden => "forbidden",
             Outcome::KeysUnavailable => "keys_unavailable",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }

@@ -10,6 +10,7 @@
 use std::rc::Rc;
 
 use edgewise_core::egress::{Decision, Denial, Policy};
+use edgewise_core::reply::header_text;
 use edgewise_host as host;
 use host::{Counter, Histogram};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -93,11 +94,15 @@ impl Context for Filter {}
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let shared = &self.shared;
-        let authority = host::request_header(":authority").unwrap_or_default();
-        match shared.policy.decide(&authority) {
+        let authority = host::request_header(":authority");
+        let decision = match header_text(":authority", authority.as_deref()) {
+            Ok(authority) => shared.policy.decide(authority.unwrap_or_default()),
+            Err(reply) => Decision::Deny(Denial::InvalidDestination, reply),
+        };
+        match decision {
             Decision::Allow(allowed) => {
-                host::set_request_header(":authority", Some(&allowed.authority));
-                host::set_request_header(DEST_HEADER, Some(allowed.marker));
+                host::set_request_header(":authority", Some(allowed.authority.as_bytes()));
+                host::set_request_header(DEST_HEADER, Some(allowed.marker.as_bytes()));
                 if let Some(d) = shared.destinations.get(allowed.entry) {
                     d.requests.inc();
                 }
@@ -118,7 +123,9 @@ impl HttpContext for Filter {
         let Some(d) = self.destination.and_then(|i| self.shared.destinations.get(i)) else {
             return Action::Continue;
         };
-        let class = host::response_header(":status").and_then(|s| s.parse::<usize>().ok()).map_or(5, |s| s / 100);
+        let status = host::response_header(":status");
+        let class =
+            status.as_deref().and_then(|s| std::str::from_utf8(s).ok()?.parse::<usize>().ok()).map_or(5, |s| s / 100);
         if let Some(c) = class.checked_sub(1).and_then(|i| d.responses.get(i)) {
             c.inc();
         }

@@ -2,6 +2,7 @@
 //! host errors; on the request path a panic traps the VM and breaks every later request, so the
 //! filters go through `hostcalls` here and degrade instead.
 
+pub mod headers;
 pub mod jwks;
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -57,13 +58,15 @@ pub fn set_tick_period(period: Duration) {
     }
 }
 
-pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+/// A request header's value as bytes (any bytes: decide what a value that is not text means).
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    headers::get(MapType::HttpRequestHeaders, name)
 }
 
-pub fn set_request_header(name: &str, value: Option<&str>) {
-    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("setting request header {name} failed: {e:?}");
+/// Sets a request header, or removes it with `None`.
+pub fn set_request_header(name: &str, value: Option<&[u8]>) {
+    if !headers::set(MapType::HttpRequestHeaders, name, value) {
+        log::warn!("setting request header {name} failed");
     }
 }
 
@@ -87,8 +90,9 @@ pub fn respond(status: u32, extra: &[(&str, &str)], body: &[u8]) -> Action {
     Action::Pause
 }
 
+/// A header of an HTTP call's response, when it is text.
 pub fn call_response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name).ok().flatten()
+    headers::get(MapType::HttpCallResponseHeaders, name).and_then(|v| String::from_utf8(v).ok())
 }
 
 pub fn call_response_body(size: usize) -> Option<Bytes> {
@@ -160,8 +164,8 @@ impl Counter {
     }
 }
 
-pub fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    headers::get(MapType::HttpResponseHeaders, name)
 }
 
 pub struct Gauge(Option<u32>);
@@ -211,19 +215,19 @@ pub fn resume_http_request() {
     }
 }
 
-/// Every request header in one host call (cheaper than several single reads).
-pub fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+/// Every request header in one host call (cheaper than several single reads), as bytes.
+pub fn request_headers() -> Vec<(Vec<u8>, Vec<u8>)> {
+    headers::all(MapType::HttpRequestHeaders)
 }
 
 /// Replaces the whole request header map in one host call.
-pub fn set_request_headers(pairs: Vec<(&str, &str)>) {
-    if let Err(e) = hostcalls::set_map(MapType::HttpRequestHeaders, pairs) {
-        log::warn!("replacing the request headers failed: {e:?}");
+pub fn set_request_headers(pairs: &[(&[u8], &[u8])]) {
+    if !headers::set_all(MapType::HttpRequestHeaders, pairs) {
+        log::warn!("replacing the request headers failed");
     }
 }
 
 /// Looks a header up in a map read by [`request_headers`] (names are lowercase there).
-pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+pub fn header<'a>(headers: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice())
 }

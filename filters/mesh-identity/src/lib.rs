@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use edgewise_core::auth::TokenCache;
 use edgewise_core::mesh::{Role, Verified};
+use edgewise_core::reply::header_text;
 use edgewise_host as host;
 use host::Counter;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -28,6 +29,7 @@ struct Shared {
     authenticated: Counter,
     unauthenticated: Counter,
     invalid_token: Counter,
+    bad_request: Counter,
     trusted_peer: Counter,
     untrusted_peer: Counter,
 }
@@ -55,6 +57,7 @@ impl RootContext for Root {
             authenticated: c("gateway.authenticated"),
             unauthenticated: c("gateway.unauthenticated"),
             invalid_token: c("gateway.invalid_token"),
+            bad_request: c("gateway.bad_request"),
             trusted_peer: c("sidecar.trusted_peer"),
             untrusted_peer: c("sidecar.untrusted_peer"),
         }));
@@ -92,10 +95,13 @@ impl HttpContext for Filter {
                     Ok(cache) => cache,
                     Err(_) => &mut uncached,
                 };
-                match gateway.authenticate(authorization.as_deref(), host::now_ms() / 1000, cache) {
+                let now_s = host::now_ms() / 1000;
+                let authenticated = header_text("authorization", authorization.as_deref())
+                    .and_then(|authorization| gateway.authenticate(authorization, now_s, cache));
+                match authenticated {
                     Ok(identity) => {
                         for (header, value) in &identity.headers {
-                            host::set_request_header(header, Some(value));
+                            host::set_request_header(header, Some(value.as_bytes()));
                         }
                         if !gateway.forward_token {
                             host::set_request_header("authorization", None);
@@ -107,6 +113,9 @@ impl HttpContext for Filter {
                         let challenge = if reply.error == "invalid_token" {
                             s.invalid_token.inc();
                             "Bearer error=\"invalid_token\""
+                        } else if reply.status == 400 {
+                            s.bad_request.inc();
+                            "Bearer error=\"invalid_request\""
                         } else {
                             s.unauthenticated.inc();
                             "Bearer"

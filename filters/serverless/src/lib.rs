@@ -7,7 +7,7 @@ mod poller;
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use edgewise_core::reply::Reply;
+use edgewise_core::reply::{header_text, Reply};
 use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -132,9 +132,9 @@ impl Filter {
                 Action::Continue
             }
             Decision::Route(target) => {
-                host::set_request_header("x-forwarded-host", Some(authority));
-                host::set_request_header(&router.cluster_header, Some(&target.cluster));
-                host::set_request_header(":authority", Some(&target.host));
+                host::set_request_header("x-forwarded-host", Some(authority.as_bytes()));
+                host::set_request_header(&router.cluster_header, Some(target.cluster.as_bytes()));
+                host::set_request_header(":authority", Some(target.host.as_bytes()));
                 shared.metrics.count(Outcome::Routed);
                 Action::Continue
             }
@@ -151,20 +151,28 @@ impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let Some(authority) = host::request_header(":authority") else {
-            if let Ok(router) = self.shared.router.try_borrow() {
-                host::set_request_header(&router.cluster_header, None);
+        let authority = host::request_header(":authority");
+        let authority = match header_text(":authority", authority.as_deref()) {
+            Ok(Some(authority)) => authority,
+            Ok(None) => {
+                if let Ok(router) = self.shared.router.try_borrow() {
+                    host::set_request_header(&router.cluster_header, None);
+                }
+                return Action::Continue;
             }
-            return Action::Continue;
+            Err(reply) => {
+                self.shared.metrics.count(Outcome::MalformedHost);
+                return host::reply(&reply);
+            }
         };
-        if let Some(action) = self.route(&authority) {
+        if let Some(action) = self.route(authority) {
             return action;
         }
         // No table in this VM yet: another worker may have loaded one since this VM's last tick.
         if let Some(Ok(mut poller)) = self.shared.poller.as_ref().map(RefCell::try_borrow_mut) {
             poller.sync(&self.shared);
         }
-        self.route(&authority).unwrap_or_else(|| {
+        self.route(authority).unwrap_or_else(|| {
             self.shared.metrics.count(Outcome::TableUnavailable);
             host::reply(&Reply::new(
                 503,

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use edgewise_core::auth::{Keyring, TokenCache};
+use edgewise_core::reply::header_text;
 use edgewise_core::tunnel::{Decision, Hub, Outcome};
 use edgewise_host as host;
 use host::jwks::Fetcher;
@@ -89,8 +90,19 @@ impl HttpContext for Filter {
         let s = &self.shared;
         let hub = &s.hub;
         let headers = host::request_headers();
-        let path = host::header(&headers, ":path").unwrap_or_default();
-        let authorization = host::header(&headers, "authorization");
+        let count = |o: Outcome| {
+            if let Some(c) = s.outcomes.get(o as usize) {
+                c.inc();
+            }
+        };
+        let text = |name: &str| header_text(name, host::header(&headers, name));
+        let (path, authorization) = match (text(":path"), text("authorization")) {
+            (Ok(path), Ok(authorization)) => (path.unwrap_or_default(), authorization),
+            (Err(reply), _) | (_, Err(reply)) => {
+                count(Outcome::BadRequest);
+                return host::reply(&reply);
+            }
+        };
         let now_ms = host::now_ms();
         let decide = || {
             let keyring = s.keyring.try_borrow().ok()?;
@@ -107,22 +119,19 @@ impl HttpContext for Filter {
             }
             decision = decide();
         }
-        let count = |o: Outcome| {
-            if let Some(c) = s.outcomes.get(o as usize) {
-                c.inc();
-            }
-        };
         match decision {
             Some(Decision::Forward { cluster, path: rest }) => {
                 count(Outcome::Allowed);
-                let keep = |k: &str| {
-                    k != ":path" && k != hub.cluster_header && (hub.forward_authorization || k != "authorization")
+                let keep = |k: &[u8]| {
+                    k != b":path"
+                        && k != hub.cluster_header.as_bytes()
+                        && (hub.forward_authorization || k != b"authorization")
                 };
-                let mut out: Vec<(&str, &str)> =
-                    headers.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                out.push((":path", &rest));
-                out.push((&hub.cluster_header, &cluster));
-                host::set_request_headers(out);
+                let mut out: Vec<(&[u8], &[u8])> =
+                    headers.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+                out.push((b":path", rest.as_bytes()));
+                out.push((hub.cluster_header.as_bytes(), cluster.as_bytes()));
+                host::set_request_headers(&out);
                 Action::Continue
             }
             Some(Decision::Deny { outcome, reply, www_authenticate }) => {

@@ -63,16 +63,19 @@ pub enum Outcome {
     Forbidden,
     RateLimited,
     KeysUnavailable,
+    /// A header the gateway must read is not text.
+    BadRequest,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Allowed,
         Outcome::NotFound,
         Outcome::Unauthenticated,
         Outcome::Forbidden,
         Outcome::RateLimited,
         Outcome::KeysUnavailable,
+        Outcome::BadRequest,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Outcome {
             Outcome::Forbidden => "forbidden",
             Outcome::RateLimited => "rate_limited",
             Outcome::KeysUnavailable => "keys_unavailable",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }
@@ -105,6 +109,8 @@ pub enum Denial {
         scope: String,
     },
     RateLimited(Verdict),
+    /// A header the gateway must interpret is not UTF-8: 400 (`reply::header_text`).
+    BadHeader(Reply),
 }
 
 impl Denial {
@@ -115,6 +121,7 @@ impl Denial {
             Denial::KeysUnavailable { .. } => Outcome::KeysUnavailable,
             Denial::Forbidden { .. } => Outcome::Forbidden,
             Denial::RateLimited(_) => Outcome::RateLimited,
+            Denial::BadHeader(_) => Outcome::BadRequest,
         }
     }
 
@@ -127,6 +134,7 @@ impl Denial {
             )
         };
         match self {
+            Denial::BadHeader(reply) => (reply.clone(), vec![]),
             Denial::NotFound => (Reply::new(404, "not_found", format!("no feature is served at {path}")), vec![]),
             Denial::MissingToken => (
                 Reply::new(401, "unauthenticated", "send the access token as `Authorization: Bearer <token>`"),
