@@ -8,8 +8,8 @@ CARGO ?= cargo
 PYTHON ?= python3
 ENVOY_VERSION := 1.40.0
 WASM_TARGET := wasm32-wasip1
-# The proxy-wasm filter crates (cdylib) under filters/.
-FILTERS := $(notdir $(patsubst %/Cargo.toml,%,$(shell grep -l '"cdylib"' filters/*/Cargo.toml)))
+# The filter crates under filters/ (each also a .wasm module).
+FILTERS := $(notdir $(patsubst %/Cargo.toml,%,$(shell grep -l 'edgewise-proxy-wasm = ' filters/*/Cargo.toml)))
 
 ifeq ($(origin ENVOY), undefined)
 ENVOY := $(CURDIR)/.venv/bin/envoy

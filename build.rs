@@ -65,83 +65,78 @@ fn main() {
         let built = target_dir.join("wasm").join(TARGET).join("filters").join(&file);
         let dest = out.join(format!("{f}.wasm"));
         let module = fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
-        let callbacks = implemented_callbacks(&root.join("filters").join(f).join("src"));
-        let trimmed = trim(&module, &callbacks).unwrap_or_else(|e| panic!("post-processing {}: {e}", built.display()));
+        let trimmed = trim(&module).unwrap_or_else(|e| panic!("post-processing {}: {e}", built.display()));
         fs::write(&dest, trimmed).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
     }
 }
 
 /// The proxy-wasm callbacks Envoy calls only if the module exports them (proxy-wasm-cpp-host
-/// checks each one), with the SDK trait methods behind each. The SDK exports them all, so by
-/// default Envoy enters the VM for every one of them on every request (about 2.4 µs each here,
-/// measured) even when the filter does nothing there.
-const OPTIONAL_CALLBACKS: &[(&str, &[&str])] = &[
-    ("proxy_on_request_headers", &["on_http_request_headers"]),
-    ("proxy_on_request_body", &["on_http_request_body"]),
-    ("proxy_on_request_trailers", &["on_http_request_trailers"]),
-    ("proxy_on_response_headers", &["on_http_response_headers"]),
-    ("proxy_on_response_body", &["on_http_response_body"]),
-    ("proxy_on_response_trailers", &["on_http_response_trailers"]),
-    ("proxy_on_log", &["on_log"]),
-    ("proxy_on_done", &["on_done"]),
-    ("proxy_on_tick", &["on_tick"]),
-    ("proxy_on_queue_ready", &["on_queue_ready"]),
-    ("proxy_on_foreign_function", &["on_foreign_function"]),
-    ("proxy_on_http_call_response", &["on_http_call_response"]),
-    ("proxy_on_grpc_receive_initial_metadata", GRPC),
-    ("proxy_on_grpc_receive", GRPC),
-    ("proxy_on_grpc_receive_trailing_metadata", GRPC),
-    ("proxy_on_grpc_close", GRPC),
-    ("proxy_on_new_connection", &["on_new_connection"]),
-    ("proxy_on_downstream_data", &["on_downstream_data"]),
-    ("proxy_on_downstream_connection_close", &["on_downstream_close"]),
-    ("proxy_on_upstream_data", &["on_upstream_data"]),
-    ("proxy_on_upstream_connection_close", &["on_upstream_close"]),
-];
-const GRPC: &[&str] = &[
-    "on_grpc_call_response",
-    "on_grpc_stream_initial_metadata",
-    "on_grpc_stream_message",
-    "on_grpc_stream_trailing_metadata",
-    "on_grpc_stream_close",
+/// checks each one). The SDK exports them all, so by default Envoy enters the VM for every one of
+/// them on every request (about 2.4 µs each here, measured) even when the filter does nothing there.
+const OPTIONAL_CALLBACKS: &[&str] = &[
+    "proxy_on_request_headers",
+    "proxy_on_request_body",
+    "proxy_on_request_trailers",
+    "proxy_on_response_headers",
+    "proxy_on_response_body",
+    "proxy_on_response_trailers",
+    "proxy_on_log",
+    "proxy_on_done",
+    "proxy_on_tick",
+    "proxy_on_queue_ready",
+    "proxy_on_foreign_function",
+    "proxy_on_http_call_response",
+    "proxy_on_grpc_receive_initial_metadata",
+    "proxy_on_grpc_receive",
+    "proxy_on_grpc_receive_trailing_metadata",
+    "proxy_on_grpc_close",
+    "proxy_on_new_connection",
+    "proxy_on_downstream_data",
+    "proxy_on_downstream_connection_close",
+    "proxy_on_upstream_data",
+    "proxy_on_upstream_connection_close",
 ];
 
-/// The trait methods a filter crate defines (`fn on_...(` anywhere in its sources): the context
-/// impls live in the filter crate itself, so a method it does not define is the SDK's no-op.
-fn implemented_callbacks(src: &Path) -> Vec<&'static str> {
-    fn read_all(dir: &Path, text: &mut String) {
-        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())).flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                read_all(&path, text);
-            } else if path.extension().is_some_and(|x| x == "rs") {
-                text.push_str(&fs::read_to_string(&path).unwrap_or_default());
-            }
-        }
+/// The custom section in which `edgewise_proxy_wasm::export!` records the filter's hooks.
+const HOOKS_SECTION: &str = "edgewise.hooks";
+
+/// The callbacks a filter's declared hooks need: [response headers, background].
+fn used_callbacks(hooks: &[u8]) -> Result<Vec<&'static str>, String> {
+    let [response_headers, background] = hooks else {
+        return Err(format!("section {HOOKS_SECTION} has {} bytes, not 2", hooks.len()));
+    };
+    let mut used = vec!["proxy_on_request_headers"];
+    if *response_headers == 1 {
+        used.push("proxy_on_response_headers");
     }
-    let mut text = String::new();
-    read_all(src, &mut text);
-    OPTIONAL_CALLBACKS
-        .iter()
-        .flat_map(|(_, methods)| methods.iter().copied())
-        .filter(|m| text.contains(&format!("fn {m}(")))
-        .collect()
+    if *background == 1 {
+        used.extend(["proxy_on_tick", "proxy_on_http_call_response"]);
+    }
+    Ok(used)
 }
 
-/// Removes the exports of callbacks the filter does not implement, then the code only they
-/// reached; re-encoding also drops the linker's padded LEB128 relocations (about 10% smaller).
-fn trim(module: &[u8], implemented: &[&str]) -> Result<Vec<u8>, String> {
+/// Removes the exports of callbacks the filter does not declare (and the declaration itself),
+/// then the code only they reached; re-encoding also drops the linker's padded LEB128
+/// relocations (about 10% smaller). A declared callback the module does not export, or a module
+/// without the declaration, is an error: a hook would silently never be called.
+fn trim(module: &[u8]) -> Result<Vec<u8>, String> {
     let mut config = walrus::ModuleConfig::new();
     config.generate_producers_section(false);
     let mut module = config.parse(module).map_err(|e| e.to_string())?;
+    let hooks = module
+        .customs
+        .remove_raw(HOOKS_SECTION)
+        .ok_or_else(|| format!("no {HOOKS_SECTION} section: is the module made by edgewise_proxy_wasm::export!?"))?;
+    let used = used_callbacks(&hooks.data)?;
+    for callback in &used {
+        if module.exports.iter().all(|e| e.name != *callback) {
+            return Err(format!("the filter declares a hook whose callback {callback} the module does not export"));
+        }
+    }
     let unused: Vec<walrus::ExportId> = module
         .exports
         .iter()
-        .filter(|e| {
-            OPTIONAL_CALLBACKS
-                .iter()
-                .any(|(export, methods)| e.name == *export && !methods.iter().any(|m| implemented.contains(m)))
-        })
+        .filter(|e| OPTIONAL_CALLBACKS.contains(&e.name.as_str()) && !used.contains(&e.name.as_str()))
         .map(|e| e.id())
         .collect();
     for id in unused {
@@ -156,13 +151,16 @@ fn trim(module: &[u8], implemented: &[&str]) -> Result<Vec<u8>, String> {
     Ok(module.emit_wasm())
 }
 
-/// The filter crates: directories under filters/ whose Cargo.toml builds a cdylib (the libraries
-/// `core` and `host` do not). The directory name is the package name.
+/// The filter crates: directories under filters/ whose Cargo.toml builds a cdylib on proxy-wasm.
+/// The directory name is the package name.
 fn filter_crates(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .expect("reading filters/")
         .filter_map(|e| e.ok())
-        .filter(|e| fs::read_to_string(e.path().join("Cargo.toml")).is_ok_and(|t| t.contains("\"cdylib\"")))
+        .filter(|e| {
+            fs::read_to_string(e.path().join("Cargo.toml"))
+                .is_ok_and(|t| t.contains("\"cdylib\"") && t.contains("edgewise-proxy-wasm = "))
+        })
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();

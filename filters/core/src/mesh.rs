@@ -6,7 +6,7 @@
 //! One filter, two roles, chosen by `"role"` in the configuration.
 
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::json::Value;
 use serde::Deserialize;
@@ -274,7 +274,7 @@ impl Gateway {
         authorization: Option<&str>,
         now: u64,
         cache: &mut TokenCache<Verified>,
-    ) -> Result<Rc<Verified>, Reply> {
+    ) -> Result<Arc<Verified>, Reply> {
         let Some(token) = bearer(authorization) else {
             return Err(Reply::new(401, "unauthenticated", "an Authorization: Bearer token is required"));
         };
@@ -303,7 +303,7 @@ impl Gateway {
         // Cached only with an `exp`, and until then (plus the leeway `check` allowed).
         let exp = claims.get("exp").and_then(Value::as_u64);
         let verified =
-            Rc::new(Verified { headers, valid_until: exp.map_or(0, |e| e.saturating_add(self.validation.leeway)) });
+            Arc::new(Verified { headers, valid_until: exp.map_or(0, |e| e.saturating_add(self.validation.leeway)) });
         if exp.is_some() {
             cache.insert(digest, verified.clone(), now);
         }
@@ -398,7 +398,7 @@ mod tests {
         );
         // Verified once, then served from the cache until exp + leeway, and not after.
         assert_eq!(cache.len(), 1);
-        assert!(Rc::ptr_eq(&verified, &g.authenticate(Some(&good), now + 89, &mut cache).unwrap()));
+        assert!(Arc::ptr_eq(&verified, &g.authenticate(Some(&good), now + 89, &mut cache).unwrap()));
         let mut unverifiable = good.clone();
         unverifiable.push('A');
         assert!(g.authenticate(Some(&unverifiable), now, &mut cache).is_err(), "another token is verified on its own");

@@ -6,7 +6,7 @@
 //! routes name the same groups.
 
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -198,7 +198,7 @@ impl Management {
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub cluster: Rc<str>,
+    pub cluster: Arc<str>,
     pub host: Box<str>,
 }
 
@@ -377,7 +377,7 @@ struct TableBuilder<'a> {
     field: &'a str,
     routes: HashMap<Box<str>, Target>,
     /// Customer clusters are few: one shared string per cluster name.
-    clusters: HashMap<String, Rc<str>>,
+    clusters: HashMap<String, Arc<str>>,
 }
 
 impl<'a> TableBuilder<'a> {
@@ -395,7 +395,7 @@ impl<'a> TableBuilder<'a> {
         if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
             return Err(ConfigError::field(at("host"), format!("{:?} is not a valid Host", spec.host)));
         }
-        let cluster = self.clusters.entry(spec.cluster).or_insert_with_key(|c| Rc::from(c.as_str())).clone();
+        let cluster = self.clusters.entry(spec.cluster).or_insert_with_key(|c| Arc::from(c.as_str())).clone();
         let target = Target { cluster, host: spec.host.into_boxed_str() };
         if self.routes.insert(key.clone().into_boxed_str(), target).is_some() {
             return Err(ConfigError::field(at("match"), format!("duplicates an earlier route ({key})")));

@@ -1,20 +1,15 @@
-//! proxy-wasm filter `egress`: `FOO.egress.local[:port]` -> `FOO` for allowlisted destinations.
-//! The policy lives in `edgewise_core::egress`; this crate reads `:authority`, applies the
-//! decision, and counts requests, responses and upstream latency per allowlist entry (so the
-//! number of metrics is bounded by the allowlist, whatever hosts are asked for).
+//! Filter `egress`: `FOO.egress.local[:port]` -> `FOO` for allowlisted destinations. The policy
+//! is `edgewise_core::egress`'s; this crate reads `:authority`, applies the decision, and counts
+//! requests, responses and upstream latency per allowlist entry (so the number of metrics is
+//! bounded by the allowlist, whatever hosts are asked for).
 //!
 //! The rest of the egress path is Envoy's: the dynamic forward proxy resolves `FOO`, RBAC refuses
 //! private and reserved upstream addresses unless this filter marked the destination as allowed
 //! to be private, and the cluster originates TLS to `FOO` with SNI and certificate checks.
 
-use std::rc::Rc;
-
 use edgewise_core::egress::{Decision, Denial, Policy};
 use edgewise_core::reply::header_text;
-use edgewise_host as host;
-use host::{Counter, Histogram};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use edgewise_host::{ConfigError, Counter, Filter, Flow, Histogram, Hooks, Setup, Stream};
 
 /// Set on every allowed request (overwriting whatever a client sent): the allowlist entry's label,
 /// prefixed with `private:` when the destination may resolve to a private address. The RBAC
@@ -22,12 +17,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 /// reply mapper uses the header to tell an RBAC denial from other 403s. It never leaves Envoy.
 const DEST_HEADER: &str = "x-edgewise-egress-destination";
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
-
-struct Shared {
+pub struct Egress {
     policy: Policy,
     denied: [Counter; Denial::ALL.len()],
     destinations: Vec<Destination>,
@@ -41,95 +31,76 @@ struct Destination {
     upstream_ms: Histogram,
 }
 
-impl Shared {
-    fn new(policy: Policy) -> Self {
-        let p = "edgewise.egress";
-        let destinations = policy
-            .labels()
-            .map(|label| Destination {
-                requests: Counter::define(&format!("{p}.dest.{label}.requests")),
-                responses: [1, 2, 3, 4, 5].map(|c| Counter::define(&format!("{p}.dest.{label}.responses.{c}xx"))),
-                upstream_ms: Histogram::define(&format!("{p}.dest.{label}.upstream_ms")),
-            })
-            .collect();
-        let denied = Denial::ALL.map(|d| Counter::define(&format!("{p}.denied.{}", d.name())));
-        Shared { policy, denied, destinations }
-    }
-}
-
+/// The allowlist entry a request went out under, and when.
 #[derive(Default)]
-struct Root {
-    shared: Option<Rc<Shared>>,
-}
-
-impl Context for Root {}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(policy) = host::configure("egress", Policy::from_json) else {
-            return false;
-        };
-        self.shared = Some(Rc::new(Shared::new(policy)));
-        true
-    }
-
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter { shared: self.shared.clone()?, destination: None, started_ms: 0 }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-struct Filter {
-    shared: Rc<Shared>,
-    /// The allowlist entry this request went out under.
+pub struct Sent {
     destination: Option<usize>,
     started_ms: u64,
 }
 
-impl Context for Filter {}
+impl Filter for Egress {
+    const NAME: &'static str = "egress";
+    const HOOKS: Hooks = Hooks { response_headers: true, background: false };
+    type PerStream = Sent;
 
-impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let shared = &self.shared;
-        let authority = host::request_header(":authority");
-        let decision = match header_text(":authority", authority.as_deref()) {
-            Ok(authority) => shared.policy.decide(authority.unwrap_or_default()),
-            Err(reply) => Decision::Deny(Denial::InvalidDestination, reply),
-        };
-        match decision {
-            Decision::Allow(allowed) => {
-                host::set_request_header(":authority", Some(allowed.authority.as_bytes()));
-                host::set_request_header(DEST_HEADER, Some(allowed.marker.as_bytes()));
-                if let Some(d) = shared.destinations.get(allowed.entry) {
-                    d.requests.inc();
-                }
-                self.destination = Some(allowed.entry);
-                self.started_ms = host::now_ms();
-                Action::Continue
+    fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError> {
+        let policy = Policy::from_json(config)?;
+        let p = "edgewise.egress";
+        let destinations = policy
+            .labels()
+            .map(|label| Destination {
+                requests: setup.counter(&format!("{p}.dest.{label}.requests")),
+                responses: [1, 2, 3, 4, 5].map(|c| setup.counter(&format!("{p}.dest.{label}.responses.{c}xx"))),
+                upstream_ms: setup.histogram(&format!("{p}.dest.{label}.upstream_ms")),
+            })
+            .collect();
+        let denied = Denial::ALL.map(|d| setup.counter(&format!("{p}.denied.{}", d.name())));
+        Ok(Egress { policy, denied, destinations })
+    }
+
+    fn on_request_headers<S: Stream>(&self, s: &mut S, sent: &mut Sent) -> Flow {
+        let decided = {
+            let authority = s.request_header(":authority");
+            match header_text(":authority", authority.as_deref()) {
+                Ok(authority) => match self.policy.decide(authority.unwrap_or_default()) {
+                    Decision::Allow(allowed) => Ok((allowed.authority, allowed.marker, allowed.entry)),
+                    Decision::Deny(denial, reply) => Err((denial, reply)),
+                },
+                Err(reply) => Err((Denial::InvalidDestination, reply)),
             }
-            Decision::Deny(denial, reply) => {
-                if let Some(c) = shared.denied.get(denial as usize) {
-                    c.inc();
+        };
+        match decided {
+            Ok((authority, marker, entry)) => {
+                s.set_request_header(":authority", authority.as_bytes());
+                s.set_request_header(DEST_HEADER, marker.as_bytes());
+                if let Some(d) = self.destinations.get(entry) {
+                    s.increment(d.requests);
                 }
-                host::reply(&reply)
+                *sent = Sent { destination: Some(entry), started_ms: s.now_ms() };
+                Flow::Continue
+            }
+            Err((denial, reply)) => {
+                if let Some(&c) = self.denied.get(denial as usize) {
+                    s.increment(c);
+                }
+                s.reply(&reply, &[])
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let Some(d) = self.destination.and_then(|i| self.shared.destinations.get(i)) else {
-            return Action::Continue;
+    fn on_response_headers<S: Stream>(&self, s: &mut S, sent: &mut Sent) -> Flow {
+        let Some(d) = sent.destination.and_then(|i| self.destinations.get(i)) else {
+            return Flow::Continue;
         };
-        let status = host::response_header(":status");
-        let class =
-            status.as_deref().and_then(|s| std::str::from_utf8(s).ok()?.parse::<usize>().ok()).map_or(5, |s| s / 100);
-        if let Some(c) = class.checked_sub(1).and_then(|i| d.responses.get(i)) {
-            c.inc();
+        let status = s.response_header(":status");
+        let status = status.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
+        if let Some(&c) = status.map_or(5, |s| s / 100).checked_sub(1).and_then(|i| d.responses.get(i)) {
+            s.increment(c);
         }
-        d.upstream_ms.record(host::now_ms().saturating_sub(self.started_ms));
-        Action::Continue
+        s.record(d.upstream_ms, s.now_ms().saturating_sub(sent.started_ms));
+        Flow::Continue
     }
 }
+
+#[cfg(target_arch = "wasm32")]
+edgewise_proxy_wasm::export!(Egress);

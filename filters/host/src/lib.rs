@@ -1,233 +1,215 @@
-//! Host calls for the edgewise filters that cannot panic. The SDK's trait helpers `unwrap()`
-//! host errors; on the request path a panic traps the VM and breaks every later request, so the
-//! filters go through `hostcalls` here and degrade instead.
+//! The host interface: what a filter needs from the proxy that runs it, implemented twice — on
+//! proxy-wasm (`edgewise-proxy-wasm`: the `.wasm` modules) and on Envoy's dynamic-module ABI
+//! (`edgewise-native`: `libedgewise.so`). Each filter's flow is written once against it
+//! ([`Filter`]); its decisions are plain functions in `edgewise-core`.
+//!
+//! Where state lives differs between the two. A proxy-wasm module runs one VM per Envoy worker,
+//! each with its own copy of the filter; a dynamic module has one filter object for every worker.
+//! Both hosts give a filter shared data (a byte store with compare-and-swap, the same for every
+//! worker) and a background tick (on proxy-wasm every VM ticks, natively only the main thread):
+//! code that coordinates through shared data runs unchanged on both, and where there is a single
+//! copy, its coordination simply always succeeds.
+//!
+//! Header values are bytes: HTTP/1.1 allows bytes that are not UTF-8 (obs-text), so a filter
+//! decides what such a value means for the header at hand (`edgewise_core::reply::header_text`).
 
-pub mod headers;
+pub mod fake;
 pub mod jwks;
+pub mod shared;
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::borrow::Cow;
+use std::time::Duration;
 
-use edgewise_core::config::ConfigError;
+pub use edgewise_core::config::ConfigError;
 use edgewise_core::reply::Reply;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{Action, BufferType, Bytes, MapType, MetricType};
 
-/// Reads and parses the plugin configuration; on error logs it, prefixed with the filter's
-/// name, and returns `None` (the root context then returns false and Envoy refuses the config).
-pub fn configure<T>(filter: &str, parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
-    match plugin_configuration().and_then(|json| parse(&json)) {
-        Ok(parsed) => Some(parsed),
-        Err(e) => {
-            log::error!("{filter}: {e}");
-            None
+/// A counter defined at configuration time ([`Setup::counter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter(pub u32);
+
+/// A gauge defined at configuration time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gauge(pub u32);
+
+/// A histogram defined at configuration time (the host computes the quantiles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Histogram(pub u32);
+
+/// What the host does with a request after a filter's hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// On to the next filter.
+    Continue,
+    /// Held: the filter replied, or paused the request and will resume it ([`Stream::waker`]).
+    Stop,
+}
+
+/// A paused request, as the background names it to resume it ([`Background::wake`]). Opaque: each
+/// host decides what the number means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waker(pub u64);
+
+/// What every host context offers: the clock, shared data and metrics.
+pub trait Host {
+    fn now_ms(&self) -> u64;
+
+    /// A shared-data value and its compare-and-swap token (`None` for a key never written).
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+
+    /// Writes a shared-data value; with `cas`, only if nobody wrote it since that read.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+
+    fn increment(&self, counter: Counter);
+
+    fn set_gauge(&self, gauge: Gauge, value: u64);
+
+    fn record(&self, histogram: Histogram, value: u64);
+}
+
+/// One request, in a hook of its own.
+pub trait Stream: Host {
+    /// A request header's value (the first, if repeated), as bytes.
+    fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
+
+    /// Sets a request header, replacing every value it had.
+    fn set_request_header(&mut self, name: &str, value: &[u8]);
+
+    fn remove_request_header(&mut self, name: &str);
+
+    /// Removes the headers in `remove`, then sets those in `set` (replacing their values): the
+    /// whole rewrite of a forwarded request, which proxy-wasm applies in one host call.
+    fn edit_request_headers(&mut self, remove: &[&str], set: &[(&str, &[u8])]) {
+        for name in remove {
+            self.remove_request_header(name);
+        }
+        for (name, value) in set {
+            self.set_request_header(name, value);
         }
     }
-}
 
-pub fn plugin_configuration() -> Result<Bytes, ConfigError> {
-    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(Some(bytes)) if !bytes.is_empty() => Ok(bytes),
-        _ => Err(ConfigError::Missing),
+    fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
+
+    /// Answers the request locally (the filter then returns [`Flow::Stop`]).
+    fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+
+    /// A value for the access log: filter state `<prefix>.<name>` (`wasm.` on proxy-wasm,
+    /// `edgewise.` natively), printed with `%FILTER_STATE(<prefix>.<name>:PLAIN)%`.
+    fn log_field(&mut self, name: &str, value: &str);
+
+    /// The first URI SAN of the downstream peer's certificate (a SPIFFE ID), if it sent one.
+    fn peer_uri_san(&self) -> Option<String>;
+
+    /// A handle to resume this request from the background once the filter returns
+    /// [`Flow::Stop`] without replying.
+    fn waker(&mut self) -> Option<Waker>;
+
+    /// A JSON error reply (`{"error":…,"detail":…}`) with extra headers.
+    fn reply(&mut self, reply: &Reply, headers: &[(&str, &str)]) -> Flow {
+        let mut all = Vec::with_capacity(2 + headers.len());
+        all.extend_from_slice(&[("content-type", "application/json"), ("cache-control", "no-store")]);
+        all.extend_from_slice(headers);
+        self.send_reply(reply.status, &all, &reply.body());
+        Flow::Stop
     }
 }
 
-/// The plugin's name (`name` in the Envoy filter config), which namespaces its shared data.
-pub fn plugin_name(fallback: &str) -> String {
-    hostcalls::get_property(vec!["plugin_name"])
-        .ok()
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_else(|| fallback.into())
+/// The background: periodic work and its outbound calls (key sets, route tables).
+pub trait Background: Host {
+    /// Starts a GET to `cluster`; the answer comes to [`Filter::on_fetched`] with the same id.
+    fn http_get(
+        &mut self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<u64>;
+
+    /// Resumes a paused request: the host calls [`Filter::on_resume`] on its worker.
+    fn wake(&mut self, waker: Waker);
 }
 
-/// A property as a string (e.g. `connection.uri_san_peer_certificate`).
-pub fn property_string(path: &[&str]) -> Option<String> {
-    hostcalls::get_property(path.to_vec()).ok().flatten().and_then(|b| String::from_utf8(b).ok())
+/// The answer to [`Background::http_get`].
+#[derive(Debug, Default, Clone)]
+pub struct Fetched {
+    /// The HTTP status; 0 when there was no answer (unreachable, reset, timed out).
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
 }
 
-pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub fn set_tick_period(period: Duration) {
-    if let Err(e) = hostcalls::set_tick_period(period) {
-        log::error!("set_tick_period failed: {e:?}");
+impl Fetched {
+    /// A response header, when it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let (_, value) = self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name))?;
+        std::str::from_utf8(value).ok()
     }
 }
 
-/// A request header's value as bytes (any bytes: decide what a value that is not text means).
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    headers::get(MapType::HttpRequestHeaders, name)
+/// What a filter can do while it is configured.
+pub trait Setup {
+    fn counter(&mut self, name: &str) -> Counter;
+    fn gauge(&mut self, name: &str) -> Gauge;
+    fn histogram(&mut self, name: &str) -> Histogram;
+    /// The name of this filter instance, which namespaces its shared data.
+    fn instance(&self) -> &str;
 }
 
-/// Sets a request header, or removes it with `None`.
-pub fn set_request_header(name: &str, value: Option<&[u8]>) {
-    if !headers::set(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("setting request header {name} failed");
-    }
-}
+/// A filter, written once for both hosts. Its object is built once per configuration and used by
+/// every request (concurrently, natively: hence `Send + Sync`).
+pub trait Filter: Sized + Send + Sync + 'static {
+    /// The name in `filter_name` (native) and in logs.
+    const NAME: &'static str;
 
-/// Sends a local JSON reply and stops the request.
-pub fn reply(reply: &Reply) -> Action {
-    reply_with(reply, &[])
-}
+    /// The hooks it implements beyond request headers.
+    const HOOKS: Hooks = Hooks { response_headers: false, background: false };
 
-/// A local JSON reply with extra headers (e.g. WWW-Authenticate).
-pub fn reply_with(reply: &Reply, extra: &[(&str, &str)]) -> Action {
-    respond(reply.status, extra, &reply.body())
-}
+    /// What the filter keeps per request between its hooks.
+    type PerStream: Default;
 
-/// Sends a local JSON response and stops the request.
-pub fn respond(status: u32, extra: &[(&str, &str)], body: &[u8]) -> Action {
-    let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
-    headers.extend_from_slice(extra);
-    if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
-        log::error!("sending local reply failed: {e:?}");
-    }
-    Action::Pause
-}
+    /// Reads the configuration; an error names the field, and the host refuses to start.
+    fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError>;
 
-/// A header of an HTTP call's response, when it is text.
-pub fn call_response_header(name: &str) -> Option<String> {
-    headers::get(MapType::HttpCallResponseHeaders, name).and_then(|v| String::from_utf8(v).ok())
-}
+    fn on_request_headers<S: Stream>(&self, stream: &mut S, state: &mut Self::PerStream) -> Flow;
 
-pub fn call_response_body(size: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size).ok().flatten()
-}
-
-pub fn shared_get(key: &str) -> (Option<Bytes>, Option<u32>) {
-    hostcalls::get_shared_data(key).unwrap_or((None, None))
-}
-
-pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> bool {
-    hostcalls::set_shared_data(key, Some(value), cas).is_ok()
-}
-
-pub fn shared_u64(key: &str) -> (u64, Option<u32>) {
-    let (value, cas) = shared_get(key);
-    let n = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
-    (n, cas)
-}
-
-/// Compare-and-swap on a u64 in shared data. A missing key is created as 0 first, because the
-/// host applies a write to a missing key whatever the CAS.
-pub fn shared_u64_cas(key: &str, update: impl Fn(u64) -> Option<u64>) -> Option<u64> {
-    for _ in 0..8 {
-        let (current, cas) = shared_u64(key);
-        if cas.is_none() {
-            shared_set(key, &0u64.to_le_bytes(), None);
-            continue;
-        }
-        let next = update(current)?;
-        if shared_set(key, &next.to_le_bytes(), cas) {
-            return Some(next);
-        }
-    }
-    None
-}
-
-pub fn dispatch_get(
-    cluster: &str,
-    authority: &str,
-    path: &str,
-    extra: &[(&str, &str)],
-    timeout: Duration,
-) -> Option<u32> {
-    let mut headers =
-        vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
-    headers.extend_from_slice(extra);
-    match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
-        Ok(token) => Some(token),
-        Err(e) => {
-            log::warn!("call to cluster {cluster} could not be dispatched: {e:?}");
-            None
-        }
-    }
-}
-
-/// A counter defined by name; every VM defining the same name shares the same Envoy stat.
-pub struct Counter(Option<u32>);
-
-impl Counter {
-    pub fn define(name: &str) -> Self {
-        Counter(hostcalls::define_metric(MetricType::Counter, name).ok())
+    fn on_response_headers<S: Stream>(&self, _stream: &mut S, _state: &mut Self::PerStream) -> Flow {
+        Flow::Continue
     }
 
-    pub fn inc(&self) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-}
-
-pub fn response_header(name: &str) -> Option<Vec<u8>> {
-    headers::get(MapType::HttpResponseHeaders, name)
-}
-
-pub struct Gauge(Option<u32>);
-
-impl Gauge {
-    pub fn define(name: &str) -> Self {
-        Gauge(hostcalls::define_metric(MetricType::Gauge, name).ok())
+    /// A request this filter paused was woken: decide it again (reply, or continue).
+    fn on_resume<S: Stream>(&self, _stream: &mut S) -> Flow {
+        Flow::Continue
     }
 
-    pub fn set(&self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
-        }
-    }
-}
-
-/// A histogram (Envoy computes the quantiles).
-pub struct Histogram(Option<u32>);
-
-impl Histogram {
-    pub fn define(name: &str) -> Self {
-        Histogram(hostcalls::define_metric(MetricType::Histogram, name).ok())
+    /// How often the background ticks; `None`: no background work.
+    fn tick_period(&self) -> Option<Duration> {
+        None
     }
 
-    pub fn record(&self, value: u64) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::record_metric(id, value);
-        }
-    }
+    fn on_tick<B: Background>(&self, _bg: &mut B) {}
+
+    fn on_fetched<B: Background>(&self, _bg: &mut B, _id: u64, _response: &Fetched) {}
 }
 
-/// Sets a property of the current stream; Envoy keeps it as filter state `wasm.<name>`, which
-/// access logs print with `%FILTER_STATE(wasm.<name>:PLAIN)%`.
-pub fn set_property(name: &str, value: &str) {
-    let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+/// The hooks a filter implements beyond request headers, which a host enters only when needed
+/// (each costs a VM entry per request on proxy-wasm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hooks {
+    pub response_headers: bool,
+    /// [`Filter::on_tick`] and [`Filter::on_fetched`].
+    pub background: bool,
 }
 
-/// Makes later host calls act on another context (a paused stream, or back to the root).
-pub fn set_effective_context(context_id: u32) -> bool {
-    hostcalls::set_effective_context(context_id).is_ok()
+/// Locks a mutex whatever a panicking holder left (natively a panic in a hook is caught, and
+/// must not make every later request fail on a poisoned lock).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Resumes the effective context's paused request.
-pub fn resume_http_request() {
-    if let Err(e) = hostcalls::resume_http_request() {
-        log::warn!("resuming a paused request failed: {e:?}");
-    }
+pub fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Every request header in one host call (cheaper than several single reads), as bytes.
-pub fn request_headers() -> Vec<(Vec<u8>, Vec<u8>)> {
-    headers::all(MapType::HttpRequestHeaders)
-}
-
-/// Replaces the whole request header map in one host call.
-pub fn set_request_headers(pairs: &[(&[u8], &[u8])]) {
-    if !headers::set_all(MapType::HttpRequestHeaders, pairs) {
-        log::warn!("replacing the request headers failed");
-    }
-}
-
-/// Looks a header up in a map read by [`request_headers`] (names are lowercase there).
-pub fn header<'a>(headers: &'a [(Vec<u8>, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice())
+pub fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

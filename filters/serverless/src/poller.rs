@@ -1,30 +1,37 @@
 //! Polls the management service for the route table and shares it with every worker.
 //!
-//! Each Envoy worker runs its own VM with its own root context, and all of them tick. A lease in
-//! shared data (the time the next fetch is due, taken by compare-and-swap) lets exactly one of
-//! them fetch per interval. The fetcher validates the document, stores it in shared data and bumps
-//! a generation counter; every VM re-parses the table only when the generation changes. A failed,
-//! slow or garbled fetch changes nothing: the last good table stays in force.
+//! On proxy-wasm each Envoy worker runs its own VM with its own filter, and all of them tick; a
+//! lease in shared data (the time the next fetch is due, taken by compare-and-swap) lets exactly
+//! one of them fetch per interval. The fetcher validates the document, stores it in shared data
+//! and bumps a generation counter; every other copy re-parses the table only when the generation
+//! changes. Natively there is one filter and one ticker: the lease is always won and there is no
+//! other copy. A failed, slow or garbled fetch changes nothing: the last good table stays in force.
 
-use std::rc::Rc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use edgewise_core::serverless::Management;
+use edgewise_host::shared::{get_u64, set_u64, take_lease, update_u64};
+use edgewise_host::{lock, write, Background, Fetched, Host};
 
-use crate::Shared;
-use edgewise_host as host;
+use crate::Serverless;
 
 pub struct Poller {
     mgmt: Management,
-    /// Shared-data keys, namespaced by plugin name.
+    /// Shared-data keys, namespaced by the filter instance.
     key_table: String,
     key_generation: String,
     key_lease: String,
     key_checked: String,
-    /// The generation and ETag of the table this VM has installed.
+    state: Mutex<State>,
+}
+
+/// The table this copy of the filter has installed, and the fetch it has in flight.
+#[derive(Default)]
+struct State {
     generation: u64,
     etag: String,
-    in_flight: Option<u32>,
+    in_flight: Option<u64>,
 }
 
 impl Poller {
@@ -36,9 +43,7 @@ impl Poller {
             key_lease: key("lease"),
             key_checked: key("checked_ms"),
             mgmt,
-            generation: 0,
-            etag: String::new(),
-            in_flight: None,
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -47,70 +52,61 @@ impl Poller {
         Duration::from_millis(self.mgmt.poll_interval_ms.clamp(100, 1000))
     }
 
-    pub fn on_tick(&mut self, shared: &Rc<Shared>) {
-        self.sync(shared);
-        let now = host::now_ms();
-        let (checked, _) = host::shared_u64(&self.key_checked);
+    pub fn on_tick(&self, bg: &mut impl Background, sl: &Serverless) {
+        self.sync(bg, sl);
+        let now = bg.now_ms();
+        let (checked, _) = get_u64(bg, &self.key_checked);
         if checked > 0 {
-            shared.metrics.table_age_seconds.set(now.saturating_sub(checked) / 1000);
+            bg.set_gauge(sl.metrics.table_age_seconds, now.saturating_sub(checked) / 1000);
         }
-        if self.in_flight.is_some() || !self.take_lease(now) {
+        let mut state = lock(&self.state);
+        if state.in_flight.is_some() || !take_lease(bg, &self.key_lease, now, now + self.mgmt.poll_interval_ms) {
             return;
         }
-        let if_none_match = [("if-none-match", self.etag.as_str())];
-        let extra: &[(&str, &str)] = if self.etag.is_empty() { &[] } else { &if_none_match };
+        let if_none_match = [("if-none-match", state.etag.as_str()), ("accept", "application/json")];
+        let headers = if state.etag.is_empty() { &if_none_match[1..] } else { &if_none_match[..] };
         let timeout = Duration::from_millis(self.mgmt.timeout_ms);
-        self.in_flight = host::dispatch_get(&self.mgmt.cluster, &self.mgmt.authority, &self.mgmt.path, extra, timeout);
-        if self.in_flight.is_none() {
-            shared.metrics.fetch_failed.inc();
+        state.in_flight = bg.http_get(&self.mgmt.cluster, &self.mgmt.authority, &self.mgmt.path, headers, timeout);
+        if state.in_flight.is_none() {
+            bg.increment(sl.metrics.fetch_failed);
         }
     }
 
-    /// Takes the fetch lease if the next fetch is due.
-    fn take_lease(&self, now: u64) -> bool {
-        let next = now + self.mgmt.poll_interval_ms;
-        host::shared_u64_cas(&self.key_lease, |due| (now >= due).then_some(next)).is_some()
-    }
-
-    pub fn on_response(&mut self, token: u32, body_size: usize, shared: &Rc<Shared>) {
-        if self.in_flight != Some(token) {
+    pub fn on_fetched(&self, bg: &mut impl Background, id: u64, response: &Fetched, sl: &Serverless) {
+        let mut state = lock(&self.state);
+        if state.in_flight != Some(id) {
             return;
         }
-        self.in_flight = None;
-        let m = &shared.metrics;
-        let status = host::call_response_header(":status");
-        match status.as_deref() {
-            Some("304") => {
-                self.mark_checked();
-                m.fetch_not_modified.inc();
+        state.in_flight = None;
+        let m = &sl.metrics;
+        match response.status {
+            304 => {
+                set_u64(bg, &self.key_checked, bg.now_ms());
+                bg.increment(m.fetch_not_modified);
             }
-            Some("200") => {
-                let body = host::call_response_body(body_size).unwrap_or_default();
-                let etag = host::call_response_header("etag").unwrap_or_default();
-                if self.publish(body, &etag, shared) {
-                    self.mark_checked();
-                    m.fetch_ok.inc();
+            200 => {
+                let etag = response.header("etag").unwrap_or_default();
+                if self.publish(bg, &mut state, &response.body, etag, sl) {
+                    set_u64(bg, &self.key_checked, bg.now_ms());
+                    bg.increment(m.fetch_ok);
                 } else {
-                    m.fetch_failed.inc();
+                    bg.increment(m.fetch_failed);
                 }
             }
-            other => {
+            status => {
                 log::warn!(
                     "serverless: management service {} answered {}; keeping the route table in force",
                     self.mgmt.cluster,
-                    other.unwrap_or("nothing (unreachable or timed out)")
+                    if status == 0 { "nothing (unreachable or timed out)".into() } else { status.to_string() }
                 );
-                m.fetch_failed.inc();
+                bg.increment(m.fetch_failed);
             }
         }
     }
 
     /// Validates a fetched table, installs it here and shares it with the other workers.
-    fn publish(&mut self, mut body: Vec<u8>, etag: &str, shared: &Rc<Shared>) -> bool {
-        let Ok(mut router) = shared.router.try_borrow_mut() else {
-            return false;
-        };
-        let table = match router.compile_table(&body) {
+    fn publish(&self, host: &impl Host, state: &mut State, body: &[u8], etag: &str, sl: &Serverless) -> bool {
+        let table = match edgewise_host::read(&sl.router).compile_table(body) {
             Ok(table) => table,
             Err(e) => {
                 log::warn!("serverless: management service sent an unusable table ({e}); keeping the one in force");
@@ -121,57 +117,54 @@ impl Poller {
             return false;
         };
         // Same version and ETag as the table in force: nothing for the other workers to re-parse.
-        if router.polled().is_some_and(|t| t.version == table.version) && etag == self.etag {
+        let same = edgewise_host::read(&sl.router).polled().is_some_and(|t| t.version == table.version);
+        if same && etag == state.etag {
             return true;
         }
-        // Shared value: the document, then the ETag, then the ETag's length (u16 LE). Appending
-        // to the body avoids a second copy of what may be megabytes.
-        body.extend_from_slice(etag.as_bytes());
-        body.extend_from_slice(&etag_len.to_le_bytes());
-        if !host::shared_set(&self.key_table, &body, None) {
+        // Shared value: the document, then the ETag, then the ETag's length (u16 LE).
+        let mut value = Vec::with_capacity(body.len() + etag.len() + 2);
+        value.extend_from_slice(body);
+        value.extend_from_slice(etag.as_bytes());
+        value.extend_from_slice(&etag_len.to_le_bytes());
+        if !host.shared_set(&self.key_table, &value, None) {
             return false;
         }
-        let Some(generation) = host::shared_u64_cas(&self.key_generation, |g| Some(g + 1)) else {
+        let Some(generation) = update_u64(host, &self.key_generation, |g| Some(g + 1)) else {
             return false;
         };
         log::info!("serverless: route table version {} with {} routes is in force", table.version, table.len());
-        shared.metrics.table_version.set(table.version);
-        shared.metrics.table_routes.set(table.len() as u64);
-        router.install(table);
-        self.generation = generation;
-        self.etag = etag.to_owned();
+        host.set_gauge(sl.metrics.table_version, table.version);
+        host.set_gauge(sl.metrics.table_routes, table.len() as u64);
+        write(&sl.router).install(table);
+        state.generation = generation;
+        state.etag = etag.to_owned();
         true
     }
 
     /// Installs the shared table if another worker published a newer one.
-    pub fn sync(&mut self, shared: &Rc<Shared>) {
-        let (generation, _) = host::shared_u64(&self.key_generation);
-        if generation == self.generation {
+    pub fn sync(&self, host: &impl Host, sl: &Serverless) {
+        let (generation, _) = get_u64(host, &self.key_generation);
+        let mut state = lock(&self.state);
+        if generation == state.generation {
             return;
         }
-        let (Some(value), _) = host::shared_get(&self.key_table) else {
+        let (Some(value), _) = host.shared_get(&self.key_table) else {
             return;
         };
         let Some((body, etag)) = split_value(&value) else {
             return;
         };
-        let Ok(mut router) = shared.router.try_borrow_mut() else {
-            return;
-        };
-        match router.compile_table(body) {
+        let compiled = edgewise_host::read(&sl.router).compile_table(body);
+        match compiled {
             Ok(table) => {
-                shared.metrics.table_version.set(table.version);
-                shared.metrics.table_routes.set(table.len() as u64);
-                router.install(table);
-                self.generation = generation;
-                self.etag = String::from_utf8_lossy(etag).into_owned();
+                host.set_gauge(sl.metrics.table_version, table.version);
+                host.set_gauge(sl.metrics.table_routes, table.len() as u64);
+                write(&sl.router).install(table);
+                state.generation = generation;
+                state.etag = String::from_utf8_lossy(etag).into_owned();
             }
             Err(e) => log::error!("serverless: shared route table does not compile: {e}"),
         }
-    }
-
-    fn mark_checked(&self) {
-        host::shared_set(&self.key_checked, &host::now_ms().to_le_bytes(), None);
     }
 }
 

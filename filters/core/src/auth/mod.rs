@@ -6,7 +6,7 @@ pub mod keys;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -35,7 +35,7 @@ pub struct IssuerConfig {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct JwksConfig {
@@ -210,7 +210,7 @@ pub fn label(raw: &str, field: &str) -> Result<String, ConfigError> {
     Ok(label)
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Issuer {
     pub issuer: String,
     pub cluster: String,
@@ -317,7 +317,7 @@ impl Expiring for Identity {
 /// is not honoured from the cache).
 #[derive(Debug)]
 pub struct TokenCache<T = Identity> {
-    map: HashMap<[u8; 32], Rc<T>, BuildHasherDefault<DigestHasher>>,
+    map: HashMap<[u8; 32], Arc<T>, BuildHasherDefault<DigestHasher>>,
     capacity: usize,
 }
 
@@ -352,11 +352,11 @@ impl<T: Expiring> TokenCache<T> {
     }
 
     /// The entry of a token digest, if it is still valid at `now`.
-    pub fn get(&self, digest: &[u8; 32], now: u64) -> Option<&Rc<T>> {
+    pub fn get(&self, digest: &[u8; 32], now: u64) -> Option<&Arc<T>> {
         self.map.get(digest).filter(|v| now < v.valid_until())
     }
 
-    pub fn insert(&mut self, digest: [u8; 32], value: Rc<T>, now: u64) {
+    pub fn insert(&mut self, digest: [u8; 32], value: Arc<T>, now: u64) {
         if self.capacity == 0 {
             return;
         }
@@ -405,7 +405,7 @@ impl Verifier {
         keys: &Keyring,
         cache: &mut TokenCache,
         now: u64,
-    ) -> Result<Rc<Identity>, AuthError> {
+    ) -> Result<Arc<Identity>, AuthError> {
         let digest = token_digest(token);
         if let Some(id) = cache.get(&digest, now) {
             if keys.get(id.issuer).is_some_and(|k| k.generation == id.generation) {
@@ -426,7 +426,7 @@ impl Verifier {
             other => other.map_err(invalid)?,
         };
         self.validation.check(&claims, now).map_err(invalid)?;
-        let identity = Rc::new(self.identity(&claims, issuer, issuer_keys.generation)?);
+        let identity = Arc::new(self.identity(&claims, issuer, issuer_keys.generation)?);
         cache.insert(digest, identity.clone(), now);
         Ok(identity)
     }

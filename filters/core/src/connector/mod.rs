@@ -9,7 +9,7 @@ pub mod config;
 pub mod limiter;
 
 use std::fmt::Write;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -233,7 +233,7 @@ impl Gateway {
         keys: &Keyring,
         cache: &mut TokenCache,
         now: u64,
-    ) -> Result<Rc<Identity>, Denial> {
+    ) -> Result<Arc<Identity>, Denial> {
         Ok(self.verifier.authenticate(token, keys, cache, now)?)
     }
 
@@ -296,6 +296,173 @@ fn sign_with(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, insta
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+/// The headers of a request the gateway reads, as text (`reply::header_text` refused any that
+/// were not).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Request<'a> {
+    pub path: &'a str,
+    pub method: &'a str,
+    pub authorization: Option<&'a str>,
+    pub instance_id: Option<&'a str>,
+    pub realm: Option<&'a str>,
+}
+
+/// What the decision needs from the state the gateway keeps (keys, verified tokens, buckets),
+/// which each host keeps its own way.
+pub trait State {
+    /// Verifies a token against the keys in force (through the cache of verified tokens).
+    fn authenticate(&mut self, gw: &Gateway, token: &str, now_ms: u64) -> Result<Arc<Identity>, Denial>;
+    /// A token named an unknown kid: schedules a refetch unless one was asked for within the
+    /// cooldown. True if one was.
+    fn refetch_for_unknown_kid(&mut self, issuer: usize, now_ms: u64) -> bool;
+    /// Completed key fetches of an issuer so far (a paused request waits for the next).
+    fn completed_fetches(&mut self, issuer: usize) -> u64;
+    /// Takes a token from the bucket of (feature, organization).
+    fn take(&mut self, limit: &Limit, feature: usize, key: &str, now_ms: u64) -> Verdict;
+}
+
+/// See [`Gateway::forwarded`].
+#[derive(Debug)]
+pub struct Forwarded {
+    pub path: Option<String>,
+    pub signature: Option<String>,
+}
+
+/// What wakes a paused request (besides its deadline, `jwks.wait_ms` after it was paused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The issuer had no keys: wake once it has (a failed fetch is retried within the wait).
+    Keys,
+    /// The token's kid was unknown: wake when the refetch completed (this count changed),
+    /// whether it brought the kid or not.
+    Refetch { completed: u64 },
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// The readiness endpoint: answer with the key state.
+    Health,
+    /// A public path: forwarded without authentication (the routing header removed).
+    Public,
+    /// Authenticated and allowed: forward to the feature's backend ([`Gateway::forward_headers`]).
+    Forward { feature: usize, id: Arc<Identity> },
+    /// Refused: `feature` (when the path named one) and `id` (when the token was verified) are
+    /// for metrics and the access log.
+    Deny { feature: Option<usize>, denial: Denial, id: Option<Arc<Identity>> },
+    /// Hold the request until its issuer's keys arrive, or its wait is over.
+    Wait { issuer: usize, wake: Wake },
+}
+
+impl Gateway {
+    /// Decides a request, in the order: health, public paths, feature, token, client headers,
+    /// scopes, rate limit. A request whose issuer's keys are missing, or whose kid is unknown
+    /// while a refetch can be scheduled, waits (when `may_wait`; a woken request may not).
+    pub fn decide(&self, req: &Request, state: &mut impl State, now_ms: u64, may_wait: bool) -> Decision {
+        let bare = req.path.split('?').next().unwrap_or_default();
+        if bare == self.health_path {
+            return Decision::Health;
+        }
+        if self.public_paths.iter().any(|p| p == bare) {
+            return Decision::Public;
+        }
+        let Some((index, feature)) = self.route(req.path) else {
+            return Decision::Deny { feature: None, denial: Denial::NotFound, id: None };
+        };
+        let deny = |denial, id| Decision::Deny { feature: Some(index), denial, id };
+        let token = match Gateway::bearer(req.authorization) {
+            Ok(token) => token,
+            Err(denial) => return deny(denial, None),
+        };
+        let id = match state.authenticate(self, token, now_ms) {
+            Ok(id) => id,
+            Err(Denial::KeysUnavailable { issuer }) if may_wait => return Decision::Wait { issuer, wake: Wake::Keys },
+            Err(Denial::UnknownKid { issuer }) if may_wait && state.refetch_for_unknown_kid(issuer, now_ms) => {
+                let completed = state.completed_fetches(issuer);
+                return Decision::Wait { issuer, wake: Wake::Refetch { completed } };
+            }
+            Err(denial) => return deny(denial, None),
+        };
+        let checked =
+            self.check_client_headers(&id, req.instance_id, req.realm).and_then(|()| self.authorize(feature, &id));
+        if let Err(denial) = checked {
+            return deny(denial, Some(id));
+        }
+        if let Some(limit) = &feature.limit {
+            let verdict = state.take(limit, index, &id.rate_key, now_ms);
+            if !verdict.allowed {
+                return deny(Denial::RateLimited(verdict), Some(id));
+            }
+        }
+        Decision::Forward { feature: index, id }
+    }
+
+    /// What a forwarded request carries that depends on the request itself: the path the
+    /// backend sees (when the feature rewrites it) and the authenticity signature over it.
+    pub fn forwarded(&self, feature: &Feature, id: &Identity, req: &Request, now_ms: u64) -> Forwarded {
+        let path = self.rewrite(feature, req.path);
+        let signature = self.sign(now_ms / 1000, req.method, path.as_deref().unwrap_or(req.path), &id.instance_id);
+        Forwarded { path, signature }
+    }
+
+    /// The forwarded request's header edits: every header the gateway owns is removed from what
+    /// the client sent, then set from the verified identity, with the signature and the
+    /// backend's cluster. (Names to remove, then (name, value) pairs to set.)
+    pub fn forward_headers<'a>(
+        &'a self,
+        feature: &'a Feature,
+        id: &'a Identity,
+        fw: &'a Forwarded,
+    ) -> (Vec<&'a str>, Vec<(&'a str, &'a str)>) {
+        let h = &self.headers;
+        let issuer = self.issuers().get(id.issuer).map_or("", |i| i.issuer.as_str());
+        let mut remove: Vec<&str> = Vec::with_capacity(8 + h.strip.len());
+        remove.extend([h.instance_id.as_str(), &h.realm, &h.scopes, &h.issuer, &h.signature, &self.cluster_header]);
+        remove.extend(h.feature.as_deref());
+        remove.extend(h.rate_limit_key.as_deref());
+        remove.extend(h.strip.iter().map(String::as_str));
+        if !self.forward_authorization {
+            remove.push("authorization");
+        }
+        let mut set: Vec<(&str, &str)> = Vec::with_capacity(9);
+        if let Some(path) = &fw.path {
+            set.push((":path", path));
+        }
+        set.push((&self.cluster_header, &feature.cluster));
+        set.push((&h.instance_id, &id.instance_id));
+        if let Some(realm) = &id.realm {
+            set.push((&h.realm, realm));
+        }
+        set.push((&h.scopes, &id.scopes));
+        set.push((&h.issuer, issuer));
+        if let Some(sig) = &fw.signature {
+            set.push((&h.signature, sig));
+        }
+        if let Some(name) = &h.feature {
+            set.push((name, &feature.name));
+        }
+        if let Some(name) = &h.rate_limit_key {
+            set.push((name, &id.rate_key));
+        }
+        (remove, set)
+    }
+
+    /// `{"status":"ok"|"unavailable","issuers":{"<name>":{"keys":n,"age_seconds":s}}}` and its
+    /// status: 200 when every issuer has keys, else 503 (a readiness probe).
+    pub fn health(&self, keys: &Keyring, now_ms: u64) -> (u32, String) {
+        let mut all = true;
+        let mut issuers = Vec::new();
+        for (i, issuer) in self.issuers().iter().enumerate() {
+            let state = keys.get(i).map(|k| (k.jwks.len(), now_ms.saturating_sub(k.fetched_ms) / 1000));
+            all &= state.is_some();
+            let (n, age) = state.unwrap_or((0, 0));
+            issuers.push(format!("\"{}\":{{\"keys\":{n},\"age_seconds\":{age}}}", issuer.name));
+        }
+        let status = if all { "ok" } else { "unavailable" };
+        (if all { 200 } else { 503 }, format!("{{\"status\":\"{status}\",\"issuers\":{{{}}}}}", issuers.join(",")))
+    }
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ fn tokens_are_verified_cached_and_revoked_with_their_key() {
     assert_eq!(cache.len(), 1);
     // A cache hit gives the same identity without verifying again.
     let again = gw.authenticate(&t, &ring, &mut cache, NOW + 1).unwrap();
-    assert!(Rc::ptr_eq(&id, &again));
+    assert!(Arc::ptr_eq(&id, &again));
     // Expired (exp + 60 s skew): not served from the cache.
     assert!(matches!(gw.authenticate(&t, &ring, &mut cache, NOW + 660), Err(Denial::InvalidToken(_))));
     // The issuer rotates k1 out: the cached token is checked again and refused.

@@ -1,0 +1,240 @@
+//! A host in memory, for testing filters without Envoy: a request's headers, what the filter
+//! replied, the metrics it counted, its shared data, and the calls its background made.
+
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::{Background, Counter, Gauge, Histogram, Host, Setup, Stream, Waker};
+
+/// Shared data, metrics and a clock: what every context sees.
+#[derive(Default)]
+pub struct FakeHost {
+    pub now_ms: Cell<u64>,
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// Metric values by name.
+    pub metrics: RefCell<HashMap<String, u64>>,
+    names: RefCell<Vec<String>>,
+}
+
+impl FakeHost {
+    /// A metric's value by the name it was defined with (0 if it never moved).
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics.borrow().get(name).copied().unwrap_or(0)
+    }
+
+    fn define(&self, name: &str) -> u32 {
+        let mut names = self.names.borrow_mut();
+        names.push(name.to_string());
+        (names.len() - 1) as u32
+    }
+
+    fn update(&self, id: u32, f: impl FnOnce(&mut u64)) {
+        if let Some(name) = self.names.borrow().get(id as usize) {
+            f(self.metrics.borrow_mut().entry(name.clone()).or_default());
+        }
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.get()
+    }
+
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        match self.shared.borrow().get(key) {
+            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
+            None => (None, None),
+        }
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        let mut shared = self.shared.borrow_mut();
+        let entry = shared.entry(key.to_string()).or_insert((Vec::new(), 0));
+        if cas.is_some_and(|c| c != entry.1) && entry.1 != 0 {
+            return false;
+        }
+        *entry = (value.to_vec(), entry.1 + 1);
+        true
+    }
+
+    fn increment(&self, counter: Counter) {
+        self.update(counter.0, |v| *v += 1);
+    }
+
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        self.update(gauge.0, |v| *v = value);
+    }
+
+    fn record(&self, histogram: Histogram, value: u64) {
+        self.update(histogram.0, |v| *v = value);
+    }
+}
+
+/// Configuration time: metrics are defined on the host.
+pub struct FakeSetup<'a> {
+    pub host: &'a FakeHost,
+    pub instance: String,
+}
+
+impl Setup for FakeSetup<'_> {
+    fn counter(&mut self, name: &str) -> Counter {
+        Counter(self.host.define(name))
+    }
+    fn gauge(&mut self, name: &str) -> Gauge {
+        Gauge(self.host.define(name))
+    }
+    fn histogram(&mut self, name: &str) -> Histogram {
+        Histogram(self.host.define(name))
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+}
+
+/// A local reply the filter sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replied {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// One request.
+pub struct FakeStream<'a> {
+    pub host: &'a FakeHost,
+    pub request: Vec<(String, Vec<u8>)>,
+    pub response: Vec<(String, Vec<u8>)>,
+    pub replied: Option<Replied>,
+    pub log: Vec<(String, String)>,
+    pub peer_uri_san: Option<String>,
+    pub waker: Option<Waker>,
+}
+
+impl<'a> FakeStream<'a> {
+    pub fn new(host: &'a FakeHost, request: &[(&str, &[u8])]) -> Self {
+        FakeStream {
+            host,
+            request: request.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+            response: Vec::new(),
+            replied: None,
+            log: Vec::new(),
+            peer_uri_san: None,
+            waker: Some(Waker(1)),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.request.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+impl Host for FakeStream<'_> {
+    fn now_ms(&self) -> u64 {
+        self.host.now_ms()
+    }
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.host.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        self.host.shared_set(key, value, cas)
+    }
+    fn increment(&self, counter: Counter) {
+        self.host.increment(counter)
+    }
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        self.host.set_gauge(gauge, value)
+    }
+    fn record(&self, histogram: Histogram, value: u64) {
+        self.host.record(histogram, value)
+    }
+}
+
+impl Stream for FakeStream<'_> {
+    fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.header(name).map(Cow::Borrowed)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &[u8]) {
+        self.remove_request_header(name);
+        self.request.push((name.to_string(), value.to_vec()));
+    }
+
+    fn remove_request_header(&mut self, name: &str) {
+        self.request.retain(|(k, _)| k != name);
+    }
+
+    fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.response.iter().find(|(k, _)| k == name).map(|(_, v)| Cow::Borrowed(v.as_slice()))
+    }
+
+    fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.replied = Some(Replied { status, headers, body: body.to_vec() });
+    }
+
+    fn log_field(&mut self, name: &str, value: &str) {
+        self.log.push((name.to_string(), value.to_string()));
+    }
+
+    fn peer_uri_san(&self) -> Option<String> {
+        self.peer_uri_san.clone()
+    }
+
+    fn waker(&mut self) -> Option<Waker> {
+        self.waker
+    }
+}
+
+/// The background: the calls it started, and the requests it woke.
+pub struct FakeBackground<'a> {
+    pub host: &'a FakeHost,
+    pub calls: Vec<(String, String, String)>,
+    pub woken: Vec<Waker>,
+}
+
+impl<'a> FakeBackground<'a> {
+    pub fn new(host: &'a FakeHost) -> Self {
+        FakeBackground { host, calls: Vec::new(), woken: Vec::new() }
+    }
+}
+
+impl Host for FakeBackground<'_> {
+    fn now_ms(&self) -> u64 {
+        self.host.now_ms()
+    }
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.host.shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        self.host.shared_set(key, value, cas)
+    }
+    fn increment(&self, counter: Counter) {
+        self.host.increment(counter)
+    }
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        self.host.set_gauge(gauge, value)
+    }
+    fn record(&self, histogram: Histogram, value: u64) {
+        self.host.record(histogram, value)
+    }
+}
+
+impl Background for FakeBackground<'_> {
+    fn http_get(
+        &mut self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        _headers: &[(&str, &str)],
+        _timeout: Duration,
+    ) -> Option<u64> {
+        self.calls.push((cluster.to_string(), authority.to_string(), path.to_string()));
+        Some(self.calls.len() as u64)
+    }
+
+    fn wake(&mut self, waker: Waker) {
+        self.woken.push(waker);
+    }
+}
