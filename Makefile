@@ -21,7 +21,7 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools oci oci-pin schemas build run test test-core test-wasm test-e2e bench lint fmt clean
+.PHONY: setup wasm-target node oci-tools oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench lint fmt clean
 
 setup: $(ENVOY_DEP) wasm-target node oci-tools
 
@@ -45,6 +45,10 @@ oci-tools:
 # Regenerates schemas/*.schema.json from the Rust config types.
 schemas:
 	EDGEWISE_UPDATE_SCHEMAS=1 $(CARGO) test -p edgewise --test schemas
+
+# Regenerates envoy/native/*.yaml from the wasm originals (the tests fail when they are stale).
+native-yaml:
+	EDGEWISE_UPDATE_NATIVE_YAML=1 $(CARGO) test -p edgewise --test validate the_native_yaml_is_current
 
 # OCI image layouts (Istio WasmPlugin "compat" images) -> target/oci/<filter>/, with their digests.
 oci: build
@@ -74,8 +78,11 @@ test-core:
 test-wasm:
 	$(WASM_TEST)
 
+# The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so.
+E2E_SCENARIOS := --test serverless --test egress --test mesh --test cloud_connector --test tunnel
 test-e2e:
 	$(CARGO) test -p edgewise
+	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)
 
 bench: setup
 	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }

@@ -1,7 +1,7 @@
-//! Builds every filter crate under filters/ (those whose crate-type is cdylib) for wasm32-wasip1 with the `filters`
-//! profile, trims them (see `trim`) into target/filters/<name>.wasm, so that `cargo test` always runs
-//! Envoy with fresh .wasm files. The nested cargo uses its own target dir (target/wasm) to avoid
-//! waiting on the lock of the build that runs this script.
+//! Builds the filters, so that `cargo test` always runs Envoy with fresh ones: every filter crate
+//! under filters/ for wasm32-wasip1 with the `filters` profile, trimmed (see `trim`) into
+//! target/filters/<name>.wasm, and the dynamic module holding all of them (`filters/native`, the
+//! `native` profile) into target/filters/libedgewise.so.
 
 use std::env;
 use std::fs;
@@ -19,21 +19,56 @@ fn main() {
     println!("cargo:rerun-if-changed=filters");
     println!("cargo:rerun-if-changed=Cargo.lock");
     println!("cargo:rerun-if-changed=Cargo.toml");
-    println!("cargo:rerun-if-env-changed=EDGEWISE_SKIP_WASM");
+    println!("cargo:rerun-if-env-changed=EDGEWISE_SKIP_FILTERS");
     println!("cargo:rustc-env=EDGEWISE_FILTERS_DIR={}", out.display());
-    if env::var_os("EDGEWISE_SKIP_WASM").is_some() {
+    if env::var_os("EDGEWISE_SKIP_FILTERS").is_some() {
         return;
     }
+    fs::create_dir_all(&out).expect("creating target/filters");
 
+    // The .wasm modules.
     let filters = filter_crates(&root.join("filters"));
-    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&root)
-        .args(["build", "--profile", "filters", "--target", TARGET, "--target-dir"])
-        .arg(target_dir.join("wasm"));
+    let mut cmd = cargo(&root, &target_dir.join("wasm"));
+    cmd.args(["--profile", "filters", "--target", TARGET]);
     for f in &filters {
         cmd.args(["-p", f]);
     }
-    // The outer build's settings are for the host (and clippy's wrapper must not leak in).
+    let status = cmd.status().expect("running cargo for the wasm filters");
+    if !status.success() {
+        panic!(
+            "building the wasm filters failed (see above). If the target is missing: \
+             `rustup target add {TARGET}` (or `make setup`)"
+        );
+    }
+    for f in &filters {
+        let file = format!("{}.wasm", f.replace('-', "_"));
+        let built = target_dir.join("wasm").join(TARGET).join("filters").join(&file);
+        let dest = out.join(format!("{f}.wasm"));
+        let module = fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
+        let trimmed = trim(&module).unwrap_or_else(|e| panic!("post-processing {}: {e}", built.display()));
+        fs::write(&dest, trimmed).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
+    }
+
+    // The dynamic module, every filter in one library.
+    let native_dir = target_dir.join("native");
+    let status = cargo(&root, &native_dir)
+        .args(["--profile", "native", "-p", "edgewise-native"])
+        .status()
+        .expect("running cargo for the native module");
+    if !status.success() {
+        panic!("building libedgewise.so failed (see above)");
+    }
+    let built = native_dir.join("native").join(NATIVE);
+    fs::copy(&built, out.join(NATIVE)).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+}
+
+const NATIVE: &str = "libedgewise.so";
+
+/// A nested `cargo build` into its own target dir (so that it does not wait on the lock of the
+/// build running this script), free of the outer build's settings, which are for the harness.
+fn cargo(root: &Path, target_dir: &Path) -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).arg("build").arg("--target-dir").arg(target_dir);
     for var in [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
@@ -52,22 +87,7 @@ fn main() {
         "CARGO_ENCODED_RUSTFLAGS",
         format!("--remap-path-prefix={cargo_home}=/cargo\x1f--remap-path-prefix={}=/edgewise", root.display()),
     );
-    let status = cmd.status().expect("running cargo for the wasm filters");
-    if !status.success() {
-        panic!(
-            "building the wasm filters failed (see above). If the target is missing: \
-             `rustup target add {TARGET}` (or `make setup`)"
-        );
-    }
-    fs::create_dir_all(&out).expect("creating target/filters");
-    for f in &filters {
-        let file = format!("{}.wasm", f.replace('-', "_"));
-        let built = target_dir.join("wasm").join(TARGET).join("filters").join(&file);
-        let dest = out.join(format!("{f}.wasm"));
-        let module = fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
-        let trimmed = trim(&module).unwrap_or_else(|e| panic!("post-processing {}: {e}", built.display()));
-        fs::write(&dest, trimmed).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
-    }
+    cmd
 }
 
 /// The proxy-wasm callbacks Envoy calls only if the module exports them (proxy-wasm-cpp-host

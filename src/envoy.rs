@@ -32,6 +32,62 @@ pub fn binary() -> PathBuf {
     venv
 }
 
+/// Which build of the filters the shipped YAML runs: the `.wasm` modules (`envoy/<name>.yaml`,
+/// the default) or `libedgewise.so` (`envoy/native/<name>.yaml`, with `EDGEWISE_BUILD=native`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    Wasm,
+    Native,
+}
+
+impl Build {
+    pub const ALL: [Build; 2] = [Build::Wasm, Build::Native];
+
+    /// The build the tests run, from `EDGEWISE_BUILD` (`wasm` or `native`).
+    pub fn current() -> Build {
+        match std::env::var("EDGEWISE_BUILD").as_deref() {
+            Err(_) | Ok("" | "wasm") => Build::Wasm,
+            Ok("native") => Build::Native,
+            Ok(other) => panic!("EDGEWISE_BUILD={other}: use wasm or native"),
+        }
+    }
+
+    /// Where its shipped YAML lives, from the repository root.
+    pub fn yaml_dir(self) -> &'static str {
+        match self {
+            Build::Wasm => "envoy",
+            Build::Native => "envoy/native",
+        }
+    }
+
+    /// The name under which Envoy's `/stats` shows a filter metric (`edgewise.…`).
+    pub fn stat(self, metric: &str) -> String {
+        match self {
+            Build::Wasm => format!("wasmcustom.{metric}"),
+            Build::Native => metric.to_string(),
+        }
+    }
+
+    /// The name of a filter's Prometheus series (`edgewise_…`): Envoy leaves the `wasmcustom`
+    /// namespace out, and prefixes its own `envoy_` to the dynamic module's.
+    pub fn prometheus(self, series: &str) -> String {
+        match self {
+            Build::Wasm => series.to_string(),
+            Build::Native => format!("envoy_{series}"),
+        }
+    }
+}
+
+/// The name under which `/stats` shows a filter metric in the build the tests run.
+pub fn stat(metric: &str) -> String {
+    Build::current().stat(metric)
+}
+
+/// The name of a filter's Prometheus series in the build the tests run.
+pub fn prometheus(series: &str) -> String {
+    Build::current().prometheus(series)
+}
+
 /// A shipped YAML with its substitutions.
 #[derive(Clone)]
 pub struct Config {
@@ -40,9 +96,18 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads `envoy/<name>.yaml` and points the wasm module paths at the fresh build.
+    /// Loads the shipped YAML of the build the tests run, pointing the module paths at the
+    /// fresh build.
     pub fn shipped(name: &str) -> Config {
-        let path = crate::repo_root().join("envoy").join(format!("{name}.yaml"));
+        Config::shipped_as(name, Build::current())
+    }
+
+    /// Loads `envoy/<name>.yaml` or `envoy/native/<name>.yaml` (a file that runs no filter, like
+    /// the tunnel agent's, has no native variant: it is the same for both builds).
+    pub fn shipped_as(name: &str, build: Build) -> Config {
+        let root = crate::repo_root();
+        let native = root.join(build.yaml_dir()).join(format!("{name}.yaml"));
+        let path = if native.exists() { native } else { root.join("envoy").join(format!("{name}.yaml")) };
         let yaml = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let filters = format!("{}/", crate::filters_dir().display());
         let yaml = yaml.replace("target/filters/", &filters);

@@ -8,6 +8,7 @@ pub mod client;
 pub mod dns;
 pub mod envoy;
 pub mod idp;
+pub mod native;
 pub mod oci;
 pub mod scenarios;
 pub mod server;

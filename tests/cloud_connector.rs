@@ -74,7 +74,7 @@ impl Setup {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        self.envoy.stat(&format!("wasmcustom.edgewise.cloud_connector.{name}")).await.unwrap_or(0)
+        self.envoy.stat(&edgewise::envoy::stat(&format!("edgewise.cloud_connector.{name}"))).await.unwrap_or(0)
     }
 }
 
@@ -222,7 +222,8 @@ async fn every_status_identity_headers_and_signature() {
         r#"edgewise_cloud_connector_jwks_fetch{issuer="gitlab_com",result="ok"}"#,
         r#"edgewise_cloud_connector_jwks_key_age_seconds{issuer="customers_gitlab_com"}"#,
     ] {
-        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        let series = edgewise::envoy::prometheus(series);
+        let line = text.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
         let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         if !series.contains("key_age") {
             assert!(value >= 1.0, "{line}");

@@ -140,10 +140,10 @@ async fn the_allowlist_and_the_ssrf_guard_refuse_before_and_after_dns() {
     assert_eq!(s.upstream_requests(), 0, "no destination may be contacted");
 
     let stats = s.envoy.stats().await.unwrap();
-    assert_eq!(stats.get("wasmcustom.edgewise.egress.denied.not_egress_host"), Some(&3));
-    assert_eq!(stats.get("wasmcustom.edgewise.egress.denied.not_allowed"), Some(&3));
-    assert_eq!(stats.get("wasmcustom.edgewise.egress.denied.ip_literal"), Some(&3));
-    assert_eq!(stats.get("wasmcustom.edgewise.egress.denied.loopback_name"), Some(&1));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.egress.denied.not_egress_host")), Some(&3));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.egress.denied.not_allowed")), Some(&3));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.egress.denied.ip_literal")), Some(&3));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.egress.denied.loopback_name")), Some(&1));
     assert_eq!(stats.get("http.egress.rbac.denied"), Some(&1));
 }
 
@@ -179,7 +179,7 @@ async fn metrics_are_per_allowlisted_destination_only() {
     }
     s.envoy
         .wait_stat("histogram flush", Duration::from_secs(10), |st| {
-            st.contains_key("wasmcustom.edgewise.egress.dest.api_github_com.requests")
+            st.contains_key(&edgewise::envoy::stat("edgewise.egress.dest.api_github_com.requests"))
         })
         .await
         .unwrap();
@@ -191,8 +191,9 @@ async fn metrics_are_per_allowlisted_destination_only() {
         "edgewise_egress_dest_responses{destination=\"wildcard_example_com\",response_class=\"5xx\"} 1",
         "edgewise_egress_denied{reason=\"not_allowed\"} 3",
     ] {
+        let line = edgewise::envoy::prometheus(line);
         assert!(
-            prom.contains(line),
+            prom.lines().any(|l| l == line),
             "missing {line:?} in:\n{}",
             prom.lines().filter(|l| l.contains("edgewise")).collect::<Vec<_>>().join("\n")
         );

@@ -100,7 +100,10 @@ async fn meshed_endpoints_get_mtls_with_the_gateway_identity_and_others_plaintex
         assert_eq!(seen.header("x-edgewise-user"), Some("alice"));
     }
     let stats = s.sidecar.stats().await.unwrap();
-    assert_eq!(stats.get("wasmcustom.edgewise.mesh_identity.sidecar.trusted_peer"), Some(&(meshed.len() as u64)));
+    assert_eq!(
+        stats.get(&edgewise::envoy::stat("edgewise.mesh_identity.sidecar.trusted_peer")),
+        Some(&(meshed.len() as u64))
+    );
 
     // No token, or a bad one: 401 at the gateway, nothing forwarded.
     let r = s.via_gateway("/catalog/items", None, &[]).await;
@@ -287,5 +290,5 @@ async fn header_values_that_are_not_utf8_get_a_400_or_pass_untouched_and_break_n
     for _ in 0..10 {
         assert_eq!(s.via_gateway("/catalog/items", Some(&s.pki.user_token("alice")), &[]).await.status, 200);
     }
-    assert_eq!(s.gateway.stat("wasmcustom.edgewise.mesh_identity.gateway.bad_request").await.unwrap(), 4);
+    assert_eq!(s.gateway.stat(&edgewise::envoy::stat("edgewise.mesh_identity.gateway.bad_request")).await.unwrap(), 4);
 }

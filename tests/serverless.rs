@@ -89,7 +89,7 @@ impl Setup {
     async fn wait_table_version(&self, version: u64) {
         self.envoy
             .wait_stat(&format!("table version {version}"), Duration::from_secs(20), |s| {
-                s.get("wasmcustom.edgewise.serverless.table.version") == Some(&version)
+                s.get(&edgewise::envoy::stat("edgewise.serverless.table.version")) == Some(&version)
             })
             .await
             .unwrap();
@@ -140,10 +140,11 @@ async fn functions_reach_their_own_cluster_over_mtls_with_the_knative_host() {
     assert_eq!(s.www.count(), 1);
 
     let stats = s.envoy.stats().await.unwrap();
-    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.routed"), Some(&2));
-    assert_eq!(stats.get("wasmcustom.edgewise.serverless.table.routes"), Some(&1));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.serverless.requests.routed")), Some(&2));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.serverless.table.routes")), Some(&1));
     let prom = s.envoy.admin_get("/stats/prometheus").await.unwrap();
-    assert!(prom.contains("edgewise_serverless_requests{outcome=\"routed\"} 2"), "{prom}");
+    let routed = edgewise::envoy::prometheus("edgewise_serverless_requests{outcome=\"routed\"} 2");
+    assert!(prom.lines().any(|l| l == routed), "{prom}");
 }
 
 #[tokio::test]
@@ -167,8 +168,8 @@ async fn unknown_and_malformed_hosts_get_404_and_no_upstream_is_contacted() {
     }
     assert_eq!(s.a.count() + s.b.count() + s.www.count(), 0, "no upstream may be contacted");
     let stats = s.envoy.stats().await.unwrap();
-    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.unknown_function"), Some(&1));
-    assert_eq!(stats.get("wasmcustom.edgewise.serverless.requests.malformed_host"), Some(&4));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.serverless.requests.unknown_function")), Some(&1));
+    assert_eq!(stats.get(&edgewise::envoy::stat("edgewise.serverless.requests.malformed_host")), Some(&4));
 }
 
 /// The host layout GitLab shipped (`<function>-<cluster: 14 hex><environment: hex>-<slug>`), a
@@ -269,7 +270,7 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["server"], "customer-a");
     assert_eq!(r.json()["host"], "new.knative.customer-a.example");
-    let not_modified = "wasmcustom.edgewise.serverless.management_fetch.not_modified";
+    let not_modified = &edgewise::envoy::stat("edgewise.serverless.management_fetch.not_modified");
     s.envoy
         .wait_stat("a 304 from the management service", Duration::from_secs(10), |st| {
             st.get(not_modified).copied().unwrap_or(0) > 0
@@ -286,7 +287,7 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     assert!((3..=17).contains(&fetches), "{fetches} fetches in 3 s at a 200 ms interval");
 
     // Garbage and errors keep the last good table in force.
-    let failed = "wasmcustom.edgewise.serverless.management_fetch.failed";
+    let failed = &edgewise::envoy::stat("edgewise.serverless.management_fetch.failed");
     for mode in [DocMode::Garbage, DocMode::Fail(500)] {
         let before = s.envoy.stat(failed).await.unwrap();
         s.doc.mode(mode);
@@ -295,7 +296,7 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
             .await
             .unwrap();
         assert_eq!(s.get(NEW).await.status, 200, "{mode:?}");
-        assert_eq!(s.envoy.stat("wasmcustom.edgewise.serverless.table.version").await.unwrap(), 2);
+        assert_eq!(s.envoy.stat(&edgewise::envoy::stat("edgewise.serverless.table.version")).await.unwrap(), 2);
     }
 
     // The management service goes away entirely.
@@ -309,7 +310,7 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
         let r = s.get(host).await;
         assert_eq!(r.status, 200, "{host} with the management service down: {}", r.text());
     }
-    let age = s.envoy.stat("wasmcustom.edgewise.serverless.table.age_seconds").await.unwrap();
+    let age = s.envoy.stat(&edgewise::envoy::stat("edgewise.serverless.table.age_seconds")).await.unwrap();
     assert!(age < 60, "age {age}");
 }
 
@@ -396,7 +397,7 @@ async fn a_table_of_100000_functions_loads_and_serves() {
     let s = setup(Options { table: sl::table(100, &refs), ..Default::default() }).await;
     s.envoy
         .wait_stat("100000 routes", Duration::from_secs(60), |st| {
-            st.get("wasmcustom.edgewise.serverless.table.routes") == Some(&100_000)
+            st.get(&edgewise::envoy::stat("edgewise.serverless.table.routes")) == Some(&100_000)
         })
         .await
         .unwrap();

@@ -339,14 +339,14 @@ async fn header_values_that_are_not_utf8_get_a_400_or_pass_and_break_nothing() {
     assert_eq!(s.kubectl.requests().len(), before, "a refused request reached the cluster");
     // The filter forwards a header it only passes on, whatever its bytes. (Envoy's HTTP/2 hop
     // into the tunnel then resets the stream: that is Envoy's codec, not the filter.)
-    let allowed = s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.allowed").await.unwrap();
+    let allowed = s.hub.envoy.stat(&edgewise::envoy::stat("edgewise.tunnel_auth.requests.allowed")).await.unwrap();
     let bearer = format!("Bearer {alice}");
     let out = raw(&[("authorization", bearer.as_bytes()), ("x-anything", b"caf\xe9\x80")]).await;
     assert_ne!(raw_statuses(&out), [400], "{}", String::from_utf8_lossy(&out));
-    let now_allowed = s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.allowed").await.unwrap();
+    let now_allowed = s.hub.envoy.stat(&edgewise::envoy::stat("edgewise.tunnel_auth.requests.allowed")).await.unwrap();
     assert_eq!(now_allowed, allowed + 1);
     for _ in 0..10 {
         assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
     }
-    assert_eq!(s.hub.envoy.stat("wasmcustom.edgewise.tunnel_auth.requests.bad_request").await.unwrap(), 4);
+    assert_eq!(s.hub.envoy.stat(&edgewise::envoy::stat("edgewise.tunnel_auth.requests.bad_request")).await.unwrap(), 4);
 }

@@ -42,7 +42,7 @@ pub const fn hooks<F: Filter>() -> [u8; 2] {
 }
 
 pub fn root<F: Filter>(id: u32) -> Box<dyn RootContext> {
-    Box::new(Root::<F> { id, filter: None })
+    Box::new(Root::<F> { id, filter: None, panic_header: None })
 }
 
 /// The request of the current (effective) context.
@@ -212,6 +212,9 @@ impl Setup for WasmSetup {
 struct Root<F: Filter> {
     id: u32,
     filter: Option<Rc<F>>,
+    /// Test only (`EDGEWISE_TEST_PANIC_HEADER`, through `host_env_keys`): a request carrying this
+    /// header traps the VM, to prove what `failure_policy` does then.
+    panic_header: Option<Rc<str>>,
 }
 
 impl<F: Filter> Root<F> {
@@ -255,6 +258,8 @@ impl<F: Filter> RootContext for Root<F> {
                     }
                 }
                 self.filter = Some(Rc::new(filter));
+                self.panic_header =
+                    std::env::var("EDGEWISE_TEST_PANIC_HEADER").ok().filter(|h| !h.is_empty()).map(Rc::from);
                 true
             }
             Err(e) => {
@@ -272,7 +277,12 @@ impl<F: Filter> RootContext for Root<F> {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { context_id, filter: self.filter.clone()?, state: F::PerStream::default() }))
+        Some(Box::new(Http {
+            context_id,
+            filter: self.filter.clone()?,
+            state: F::PerStream::default(),
+            panic_header: self.panic_header.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -284,6 +294,7 @@ struct Http<F: Filter> {
     context_id: u32,
     filter: Rc<F>,
     state: F::PerStream,
+    panic_header: Option<Rc<str>>,
 }
 
 fn action(flow: Flow) -> Action {
@@ -298,6 +309,14 @@ impl<F: Filter> Context for Http<F> {}
 impl<F: Filter> HttpContext for Http<F> {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let mut stream = WasmStream { context_id: self.context_id };
+        if let Some(header) = &self.panic_header {
+            if stream.request_header(header).is_some() {
+                #[allow(clippy::panic)]
+                {
+                    panic!("test panic ({header})");
+                }
+            }
+        }
         action(self.filter.on_request_headers(&mut stream, &mut self.state))
     }
 

@@ -1,0 +1,362 @@
+//! The host interface on the dynamic-module ABI: a stream (a hook of one request, on its
+//! worker), the background (the main thread) and configuration time.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ptr::null_mut;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgewise_host::{lock, Background, Counter, Gauge, Histogram, Host, Setup, Stream, Waker};
+
+use crate::abi::*;
+use crate::{Config, Ptr};
+
+/// Shared data: one store for the process, as Envoy keeps one for proxy-wasm VMs. Natively a
+/// filter has one copy for every worker, so little goes through it (leases, published documents,
+/// rate-limit buckets).
+static SHARED: Mutex<Option<HashMap<String, (Vec<u8>, u32)>>> = Mutex::new(None);
+
+fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+    match lock(&SHARED).as_ref().and_then(|m| m.get(key)) {
+        Some((value, cas)) => (Some(value.clone()), Some(*cas)),
+        None => (None, None),
+    }
+}
+
+/// Envoy's semantics: a write with a CAS token succeeds only if the value has not changed since
+/// (a write to a missing key always succeeds).
+fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> bool {
+    let mut shared = lock(&SHARED);
+    let map = shared.get_or_insert_with(HashMap::new);
+    match map.get_mut(key) {
+        Some((current, token)) => {
+            if cas.is_some_and(|c| c != *token) {
+                return false;
+            }
+            current.clear();
+            current.extend_from_slice(value);
+            *token = token.wrapping_add(1).max(1);
+        }
+        None => {
+            map.insert(key.to_string(), (value.to_vec(), 1));
+        }
+    }
+    true
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn buf(bytes: &[u8]) -> ModuleBuffer {
+    ModuleBuffer::new(bytes)
+}
+
+/// One request inside one of its hooks.
+pub struct NativeStream<'a> {
+    pub envoy: EnvoyFilter,
+    pub config: &'a Config,
+    /// The id of this stream's scheduler in the config's wakers, once the filter asked for one.
+    pub waker: &'a mut Option<u64>,
+    /// Request headers were changed: the route must be chosen again (Envoy does that by itself
+    /// for proxy-wasm filters, not for dynamic modules).
+    pub rerouted: bool,
+}
+
+impl NativeStream<'_> {
+    fn header(&self, kind: HeaderType, name: &str) -> Option<Cow<'_, [u8]>> {
+        let mut value = EnvoyBuffer::NULL;
+        let mut count = 0;
+        // SAFETY: the stream handle is valid in this hook; the value stays valid until the header
+        // map changes, which needs `&mut self` and so ends the borrow returned here.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_header(
+                self.envoy,
+                kind,
+                buf(name.as_bytes()),
+                &mut value,
+                0,
+                &mut count,
+            )
+        };
+        // SAFETY: as above.
+        (found && count > 0).then(|| Cow::Borrowed(unsafe { value.as_bytes() }))
+    }
+}
+
+impl Host for NativeStream<'_> {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        shared_set(key, value, cas)
+    }
+    fn increment(&self, counter: Counter) {
+        // SAFETY: the stream handle is valid in this hook; no labels.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_increment_counter(
+                self.envoy,
+                counter.0 as usize,
+                null_mut(),
+                0,
+                1,
+            )
+        };
+    }
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        // SAFETY: as above.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_set_gauge(self.envoy, gauge.0 as usize, null_mut(), 0, value)
+        };
+    }
+    fn record(&self, histogram: Histogram, value: u64) {
+        // SAFETY: as above.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_record_histogram_value(
+                self.envoy,
+                histogram.0 as usize,
+                null_mut(),
+                0,
+                value,
+            )
+        };
+    }
+}
+
+impl Stream for NativeStream<'_> {
+    fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.header(HeaderType::REQUEST_HEADER, name)
+    }
+
+    /// An empty value removes the header: the ABI cannot set one (NULL or empty removes).
+    fn set_request_header(&mut self, name: &str, value: &[u8]) {
+        self.rerouted = true;
+        // SAFETY: the stream handle is valid in this hook; the buffers are read during the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.envoy,
+                HeaderType::REQUEST_HEADER,
+                buf(name.as_bytes()),
+                if value.is_empty() { ModuleBuffer::NULL } else { buf(value) },
+            )
+        };
+    }
+
+    fn remove_request_header(&mut self, name: &str) {
+        self.rerouted = true;
+        // SAFETY: as above; a NULL value removes.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.envoy,
+                HeaderType::REQUEST_HEADER,
+                buf(name.as_bytes()),
+                ModuleBuffer::NULL,
+            )
+        };
+    }
+
+    fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        self.header(HeaderType::RESPONSE_HEADER, name)
+    }
+
+    fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let mut headers: Vec<ModuleHttpHeader> =
+            headers.iter().map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes())).collect();
+        // SAFETY: the stream handle is valid in this hook; everything is read during the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                self.envoy,
+                status,
+                headers.as_mut_ptr(),
+                headers.len(),
+                buf(body),
+                buf(b"edgewise"),
+            )
+        };
+    }
+
+    fn log_field(&mut self, name: &str, value: &str) {
+        let key = format!("edgewise.{name}");
+        // SAFETY: as above.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                self.envoy,
+                buf(key.as_bytes()),
+                buf(value.as_bytes()),
+            )
+        };
+    }
+
+    fn peer_uri_san(&self) -> Option<String> {
+        let mut value = EnvoyBuffer::NULL;
+        // SAFETY: the stream handle is valid in this hook; the value is copied at once.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.envoy,
+                AttributeId::CONNECTION_URI_SAN_PEER_CERTIFICATE,
+                &mut value,
+            )
+        };
+        // SAFETY: as above.
+        found.then(|| String::from_utf8_lossy(unsafe { value.as_bytes() }).into_owned()).filter(|s| !s.is_empty())
+    }
+
+    fn waker(&mut self) -> Option<Waker> {
+        if let Some(id) = self.waker {
+            return Some(Waker(*id));
+        }
+        // SAFETY: the stream handle is valid in this hook; the scheduler is deleted exactly once,
+        // when the stream is destroyed (`Config::forget_waker`).
+        let scheduler = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.envoy) };
+        if scheduler.is_null() {
+            return None;
+        }
+        let id = self.config.remember_waker(Ptr(scheduler));
+        *self.waker = Some(id);
+        Some(Waker(id))
+    }
+}
+
+/// The main thread, in a tick or a callout's answer.
+pub struct NativeBackground<'a> {
+    pub envoy: EnvoyFilterConfig,
+    pub config: &'a Config,
+}
+
+impl Host for NativeBackground<'_> {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        shared_get(key)
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        shared_set(key, value, cas)
+    }
+    fn increment(&self, counter: Counter) {
+        // SAFETY: the config handle is valid until config_destroy; main thread.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.envoy,
+                counter.0 as usize,
+                null_mut(),
+                0,
+                1,
+            )
+        };
+    }
+    fn set_gauge(&self, gauge: Gauge, value: u64) {
+        // SAFETY: as above.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_set_gauge(
+                self.envoy,
+                gauge.0 as usize,
+                null_mut(),
+                0,
+                value,
+            )
+        };
+    }
+    fn record(&self, histogram: Histogram, value: u64) {
+        // SAFETY: as above.
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+                self.envoy,
+                histogram.0 as usize,
+                null_mut(),
+                0,
+                value,
+            )
+        };
+    }
+}
+
+impl Background for NativeBackground<'_> {
+    fn http_get(
+        &mut self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<u64> {
+        let mut all: Vec<ModuleHttpHeader> = [(":method", "GET"), (":path", path), ("host", authority)]
+            .iter()
+            .chain(headers)
+            .map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes()))
+            .collect();
+        let mut id = 0;
+        // SAFETY: the config handle is valid; main thread; everything is read during the call.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.envoy,
+                &mut id,
+                buf(cluster.as_bytes()),
+                all.as_mut_ptr(),
+                all.len(),
+                ModuleBuffer::NULL,
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            )
+        };
+        if result != HttpCalloutInitResult::SUCCESS {
+            log::warn!("the call to cluster {cluster} could not be started ({result:?})");
+            return None;
+        }
+        Some(id)
+    }
+
+    fn wake(&mut self, waker: Waker) {
+        self.config.wake(waker.0);
+    }
+}
+
+/// Configuration time: metrics are defined on Envoy's config object.
+pub struct NativeSetup {
+    pub envoy: EnvoyFilterConfig,
+    pub instance: String,
+}
+
+impl NativeSetup {
+    /// Names drop the `edgewise.` the wasm build needs inside Envoy's `wasmcustom.` namespace:
+    /// the native YAML's `metrics_namespace: edgewise` puts it back.
+    fn define(
+        &self,
+        name: &str,
+        define: unsafe extern "C" fn(
+            EnvoyFilterConfig,
+            ModuleBuffer,
+            *mut ModuleBuffer,
+            usize,
+            *mut usize,
+        ) -> MetricsResult,
+    ) -> u32 {
+        let name = name.strip_prefix("edgewise.").unwrap_or(name);
+        let mut id = 0;
+        // SAFETY: the config handle is valid in config_new; no labels.
+        let result = unsafe { define(self.envoy, buf(name.as_bytes()), null_mut(), 0, &mut id) };
+        if result != MetricsResult::SUCCESS {
+            log::error!("defining metric {name} failed ({result:?})");
+            return u32::MAX;
+        }
+        u32::try_from(id).unwrap_or(u32::MAX)
+    }
+}
+
+impl Setup for NativeSetup {
+    fn counter(&mut self, name: &str) -> Counter {
+        Counter(self.define(name, envoy_dynamic_module_callback_http_filter_config_define_counter))
+    }
+    fn gauge(&mut self, name: &str) -> Gauge {
+        Gauge(self.define(name, envoy_dynamic_module_callback_http_filter_config_define_gauge))
+    }
+    fn histogram(&mut self, name: &str) -> Histogram {
+        Histogram(self.define(name, envoy_dynamic_module_callback_http_filter_config_define_histogram))
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+}

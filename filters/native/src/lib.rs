@@ -1,0 +1,613 @@
+//! `libedgewise.so`: every edgewise filter as an Envoy dynamic module, chosen by `filter_name`,
+//! configured with the same JSON as its `.wasm` build (a `StringValue`).
+//!
+//! One config object serves every worker: one key set per issuer, one route table, one set of
+//! buckets. Background work (key sets, route tables) runs on the main thread: a module thread
+//! ticks the config scheduler, whose events Envoy runs there, and the callouts' answers arrive
+//! there too. A paused request is resumed through its own stream scheduler, on its worker.
+//!
+//! No panic crosses into Envoy: every hook runs under `catch_unwind`; a panic on a request is
+//! logged, counted (`edgewise.<filter>.panics`) and answered with a 500 (fail closed).
+
+#[allow(clippy::all, clippy::pedantic)]
+mod abi;
+mod host;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use edgewise_host::{lock, ConfigError, Counter, Fetched, Filter, Flow, Host, Setup};
+
+use abi::*;
+use host::{NativeBackground, NativeSetup, NativeStream};
+
+/// A pointer Envoy handed over that may cross threads (schedulers: commit is thread-safe).
+#[derive(Clone, Copy)]
+struct Ptr(*mut std::ffi::c_void);
+// SAFETY: only used with the ABI calls documented as callable from any thread (scheduler commit)
+// or on the thread that owns the object.
+unsafe impl Send for Ptr {}
+// SAFETY: as above.
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// The pointer (a method, so that a closure captures the `Send` wrapper, not the field).
+    fn get(self) -> *mut std::ffi::c_void {
+        self.0
+    }
+}
+
+/// A filter behind the ABI's untyped pointers.
+trait Erased: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn new_state(&self) -> Box<dyn Any>;
+    fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow;
+    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow;
+    fn resume(&self, s: &mut NativeStream) -> Flow;
+    fn tick_period(&self) -> Option<Duration>;
+    fn tick(&self, bg: &mut NativeBackground);
+    fn fetched(&self, bg: &mut NativeBackground, id: u64, response: &Fetched);
+}
+
+impl<F: Filter> Erased for F {
+    fn name(&self) -> &'static str {
+        F::NAME
+    }
+    fn new_state(&self) -> Box<dyn Any> {
+        Box::new(F::PerStream::default())
+    }
+    fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow {
+        match state.downcast_mut::<F::PerStream>() {
+            Some(state) => self.on_request_headers(s, state),
+            None => Flow::Continue,
+        }
+    }
+    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow {
+        match state.downcast_mut::<F::PerStream>() {
+            Some(state) if F::HOOKS.response_headers => self.on_response_headers(s, state),
+            _ => Flow::Continue,
+        }
+    }
+    fn resume(&self, s: &mut NativeStream) -> Flow {
+        self.on_resume(s)
+    }
+    fn tick_period(&self) -> Option<Duration> {
+        if F::HOOKS.background {
+            Filter::tick_period(self)
+        } else {
+            None
+        }
+    }
+    fn tick(&self, bg: &mut NativeBackground) {
+        self.on_tick(bg);
+    }
+    fn fetched(&self, bg: &mut NativeBackground, id: u64, response: &Fetched) {
+        self.on_fetched(bg, id, response);
+    }
+}
+
+/// Builds the filter named by `filter_name`.
+fn configure(name: &str, config: &[u8], setup: &mut dyn Setup) -> Result<Box<dyn Erased>, ConfigError> {
+    fn build<F: Filter>(config: &[u8], setup: &mut dyn Setup) -> Result<Box<dyn Erased>, ConfigError> {
+        Ok(Box::new(F::configure(config, setup)?))
+    }
+    match name {
+        "serverless" => build::<serverless::Serverless>(config, setup),
+        "egress" => build::<egress::Egress>(config, setup),
+        "mesh-identity" => build::<mesh_identity::MeshIdentity>(config, setup),
+        "cloud-connector" => build::<cloud_connector::CloudConnector>(config, setup),
+        "tunnel-auth" => build::<tunnel_auth::TunnelAuth>(config, setup),
+        other => Err(ConfigError::field(
+            "filter_name",
+            format!("{other:?} is none of serverless, egress, mesh-identity, cloud-connector, tunnel-auth"),
+        )),
+    }
+}
+
+/// One filter configuration: the module's object behind Envoy's.
+pub(crate) struct Config {
+    filter: Box<dyn Erased>,
+    panics: Counter,
+    /// The schedulers of paused streams, by waker id (a stream removes its own when destroyed).
+    wakers: Mutex<HashMap<u64, Ptr>>,
+    next_waker: AtomicU64,
+    ticker: Mutex<Option<Ticker>>,
+    /// Test only: a request carrying this header makes the filter panic in its request hook.
+    panic_header: Option<String>,
+}
+
+impl Config {
+    fn remember_waker(&self, scheduler: Ptr) -> u64 {
+        let id = self.next_waker.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.wakers).insert(id, scheduler);
+        id
+    }
+
+    fn wake(&self, id: u64) {
+        if let Some(scheduler) = lock(&self.wakers).get(&id) {
+            // SAFETY: the scheduler is alive while it is in the map (removed and deleted under
+            // this lock); commit may be called from any thread.
+            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler.0, id) };
+        }
+    }
+
+    fn forget_waker(&self, id: u64) {
+        if let Some(scheduler) = lock(&self.wakers).remove(&id) {
+            // SAFETY: created by scheduler_new for this stream, deleted once.
+            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler.0) };
+        }
+    }
+}
+
+/// The module thread that ticks the config scheduler (Envoy runs its events on the main thread).
+struct Ticker {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    scheduler: Ptr,
+}
+
+impl Ticker {
+    fn start(envoy: EnvoyFilterConfig, period: Duration) -> Option<Ticker> {
+        // SAFETY: the config handle is valid in config_new.
+        let scheduler = Ptr(unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy) });
+        if scheduler.0.is_null() {
+            return None;
+        }
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("edgewise-tick".into())
+            .spawn(move || {
+                let (flag, signal) = &*stopped;
+                let mut stop = lock(flag);
+                loop {
+                    // SAFETY: the scheduler is deleted only after this thread was joined.
+                    unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler.get(), 0) };
+                    stop = match signal.wait_timeout(stop, period) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                    if *stop {
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Ticker { stop, thread: Some(thread), scheduler })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        // SAFETY: the thread that committed to it is gone; deleted once.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.scheduler.0) };
+    }
+}
+
+/// One request: the module's object behind Envoy's stream.
+struct StreamObj {
+    config: Arc<Config>,
+    state: Box<dyn Any>,
+    waker: Option<u64>,
+}
+
+/// Runs a hook body; a panic is logged and becomes `fallback` (it must not unwind into Envoy).
+fn guarded<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            log::error!("edgewise: {hook} panicked: {what}");
+            fallback
+        }
+    }
+}
+
+/// Runs a request hook: a panic is counted and the request refused with a 500 (fail closed).
+fn request_hook(
+    envoy: EnvoyFilter,
+    module: ModuleFilter,
+    hook: &str,
+    body: impl FnOnce(&mut NativeStream, &mut StreamObj) -> Flow,
+) -> bool {
+    // SAFETY: `module` is the StreamObj this module returned from filter_new, alive until
+    // filter_destroy, used on its own worker only.
+    let Some(obj) = (unsafe { (module as *mut StreamObj).as_mut() }) else { return false };
+    let config = obj.config.clone();
+    let flow = guarded(hook, None, || {
+        let mut waker = obj.waker;
+        let (flow, rerouted) = {
+            let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
+            (body(&mut stream, obj), stream.rerouted)
+        };
+        obj.waker = waker;
+        if rerouted {
+            // SAFETY: the stream handle is valid in this (request) hook.
+            unsafe { envoy_dynamic_module_callback_http_clear_route_cache(envoy) };
+        }
+        Some(flow)
+    });
+    match flow {
+        Some(flow) => flow == Flow::Stop,
+        None => {
+            let mut waker = None;
+            let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
+            stream.increment(config.panics);
+            let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
+            edgewise_host::Stream::send_reply(&mut stream, 500, &[("content-type", "application/json")], body);
+            true
+        }
+    }
+}
+
+struct Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => LogLevel::ERROR,
+            log::Level::Warn => LogLevel::WARN,
+            log::Level::Info => LogLevel::INFO,
+            log::Level::Debug => LogLevel::DEBUG,
+            log::Level::Trace => LogLevel::TRACE,
+        };
+        let message = record.args().to_string();
+        // SAFETY: the message is read during the call.
+        unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::new(message.as_bytes())) };
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: Logger = Logger;
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> AbiVersionPtr {
+    guarded("program_init", std::ptr::null(), || {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+        ABI_VERSION.as_ptr().cast()
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    envoy: EnvoyFilterConfig,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> ModuleFilterConfig {
+    guarded("config_new", std::ptr::null(), || {
+        // SAFETY: both are valid during this call, and copied before it returns.
+        let (name, json) = unsafe { (name.as_bytes(), config.as_bytes()) };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let mut setup = NativeSetup { envoy, instance: name.clone() };
+        let filter = match configure(&name, json, &mut setup) {
+            Ok(filter) => filter,
+            Err(e) => {
+                log::error!("{name}: {e}");
+                return std::ptr::null();
+            }
+        };
+        let panics = setup.counter(&format!("edgewise.{}.panics", filter.name().replace('-', "_")));
+        let panic_header = std::env::var("EDGEWISE_TEST_PANIC_HEADER").ok().filter(|h| !h.is_empty());
+        // SAFETY: main thread, in config_new.
+        let validating = unsafe { envoy_dynamic_module_callback_is_validation_mode() };
+        let ticker = match filter.tick_period() {
+            Some(period) if !validating => Ticker::start(envoy, period),
+            _ => None,
+        };
+        let config = Config {
+            filter,
+            panics,
+            wakers: Mutex::new(HashMap::new()),
+            next_waker: AtomicU64::new(0),
+            ticker: Mutex::new(ticker),
+            panic_header,
+        };
+        Arc::into_raw(Arc::new(config)).cast()
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ModuleFilterConfig) {
+    guarded("config_destroy", (), || {
+        if config.is_null() {
+            return;
+        }
+        // SAFETY: made by Arc::into_raw in config_new; Envoy destroys it once.
+        let config = unsafe { Arc::from_raw(config.cast::<Config>()) };
+        // Stop ticking before Envoy's config object goes.
+        lock(&config.ticker).take();
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    _event: u64,
+) {
+    guarded("config_scheduled", (), || {
+        // SAFETY: the config object lives until config_destroy; main thread.
+        let Some(config) = (unsafe { config.cast::<Config>().as_ref() }) else { return };
+        config.filter.tick(&mut NativeBackground { envoy, config });
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    id: u64,
+    result: HttpCalloutResult,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    chunks: *mut EnvoyBuffer,
+    chunks_size: usize,
+) {
+    guarded("config_http_callout_done", (), || {
+        // SAFETY: the config object lives until config_destroy; main thread.
+        let Some(config) = (unsafe { config.cast::<Config>().as_ref() }) else { return };
+        let mut response = Fetched::default();
+        if result == HttpCalloutResult::SUCCESS {
+            // SAFETY: Envoy's arrays, valid during this hook (copied here), or null with 0.
+            let headers = unsafe { slice(headers, headers_size) };
+            for h in headers {
+                // SAFETY: as above.
+                let (k, v) = unsafe { h.as_pair() };
+                response.headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+            }
+            response.status = response.header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            // SAFETY: as above.
+            for chunk in unsafe { slice(chunks, chunks_size) } {
+                // SAFETY: as above.
+                response.body.extend_from_slice(unsafe { chunk.as_bytes() });
+            }
+        }
+        config.filter.fetched(&mut NativeBackground { envoy, config }, id, &response);
+    })
+}
+
+/// An array Envoy handed over for the duration of a hook.
+///
+/// # Safety
+/// `ptr` must be null or point to `len` valid elements for the lifetime chosen.
+unsafe fn slice<'a, T>(ptr: *mut T, len: usize) -> &'a [T] {
+    if ptr.is_null() || len == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(ptr, len)
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    _name: EnvoyBuffer,
+    _config: EnvoyBuffer,
+) -> ModulePerRouteConfig {
+    log::error!("edgewise: the filters take no per-route configuration");
+    std::ptr::null()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_config: ModulePerRouteConfig) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: ModuleFilterConfig,
+    _envoy: EnvoyFilter,
+) -> ModuleFilter {
+    guarded("filter_new", std::ptr::null(), || {
+        let config = config.cast::<Config>();
+        if config.is_null() {
+            return std::ptr::null();
+        }
+        // SAFETY: made by Arc::into_raw in config_new and alive until config_destroy, which
+        // Envoy calls only after every stream of the config is gone; a new strong reference.
+        let config = unsafe {
+            Arc::increment_strong_count(config);
+            Arc::from_raw(config)
+        };
+        let state = config.filter.new_state();
+        Box::into_raw(Box::new(StreamObj { config, state, waker: None })).cast_const().cast()
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: EnvoyFilter,
+    module: ModuleFilter,
+    _end_of_stream: bool,
+) -> RequestHeadersStatus {
+    let stop = request_hook(envoy, module, "request_headers", |s, obj| {
+        if let Some(header) = &s.config.panic_header {
+            if edgewise_host::Stream::request_header(s, header).is_some() {
+                #[allow(clippy::panic)]
+                {
+                    panic!("test panic ({header})");
+                }
+            }
+        }
+        obj.config.filter.request_headers(s, obj.state.as_mut())
+    });
+    if stop {
+        RequestHeadersStatus::STOP_ITERATION
+    } else {
+        RequestHeadersStatus::CONTINUE
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    envoy: EnvoyFilter,
+    module: ModuleFilter,
+    _end_of_stream: bool,
+) -> ResponseHeadersStatus {
+    let stop = guarded("response_headers", false, || {
+        // SAFETY: as in request_hook.
+        let Some(obj) = (unsafe { (module as *mut StreamObj).as_mut() }) else { return false };
+        let config = obj.config.clone();
+        let mut waker = obj.waker;
+        let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
+        config.filter.response_headers(&mut stream, obj.state.as_mut()) == Flow::Stop
+    });
+    if stop {
+        ResponseHeadersStatus::STOP_ITERATION
+    } else {
+        ResponseHeadersStatus::CONTINUE
+    }
+}
+
+/// A paused request was woken (`Background::wake`): decided again on its worker.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(envoy: EnvoyFilter, module: ModuleFilter, _event: u64) {
+    let stop = request_hook(envoy, module, "scheduled", |s, obj| obj.config.filter.resume(s));
+    if !stop {
+        // SAFETY: the stream handle is valid in this hook.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(envoy) };
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModuleFilter) {
+    guarded("filter_destroy", (), || {
+        if module.is_null() {
+            return;
+        }
+        // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
+        let obj = unsafe { Box::from_raw(module as *mut StreamObj) };
+        if let Some(id) = obj.waker {
+            obj.config.forget_waker(id);
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: bool,
+) -> RequestBodyStatus {
+    RequestBodyStatus::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+) -> RequestTrailersStatus {
+    RequestTrailersStatus::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: bool,
+) -> ResponseBodyStatus {
+    ResponseBodyStatus::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+) -> ResponseTrailersStatus {
+    ResponseTrailersStatus::CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_: EnvoyFilter, _: ModuleFilter) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: u64,
+    _: HttpCalloutResult,
+    _: *mut EnvoyHttpHeader,
+    _: usize,
+    _: *mut EnvoyBuffer,
+    _: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: u64,
+    _: *mut EnvoyHttpHeader,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: u64,
+    _: *const EnvoyBuffer,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: u64,
+    _: *mut EnvoyHttpHeader,
+    _: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_: EnvoyFilter, _: ModuleFilter, _: u64) {}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+    _: u64,
+    _: HttpStreamResetReason,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: EnvoyFilter,
+    _: ModuleFilter,
+) {
+}
