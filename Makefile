@@ -72,8 +72,10 @@ test: setup
 	@set -o pipefail; $(MAKE) --no-print-directory test-core test-wasm test-e2e 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
+# Core's tests run twice natively: with the wasm build's own verifiers and with ring's.
 test-core:
 	$(CARGO) test -p edgewise-core -p edgewise-host
+	$(CARGO) test -p edgewise-core --features native-crypto
 
 test-wasm:
 	$(WASM_TEST)

@@ -63,7 +63,7 @@ impl Filter for CloudConnector {
         Ok(CloudConnector {
             keys: Keys::new(setup, "cloud_connector", gw.issuers(), &gw.jwks),
             cache: Mutex::new(TokenCache::new(gw.token_cache_size)),
-            buckets: Buckets::new(setup.instance(), gw.slots, gw.idle_ms),
+            buckets: Buckets::new(setup.shared_by_workers(), setup.instance(), gw.slots, gw.idle_ms),
             waiters: Mutex::new(Vec::new()),
             requests,
             gw,

@@ -76,6 +76,7 @@ impl Host for FakeHost {
 pub struct FakeSetup<'a> {
     pub host: &'a FakeHost,
     pub instance: String,
+    pub shared_by_workers: bool,
 }
 
 impl Setup for FakeSetup<'_> {
@@ -90,6 +91,9 @@ impl Setup for FakeSetup<'_> {
     }
     fn instance(&self) -> &str {
         &self.instance
+    }
+    fn shared_by_workers(&self) -> bool {
+        self.shared_by_workers
     }
 }
 

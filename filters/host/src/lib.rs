@@ -153,6 +153,10 @@ pub trait Setup {
     fn histogram(&mut self, name: &str) -> Histogram;
     /// The name of this filter instance, which namespaces its shared data.
     fn instance(&self) -> &str;
+    /// True when one filter object serves every worker (natively): state in the filter is
+    /// already everyone's. False when each worker has its own copy (proxy-wasm), which agree
+    /// through shared data.
+    fn shared_by_workers(&self) -> bool;
 }
 
 /// A filter, written once for both hosts. Its object is built once per configuration and used by

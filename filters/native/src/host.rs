@@ -359,4 +359,7 @@ impl Setup for NativeSetup {
     fn instance(&self) -> &str {
         &self.instance
     }
+    fn shared_by_workers(&self) -> bool {
+        true
+    }
 }

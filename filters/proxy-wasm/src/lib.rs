@@ -207,6 +207,9 @@ impl Setup for WasmSetup {
     fn instance(&self) -> &str {
         &self.instance
     }
+    fn shared_by_workers(&self) -> bool {
+        false
+    }
 }
 
 struct Root<F: Filter> {

@@ -63,7 +63,8 @@ impl Filter for Serverless {
     fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError> {
         let router = Router::from_json(config)?;
         let metrics = Metrics::define(setup);
-        let poller = router.management.clone().map(|m| Poller::new(m, setup.instance()));
+        let share = !setup.shared_by_workers();
+        let poller = router.management.clone().map(|m| Poller::new(m, setup.instance(), share));
         let scratch = Mutex::new(vec![router.decoder.scratch()]);
         Ok(Serverless { router: RwLock::new(router), scratch, metrics, poller })
     }

@@ -23,6 +23,8 @@ pub struct Poller {
     key_generation: String,
     key_lease: String,
     key_checked: String,
+    /// Each worker has its own filter (proxy-wasm): a fetched table is shared for the others.
+    share: bool,
     state: Mutex<State>,
 }
 
@@ -35,13 +37,14 @@ struct State {
 }
 
 impl Poller {
-    pub fn new(mgmt: Management, namespace: &str) -> Self {
+    pub fn new(mgmt: Management, namespace: &str, share: bool) -> Self {
         let key = |k: &str| format!("edgewise.serverless.{namespace}.{k}");
         Poller {
             key_table: key("table"),
             key_generation: key("generation"),
             key_lease: key("lease"),
             key_checked: key("checked_ms"),
+            share,
             mgmt,
             state: Mutex::new(State::default()),
         }
@@ -121,17 +124,21 @@ impl Poller {
         if same && etag == state.etag {
             return true;
         }
-        // Shared value: the document, then the ETag, then the ETag's length (u16 LE).
-        let mut value = Vec::with_capacity(body.len() + etag.len() + 2);
-        value.extend_from_slice(body);
-        value.extend_from_slice(etag.as_bytes());
-        value.extend_from_slice(&etag_len.to_le_bytes());
-        if !host.shared_set(&self.key_table, &value, None) {
-            return false;
+        let mut generation = state.generation;
+        if self.share {
+            // Shared value: the document, then the ETag, then the ETag's length (u16 LE).
+            let mut value = Vec::with_capacity(body.len() + etag.len() + 2);
+            value.extend_from_slice(body);
+            value.extend_from_slice(etag.as_bytes());
+            value.extend_from_slice(&etag_len.to_le_bytes());
+            if !host.shared_set(&self.key_table, &value, None) {
+                return false;
+            }
+            let Some(next) = update_u64(host, &self.key_generation, |g| Some(g + 1)) else {
+                return false;
+            };
+            generation = next;
         }
-        let Some(generation) = update_u64(host, &self.key_generation, |g| Some(g + 1)) else {
-            return false;
-        };
         log::info!("serverless: route table version {} with {} routes is in force", table.version, table.len());
         host.set_gauge(sl.metrics.table_version, table.version);
         host.set_gauge(sl.metrics.table_routes, table.len() as u64);

@@ -145,7 +145,12 @@ pub enum SlotUse {
 /// Classifies a slot's content for `fingerprint`. `idle_ms` is the longest refill time of any
 /// limit, after which every bucket is full.
 pub fn classify(content: Option<&[u8]>, fingerprint: u64, now_ms: u64, idle_ms: u64) -> SlotUse {
-    match content.and_then(Bucket::decode) {
+    slot_use(content.and_then(Bucket::decode), fingerprint, now_ms, idle_ms)
+}
+
+/// [`classify`] of a slot held as a bucket (the native build's slots are in memory).
+pub fn slot_use(bucket: Option<Bucket>, fingerprint: u64, now_ms: u64, idle_ms: u64) -> SlotUse {
+    match bucket {
         None => SlotUse::Free,
         Some(b) if b.fingerprint == fingerprint => SlotUse::Mine(b),
         Some(b) if now_ms.saturating_sub(b.updated_ms) >= idle_ms => SlotUse::Free,
