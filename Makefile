@@ -93,7 +93,7 @@ bench: setup
 lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p edgewise-core -p edgewise-host $(addprefix -p ,$(FILTERS)) --target $(WASM_TARGET) --target-dir target/wasm -- -D warnings
+	$(CARGO) clippy -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) --target $(WASM_TARGET) --target-dir target/wasm -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

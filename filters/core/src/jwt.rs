@@ -8,6 +8,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+#[cfg(not(feature = "native-crypto"))]
 use sha2::{Digest, Sha256};
 
 use crate::json::{self, Field, Object, Reader, Value};
@@ -460,6 +461,7 @@ mod tests {
     use rsa::traits::PublicKeyParts;
     use rsa::Pkcs1v15Sign;
     use serde_json::Value;
+    use sha2::{Digest, Sha256};
     use std::sync::OnceLock;
 
     fn rng(seed: u64) -> rand_chacha::ChaCha20Rng {

@@ -9,6 +9,9 @@
 //! No panic crosses into Envoy: every hook runs under `catch_unwind`; a panic on a request is
 //! logged, counted (`edgewise.<filter>.panics`) and answered with a 500 (fail closed).
 
+// The exported hooks take Envoy's pointers, which the ABI guarantees valid for the call.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
 #[allow(clippy::all, clippy::pedantic)]
 mod abi;
 mod host;
