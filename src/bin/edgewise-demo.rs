@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy, Options};
+
 use edgewise::scenarios::cloud_connector as cc;
 use edgewise::scenarios::egress as eg;
 use edgewise::scenarios::mesh;
@@ -18,6 +19,8 @@ const B_LABEL: &str = "1111111a-2222222b-333333333c";
 #[tokio::main]
 async fn main() -> Result<()> {
     let root = edgewise::repo_root();
+    let build = edgewise::envoy::Build::current();
+    println!("edgewise demo on the {build:?} build ({}/)", build.yaml_dir());
     let run = root.join("target/run");
     let _ = std::fs::remove_dir_all(&run);
     std::fs::create_dir_all(&run)?;

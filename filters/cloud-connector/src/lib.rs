@@ -298,3 +298,6 @@ impl<H: Host> State for Ctx<'_, H> {
 
 #[cfg(target_arch = "wasm32")]
 edgewise_proxy_wasm::export!(CloudConnector);
+
+#[cfg(test)]
+mod tests;

@@ -104,3 +104,6 @@ impl Filter for Egress {
 
 #[cfg(target_arch = "wasm32")]
 edgewise_proxy_wasm::export!(Egress);
+
+#[cfg(test)]
+mod tests;

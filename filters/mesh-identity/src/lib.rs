@@ -97,3 +97,6 @@ impl Filter for MeshIdentity {
 
 #[cfg(target_arch = "wasm32")]
 edgewise_proxy_wasm::export!(MeshIdentity);
+
+#[cfg(test)]
+mod tests;

@@ -152,3 +152,6 @@ impl Serverless {
 
 #[cfg(target_arch = "wasm32")]
 edgewise_proxy_wasm::export!(Serverless);
+
+#[cfg(test)]
+mod tests;
