@@ -81,6 +81,33 @@ fn wasm_filter(name: &str, config: &str) -> String {
     )
 }
 
+/// The same filter in libedgewise.so (the native build), with the same configuration.
+fn native_filter(name: &str, config: &str) -> String {
+    let file = edgewise::filters_dir().join("libedgewise.so");
+    format!(
+        r#"          - name: edgewise.{name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config:
+                module: {{ local: {{ filename: {file} }} }}
+                do_not_close: true
+                metrics_namespace: edgewise
+              filter_name: {name}
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '{config}'
+"#,
+        file = file.display()
+    )
+}
+
+/// The native variant of a wasm configuration (`wasm_filter`'s output).
+fn native(wasm: &str) -> String {
+    let name = wasm.split("name: edgewise.").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default();
+    let config = wasm.split("value: '").nth(1).and_then(|r| r.rsplit_once('\'')).map(|(c, _)| c).unwrap_or_default();
+    native_filter(name, config)
+}
+
 /// The serverless filter's routes: `n` of them, the benchmarked host among them.
 fn serverless_routes(n: u64) -> String {
     let mut routes = Vec::with_capacity(n as usize);
@@ -235,6 +262,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
         "egress",
         r#"{"allow":["api.github.com","*.googleapis.com","hooks.slack.com","example.com:8443"]}"#,
     );
+    let egress_native = native(&egress);
     vec![
         Bench {
             name: "baseline",
@@ -330,6 +358,63 @@ fn benches(jwks: &str) -> Vec<Bench> {
             host: "hub.example",
             path: "/clusters/upstream/api/v1/namespaces",
             filters: tunnel_auth(),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "native-floor",
+            what:
+                "libedgewise.so serverless passing through a Host outside its domain: the fixed cost of a native filter",
+            host: "www.example.com",
+            path: "/",
+            filters: native(&serverless(10)),
+            tokens: Tokens::None,
+        },
+        Bench {
+            name: "serverless-10-native",
+            what: "libedgewise.so serverless, 10 routes",
+            host: SERVERLESS_HOST,
+            path: "/",
+            filters: native(&serverless(10)),
+            tokens: Tokens::None,
+        },
+        Bench {
+            name: "serverless-100k-native",
+            what: "libedgewise.so serverless, 100,000 routes from the management service",
+            host: SERVERLESS_HOST,
+            path: "/",
+            filters: native_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
+            tokens: Tokens::None,
+        },
+        Bench {
+            name: "egress-native",
+            what: "libedgewise.so egress, 4 allowlist entries",
+            host: EGRESS_HOST,
+            path: "/",
+            filters: egress_native,
+            tokens: Tokens::None,
+        },
+        Bench {
+            name: "cc-hit-native",
+            what: "libedgewise.so cloud-connector, RS256, the same token (cache hit)",
+            host: CC_HOST,
+            path: "/",
+            filters: native(&cloud_connector(false)),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-miss-native",
+            what: "libedgewise.so cloud-connector, RS256 (ring), a new token per request",
+            host: CC_HOST,
+            path: "/",
+            filters: native(&cloud_connector(false)),
+            tokens: Tokens::Fresh,
+        },
+        Bench {
+            name: "tunnel-auth-native",
+            what: "libedgewise.so tunnel-auth, RS256 token (cache hit)",
+            host: "hub.example",
+            path: "/clusters/upstream/api/v1/namespaces",
+            filters: native(&tunnel_auth()),
             tokens: Tokens::One,
         },
         Bench {
@@ -524,6 +609,10 @@ const HEAD_TO_HEAD: &[(&str, &str)] = &[
     ("egress", "lua-egress"),
     ("cc-hit", "jwt_authn-cache"),
     ("cc-miss", "jwt_authn"),
+    ("serverless-10-native", "lua-serverless"),
+    ("egress-native", "lua-egress"),
+    ("cc-hit-native", "jwt_authn-cache"),
+    ("cc-miss-native", "jwt_authn"),
 ];
 
 /// Per rotation (reference, a, b in turn): the CPU per request a and b added over the reference.
@@ -865,6 +954,22 @@ async fn main() -> Result<()> {
     check(
         "cloud-connector, new token per request, adds at most 3x jwt_authn without cache (ratio ≤ 3.0)",
         ratio("cc-miss", "jwt_authn", 3.0),
+    );
+    check(
+        "native serverless adds no more than Lua doing the same (ratio ≤ 1.0)",
+        ratio("serverless-10-native", "lua-serverless", 1.0),
+    );
+    check(
+        "native egress adds no more than Lua doing the same (ratio ≤ 1.0)",
+        ratio("egress-native", "lua-egress", 1.0),
+    );
+    check(
+        "native cloud-connector, cached token, adds no more than jwt_authn with its cache (ratio ≤ 1.0)",
+        ratio("cc-hit-native", "jwt_authn-cache", 1.0),
+    );
+    check(
+        "native cloud-connector, new token per request, adds at most 3x jwt_authn without cache (ratio ≤ 3.0)",
+        ratio("cc-miss-native", "jwt_authn", 3.0),
     );
     for (i, b) in benches.iter().enumerate() {
         if b.filters.contains("wasm.v3.Wasm")
