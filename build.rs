@@ -59,7 +59,11 @@ fn main() {
         panic!("building libedgewise.so failed (see above)");
     }
     let built = native_dir.join("native").join(NATIVE);
-    fs::copy(&built, out.join(NATIVE)).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    // A new file, renamed into place: a running Envoy has the old one mapped, and writing into
+    // it would change code under its feet.
+    let staged = out.join(format!("{NATIVE}.new"));
+    fs::copy(&built, &staged).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    fs::rename(&staged, out.join(NATIVE)).unwrap_or_else(|e| panic!("installing {NATIVE}: {e}"));
 }
 
 const NATIVE: &str = "libedgewise.so";

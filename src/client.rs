@@ -173,20 +173,43 @@ pub fn raw_get(host: &[u8], path: &str, headers: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// The status codes of the HTTP/1.1 responses in a raw exchange, in order.
+/// The status codes of the HTTP/1.1 responses in a raw exchange, in order (each response read
+/// whole, its body by Content-Length or chunked encoding, so pipelined answers are told apart).
 pub fn raw_statuses(raw: &[u8]) -> Vec<u16> {
     let mut statuses = Vec::new();
-    let mut at = 0;
-    while let Some(found) = raw.get(at..).and_then(|rest| rest.windows(9).position(|w| w == b"HTTP/1.1 ")) {
-        let start = at + found;
-        let line_start = start == 0 || raw.get(start - 2..start) == Some(b"\r\n");
-        let code = raw.get(start + 9..start + 12).and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
-        if let (true, Some(code)) = (line_start, code) {
-            statuses.push(code);
-        }
-        at = start + 9;
+    let mut rest = raw;
+    while let Some((status, after)) = one_response(rest) {
+        statuses.push(status);
+        rest = after;
     }
     statuses
+}
+
+/// Splits off one response: its status and what follows it.
+fn one_response(raw: &[u8]) -> Option<(u16, &[u8])> {
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(raw.get(..head_end)?).ok()?;
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+    };
+    let mut body = raw.get(head_end..)?;
+    if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        return Some((status, body.get(length..).unwrap_or_default()));
+    }
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let line_end = body.windows(2).position(|w| w == b"\r\n")?;
+            let size = usize::from_str_radix(std::str::from_utf8(body.get(..line_end)?).ok()?.trim(), 16).ok()?;
+            body = body.get(line_end + 2 + size + 2..).unwrap_or_default();
+            if size == 0 {
+                return Some((status, body));
+            }
+        }
+    }
+    // No length: the body runs to the end of the connection.
+    Some((status, &[]))
 }
 
 async fn exchange<S>(io: S, h2: bool, scheme: &str, req: Request<'_>) -> Result<Response>

@@ -542,3 +542,50 @@ async fn header_values_that_are_not_utf8_get_a_400_or_pass_untouched_and_break_n
         assert_eq!(s.call("/ai/v2/code/completions", Some(&token), &[]).await.status, 200);
     }
 }
+
+/// The hostile class (edgewise::hostile) with a valid token: each gets a clear status, a second
+/// Authorization never reaches the backend (it sees exactly the verified one), and the valid
+/// requests after them are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_requests_get_clear_statuses_and_break_nothing() {
+    let gitlab = Idp::rs256(GITLAB, "gitlab-1").unwrap();
+    let s = setup(|c| c, |i| i.publish(GITLAB, published(&[&gitlab]))).await;
+    let token = gitlab.token(cc::claims("6b1a2c3d-0000-4000-8000-00000000000a", &["code_suggestions"]));
+    assert_eq!(s.until_accepted(&token, Duration::from_secs(10)).await.status, 200);
+    let bearer = format!("Bearer {token}");
+    let ai_before = s.ai.count();
+    let cases = edgewise::hostile::cases(
+        "cloud.gitlab.com",
+        "/ai/v2/code/completions",
+        &[("authorization", bearer.as_bytes())],
+    );
+    let statuses = edgewise::hostile::send(&s.client, s.front, "cloud.gitlab.com", &cases).await.unwrap();
+    let got: Vec<(&str, Vec<u16>)> = cases.iter().map(|c| c.name).zip(statuses).collect();
+    let expected: Vec<(&str, Vec<u16>)> = vec![
+        ("obs-text in a header value", vec![200]),
+        ("control bytes in a header value", vec![400]),
+        ("a non-ASCII authority", vec![400]),
+        ("a 60 KiB header value", vec![431]),
+        ("200 headers", vec![431]),
+        // Two Authorization values read as one ("a, b"): not a bearer token, refused.
+        ("a second Authorization", vec![401]),
+        ("a second Host", vec![200]),
+        ("two pipelined requests", vec![200, 200]),
+        ("a body on GET", vec![200]),
+    ];
+    assert_eq!(got, expected);
+    let seen = s.ai.seen();
+    assert_eq!(seen.len() - ai_before, 5, "only the accepted requests reached the backend");
+    for r in &seen[ai_before..] {
+        let authorizations: Vec<&str> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(authorizations, [bearer.as_str()], "exactly the verified token reaches the backend");
+    }
+    for _ in 0..10 {
+        assert_eq!(s.call("/ai/v2/code/completions", Some(&token), &[]).await.status, 200);
+    }
+}

@@ -228,3 +228,31 @@ async fn header_values_that_are_not_utf8_are_refused_or_pass_untouched_and_break
         assert_eq!(s.get("api.github.com.egress.local").await.status, 200);
     }
 }
+
+/// The hostile class (edgewise::hostile): each gets a clear status, nothing reaches a destination
+/// it may not, and the valid requests after them are served.
+#[tokio::test]
+async fn hostile_requests_get_clear_statuses_and_break_nothing() {
+    let s = setup().await;
+    let cases = edgewise::hostile::cases("api.github.com.egress.local", "/", &[]);
+    let statuses = edgewise::hostile::send(&Client::plain(), s.front, "egress", &cases).await.unwrap();
+    let got: Vec<(&str, Vec<u16>)> = cases.iter().map(|c| c.name).zip(statuses).collect();
+    let expected: Vec<(&str, Vec<u16>)> = vec![
+        ("obs-text in a header value", vec![200]),
+        ("control bytes in a header value", vec![400]),
+        // Envoy's codec refuses a Host that is not ASCII before any filter runs.
+        ("a non-ASCII authority", vec![400]),
+        ("a 60 KiB header value", vec![431]),
+        ("200 headers", vec![431]),
+        ("a second Authorization", vec![200]),
+        // Envoy takes the first Host ("another.example"): not an egress host, refused.
+        ("a second Host", vec![403]),
+        ("two pipelined requests", vec![200, 200]),
+        ("a body on GET", vec![200]),
+    ];
+    assert_eq!(got, expected);
+    assert_eq!(s.upstream_requests(), 5, "only the accepted requests reached the destination");
+    for _ in 0..10 {
+        assert_eq!(s.get("api.github.com.egress.local").await.status, 200);
+    }
+}

@@ -434,3 +434,32 @@ async fn header_values_that_are_not_utf8_are_refused_or_pass_untouched_and_break
         assert_eq!(s.get(sl::INLINE_HOST).await.status, 200);
     }
 }
+
+/// The hostile class (edgewise::hostile): each gets a clear status, nothing reaches a customer
+/// it may not, and the valid requests after them are served.
+#[tokio::test]
+async fn hostile_requests_get_clear_statuses_and_break_nothing() {
+    let s = setup(Options::default()).await;
+    s.wait_table_version(1).await;
+    let client = s.pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
+    let cases = edgewise::hostile::cases(sl::INLINE_HOST, "/", &[]);
+    let statuses = edgewise::hostile::send(&client, s.front, sl::INLINE_HOST, &cases).await.unwrap();
+    let got: Vec<(&str, Vec<u16>)> = cases.iter().map(|c| c.name).zip(statuses).collect();
+    let expected: Vec<(&str, Vec<u16>)> = vec![
+        ("obs-text in a header value", vec![200]),
+        ("control bytes in a header value", vec![400]),
+        ("a non-ASCII authority", vec![400]),
+        ("a 60 KiB header value", vec![431]),
+        ("200 headers", vec![431]),
+        ("a second Authorization", vec![200]),
+        // Envoy takes the first Host ("another.example"): no site of this listener, 404.
+        ("a second Host", vec![404]),
+        ("two pipelined requests", vec![200, 200]),
+        ("a body on GET", vec![200]),
+    ];
+    assert_eq!(got, expected);
+    assert_eq!((s.a.count(), s.b.count(), s.www.count()), (5, 0, 0));
+    for _ in 0..10 {
+        assert_eq!(s.get(sl::INLINE_HOST).await.status, 200);
+    }
+}

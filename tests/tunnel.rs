@@ -350,3 +350,40 @@ async fn header_values_that_are_not_utf8_get_a_400_or_pass_and_break_nothing() {
     }
     assert_eq!(s.hub.envoy.stat(&edgewise::envoy::stat("edgewise.tunnel_auth.requests.bad_request")).await.unwrap(), 4);
 }
+
+/// The hostile class (edgewise::hostile) at the hub, with a valid token: each gets a clear
+/// status, nothing reaches the cluster without it, and the valid requests after them are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_requests_get_clear_statuses_and_break_nothing() {
+    let s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let start = Instant::now();
+    while s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status != 200 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the tunnel never carried a request");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = s.kubectl.requests().len();
+    let bearer = format!("Bearer {alice}");
+    let cases =
+        edgewise::hostile::cases("hub.example", "/clusters/cluster-a/version", &[("authorization", bearer.as_bytes())]);
+    let statuses = edgewise::hostile::send(&Client::plain(), s.hub.users, "hub.example", &cases).await.unwrap();
+    let got: Vec<(&str, Vec<u16>)> = cases.iter().map(|c| c.name).zip(statuses).collect();
+    let expected: Vec<(&str, Vec<u16>)> = vec![
+        // Through the tunnel (HTTP/2), Envoy resets a stream whose header value is obs-text.
+        ("obs-text in a header value", vec![503]),
+        ("control bytes in a header value", vec![400]),
+        ("a non-ASCII authority", vec![400]),
+        ("a 60 KiB header value", vec![431]),
+        ("200 headers", vec![431]),
+        // Two Authorization values read as one ("a, b"): not a bearer token, refused.
+        ("a second Authorization", vec![401]),
+        ("a second Host", vec![200]),
+        ("two pipelined requests", vec![200, 200]),
+        ("a body on GET", vec![200]),
+    ];
+    assert_eq!(got, expected);
+    assert_eq!(s.kubectl.requests().len() - before, 4, "only the accepted requests reached the cluster");
+    for _ in 0..10 {
+        assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
+    }
+}

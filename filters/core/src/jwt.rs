@@ -135,6 +135,14 @@ pub struct Jwk {
     key: KeyMaterial,
 }
 
+impl Jwk {
+    /// Checks a signature over `input` with this key, by its own algorithm (RS256 for an RSA key,
+    /// ES256, r ‖ s, for a P-256 key): the check a token's signature gets, for any bytes.
+    pub fn verify(&self, input: &[u8], signature: &[u8]) -> bool {
+        self.key.verify(input, &OnceCell::new(), signature)
+    }
+}
+
 /// The usable signing keys of a JWKS. Keys of other types (symmetric `oct`, other curves) and
 /// keys not meant for signatures are left out, so they can never verify anything.
 #[derive(Debug, Clone, Default)]
@@ -270,6 +278,11 @@ impl Jwks {
 
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// The usable keys, in the document's order.
+    pub fn keys(&self) -> &[Jwk] {
+        &self.keys
     }
 }
 

@@ -17,3 +17,5 @@ pub mod reply;
 pub mod rs256;
 pub mod serverless;
 pub mod tunnel;
+#[cfg(test)]
+mod wycheproof;

@@ -68,7 +68,8 @@ pub trait Host {
 
 /// One request, in a hook of its own.
 pub trait Stream: Host {
-    /// A request header's value (the first, if repeated), as bytes.
+    /// A request header's value, as bytes; repeated, its values joined by ", " (as HTTP combines
+    /// field lines: a second Authorization makes the value unusable, not the first one).
     fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
 
     /// Sets a request header, replacing every value it had.

@@ -52,20 +52,27 @@ impl Filter for MeshIdentity {
         match &self.role {
             Role::Gateway(gateway) => {
                 let now_s = s.now_ms() / 1000;
+                // The verified value, when it is forwarded: it replaces every Authorization sent.
+                let mut verified: Option<String> = None;
                 let authenticated = {
                     let authorization = s.request_header("authorization");
-                    header_text("authorization", authorization.as_deref())
-                        .and_then(|authorization| gateway.authenticate(authorization, now_s, &mut lock(&self.cache)))
+                    header_text("authorization", authorization.as_deref()).and_then(|authorization| {
+                        if gateway.forward_token {
+                            verified = authorization.map(str::to_string);
+                        }
+                        gateway.authenticate(authorization, now_s, &mut lock(&self.cache))
+                    })
                 };
                 let headers = gateway.identity_headers();
                 match authenticated {
                     Ok(identity) => {
                         let mut remove: Vec<&str> = headers.collect();
-                        if !gateway.forward_token {
-                            remove.push("authorization");
-                        }
-                        let set: Vec<(&str, &[u8])> =
+                        remove.push("authorization");
+                        let mut set: Vec<(&str, &[u8])> =
                             identity.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+                        if let Some(authorization) = &verified {
+                            set.push(("authorization", authorization.as_bytes()));
+                        }
                         s.edit_request_headers(&remove, &set);
                         s.increment(self.authenticated);
                         Flow::Continue

@@ -328,6 +328,9 @@ pub trait State {
 pub struct Forwarded {
     pub path: Option<String>,
     pub signature: Option<String>,
+    /// The Authorization value that was verified, when it is forwarded: the backend never sees
+    /// another one a client added (a second Authorization header).
+    pub authorization: Option<String>,
 }
 
 /// What wakes a paused request (besides its deadline, `jwks.wait_ms` after it was paused).
@@ -404,7 +407,8 @@ impl Gateway {
     pub fn forwarded(&self, feature: &Feature, id: &Identity, req: &Request, now_ms: u64) -> Forwarded {
         let path = self.rewrite(feature, req.path);
         let signature = self.sign(now_ms / 1000, req.method, path.as_deref().unwrap_or(req.path), &id.instance_id);
-        Forwarded { path, signature }
+        let authorization = self.forward_authorization.then(|| req.authorization.unwrap_or_default().to_string());
+        Forwarded { path, signature, authorization }
     }
 
     /// The forwarded request's header edits: every header the gateway owns is removed from what
@@ -423,9 +427,8 @@ impl Gateway {
         remove.extend(h.feature.as_deref());
         remove.extend(h.rate_limit_key.as_deref());
         remove.extend(h.strip.iter().map(String::as_str));
-        if !self.forward_authorization {
-            remove.push("authorization");
-        }
+        // Every Authorization the client sent goes; the one that was verified may come back.
+        remove.push("authorization");
         let mut set: Vec<(&str, &str)> = Vec::with_capacity(9);
         if let Some(path) = &fw.path {
             set.push((":path", path));
@@ -445,6 +448,9 @@ impl Gateway {
         }
         if let Some(name) = &h.rate_limit_key {
             set.push((name, &id.rate_key));
+        }
+        if let Some(authorization) = &fw.authorization {
+            set.push(("authorization", authorization));
         }
         (remove, set)
     }

@@ -1,0 +1,61 @@
+//! Requests no well-behaved client sends, written as bytes on a raw HTTP/1.1 connection: what
+//! every filter must answer with a clear status, without breaking the requests after them.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use crate::client::{raw_get, raw_statuses, Client};
+
+/// One hostile request: its name and its bytes (a whole exchange, closing the connection).
+pub struct Case {
+    pub name: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// The hostile requests for `host` and `path`; `valid` are the headers that make the request
+/// acceptable to the filter (a bearer token), sent with each case unless the case replaces them.
+pub fn cases(host: &str, path: &str, valid: &[(&str, &[u8])]) -> Vec<Case> {
+    let host_b = host.as_bytes();
+    let with = |extra: &[(&str, &[u8])]| raw_get(host_b, path, &[valid, extra].concat());
+    let big = vec![b'a'; 60 * 1024];
+    let many: Vec<(String, Vec<u8>)> = (0..200).map(|i| (format!("x-h-{i}"), b"v".to_vec())).collect();
+    let many: Vec<(&str, &[u8])> = many.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let mut pipelined = raw_get(host_b, path, valid);
+    // The first request of the pair keeps the connection open.
+    if let Some(at) = pipelined.windows(19).position(|w| w == b"connection: close\r\n") {
+        pipelined.drain(at..at + 19);
+    }
+    pipelined.extend_from_slice(&with(&[]));
+    let mut body_on_get = with(&[("content-length", b"5")]);
+    body_on_get.extend_from_slice(b"hello");
+    let duplicated_host = {
+        let mut r = with(&[]);
+        let line = format!("host: {host}\r\n");
+        if let Some(at) = r.windows(line.len()).position(|w| w == line.as_bytes()) {
+            r.splice(at..at, b"host: another.example\r\n".iter().copied());
+        }
+        r
+    };
+    vec![
+        Case { name: "obs-text in a header value", bytes: with(&[("x-anything", b"caf\xe9 \x80\xff")]) },
+        Case { name: "control bytes in a header value", bytes: with(&[("x-control", b"a\x01b\x7fc")]) },
+        Case { name: "a non-ASCII authority", bytes: raw_get("café.example".as_bytes(), path, valid) },
+        Case { name: "a 60 KiB header value", bytes: with(&[("x-big", &big)]) },
+        Case { name: "200 headers", bytes: with(&many) },
+        Case { name: "a second Authorization", bytes: with(&[("authorization", b"Bearer forged.token.value")]) },
+        Case { name: "a second Host", bytes: duplicated_host },
+        Case { name: "two pipelined requests", bytes: pipelined },
+        Case { name: "a body on GET", bytes: body_on_get },
+    ]
+}
+
+/// Sends each case on its own connection; the statuses of the responses to each.
+pub async fn send(client: &Client, addr: SocketAddr, server_name: &str, cases: &[Case]) -> Result<Vec<Vec<u16>>> {
+    let mut statuses = Vec::with_capacity(cases.len());
+    for case in cases {
+        let out = client.raw(addr, server_name, &case.bytes).await?;
+        statuses.push(raw_statuses(&out));
+    }
+    Ok(statuses)
+}
