@@ -55,7 +55,8 @@ native-yaml:
 oci: build
 	$(CARGO) run --bin edgewise-oci
 
-# The same, and the digests written into deploy/istio/*.yaml (tests/istio.rs checks they are current).
+# The same, and the digests written into deploy/istio/ and deploy/envoy-gateway/ (the tests check
+# they are current).
 oci-pin: build
 	$(CARGO) run --bin edgewise-oci -- --pin
 

@@ -76,6 +76,11 @@ impl Client {
         Client { tls: Some(config), ..Client::default() }
     }
 
+    /// Its TLS configuration, if it has one.
+    pub fn tls_config(&self) -> Option<Arc<ClientConfig>> {
+        self.tls.clone()
+    }
+
     /// Uses this TLS server name instead of the request's authority.
     pub fn sni(mut self, name: &str) -> Self {
         self.sni = Some(name.to_string());

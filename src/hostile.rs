@@ -59,3 +59,34 @@ pub async fn send(client: &Client, addr: SocketAddr, server_name: &str, cases: &
     }
     Ok(statuses)
 }
+
+/// Sends a valid HTTP/2 request, then each request of [`crate::h2raw::odd_requests`], on
+/// connections of their own: the valid one's status, and each odd one's name and answer.
+pub async fn send_h2(
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    addr: SocketAddr,
+    server_name: &str,
+    path: &str,
+    valid: &[(&str, &[u8])],
+) -> Result<(crate::h2raw::Answer, Vec<(&'static str, crate::h2raw::Answer)>)> {
+    use crate::h2raw::{odd_requests, request};
+    let mut good: Vec<(Vec<u8>, Vec<u8>)> = [
+        (":method", "GET".as_bytes()),
+        (":scheme", b"https"),
+        (":authority", server_name.as_bytes()),
+        (":path", path.as_bytes()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+    .collect();
+    good.extend(valid.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec())));
+    fn borrow(f: &[(Vec<u8>, Vec<u8>)]) -> Vec<(&[u8], &[u8])> {
+        f.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect()
+    }
+    let valid_answer = request(tls.clone(), addr, server_name, &borrow(&good)).await?;
+    let mut answers = Vec::new();
+    for (name, fields) in odd_requests(server_name, path, valid) {
+        answers.push((name, request(tls.clone(), addr, server_name, &borrow(&fields)).await?));
+    }
+    Ok((valid_answer, answers))
+}

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod client;
 pub mod dns;
 pub mod envoy;
+pub mod h2raw;
 pub mod hostile;
 pub mod idp;
 pub mod native;

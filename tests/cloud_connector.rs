@@ -574,8 +574,16 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a body on GET", vec![200]),
     ];
     assert_eq!(got, expected);
+    let path = "/ai/v2/code/completions";
+    let valid = [("authorization", bearer.as_bytes())];
+    let (ok, odd) =
+        edgewise::hostile::send_h2(s.client.tls_config(), s.front, "cloud.gitlab.com", path, &valid).await.unwrap();
+    assert_eq!(ok, edgewise::h2raw::Answer::Status(200), "a valid HTTP/2 request");
+    for (name, answer) in &odd {
+        assert!(edgewise::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+    }
     let seen = s.ai.seen();
-    assert_eq!(seen.len() - ai_before, 5, "only the accepted requests reached the backend");
+    assert_eq!(seen.len() - ai_before, 6, "only the accepted requests reached the backend");
     for r in &seen[ai_before..] {
         let authorizations: Vec<&str> = r
             .headers

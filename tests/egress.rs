@@ -251,7 +251,13 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a body on GET", vec![200]),
     ];
     assert_eq!(got, expected);
-    assert_eq!(s.upstream_requests(), 5, "only the accepted requests reached the destination");
+    let (valid, odd) =
+        edgewise::hostile::send_h2(None, s.front, "api.github.com.egress.local", "/", &[]).await.unwrap();
+    assert_eq!(valid, edgewise::h2raw::Answer::Status(200), "a valid HTTP/2 request");
+    for (name, answer) in &odd {
+        assert!(edgewise::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+    }
+    assert_eq!(s.upstream_requests(), 6, "only the accepted requests reached the destination");
     for _ in 0..10 {
         assert_eq!(s.get("api.github.com.egress.local").await.status, 200);
     }

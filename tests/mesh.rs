@@ -315,7 +315,14 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a body on GET", vec![200]),
     ];
     assert_eq!(got, expected);
-    assert_eq!(s.workload.count() + s.non_meshed.count(), 5, "only the accepted requests reached a workload");
+    let valid = [("authorization", bearer.as_bytes())];
+    let (ok, odd) =
+        edgewise::hostile::send_h2(None, s.gateway_addr, "shop.example", "/catalog/items", &valid).await.unwrap();
+    assert_eq!(ok, edgewise::h2raw::Answer::Status(200), "a valid HTTP/2 request");
+    for (name, answer) in &odd {
+        assert!(edgewise::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+    }
+    assert_eq!(s.workload.count() + s.non_meshed.count(), 6, "only the accepted requests reached a workload");
     for _ in 0..10 {
         assert_eq!(s.via_gateway("/catalog/items", Some(&s.pki.user_token("alice")), &[]).await.status, 200);
     }

@@ -458,7 +458,12 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a body on GET", vec![200]),
     ];
     assert_eq!(got, expected);
-    assert_eq!((s.a.count(), s.b.count(), s.www.count()), (5, 0, 0));
+    let (ok, odd) = edgewise::hostile::send_h2(client.tls_config(), s.front, sl::INLINE_HOST, "/", &[]).await.unwrap();
+    assert_eq!(ok, edgewise::h2raw::Answer::Status(200), "a valid HTTP/2 request");
+    for (name, answer) in &odd {
+        assert!(edgewise::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+    }
+    assert_eq!((s.a.count(), s.b.count(), s.www.count()), (6, 0, 0));
     for _ in 0..10 {
         assert_eq!(s.get(sl::INLINE_HOST).await.status, 200);
     }

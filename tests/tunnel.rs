@@ -382,7 +382,14 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a body on GET", vec![200]),
     ];
     assert_eq!(got, expected);
-    assert_eq!(s.kubectl.requests().len() - before, 4, "only the accepted requests reached the cluster");
+    let valid = [("authorization", bearer.as_bytes())];
+    let path = "/clusters/cluster-a/version";
+    let (ok, odd) = edgewise::hostile::send_h2(None, s.hub.users, "hub.example", path, &valid).await.unwrap();
+    assert_eq!(ok, edgewise::h2raw::Answer::Status(200), "a valid HTTP/2 request");
+    for (name, answer) in &odd {
+        assert!(edgewise::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+    }
+    assert_eq!(s.kubectl.requests().len() - before, 5, "only the accepted requests reached the cluster");
     for _ in 0..10 {
         assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
     }

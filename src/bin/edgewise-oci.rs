@@ -16,8 +16,10 @@ fn main() -> Result<()> {
         digests.insert(name, image.digest);
     }
     if std::env::args().any(|a| a == "--pin") {
-        for file in edgewise::oci::pin(&edgewise::repo_root().join("deploy/istio"), &digests)? {
-            println!("pinned digests in {}", file.display());
+        for dir in ["deploy/istio", "deploy/envoy-gateway"] {
+            for file in edgewise::oci::pin(&edgewise::repo_root().join(dir), &digests)? {
+                println!("pinned digests in {}", file.display());
+            }
         }
     } else {
         println!("\nPush one with: skopeo copy oci:target/oci/<filter>:{version} docker://<registry>/edgewise/<filter>:{version}");
