@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Result;
 
 use crate::client::{raw_get, raw_statuses, Client};
+use crate::h2raw::Answer;
 
 /// One hostile request: its name and its bytes (a whole exchange, closing the connection).
 pub struct Case {
@@ -50,8 +51,41 @@ pub fn cases(host: &str, path: &str, valid: &[(&str, &[u8])]) -> Vec<Case> {
     ]
 }
 
+/// What a filter answered to the whole class.
+#[derive(Debug)]
+pub struct Report {
+    /// Each HTTP/1.1 case and the statuses of its responses.
+    pub http1: Vec<(&'static str, Vec<u16>)>,
+    /// A valid HTTP/2 request (proof that the raw HTTP/2 client is understood).
+    pub h2_valid: Answer,
+    /// Each request of [`crate::h2raw::odd_requests`] and its answer.
+    pub h2_odd: Vec<(&'static str, Answer)>,
+}
+
+impl Report {
+    /// Asserts the HTTP/1.1 statuses, a 200 for the valid HTTP/2 request, and a refusal of every
+    /// odd one.
+    pub fn check(&self, expected: &[(&str, &[u16])]) {
+        let got: Vec<(&str, &[u16])> = self.http1.iter().map(|(n, s)| (*n, s.as_slice())).collect();
+        assert_eq!(got, expected, "HTTP/1.1");
+        assert_eq!(self.h2_valid, Answer::Status(200), "a valid HTTP/2 request");
+        for (name, answer) in &self.h2_odd {
+            assert!(crate::h2raw::refused(answer).is_ok(), "HTTP/2 {name}: {answer:?}");
+        }
+    }
+}
+
+/// Sends the class to `addr` for `host` and `path` (over TLS when the client has it), each
+/// request on a connection of its own.
+pub async fn run(client: &Client, addr: SocketAddr, host: &str, path: &str, valid: &[(&str, &[u8])]) -> Result<Report> {
+    let cases = cases(host, path, valid);
+    let http1 = send(client, addr, host, &cases).await?;
+    let (h2_valid, h2_odd) = send_h2(client.tls_config(), addr, host, path, valid).await?;
+    Ok(Report { http1: cases.iter().map(|c| c.name).zip(http1).collect(), h2_valid, h2_odd })
+}
+
 /// Sends each case on its own connection; the statuses of the responses to each.
-pub async fn send(client: &Client, addr: SocketAddr, server_name: &str, cases: &[Case]) -> Result<Vec<Vec<u16>>> {
+async fn send(client: &Client, addr: SocketAddr, server_name: &str, cases: &[Case]) -> Result<Vec<Vec<u16>>> {
     let mut statuses = Vec::with_capacity(cases.len());
     for case in cases {
         let out = client.raw(addr, server_name, &case.bytes).await?;
@@ -62,13 +96,13 @@ pub async fn send(client: &Client, addr: SocketAddr, server_name: &str, cases: &
 
 /// Sends a valid HTTP/2 request, then each request of [`crate::h2raw::odd_requests`], on
 /// connections of their own: the valid one's status, and each odd one's name and answer.
-pub async fn send_h2(
+async fn send_h2(
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     addr: SocketAddr,
     server_name: &str,
     path: &str,
     valid: &[(&str, &[u8])],
-) -> Result<(crate::h2raw::Answer, Vec<(&'static str, crate::h2raw::Answer)>)> {
+) -> Result<(Answer, Vec<(&'static str, Answer)>)> {
     use crate::h2raw::{odd_requests, request};
     let mut good: Vec<(Vec<u8>, Vec<u8>)> = [
         (":method", "GET".as_bytes()),

@@ -134,26 +134,34 @@ impl<'a> FakeStream<'a> {
     }
 }
 
-impl Host for FakeStream<'_> {
-    fn now_ms(&self) -> u64 {
-        self.host.now_ms()
-    }
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        self.host.shared_get(key)
-    }
-    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        self.host.shared_set(key, value, cas)
-    }
-    fn increment(&self, counter: Counter) {
-        self.host.increment(counter)
-    }
-    fn set_gauge(&self, gauge: Gauge, value: u64) {
-        self.host.set_gauge(gauge, value)
-    }
-    fn record(&self, histogram: Histogram, value: u64) {
-        self.host.record(histogram, value)
-    }
+/// A stream or the background: the host's shared data, metrics and clock.
+macro_rules! on_fake_host {
+    ($t:ty) => {
+        impl Host for $t {
+            fn now_ms(&self) -> u64 {
+                self.host.now_ms()
+            }
+            fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+                self.host.shared_get(key)
+            }
+            fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+                self.host.shared_set(key, value, cas)
+            }
+            fn increment(&self, counter: Counter) {
+                self.host.increment(counter)
+            }
+            fn set_gauge(&self, gauge: Gauge, value: u64) {
+                self.host.set_gauge(gauge, value)
+            }
+            fn record(&self, histogram: Histogram, value: u64) {
+                self.host.record(histogram, value)
+            }
+        }
+    };
 }
+
+on_fake_host!(FakeStream<'_>);
+on_fake_host!(FakeBackground<'_>);
 
 impl Stream for FakeStream<'_> {
     fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
@@ -201,27 +209,6 @@ pub struct FakeBackground<'a> {
 impl<'a> FakeBackground<'a> {
     pub fn new(host: &'a FakeHost) -> Self {
         FakeBackground { host, calls: Vec::new(), woken: Vec::new() }
-    }
-}
-
-impl Host for FakeBackground<'_> {
-    fn now_ms(&self) -> u64 {
-        self.host.now_ms()
-    }
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        self.host.shared_get(key)
-    }
-    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        self.host.shared_set(key, value, cas)
-    }
-    fn increment(&self, counter: Counter) {
-        self.host.increment(counter)
-    }
-    fn set_gauge(&self, gauge: Gauge, value: u64) {
-        self.host.set_gauge(gauge, value)
-    }
-    fn record(&self, histogram: Histogram, value: u64) {
-        self.host.record(histogram, value)
     }
 }
 

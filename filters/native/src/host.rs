@@ -101,47 +101,49 @@ impl NativeStream<'_> {
     }
 }
 
-impl Host for NativeStream<'_> {
-    fn now_ms(&self) -> u64 {
-        now_ms()
-    }
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        shared_get(key)
-    }
-    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        shared_set(key, value, cas)
-    }
-    fn increment(&self, counter: Counter) {
-        // SAFETY: the stream handle is valid in this hook; no labels.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_increment_counter(
-                self.envoy,
-                counter.0 as usize,
-                null_mut(),
-                0,
-                1,
-            )
-        };
-    }
-    fn set_gauge(&self, gauge: Gauge, value: u64) {
-        // SAFETY: as above.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_set_gauge(self.envoy, gauge.0 as usize, null_mut(), 0, value)
-        };
-    }
-    fn record(&self, histogram: Histogram, value: u64) {
-        // SAFETY: as above.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                self.envoy,
-                histogram.0 as usize,
-                null_mut(),
-                0,
-                value,
-            )
-        };
-    }
+/// Both contexts reach the process's shared data and clock, and Envoy's metrics through the
+/// callbacks of their own handle (a stream on its worker, the config on the main thread).
+macro_rules! native_host {
+    ($t:ty, $increment:ident, $set_gauge:ident, $record:ident) => {
+        impl Host for $t {
+            fn now_ms(&self) -> u64 {
+                now_ms()
+            }
+            fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+                shared_get(key)
+            }
+            fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+                shared_set(key, value, cas)
+            }
+            fn increment(&self, counter: Counter) {
+                // SAFETY: the handle is valid in this context; no labels.
+                unsafe { $increment(self.envoy, counter.0 as usize, null_mut(), 0, 1) };
+            }
+            fn set_gauge(&self, gauge: Gauge, value: u64) {
+                // SAFETY: as above.
+                unsafe { $set_gauge(self.envoy, gauge.0 as usize, null_mut(), 0, value) };
+            }
+            fn record(&self, histogram: Histogram, value: u64) {
+                // SAFETY: as above.
+                unsafe { $record(self.envoy, histogram.0 as usize, null_mut(), 0, value) };
+            }
+        }
+    };
 }
+
+native_host!(
+    NativeStream<'_>,
+    envoy_dynamic_module_callback_http_filter_increment_counter,
+    envoy_dynamic_module_callback_http_filter_set_gauge,
+    envoy_dynamic_module_callback_http_filter_record_histogram_value
+);
+
+native_host!(
+    NativeBackground<'_>,
+    envoy_dynamic_module_callback_http_filter_config_increment_counter,
+    envoy_dynamic_module_callback_http_filter_config_set_gauge,
+    envoy_dynamic_module_callback_http_filter_config_record_histogram_value
+);
 
 impl Stream for NativeStream<'_> {
     fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
@@ -241,54 +243,6 @@ impl Stream for NativeStream<'_> {
 pub struct NativeBackground<'a> {
     pub envoy: EnvoyFilterConfig,
     pub config: &'a Config,
-}
-
-impl Host for NativeBackground<'_> {
-    fn now_ms(&self) -> u64 {
-        now_ms()
-    }
-    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        shared_get(key)
-    }
-    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        shared_set(key, value, cas)
-    }
-    fn increment(&self, counter: Counter) {
-        // SAFETY: the config handle is valid until config_destroy; main thread.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                self.envoy,
-                counter.0 as usize,
-                null_mut(),
-                0,
-                1,
-            )
-        };
-    }
-    fn set_gauge(&self, gauge: Gauge, value: u64) {
-        // SAFETY: as above.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_config_set_gauge(
-                self.envoy,
-                gauge.0 as usize,
-                null_mut(),
-                0,
-                value,
-            )
-        };
-    }
-    fn record(&self, histogram: Histogram, value: u64) {
-        // SAFETY: as above.
-        unsafe {
-            envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
-                self.envoy,
-                histogram.0 as usize,
-                null_mut(),
-                0,
-                value,
-            )
-        };
-    }
 }
 
 impl Background for NativeBackground<'_> {
