@@ -22,7 +22,7 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench lint fmt clean
+.PHONY: setup wasm-target node oci-tools oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak lint fmt clean
 
 setup: $(ENVOY_DEP) wasm-target node oci-tools
 
@@ -94,6 +94,51 @@ test-e2e:
 bench: setup
 	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
 	$(CARGO) run --release --bin edgewise-bench
+
+# Every scenario under a bounded load of valid, invalid and hostile requests while certificates
+# rotate and the issuer and management service flap -> bench/soak.md; fails on any unexpected
+# status, VM failure, growing RSS or counter that differs from what was sent. Not part of `test`.
+# SOAK_SECONDS: the whole run, set-up included, split between the builds (default 600);
+# EDGEWISE_BUILD=wasm|native: one build only (default both). SOAK_RPS, SOAK_TASKS: the load per
+# scenario (default 20 requests/s from 8 tasks).
+SOAK_SECONDS ?= 600
+soak: setup
+	SOAK_SECONDS=$(SOAK_SECONDS) EDGEWISE_BUILD=$(EDGEWISE_BUILD) $(CARGO) run --release --bin edgewise-soak
+
+# Coverage-guided fuzzing of core's parsers (fuzz/: cargo-fuzz on nightly, both installed if
+# missing): every target for FUZZ_SECONDS on its corpus fuzz/corpus/<target>/, which is then
+# minimized (every edge kept, hit counts not; inputs no longer than the target needs); make test
+# replays the corpora (filters/core/tests/fuzz_corpus.rs). An input that fails lands in
+# fuzz/artifacts/<target>/, replayed too; the other targets still run, and the run fails at the
+# end. Logs in target/fuzz/<target>.log. No AddressSanitizer (edgewise-core has no unsafe code; 2-3x the
+# executions); debug assertions, overflow checks included, stay on.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
+FUZZ_FLAGS := --sanitizer none --debug-assertions
+.PHONY: fuzz
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) +nightly fuzz build $(FUZZ_FLAGS)
+	@mkdir -p target/fuzz; failed=; \
+	for t in $(FUZZ_TARGETS); do \
+		log=target/fuzz/$$t.log; mkdir -p fuzz/corpus/$$t; \
+		case $$t in authority) len=512;; configs|jwks) len=2048;; rs256_differential) len=2100;; *) len=1024;; esac; \
+		echo "fuzzing $$t for $(FUZZ_SECONDS) s (inputs up to $$len bytes)"; \
+		( cd fuzz && $(CARGO) +nightly fuzz run $(FUZZ_FLAGS) $$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+			-max_len=$$len -print_final_stats=1 ) >$$log 2>&1 || failed="$$failed $$t"; \
+		( cd fuzz && $(CARGO) +nightly fuzz cmin $(FUZZ_FLAGS) $$t -- -max_len=$$len -use_counters=0 ) >>$$log 2>&1 \
+			|| failed="$$failed $$t(cmin)"; \
+	done; \
+	printf '%-20s %12s %8s %8s %10s\n' target executions seconds inputs bytes; \
+	for t in $(FUZZ_TARGETS); do \
+		printf '%-20s %12s %8s %8s %10s\n' $$t \
+			"$$(sed -n 's/^stat::number_of_executed_units: *//p' target/fuzz/$$t.log | tail -1)" \
+			"$$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' target/fuzz/$$t.log | tail -1)" \
+			"$$(ls fuzz/corpus/$$t | wc -l)" "$$(du -sb fuzz/corpus/$$t | cut -f1)"; \
+	done; \
+	echo "corpora: $$(du -sh --apparent-size fuzz/corpus | cut -f1) ($$(du -sh fuzz/corpus | cut -f1) on disk)"; \
+	test -z "$$failed" || { echo "FAILED:$$failed (see target/fuzz/<target>.log, inputs in fuzz/artifacts/)"; exit 1; }
 
 lint: setup
 	$(CARGO) fmt --all --check

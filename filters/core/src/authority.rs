@@ -35,8 +35,9 @@ pub fn split(authority: &str) -> Option<(&str, Option<u16>)> {
 pub fn strip_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
     let cut = host.len().checked_sub(domain.len() + 1)?;
     let (prefix, rest) = (host.get(..cut)?, host.get(cut..)?);
-    let (dot, tail) = rest.split_at(1);
-    (dot == "." && tail.eq_ignore_ascii_case(domain) && !prefix.is_empty()).then_some(prefix)
+    // Not `split_at(1)`: the byte at `cut` may begin a multi-byte character (found by fuzzing).
+    let tail = rest.strip_prefix('.')?;
+    (tail.eq_ignore_ascii_case(domain) && !prefix.is_empty()).then_some(prefix)
 }
 
 /// Lowercases a configured domain name and checks that it is a plausible DNS name.
@@ -91,6 +92,10 @@ mod tests {
         assert_eq!(strip_domain("a.example.org", "example.com"), None);
         assert_eq!(strip_domain("é.example.com", "example.com"), Some("é"));
         assert_eq!(strip_domain("xé.com", "example.com"), None);
+        // A multi-byte character where the dot would be: no match, no panic (the egress and
+        // serverless filters call this on any authority a client sends).
+        assert_eq!(strip_domain("éxample.com", "example.com"), None);
+        assert_eq!(strip_domain("aéxample.com", "example.com"), None);
     }
 
     #[test]

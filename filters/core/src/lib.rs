@@ -9,6 +9,8 @@ pub mod authority;
 pub mod config;
 pub mod connector;
 pub mod egress;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod json;
 pub mod jwt;
 pub mod mesh;

@@ -375,7 +375,17 @@ impl Parser<'_> {
         let negated = self.eat(b'^');
         let mut set: Set = 0;
         let mut empty = true;
+        // Leading `-` are literal, as in the regex crate (`[--a]` is `-` and `a`, not a range).
+        while self.eat(b'-') {
+            set |= 1 << b'-';
+            empty = false;
+        }
         loop {
+            // The regex crate's class set operations: refused, not read as ranges or literals.
+            if let Some(op @ (b"--" | b"&&" | b"~~")) = self.text.get(self.at..self.at + 2) {
+                let op = String::from_utf8_lossy(op);
+                return Err(self.error(&format!("class set operations ({op}) are not supported; escape the character")));
+            }
             let from = match self.peek() {
                 Some(b']') if !empty => {
                     self.at += 1;
@@ -397,8 +407,9 @@ impl Parser<'_> {
                 _ => self.next()?,
             };
             empty = false;
-            // `-` is a range between two bytes, and itself first or last.
-            if self.peek() != Some(b'-') || self.text.get(self.at + 1) == Some(&b']') {
+            // `-` is a range between two bytes, and itself first or last (or before `-`, refused
+            // above).
+            if self.peek() != Some(b'-') || matches!(self.text.get(self.at + 1), Some(b']' | b'-')) {
                 set |= 1 << from;
                 continue;
             }
@@ -597,6 +608,9 @@ mod tests {
         );
         agree(r"^(?P<a>[^.\s]+)\.(?:x|y|)(?P<b>.*)$", &["a.xb", "a.b", "a.", ".x", "a b.x", "a.x.y.z"]);
         agree(r"(?P<a>[\-\]a]+|[z-z]{2,}?)(?P<b>[^\W\d]*)", &["-]a", "zzz", "zz_", "a9", "]x_y"]);
+        // Leading dashes are literal, not a range from `-` (found by fuzzing).
+        agree("(?P<a>[--a]+)(?P<b>[^-0]*)", &["-", "a", "--a-", "-0", "0", "b", "-b"]);
+        agree("(?P<a>[-a-c-]+)", &["-", "b-", "abc", "d"]);
     }
 
     #[test]
@@ -621,6 +635,11 @@ mod tests {
             ("[a", "unexpected end"),
             ("[[:alpha:]]", "nested classes"),
             ("[z-a]", "out of order"),
+            ("[a-z--x]", "class set operations (--)"),
+            ("[a--]", "class set operations (--)"),
+            ("[-a--b]", "class set operations (--)"),
+            ("[a&&b]", "class set operations (&&)"),
+            ("[^~~]", "class set operations (~~)"),
             (r"[\d-z]", "a range"),
             (r"[a-\d]", "a range"),
             (r"\b", "unsupported escape"),

@@ -152,7 +152,10 @@ fn check_numbers(v: &Value) {
         match (number.as_f64(), serde_json::from_str::<f64>(n)) {
             (None, _) => {}
             (Some(ours), Ok(theirs)) => {
-                assert!((ours - theirs).abs() <= 1e-9 * theirs.abs().max(1.0), "{n}: as_f64 is {ours}, serde_json {theirs}")
+                assert!(
+                    (ours - theirs).abs() <= 1e-9 * theirs.abs().max(1.0),
+                    "{n}: as_f64 is {ours}, serde_json {theirs}"
+                )
             }
             (Some(ours), Err(e)) => panic!("{n}: as_f64 is {ours}, serde_json says {e}"),
         }

@@ -1,0 +1,123 @@
+//! Operator documents: every plugin configuration reader, and the route table a serverless
+//! filter polls.
+
+use std::fmt::Debug;
+
+use serde::Deserialize;
+
+use super::json::strict;
+use super::shown;
+use crate::serverless::{Decision, RouteSpec, Router};
+use crate::{connector, egress, json, mesh, serverless, tunnel};
+
+/// The shipped serverless configuration (`envoy/serverless.yaml`: the default layout, one inline
+/// route, a management service), and GitLab's layout under another domain.
+pub(super) const ROUTERS: [&str; 2] = [
+    r#"{"domain": "serverless.gitlab.io", "cluster_header": "x-edgewise-cluster",
+        "routes": [{"match": {"project": "0000000a", "environment": "0000000b", "function": "000000000c"},
+                    "cluster": "customer-a", "host": "hello.ns-42.knative.customer-a.example"}],
+        "management": {"cluster": "management", "authority": "management.platform.example",
+                       "path": "/v1/serverless/routes", "poll_interval_ms": 2000, "timeout_ms": 1000}}"#,
+    r#"{"domain": "Pages.Example.com.",
+        "pattern": "(?P<function>[a-z0-9]+(?:-[a-z0-9]+)*)-(?P<cluster>[0-9a-f]{14})(?P<environment>[0-9a-f]+)-(?:[a-z0-9-]+)",
+        "management": {"cluster": "management"}}"#,
+];
+
+/// The shipped egress configuration (`envoy/egress.yaml`).
+pub(super) const EGRESS: &str = r#"{"suffix": "egress.local",
+    "allow": ["api.github.com", "*.example.com", "example.net:8443", "sneaky.example.org"],
+    "allow_private": ["api.github.com", "*.example.com", "example.net:8443"]}"#;
+
+/// The environment cloud-connector configurations are compiled with.
+fn env(var: &str) -> Option<String> {
+    (var == "EDGEWISE_AUTHENTICITY_SECRET").then(|| "0123456789abcdef0123456789abcdef".into())
+}
+
+/// A plugin configuration, given to every filter's reader: none panics, and each reader accepts
+/// and reads what its serde derive (the JSON Schema's source) does, on documents without the
+/// documented differences of `crate::json` (a key twice, nesting 32 deep, a number beyond f64) and
+/// with objects where the schema has them.
+pub fn configs(doc: &[u8]) {
+    let _ = serverless::Router::from_json(doc);
+    let _ = egress::Policy::from_json(doc);
+    let _ = mesh::Role::from_json(doc);
+    let _ = connector::Gateway::from_json_env(doc, env);
+    let _ = tunnel::Hub::from_json(doc);
+    if strict(doc).is_err() {
+        return;
+    }
+    same(doc, serverless::Config::read(doc), serde_json::from_slice(doc));
+    same(doc, egress::Config::read(doc), serde_json::from_slice(doc));
+    same(doc, connector::config::Config::read(doc), serde_json::from_slice(doc));
+    same(doc, tunnel::Config::read(doc), serde_json::from_slice(doc));
+    // The reader keeps the gateway's JWKS as written, the serde derive as serde_json writes it.
+    let written = |mut c: mesh::Config| {
+        if let mesh::Config::Gateway(g) = &mut c {
+            let jwks: serde_json::Value = serde_json::from_str(&g.jwks).expect("the jwks the reader kept is JSON");
+            g.jwks = jwks.to_string();
+        }
+        c
+    };
+    same(doc, mesh::Config::read(doc).map(written), serde_json::from_slice(doc));
+}
+
+fn same<T: Debug>(doc: &[u8], ours: Result<T, json::Error>, theirs: Result<T, serde_json::Error>) {
+    match (ours, theirs) {
+        (Ok(ours), Ok(theirs)) => assert_eq!(format!("{ours:?}"), format!("{theirs:?}"), "{}", shown(doc)),
+        (Err(_), Err(_)) => {}
+        // A serde derive also reads a struct from an array of its fields in order, a form the
+        // JSON Schema does not have and the readers refuse.
+        (Err(e), Ok(_)) if e.reason.ends_with("must be an object") => {}
+        (ours, theirs) => panic!("{}: the reader says {ours:?}, the serde derive {theirs:?}", shown(doc)),
+    }
+}
+
+/// A management document as the serde derives read it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Table {
+    version: u64,
+    routes: Vec<RouteSpec>,
+}
+
+/// A management document, compiled by each of `ROUTERS`: a table compiled has the document's
+/// version and every route of it under the key of its `match`; installed, a host of the default
+/// layout made of a route's values is routed to that route.
+pub fn route_table(doc: &[u8]) {
+    for (i, config) in ROUTERS.iter().enumerate() {
+        let mut router = Router::from_json(config.as_bytes()).expect("a serverless configuration");
+        let Ok(table) = router.compile_table(doc) else {
+            continue;
+        };
+        let listed: Table = serde_json::from_slice(doc)
+            .unwrap_or_else(|e| panic!("{}: compiled, but the serde derives say {e}", shown(doc)));
+        assert_eq!(table.version, listed.version, "{}", shown(doc));
+        assert_eq!(table.len(), listed.routes.len(), "{}", shown(doc));
+        let groups = router.decoder.groups().to_vec();
+        let values = |route: &RouteSpec| -> Vec<String> {
+            groups.iter().map(|g| route.matches.get(g).expect("a route names every group").clone()).collect()
+        };
+        for route in &listed.routes {
+            let key = values(route).join("/").to_ascii_lowercase();
+            let target = table.get(&key).unwrap_or_else(|| panic!("{}: no route {key}", shown(doc)));
+            assert_eq!((&*target.cluster, &*target.host), (&*route.cluster, &*route.host), "{}", shown(doc));
+        }
+        if i != 0 {
+            continue;
+        }
+        router.install(table);
+        for route in &listed.routes {
+            let values = values(route);
+            let layout = values.iter().map(String::len).eq([8, 8, 10]);
+            if !layout || !values.iter().all(|v| v.bytes().all(|b| b.is_ascii_hexdigit())) {
+                continue;
+            }
+            let host = format!("{}.serverless.gitlab.io", values.join("-"));
+            let mut scratch = router.decoder.scratch();
+            match router.decide(&host, &mut scratch) {
+                Decision::Route(t) => assert_eq!((&*t.cluster, &*t.host), (&*route.cluster, &*route.host), "{host}"),
+                other => panic!("{}: {host} is not routed: {other:?}", shown(doc)),
+            }
+        }
+    }
+}
