@@ -44,8 +44,8 @@ fn token() -> String {
 
 fn jwks() -> Vec<u8> {
     let p = key().verifying_key().to_encoded_point(false);
-    let x = enc(p.x().map(|x| x.as_slice()).unwrap_or_default());
-    let y = enc(p.y().map(|y| y.as_slice()).unwrap_or_default());
+    let x = p.x().map(|x| enc(x)).unwrap_or_default();
+    let y = p.y().map(|y| enc(y)).unwrap_or_default();
     json!({"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":x,"y":y}]}).to_string().into_bytes()
 }
 
