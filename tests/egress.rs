@@ -243,7 +243,7 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a 60 KiB header value", &[431]),
         ("200 headers", &[431]),
         ("a second Authorization", &[200]),
-        // Envoy takes the first Host ("another.example"): not an egress host, refused.
+        // Two Hosts reach the filter joined ("another.example,<host>"): not a valid name, 403.
         ("a second Host", &[403]),
         ("two pipelined requests", &[200, 200]),
         ("a body on GET", &[200]),

@@ -450,7 +450,7 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a 60 KiB header value", &[431]),
         ("200 headers", &[431]),
         ("a second Authorization", &[200]),
-        // Envoy takes the first Host ("another.example"): no site of this listener, 404.
+        // Two Hosts reach the filter joined ("another.example,<host>"): malformed, 404.
         ("a second Host", &[404]),
         ("two pipelined requests", &[200, 200]),
         ("a body on GET", &[200]),

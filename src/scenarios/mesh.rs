@@ -64,6 +64,11 @@ impl Pki {
         certs::write_leaf(&self.dir.join("certs/gateway-cert"), leaf)
     }
 
+    /// Replaces the sidecar's own certificate (e.g. a fresh `mesh_leaf(WORKLOAD_ID)`).
+    pub fn set_sidecar_cert(&self, leaf: &Leaf) -> Result<()> {
+        certs::write_leaf(&self.dir.join("certs/sidecar-cert"), leaf)
+    }
+
     /// What the gateway trusts for the mesh trust domain.
     pub fn set_gateway_trust(&self, mesh: &[&Ca]) -> Result<()> {
         let bundle: String = mesh.iter().map(|c| c.pem.as_str()).collect();
