@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Pkcs1v15Sign, RsaPrivateKey, RsaPublicKey};
@@ -9,45 +10,10 @@ use sha2::Sha256;
 
 use crate::rs256::Rs256Key;
 
-/// RSA keys with e = 65537, by their primes (hex): 1024 bits, 1025 (the modulus's top byte is 1,
-/// its length not a multiple of the limb size) and 2048.
-const PRIMES: [(&str, &str); 3] = [
-    // 1024 bits
-    (
-        concat!(
-            "ff2426205209bedc104bb5249eb0ee55328683eb7fb487914c71e874fa999bbad9fa30ce7df70978f8d5b3ed37d83dd7",
-            "6d392c54b921d77b18b468fd29469133",
-        ),
-        concat!(
-            "e8bdf348c7dfb78d064cf218199110ad8926fd34def56f7004577694d1f94940bea041545ab932823e89fbb7f36e8c44",
-            "264c0af3922a56264fcb829e6eab3f25",
-        ),
-    ),
-    // 1025 bits
-    (
-        concat!(
-            "1dfa47d744b1612337eab8a4ffe482a08c4724c9aa196d4a5cad33948cd1b293e91005e4432bd6d9016259b184d1cb9c",
-            "260459c7087355c1aaeb3cf49994f753b",
-        ),
-        concat!(
-            "e034d09275fbe772b603f31d19cc3f58f8168c900be0622aed3ed803ab46ca1fa536830f36c2a632957f5dd7dedf0f94",
-            "b7d3d99137446272537135db197bb331",
-        ),
-    ),
-    // 2048 bits
-    (
-        concat!(
-            "e898d3779d9d30a6d9daab2381910e9f04ddfe06d4d8e90684bd4386e1ecd98c187c9e711c762ce7417b6a888facfa41",
-            "5bdcaf69cbead3c63b88cd83152fd43a440d23420798ae2bd1884fe79e7fd7e2d3013343f5b393733286559db143746e",
-            "b5553e9e185627d736e83973844327b62e5a07683a0b6f3db70532ea904022b1",
-        ),
-        concat!(
-            "bc437874c923d8ffbd68ed60b3c765630d4c07d90436501e6fb952020a3ce712e92e58bcd53c7836619af6f141fce6dc",
-            "2a0ea4c4cf8c6dde8f4accccb300897c1f2d83162a05072342c5623a780bf2437bb07806afad71e35e162ebbe0d995fc",
-            "adf7ae82bbc7183022c58d7505d2363facc296d206614bef591f3c75fd2bf4ab",
-        ),
-    ),
-];
+/// The RSA keys (e = 65537), made at first use from fixed seeds, so that no private key is in
+/// the repository yet every run has the same keys: (seed, bits): 1024, 1025 (the modulus's top
+/// byte is 1, its length not a multiple of the limb size) and 2048.
+const KEYS: [(u64, usize); 3] = [(1024, 1024), (1025, 1025), (2048, 2048)];
 
 /// DER of SHA-256's DigestInfo (RFC 8017, section 9.2, note 1).
 const DIGEST_INFO: [u8; 19] =
@@ -84,13 +50,11 @@ impl Key {
 }
 
 fn keys() -> &'static [Key] {
-    static KEYS: OnceLock<Vec<Key>> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        let hex = |h: &str| BigUint::parse_bytes(h.as_bytes(), 16).expect("hex");
-        PRIMES
-            .iter()
-            .map(|(p, q)| {
-                let private = RsaPrivateKey::from_p_q(hex(p), hex(q), BigUint::from(65537u32)).expect("an RSA key");
+    static MADE: OnceLock<Vec<Key>> = OnceLock::new();
+    MADE.get_or_init(|| {
+        KEYS.iter()
+            .map(|&(seed, bits)| {
+                let private = RsaPrivateKey::new(&mut ChaCha20Rng::seed_from_u64(seed), bits).expect("an RSA key");
                 let public = private.to_public_key();
                 let ours = Rs256Key::new(&public.n().to_bytes_be(), 65537).expect("a key rs256 prepares");
                 Key { k: public.size(), private, public, ours }
