@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use edgewise::envoy::{self, Config};
-use edgewise_core::{connector, egress, mesh, serverless};
+use edgewise_core::{cloud_connector, egress, mesh_identity, serverless};
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use serde_yaml::Value;
@@ -161,7 +161,7 @@ fn parse(filter: &str, config: &Json, at: &str) -> Needs {
         "cloud-connector" => {
             let var = config["authenticity"]["secret_env"].as_str().unwrap_or_default().to_string();
             let secret = |v: &str| (v == var).then(|| "s".repeat(32));
-            connector::Gateway::from_json_env(&bytes, secret).map(|gateway| {
+            cloud_connector::Gateway::from_json_env(&bytes, secret).map(|gateway| {
                 needs.callouts.extend(gateway.issuers().iter().map(|i| i.cluster.clone()));
                 for feature in &gateway.features {
                     needs.routed.push((gateway.cluster_header.clone(), feature.cluster.clone()));
@@ -176,9 +176,12 @@ fn parse(filter: &str, config: &Json, at: &str) -> Needs {
             );
             egress::Policy::from_json(&bytes).map(drop)
         }
-        "mesh-identity" => mesh::Role::from_json(&bytes).map(|role| {
+        "mesh-identity" => mesh_identity::Role::from_json(&bytes).map(|role| {
             // The sidecar role belongs in the workloads' sidecars, not on a gateway.
-            assert!(matches!(role, mesh::Role::Gateway(_)), "{at}: mesh-identity on a Gateway takes the gateway role");
+            assert!(
+                matches!(role, mesh_identity::Role::Gateway(_)),
+                "{at}: mesh-identity on a Gateway takes the gateway role"
+            );
         }),
         other => panic!("{at}: no parser for filter {other}: add it here"),
     };

@@ -2,7 +2,7 @@
 //! pluginConfig goes through the filter's own configuration parser (documentation and code cannot
 //! drift), auth and policy filters fail closed, and each pins the digest of the current image.
 
-use edgewise_core::{connector, egress, mesh, serverless};
+use edgewise_core::{cloud_connector, egress, mesh_identity, serverless};
 use serde::Deserialize;
 
 /// Filters that have no place in Istio, and why.
@@ -46,10 +46,10 @@ fn every_wasmplugin_is_accepted_by_its_filter_and_pins_the_current_image() {
                 // The secret comes from the gateway pod's environment (vmConfig.env).
                 "cloud-connector" => {
                     let secret = |var: &str| (var == "EDGEWISE_AUTHENTICITY_SECRET").then(|| "s".repeat(32));
-                    connector::Gateway::from_json_env(&config, secret).map(drop)
+                    cloud_connector::Gateway::from_json_env(&config, secret).map(drop)
                 }
                 "egress" => egress::Policy::from_json(&config).map(drop),
-                "mesh-identity" => mesh::Role::from_json(&config).map(drop),
+                "mesh-identity" => mesh_identity::Role::from_json(&config).map(drop),
                 other => panic!("{at}: no parser for filter {other}: add it here"),
             };
             if let Err(e) = parsed {

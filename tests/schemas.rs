@@ -2,15 +2,15 @@
 //! (schemars), committed under schemas/ and checked here to be up to date.
 //! `make schemas` (EDGEWISE_UPDATE_SCHEMAS=1) rewrites them.
 
-use edgewise_core::{connector, egress, mesh, serverless, tunnel};
+use edgewise_core::{cloud_connector, egress, mesh_identity, serverless, tunnel_auth};
 
 fn generated() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("serverless", serde_json::to_value(schemars::schema_for!(serverless::Config)).unwrap()),
         ("egress", serde_json::to_value(schemars::schema_for!(egress::Config)).unwrap()),
-        ("mesh-identity", serde_json::to_value(schemars::schema_for!(mesh::Config)).unwrap()),
-        ("cloud-connector", serde_json::to_value(schemars::schema_for!(connector::config::Config)).unwrap()),
-        ("tunnel-auth", serde_json::to_value(schemars::schema_for!(tunnel::Config)).unwrap()),
+        ("mesh-identity", serde_json::to_value(schemars::schema_for!(mesh_identity::Config)).unwrap()),
+        ("cloud-connector", serde_json::to_value(schemars::schema_for!(cloud_connector::config::Config)).unwrap()),
+        ("tunnel-auth", serde_json::to_value(schemars::schema_for!(tunnel_auth::Config)).unwrap()),
     ]
 }
 

@@ -1,12 +1,12 @@
 //! Per-organization token buckets that every worker draws from. The arithmetic and slot policy
-//! are `edgewise_core::connector::limiter`'s; this is where the slots live. Natively the one
+//! are `edgewise_core::cloud_connector::limiter`'s; this is where the slots live. Natively the one
 //! filter object holds them, each behind its own lock. On proxy-wasm every worker has its own VM,
 //! so they live in shared data, updated by compare-and-swap.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-use edgewise_core::connector::limiter::{
+use edgewise_core::cloud_connector::limiter::{
     classify, fingerprint, probe_slots, slot_use, Bucket, Limit, SlotUse, Verdict,
 };
 use edgewise_host::{lock, Host};

@@ -1,7 +1,7 @@
 //! Filter `cloud-connector`: the public edge in front of private feature backends. Routes by path
 //! prefix to a feature, authenticates the bearer JWT against its issuer's keys, checks the
 //! feature's scopes, applies per-organization rate limits, and forwards with identity headers the
-//! gateway sets itself. The decisions are `edgewise_core::connector`'s (check order, when to
+//! gateway sets itself. The decisions are `edgewise_core::cloud_connector`'s (check order, when to
 //! wait, which headers to strip and set); this crate reads the request, keeps keys fresh
 //! (`edgewise_host::jwks`) and token buckets in shared data (`buckets`), and applies them.
 //!
@@ -15,11 +15,11 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgewise_core::connector::limiter::{Limit, Verdict};
-use edgewise_core::connector::{
+use edgewise_core::cloud_connector::limiter::{Limit, Verdict};
+use edgewise_core::cloud_connector::{
     Decision, Denial, Feature, Forwarded, Gateway, Identity, Outcome, Request, State, TokenCache, Wake,
 };
-use edgewise_core::reply::{header_text, Reply};
+use edgewise_core::generic::reply::{header_text, Reply};
 use edgewise_host::jwks::Keys;
 use edgewise_host::{lock, Background, ConfigError, Counter, Fetched, Filter, Flow, Hooks, Host, Setup, Stream, Waker};
 

@@ -11,14 +11,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::Deserialize;
 
-use crate::authority;
-use crate::config::ConfigError;
-use crate::json::{self, Field, Reader};
-use crate::reply::Reply;
+use crate::generic::authority;
+use crate::generic::config::ConfigError;
+use crate::generic::json::{self, FromJson};
+use crate::generic::reply::Reply;
 
 pub const DEFAULT_SUFFIX: &str = "egress.local";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -36,28 +36,6 @@ pub struct Config {
 
 fn default_suffix() -> String {
     DEFAULT_SUFFIX.into()
-}
-
-impl Config {
-    /// Reads the configuration (see `crate::json`); the serde derive is its JSON Schema.
-    #[inline(never)] // see `crate::json`
-    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
-        let (mut suffix, mut allow, mut allow_private) = (default_suffix(), None, Vec::new());
-        let mut r = Reader::new(json);
-        r.object(&Field::Root, |r, key| {
-            let f = Field::Root.key(&key);
-            match &*key {
-                "suffix" => suffix = r.string(&f)?,
-                "allow" => allow = Some(r.strings(&f)?),
-                "allow_private" => allow_private = r.strings(&f)?,
-                other => return Err(Field::Root.unknown(other, &["suffix", "allow", "allow_private"])),
-            }
-            Ok(())
-        })?;
-        r.end()?;
-        let allow = allow.ok_or_else(|| Field::Root.key("allow").missing())?;
-        Ok(Config { suffix, allow, allow_private })
-    }
 }
 
 /// One allowlist entry, compiled.
@@ -202,7 +180,7 @@ pub enum Decision<'a> {
 
 impl Policy {
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        Self::new(Config::read(json)?)
+        Self::new(json::parse::<Config>(json)?)
     }
 
     pub fn new(config: Config) -> Result<Self, ConfigError> {
@@ -326,7 +304,7 @@ fn deny<'a>(denial: Denial, status: u32, error: &'static str, detail: String) ->
 mod tests {
     use super::*;
 
-    /// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+    /// The derived reader reads every document as the serde derive (the JSON Schema's source) does.
     #[test]
     fn the_reader_agrees_with_the_schema_types() {
         let docs = [
@@ -338,7 +316,7 @@ mod tests {
             r#"{"allow":[],"deny":[]}"#,
             r#"{"allow":[1]}"#,
         ];
-        crate::json::assert_reads_like_serde::<Config, _>(&docs, Config::read);
+        crate::generic::json::assert_reads_like_serde::<Config, _>(&docs, crate::generic::json::parse::<Config>);
     }
 
     fn policy() -> Policy {

@@ -1,23 +1,20 @@
 //! The decisions of the edgewise filters as plain Rust.
 //!
-//! Nothing here knows about proxy-wasm: the filter crates read headers and properties, call into
-//! this crate, and apply what it decides. That keeps the logic unit-tested natively (and, by
-//! `make test`, compiled to wasm32-wasip1 and run under Node's WASI, the code Envoy runs).
+//! One module per filter, named after it, holds what that filter decides; `generic` holds the
+//! pieces they are built from and that know no filter (JSON, host patterns, authorities,
+//! signatures, JWTs, bearer authentication, replies). Nothing here knows about a host: the filter
+//! crates read headers and properties, call into this crate, and apply what it decides. That keeps
+//! the logic unit-tested natively (and, by `make test`, compiled to wasm32-wasip1 and run under
+//! Node's WASI, the code Envoy runs).
 
-pub mod auth;
-pub mod authority;
-pub mod config;
-pub mod connector;
+// The JSON readers derived in this crate name it by its crate name, as they would elsewhere.
+extern crate self as edgewise_core;
+
+pub mod cloud_connector;
 pub mod egress;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod json;
-pub mod jwt;
-pub mod mesh;
-pub mod pattern;
-pub mod reply;
-pub mod rs256;
+pub mod generic;
+pub mod mesh_identity;
 pub mod serverless;
-pub mod tunnel;
-#[cfg(test)]
-mod wycheproof;
+pub mod tunnel_auth;

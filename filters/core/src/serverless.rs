@@ -1,7 +1,7 @@
 //! Serverless ingress: `<8hex>-<8hex>-<10hex>.serverless.<domain>` -> the function's Knative host
 //! and the Envoy cluster (one per customer cluster) that reaches it over mutual TLS.
 //!
-//! The host is decoded by a pattern with named groups (regex syntax, `crate::pattern`), compiled
+//! The host is decoded by a pattern with named groups (regex syntax, `crate::generic::pattern`), compiled
 //! once at configure time. The values of the named groups, in pattern order, form the route key;
 //! routes name the same groups.
 
@@ -10,21 +10,20 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::authority;
-use crate::config::ConfigError;
-use crate::json::{self, Field, Reader};
-use crate::pattern::{self, Pattern};
-use crate::reply::Reply;
+use crate::generic::authority;
+use crate::generic::config::ConfigError;
+use crate::generic::json::{self, Field, FromJson, Reader};
+use crate::generic::pattern::{self, Pattern};
+use crate::generic::reply::Reply;
 
 pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
 /// Project id, environment id and function id, as in the original proposal.
 pub const DEFAULT_PATTERN: &str = "(?P<project>[0-9a-f]{8})-(?P<environment>[0-9a-f]{8})-(?P<function>[0-9a-f]{10})";
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-edgewise-cluster";
 
-// `Config::read` reads it; the serde derives are its JSON Schema (and, in the tests, the
-// reference the reader is checked against).
-/// The plugin configuration, as JSON.
-#[derive(Debug, Deserialize)]
+/// The plugin configuration, as JSON. Declared once: the serde attributes give the JSON Schema
+/// and the derived reader (`FromJson`); serde's own reading is the tests' reference.
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -50,7 +49,7 @@ pub struct Config {
 }
 
 /// One function: the values of the pattern's named groups -> where it runs.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
@@ -63,7 +62,7 @@ pub struct RouteSpec {
 }
 
 /// Where the route table is polled from. The call goes through an Envoy cluster.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Management {
@@ -98,101 +97,6 @@ fn default_poll_interval_ms() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     5_000
-}
-
-impl Config {
-    #[inline(never)] // see `crate::json`
-    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
-        let mut config = Config {
-            domain: default_domain(),
-            pattern: default_pattern(),
-            cluster_header: default_cluster_header(),
-            routes: Vec::new(),
-            management: None,
-        };
-        let mut r = Reader::new(json);
-        r.object(&Field::Root, |r, key| {
-            let at = Field::Root.key(&key);
-            match &*key {
-                "domain" => config.domain = r.string(&at)?,
-                "pattern" => config.pattern = r.string(&at)?,
-                "cluster_header" => config.cluster_header = r.string(&at)?,
-                "routes" => r.array(&at, |r, i| {
-                    config.routes.push(RouteSpec::read(r, &at.index(i))?);
-                    Ok(())
-                })?,
-                "management" => config.management = r.optional(|r| Management::read(r, &at))?,
-                other => {
-                    return Err(
-                        Field::Root.unknown(other, &["domain", "pattern", "cluster_header", "routes", "management"])
-                    )
-                }
-            }
-            Ok(())
-        })?;
-        r.end()?;
-        Ok(config)
-    }
-}
-
-impl RouteSpec {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<RouteSpec, json::Error> {
-        let (mut matches, mut cluster, mut host) = (None, None, None);
-        r.object(at, |r, key| {
-            let field = at.key(&key);
-            match &*key {
-                "match" => {
-                    let mut groups = BTreeMap::new();
-                    r.object(&field, |r, group| {
-                        let value = r.string(&field.key(&group))?;
-                        groups.insert(group.into_owned(), value);
-                        Ok(())
-                    })?;
-                    matches = Some(groups);
-                }
-                "cluster" => cluster = Some(r.string(&field)?),
-                "host" => host = Some(r.string(&field)?),
-                other => return Err(at.unknown(other, &["match", "cluster", "host"])),
-            }
-            Ok(())
-        })?;
-        Ok(RouteSpec {
-            matches: matches.ok_or_else(|| at.key("match").missing())?,
-            cluster: cluster.ok_or_else(|| at.key("cluster").missing())?,
-            host: host.ok_or_else(|| at.key("host").missing())?,
-        })
-    }
-}
-
-impl Management {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<Management, json::Error> {
-        let mut cluster = None;
-        let mut m = Management {
-            cluster: String::new(),
-            authority: default_mgmt_authority(),
-            path: default_mgmt_path(),
-            poll_interval_ms: default_poll_interval_ms(),
-            timeout_ms: default_timeout_ms(),
-        };
-        r.object(at, |r, key| {
-            let field = at.key(&key);
-            match &*key {
-                "cluster" => cluster = Some(r.string(&field)?),
-                "authority" => m.authority = r.string(&field)?,
-                "path" => m.path = r.string(&field)?,
-                "poll_interval_ms" => m.poll_interval_ms = r.u64(&field)?,
-                "timeout_ms" => m.timeout_ms = r.u64(&field)?,
-                other => {
-                    return Err(at.unknown(other, &["cluster", "authority", "path", "poll_interval_ms", "timeout_ms"]))
-                }
-            }
-            Ok(())
-        })?;
-        m.cluster = cluster.ok_or_else(|| at.key("cluster").missing())?;
-        Ok(m)
-    }
 }
 
 /// Where a request goes.
@@ -451,9 +355,9 @@ impl Outcome {
 }
 
 impl Router {
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
-        Self::new(Config::read(json)?)
+        Self::new(json::parse::<Config>(json)?)
     }
 
     pub fn new(config: Config) -> Result<Self, ConfigError> {
@@ -496,7 +400,7 @@ impl Router {
                 "version" => version = Some(r.u64(&at)?),
                 "routes" => {
                     let mut builder = TableBuilder::new(&self.decoder, "routes");
-                    r.array(&at, |r, i| builder.add(RouteSpec::read(r, &at.index(i))?))?;
+                    r.array(&at, |r, i| builder.add(<RouteSpec as FromJson>::from_json(r, &at.index(i))?))?;
                     routes = Some(builder);
                 }
                 other => return Err(Field::Root.unknown(other, &["version", "routes"]).into()),
@@ -713,7 +617,7 @@ mod tests {
         }
     }
 
-    /// `Config::read` accepts exactly what the serde derive (the JSON Schema's source) accepts,
+    /// The derived reader accepts exactly what the serde derive (the JSON Schema's source) accepts,
     /// with the same result.
     #[test]
     fn the_reader_agrees_with_the_schema_types() {
@@ -739,8 +643,8 @@ mod tests {
             "{} x",
         ];
         // Stricter where serde is lax: it would take a struct as the list of its fields' values.
-        assert!(Config::read(b"[]").is_err());
-        crate::json::assert_reads_like_serde::<Config, _>(&docs, Config::read);
+        assert!(json::parse::<Config>(b"[]").is_err());
+        crate::generic::json::assert_reads_like_serde::<Config, _>(&docs, crate::generic::json::parse::<Config>);
     }
 
     #[test]

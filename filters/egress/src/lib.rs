@@ -8,7 +8,7 @@
 //! to be private, and the cluster originates TLS to `FOO` with SNI and certificate checks.
 
 use edgewise_core::egress::{Decision, Denial, Policy};
-use edgewise_core::reply::header_text;
+use edgewise_core::generic::reply::header_text;
 use edgewise_host::{ConfigError, Counter, Filter, Flow, Histogram, Hooks, Setup, Stream};
 
 /// Set on every allowed request (overwriting whatever a client sent): the allowlist entry's label,

@@ -11,9 +11,9 @@
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use edgewise_core::auth::keys::{self, decode_shared, encode_shared};
-use edgewise_core::auth::{Issuer, IssuerKeys, JwksConfig, Keyring};
-use edgewise_core::jwt::Jwks;
+use edgewise_core::generic::auth::keys::{self, decode_shared, encode_shared};
+use edgewise_core::generic::auth::{Issuer, IssuerKeys, JwksConfig, Keyring};
+use edgewise_core::generic::jwt::Jwks;
 
 use crate::shared::{get_u64, set_u64, take_lease, update_u64};
 use crate::{lock, read, write, Background, Counter, Fetched, Gauge, Host, Setup};

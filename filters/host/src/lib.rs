@@ -11,7 +11,7 @@
 //! copy, its coordination simply always succeeds.
 //!
 //! Header values are bytes: HTTP/1.1 allows bytes that are not UTF-8 (obs-text), so a filter
-//! decides what such a value means for the header at hand (`edgewise_core::reply::header_text`).
+//! decides what such a value means for the header at hand (`edgewise_core::generic::reply::header_text`).
 
 pub mod fake;
 pub mod jwks;
@@ -20,8 +20,8 @@ pub mod shared;
 use std::borrow::Cow;
 use std::time::Duration;
 
-pub use edgewise_core::config::ConfigError;
-use edgewise_core::reply::Reply;
+pub use edgewise_core::generic::config::ConfigError;
+use edgewise_core::generic::reply::Reply;
 
 /// A counter defined at configuration time ([`Setup::counter`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

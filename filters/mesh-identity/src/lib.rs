@@ -1,16 +1,16 @@
 //! Filter `mesh-identity` (GEP-3792 identity propagation), in one of two roles:
 //!
 //! - `gateway`: drops identity headers a client sent, authenticates the user's bearer token
-//!   (JWT, `edgewise_core::jwt`) and sets the identity headers from its claims; 401 otherwise.
+//!   (JWT, `edgewise_core::generic::jwt`) and sets the identity headers from its claims; 401 otherwise.
 //! - `sidecar`: keeps the identity headers only when the mTLS peer's SPIFFE ID is a trusted
 //!   gateway, and removes them otherwise, so a workload can trust them exactly when the gateway
 //!   vouched for them.
 
 use std::sync::Mutex;
 
-use edgewise_core::auth::TokenCache;
-use edgewise_core::mesh::{Role, Verified};
-use edgewise_core::reply::header_text;
+use edgewise_core::generic::auth::TokenCache;
+use edgewise_core::generic::reply::header_text;
+use edgewise_core::mesh_identity::{Role, Verified};
 use edgewise_host::{lock, ConfigError, Counter, Filter, Flow, Setup, Stream};
 
 pub struct MeshIdentity {

@@ -7,7 +7,7 @@ mod poller;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use edgewise_core::reply::{header_text, Reply};
+use edgewise_core::generic::reply::{header_text, Reply};
 use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
 use edgewise_host::{lock, read, Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
 use edgewise_host::{Setup, Stream};

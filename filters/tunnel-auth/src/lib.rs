@@ -1,7 +1,7 @@
 //! Filter `tunnel-auth`, on the reverse-tunnel hub: authenticates the caller's JWT, authorizes
 //! the cluster named in the path, and selects that cluster's tunnel by setting the selection
 //! header itself (a client's own value never survives). The decisions are
-//! `edgewise_core::tunnel`'s; keys are fetched and shared by `edgewise_host::jwks`.
+//! `edgewise_core::tunnel_auth`'s; keys are fetched and shared by `edgewise_host::jwks`.
 //!
 //! Unlike cloud-connector, requests are not paused while keys are fetched: a hub caller is a
 //! person or a CI job that retries, so a missing key set answers 503 at once and an unknown kid
@@ -10,9 +10,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use edgewise_core::auth::TokenCache;
-use edgewise_core::reply::header_text;
-use edgewise_core::tunnel::{Decision, Hub, Outcome};
+use edgewise_core::generic::auth::TokenCache;
+use edgewise_core::generic::reply::header_text;
+use edgewise_core::tunnel_auth::{Decision, Hub, Outcome};
 use edgewise_host::jwks::Keys;
 use edgewise_host::{lock, Background, ConfigError, Counter, Fetched, Filter, Flow, Hooks, Setup, Stream};
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::json::strict;
 use super::shown;
 use crate::serverless::{Decision, RouteSpec, Router};
-use crate::{connector, egress, json, mesh, serverless, tunnel};
+use crate::{cloud_connector, egress, generic::json, mesh_identity, serverless, tunnel_auth};
 
 /// The shipped serverless configuration (`envoy/serverless.yaml`: the default layout, one inline
 /// route, a management service), and GitLab's layout under another domain.
@@ -35,30 +35,30 @@ fn env(var: &str) -> Option<String> {
 
 /// A plugin configuration, given to every filter's reader: none panics, and each reader accepts
 /// and reads what its serde derive (the JSON Schema's source) does, on documents without the
-/// documented differences of `crate::json` (a key twice, nesting 32 deep, a number beyond f64) and
+/// documented differences of `crate::generic::json` (a key twice, nesting 32 deep, a number beyond f64) and
 /// with objects where the schema has them.
 pub fn configs(doc: &[u8]) {
     let _ = serverless::Router::from_json(doc);
     let _ = egress::Policy::from_json(doc);
-    let _ = mesh::Role::from_json(doc);
-    let _ = connector::Gateway::from_json_env(doc, env);
-    let _ = tunnel::Hub::from_json(doc);
+    let _ = mesh_identity::Role::from_json(doc);
+    let _ = cloud_connector::Gateway::from_json_env(doc, env);
+    let _ = tunnel_auth::Hub::from_json(doc);
     if strict(doc).is_err() {
         return;
     }
-    same(doc, serverless::Config::read(doc), serde_json::from_slice(doc));
-    same(doc, egress::Config::read(doc), serde_json::from_slice(doc));
-    same(doc, connector::config::Config::read(doc), serde_json::from_slice(doc));
-    same(doc, tunnel::Config::read(doc), serde_json::from_slice(doc));
+    same(doc, json::parse::<serverless::Config>(doc), serde_json::from_slice(doc));
+    same(doc, json::parse::<egress::Config>(doc), serde_json::from_slice(doc));
+    same(doc, json::parse::<cloud_connector::config::Config>(doc), serde_json::from_slice(doc));
+    same(doc, json::parse::<tunnel_auth::Config>(doc), serde_json::from_slice(doc));
     // The reader keeps the gateway's JWKS as written, the serde derive as serde_json writes it.
-    let written = |mut c: mesh::Config| {
-        if let mesh::Config::Gateway(g) = &mut c {
-            let jwks: serde_json::Value = serde_json::from_str(&g.jwks).expect("the jwks the reader kept is JSON");
-            g.jwks = jwks.to_string();
+    let written = |mut c: mesh_identity::Config| {
+        if let mesh_identity::Config::Gateway(g) = &mut c {
+            let jwks: serde_json::Value = serde_json::from_str(&g.jwks.0).expect("the jwks the reader kept is JSON");
+            g.jwks = json::Raw(jwks.to_string());
         }
         c
     };
-    same(doc, mesh::Config::read(doc).map(written), serde_json::from_slice(doc));
+    same(doc, json::parse::<mesh_identity::Config>(doc).map(written), serde_json::from_slice(doc));
 }
 
 fn same<T: Debug>(doc: &[u8], ours: Result<T, json::Error>, theirs: Result<T, serde_json::Error>) {

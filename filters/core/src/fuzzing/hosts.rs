@@ -5,15 +5,15 @@ use std::sync::OnceLock;
 
 use super::configs::{EGRESS, ROUTERS};
 use super::shown;
-use crate::authority;
 use crate::egress::Policy;
-use crate::pattern::{Pattern, MAX_TEXT};
+use crate::generic::authority;
+use crate::generic::pattern::{Pattern, MAX_TEXT};
 use crate::serverless::Router;
 
 /// A pattern, then texts, separated by NUL bytes. A pattern that compiles compiles in regex-lite
 /// too, anchored and ASCII case-insensitive (`^(?:pattern)$`), with the same group names, and
 /// matches each ASCII text of a host's length exactly when regex-lite does, with the same groups
-/// (as the tests in `crate::pattern` compare them). A text that is longer, or not ASCII, matches
+/// (as the tests in `crate::generic::pattern` compare them). A text that is longer, or not ASCII, matches
 /// nothing.
 pub fn pattern(data: &[u8]) {
     let mut parts = data.split(|&b| b == 0);
@@ -56,7 +56,7 @@ pub fn pattern(data: &[u8]) {
 /// Whether the pattern may have a class range regex-lite 0.1 folds wrongly: one that spans both
 /// cases (from `Z` or below to `a`..`y`) gets only its lowercase part folded, so `[9-a]` matches
 /// `a` and `A`-`Z` but not `b`-`z` (found by this target; the regex crate folds the whole range,
-/// as `crate::pattern` does). A hyphen between such bytes anywhere in the pattern counts.
+/// as `crate::generic::pattern` does). A hyphen between such bytes anywhere in the pattern counts.
 fn regex_lite_misfolds(source: &str) -> bool {
     source.as_bytes().windows(3).any(|w| matches!(*w, [from, b'-', to] if from <= b'Z' && (b'a'..=b'y').contains(&to)))
 }

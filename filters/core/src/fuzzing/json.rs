@@ -1,4 +1,4 @@
-//! `crate::json` against serde_json: the same documents accepted and refused, the same values.
+//! `crate::generic::json` against serde_json: the same documents accepted and refused, the same values.
 
 use std::fmt;
 
@@ -6,9 +6,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Value as Serde};
 
 use super::shown;
-use crate::json::{Field, Reader, Value};
+use crate::generic::json::{Field, Reader, Value};
 
-/// How deep `crate::json` lets values nest: a value at this depth is refused.
+/// How deep `crate::generic::json` lets values nest: a value at this depth is refused.
 const MAX_DEPTH: u32 = 32;
 
 /// `Reader::value` then `Reader::end` against serde_json. The differences are exactly the
@@ -34,7 +34,7 @@ pub fn json_differential(doc: &[u8]) {
             );
             check_numbers(&ours);
         }
-        (ours, theirs) => panic!("{}: crate::json reads {ours:?}, serde_json (strict) {theirs:?}", shown(doc)),
+        (ours, theirs) => panic!("{}: crate::generic::json reads {ours:?}, serde_json (strict) {theirs:?}", shown(doc)),
     }
 }
 
@@ -44,7 +44,7 @@ pub(super) fn out_of_range(e: &serde_json::Error) -> bool {
     e.to_string().starts_with("number out of range")
 }
 
-/// serde_json's reading of a document, with the two rules `crate::json` adds: no key twice in an
+/// serde_json's reading of a document, with the two rules `crate::generic::json` adds: no key twice in an
 /// object (compared unescaped) and no value nested `MAX_DEPTH` deep.
 pub(super) fn strict(doc: &[u8]) -> Result<Serde, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(doc);

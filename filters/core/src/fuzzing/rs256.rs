@@ -1,4 +1,4 @@
-//! `crate::rs256` against the `rsa` crate's RSASSA-PKCS1-v1_5 SHA-256 verification.
+//! `crate::generic::rs256` against the `rsa` crate's RSASSA-PKCS1-v1_5 SHA-256 verification.
 
 use std::sync::OnceLock;
 
@@ -8,7 +8,7 @@ use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Pkcs1v15Sign, RsaPrivateKey, RsaPublicKey};
 use sha2::Sha256;
 
-use crate::rs256::Rs256Key;
+use crate::generic::rs256::Rs256Key;
 
 /// The RSA keys (e = 65537), made at first use from fixed seeds, so that no private key is in
 /// the repository yet every run has the same keys: (seed, bits): 1024, 1025 (the modulus's top

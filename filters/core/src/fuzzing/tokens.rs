@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 
 use super::json::{json_differential, out_of_range, strict, to_serde};
 use super::shown;
-use crate::auth::keys;
-use crate::json::Value;
-use crate::jwt::{Alg, Jwks, Unverified, Validation};
+use crate::generic::auth::keys;
+use crate::generic::json::Value;
+use crate::generic::jwt::{Alg, Jwks, Unverified, Validation};
 
 /// The keys tokens are verified with: RSA (`rsa-1`, pinned to RS256) and P-256 (`ec-1`, and one
 /// without a kid). Their private halves signed the tokens of `fuzz/corpus/jwt/` and were thrown
@@ -68,7 +68,7 @@ impl Reference {
     }
 }
 
-/// `FIXED_JWKS` read by `crate::jwt`, and by serde_json into the reference crates' keys.
+/// `FIXED_JWKS` read by `crate::generic::jwt`, and by serde_json into the reference crates' keys.
 fn fixed() -> &'static (Jwks, Vec<Reference>) {
     static KEYS: OnceLock<(Jwks, Vec<Reference>)> = OnceLock::new();
     KEYS.get_or_init(|| {

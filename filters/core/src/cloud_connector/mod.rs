@@ -14,10 +14,10 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::auth::{AuthError, JwksConfig, Verifier};
-pub use crate::auth::{Identity, Issuer, IssuerKeys, Keyring, TokenCache, MAX_SCOPES};
-use crate::config::ConfigError;
-use crate::reply::Reply;
+use crate::generic::auth::{AuthError, JwksConfig, Verifier};
+pub use crate::generic::auth::{Identity, Issuer, IssuerKeys, Keyring, TokenCache, MAX_SCOPES};
+use crate::generic::config::ConfigError;
+use crate::generic::reply::Reply;
 use config::HeadersConfig;
 use limiter::{Limit, Verdict};
 
@@ -197,9 +197,9 @@ impl Gateway {
         Self::from_json_env(json, |var| std::env::var(var).ok())
     }
 
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn from_json_env(json: &[u8], env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
-        config::Config::read(json)?.compile(env)
+        crate::generic::json::parse::<config::Config>(json)?.compile(env)
     }
 
     /// The feature serving `path` (whole-segment prefix match, longest first).
@@ -223,7 +223,7 @@ impl Gateway {
 
     /// The token from an `Authorization` header value.
     pub fn bearer(authorization: Option<&str>) -> Result<&str, Denial> {
-        crate::auth::bearer(authorization).ok_or(Denial::MissingToken)
+        crate::generic::auth::bearer(authorization).ok_or(Denial::MissingToken)
     }
 
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.

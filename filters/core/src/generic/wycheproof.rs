@@ -22,7 +22,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::json;
 
-use crate::jwt::Jwks;
+use crate::generic::jwt::Jwks;
 
 /// What a test set came to.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::jwt::Jwks;
+use crate::generic::jwt::Jwks;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Signer;
@@ -285,7 +285,7 @@ fn bad_configs_name_the_field() {
     assert!(gateway().sign(1, "GET", "/", "i").is_none());
 }
 
-/// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+/// The derived reader reads every document as the serde derive (the JSON Schema's source) does.
 #[test]
 fn the_reader_agrees_with_the_schema_types() {
     let docs = [
@@ -321,7 +321,10 @@ fn the_reader_agrees_with_the_schema_types() {
         r#"{"features":[],"authenticity":{"key":"x"}}"#,
         r#"{"features":[]} x"#,
     ];
-    crate::json::assert_reads_like_serde::<config::Config, _>(&docs, config::Config::read);
+    crate::generic::json::assert_reads_like_serde::<config::Config, _>(
+        &docs,
+        crate::generic::json::parse::<config::Config>,
+    );
     let err = Gateway::from_json_env(
         br#"{"features":[{"name":"f","prefix":"/","cluster":"c","rate_limit":{"requests":1,"per":"day"}}]}"#,
         |_| None,

@@ -1,22 +1,21 @@
 //! A small pull reader for the JSON the filters parse (plugin configurations, polled route tables,
 //! JWKS and OpenID documents, JWT headers and claims), and the string encoder replies need.
 //!
-//! Why not serde_json: V8 compiles every function of a module with TurboFan when Envoy loads it,
-//! so start-up time and Envoy's memory grow with the code, and serde_json's deserializers,
-//! instantiated for each type, were a sixth to a fifth of each module. The reader walks a
-//! document once, borrows strings that hold no escapes, builds only what it is asked for (a
-//! 100,000-route table is compiled route by route), and names the field in its errors. The serde
-//! derives on the configuration types stay: they generate the JSON Schemas and, in the tests,
-//! check that each reader accepts and refuses what they do.
+//! Not serde_json: V8 compiles every function of a module when Envoy loads it, once per VM, so
+//! code size is start-up time and memory (docs/design.md has the measurements). The reader walks a
+//! document once, borrows strings that hold no escapes, builds only what it is asked for (a large
+//! route table is compiled route by route), and names the field in its errors.
 //!
-//! The readers (here and in the modules that use them) are `#[inline(never)]`: one large function
-//! costs Envoy more memory than the same code in several (measured: a 9 KB configuration reader
-//! inlined into its caller cost 5 MiB of RSS more than the same code in three functions).
+//! Configuration types are declared once, with serde attributes (their JSON Schema comes from
+//! them), and `#[derive(FromJson)]` generates their reader from the same attributes. Readers are
+//! `#[inline(never)]`: one large function costs V8 more memory than the same code in several.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::config::ConfigError;
+use crate::generic::config::ConfigError;
+
+pub use edgewise_json_derive::FromJson;
 
 /// What is wrong with a document, naming the field when there is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +86,20 @@ impl<'p> Field<'p> {
 
     /// A key the object at this field does not have.
     pub fn unknown(&self, key: &str, known: &[&str]) -> Error {
-        error(format!("unknown field `{key}`{}, expected one of `{}`", self.within(), known.join("`, `")))
+        self.unknown_field(key, None, known)
+    }
+
+    /// A key the object at this field does not have, where `tag` (an internally tagged enum's) is
+    /// known too.
+    pub fn unknown_field(&self, key: &str, tag: Option<&str>, known: &[&str]) -> Error {
+        let mut expected = String::new();
+        for name in tag.iter().chain(known) {
+            if !expected.is_empty() {
+                expected.push_str("`, `");
+            }
+            expected.push_str(name);
+        }
+        error(format!("unknown field `{key}`{}, expected one of `{expected}`", self.within()))
     }
 
     /// This key is missing from its object.
@@ -182,6 +194,7 @@ impl Value {
 /// How deeply values read whole may nest: they come from clients (token payloads).
 const MAX_DEPTH: u32 = 32;
 
+#[derive(Clone)]
 pub struct Reader<'a> {
     src: &'a [u8],
     pos: usize,
@@ -278,6 +291,17 @@ impl<'a> Reader<'a> {
             }
             return Err(self.syntax("`,` or `}`").into());
         }
+    }
+
+    /// A key a struct does not have: refused, unless it is `tag`, the tag of the enum the struct
+    /// is a variant of (a string the enum's reader has checked), which is passed over. For the
+    /// derived readers; one function, not code in each of them.
+    #[inline(never)]
+    pub fn tag_or_unknown(&mut self, at: &Field, key: &str, tag: Option<&str>, known: &[&str]) -> Result<(), Error> {
+        if tag == Some(key) {
+            return self.str(&at.key(key)).map(drop);
+        }
+        Err(at.unknown_field(key, tag, known))
     }
 
     /// Reads an array, calling `each` with the index of every element and the reader at it.
@@ -615,6 +639,97 @@ pub fn quote(s: &str, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// A value read from JSON at a field. Configuration types derive it (`#[derive(FromJson)]`).
+pub trait FromJson: Sized {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error>;
+}
+
+/// An object's fields read into a struct; `tag` is a key to pass over (the tag of the enum the
+/// struct is a variant of). Derived with `FromJson`.
+pub trait FromJsonObject: Sized {
+    fn from_object(r: &mut Reader<'_>, at: &Field<'_>, tag: Option<&str>) -> Result<Self, Error>;
+}
+
+/// Reads a whole document as `T`: nothing may follow the value.
+#[inline(never)]
+pub fn parse<T: FromJson>(doc: &[u8]) -> Result<T, Error> {
+    let mut r = Reader::new(doc);
+    let value = T::from_json(&mut r, &Field::Root)?;
+    r.end()?;
+    Ok(value)
+}
+
+impl FromJson for String {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.string(at)
+    }
+}
+
+impl FromJson for bool {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.bool(at)
+    }
+}
+
+impl FromJson for u64 {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.u64(at)
+    }
+}
+
+impl FromJson for u32 {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.uint(at)
+    }
+}
+
+impl FromJson for usize {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.uint(at)
+    }
+}
+
+impl<T: FromJson> FromJson for Option<T> {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.optional(|r| T::from_json(r, at))
+    }
+}
+
+impl<T: FromJson> FromJson for Vec<T> {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.list(at, |r, at| T::from_json(r, at))
+    }
+}
+
+impl<T: FromJson> FromJson for std::collections::BTreeMap<String, T> {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        let mut map = std::collections::BTreeMap::new();
+        r.object(at, |r, key| {
+            let value = T::from_json(r, &at.key(&key))?;
+            map.insert(key.into_owned(), value);
+            Ok::<_, Error>(())
+        })?;
+        Ok(map)
+    }
+}
+
+/// A JSON document embedded in another, kept as written (serde, which writes the JSON Schema and
+/// is the tests' reference, reads it as a value and writes it back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raw(pub String);
+
+impl FromJson for Raw {
+    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+        r.raw(at).map(|raw| Raw(raw.to_owned()))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Raw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(|v| Raw(v.to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Tunnel hub access: who may reach which private cluster through its reverse tunnel.
 //!
 //! Users call `/<prefix>/<cluster id>/<Kubernetes API path>` with a bearer JWT. The caller is
-//! authenticated (`crate::auth`), authorized for that cluster (a claim listing cluster ids, a
+//! authenticated (`crate::generic::auth`), authorized for that cluster (a claim listing cluster ids, a
 //! configured table subject -> cluster ids, or both), and the request goes to the tunnel of that
 //! cluster: the filter sets the tunnel-selection header itself (whatever the client sent is
 //! overwritten) and strips the prefix, so the agent's kubectl proxy sees a plain API path.
@@ -10,16 +10,16 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::auth::{
+use crate::generic::auth::{
     compile_issuers, default_clock_skew, default_token_cache_size, AuthError, Identity, IssuerConfig, JwksConfig,
     Keyring, TokenCache, Verifier,
 };
-use crate::config::ConfigError;
-use crate::json::{self, Field, Reader};
-use crate::jwt::Validation;
-use crate::reply::Reply;
+use crate::generic::config::ConfigError;
+use crate::generic::json::{self, FromJson};
+use crate::generic::jwt::Validation;
+use crate::generic::reply::Reply;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -56,70 +56,6 @@ fn default_path_prefix() -> String {
 }
 fn default_cluster_header() -> String {
     "x-edgewise-tunnel-cluster".into()
-}
-
-impl Config {
-    /// Reads the configuration (see `crate::json`); the serde derive is its JSON Schema.
-    #[inline(never)] // see `crate::json`
-    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
-        let (mut issuers, mut audiences) = (None, None);
-        let mut c = Config {
-            issuers: Vec::new(),
-            audiences: Vec::new(),
-            clock_skew_seconds: default_clock_skew(),
-            jwks: JwksConfig::default(),
-            token_cache_size: default_token_cache_size(),
-            path_prefix: default_path_prefix(),
-            cluster_header: default_cluster_header(),
-            clusters_claim: None,
-            allow: BTreeMap::new(),
-            forward_authorization: false,
-        };
-        let mut r = Reader::new(json);
-        r.object(&Field::Root, |r, key| {
-            let f = Field::Root.key(&key);
-            match &*key {
-                "issuers" => issuers = Some(r.list(&f, IssuerConfig::read)?),
-                "audiences" => audiences = Some(r.strings(&f)?),
-                "clock_skew_seconds" => c.clock_skew_seconds = r.u64(&f)?,
-                "jwks" => c.jwks = JwksConfig::read(r, &f)?,
-                "token_cache_size" => c.token_cache_size = r.uint(&f)?,
-                "path_prefix" => c.path_prefix = r.string(&f)?,
-                "cluster_header" => c.cluster_header = r.string(&f)?,
-                "clusters_claim" => c.clusters_claim = r.opt_string(&f)?,
-                "allow" => {
-                    r.object(&f, |r, subject| {
-                        let clusters = r.strings(&f.key(&subject))?;
-                        c.allow.insert(subject.into_owned(), clusters);
-                        Ok::<_, json::Error>(())
-                    })?;
-                }
-                "forward_authorization" => c.forward_authorization = r.bool(&f)?,
-                other => {
-                    return Err(Field::Root.unknown(
-                        other,
-                        &[
-                            "issuers",
-                            "audiences",
-                            "clock_skew_seconds",
-                            "jwks",
-                            "token_cache_size",
-                            "path_prefix",
-                            "cluster_header",
-                            "clusters_claim",
-                            "allow",
-                            "forward_authorization",
-                        ],
-                    ))
-                }
-            }
-            Ok(())
-        })?;
-        r.end()?;
-        c.issuers = issuers.ok_or_else(|| Field::Root.key("issuers").missing())?;
-        c.audiences = audiences.ok_or_else(|| Field::Root.key("audiences").missing())?;
-        Ok(c)
-    }
 }
 
 #[derive(Debug)]
@@ -188,9 +124,9 @@ pub enum Decision {
 }
 
 impl Hub {
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn from_json(json: &[u8]) -> Result<Hub, ConfigError> {
-        let c = Config::read(json)?;
+        let c = json::parse::<Config>(json)?;
         let issuers = compile_issuers(&c.issuers)?;
         if c.audiences.is_empty() {
             return Err(ConfigError::field("audiences", "must name at least one audience"));
@@ -278,7 +214,7 @@ impl Hub {
                 None,
             );
         };
-        let Some(token) = crate::auth::bearer(authorization) else {
+        let Some(token) = crate::generic::auth::bearer(authorization) else {
             let detail = "send a token as `Authorization: Bearer <token>`".to_string();
             return deny(Outcome::Unauthenticated, 401, "unauthenticated", detail, Some("Bearer"));
         };
@@ -322,8 +258,8 @@ fn is_cluster_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::IssuerKeys;
-    use crate::jwt::Jwks;
+    use crate::generic::auth::IssuerKeys;
+    use crate::generic::jwt::Jwks;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
     use p256::ecdsa::signature::Signer;
@@ -431,7 +367,7 @@ mod tests {
         assert!(matches!(no_keys, Decision::Deny { outcome: Outcome::KeysUnavailable, .. }));
     }
 
-    /// `Config::read` reads every document as the serde derive (the JSON Schema's source) does.
+    /// The derived reader reads every document as the serde derive (the JSON Schema's source) does.
     #[test]
     fn the_reader_agrees_with_the_schema_types() {
         let docs = [
@@ -447,7 +383,7 @@ mod tests {
             r#"{"issuers":[],"audiences":[],"path":"/"}"#,
             r#"{"issuers":[],"audiences":[],"forward_authorization":null}"#,
         ];
-        crate::json::assert_reads_like_serde::<Config, _>(&docs, Config::read);
+        crate::generic::json::assert_reads_like_serde::<Config, _>(&docs, crate::generic::json::parse::<Config>);
     }
 
     #[test]

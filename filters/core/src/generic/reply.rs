@@ -18,9 +18,9 @@ impl Reply {
     pub fn body(&self) -> Vec<u8> {
         let mut body = String::with_capacity(24 + self.error.len() + self.detail.len());
         body.push_str("{\"error\":");
-        crate::json::quote(self.error, &mut body);
+        crate::generic::json::quote(self.error, &mut body);
         body.push_str(",\"detail\":");
-        crate::json::quote(&self.detail, &mut body);
+        crate::generic::json::quote(&self.detail, &mut body);
         body.push('}');
         body.into_bytes()
     }

@@ -8,18 +8,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::json::Value;
+use crate::generic::json::Value;
 use serde::Deserialize;
 
-use crate::auth::{bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache};
-use crate::config::ConfigError;
-use crate::json::{self, Field, Reader};
-use crate::jwt::{Jwks, Unverified, Validation};
-use crate::reply::Reply;
+use crate::generic::auth::{
+    bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache,
+};
+use crate::generic::config::ConfigError;
+use crate::generic::json::{self, FromJson};
+use crate::generic::jwt::{Jwks, Unverified, Validation};
+use crate::generic::reply::Reply;
 
 pub const DEFAULT_USER_HEADER: &str = "x-edgewise-user";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "role", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Config {
@@ -27,14 +29,13 @@ pub enum Config {
     Sidecar(SidecarConfig),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The issuer's keys (a JWKS document, inline).
-    #[serde(deserialize_with = "any_json")]
     #[cfg_attr(feature = "schema", schemars(with = "serde_json::Value"))]
-    pub jwks: String,
+    pub jwks: json::Raw,
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     #[serde(default = "default_leeway")]
@@ -52,7 +53,7 @@ pub struct GatewayConfig {
     pub token_cache_size: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
@@ -61,101 +62,6 @@ pub struct SidecarConfig {
     /// The identity headers; removed unless the peer is a trusted gateway.
     #[serde(default = "default_identity_headers")]
     pub identity_headers: Vec<String>,
-}
-
-/// The serde derive's reading of an embedded document (`Config::read` keeps it as written).
-fn any_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    serde_json::Value::deserialize(d).map(|v| v.to_string())
-}
-
-const GATEWAY_FIELDS: &[&str] =
-    &["role", "jwks", "issuers", "audiences", "leeway_seconds", "claim_headers", "forward_token", "token_cache_size"];
-const SIDECAR_FIELDS: &[&str] = &["role", "trusted_gateways", "identity_headers"];
-
-impl Config {
-    /// Reads the configuration (see `crate::json`); the serde derives are its JSON Schema.
-    #[inline(never)] // see `crate::json`
-    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
-        let role = Field::Root.key("role");
-        // The tag may come anywhere: find it first.
-        let mut tag = None;
-        let mut r = Reader::new(json);
-        r.object(&Field::Root, |r, key| {
-            if key == "role" {
-                tag = Some(r.string(&role)?);
-                return Ok(());
-            }
-            r.skip(&Field::Root.key(&key))
-        })?;
-        r.end()?;
-        let mut r = Reader::new(json);
-        match tag.as_deref() {
-            Some("gateway") => GatewayConfig::read(&mut r).map(Config::Gateway),
-            Some("sidecar") => SidecarConfig::read(&mut r).map(Config::Sidecar),
-            Some(_) => Err(role.error("must be gateway or sidecar")),
-            None => Err(role.missing()),
-        }
-    }
-}
-
-impl GatewayConfig {
-    fn read(r: &mut Reader) -> Result<GatewayConfig, json::Error> {
-        let (mut jwks, mut issuers, mut audiences) = (None, None, None);
-        let mut c = GatewayConfig {
-            jwks: String::new(),
-            issuers: Vec::new(),
-            audiences: Vec::new(),
-            leeway_seconds: default_leeway(),
-            claim_headers: default_claim_headers(),
-            forward_token: false,
-            token_cache_size: default_token_cache_size(),
-        };
-        r.object(&Field::Root, |r, key| {
-            let f = Field::Root.key(&key);
-            match &*key {
-                "role" => r.skip(&f)?,
-                "jwks" => jwks = Some(r.raw(&f)?.to_owned()),
-                "issuers" => issuers = Some(r.strings(&f)?),
-                "audiences" => audiences = Some(r.strings(&f)?),
-                "leeway_seconds" => c.leeway_seconds = r.u64(&f)?,
-                "claim_headers" => {
-                    c.claim_headers.clear();
-                    r.object(&f, |r, claim| {
-                        let header = r.string(&f.key(&claim))?;
-                        c.claim_headers.insert(claim.into_owned(), header);
-                        Ok::<_, json::Error>(())
-                    })?;
-                }
-                "forward_token" => c.forward_token = r.bool(&f)?,
-                "token_cache_size" => c.token_cache_size = r.uint(&f)?,
-                other => return Err(Field::Root.unknown(other, GATEWAY_FIELDS)),
-            }
-            Ok(())
-        })?;
-        c.jwks = jwks.ok_or_else(|| Field::Root.key("jwks").missing())?;
-        c.issuers = issuers.ok_or_else(|| Field::Root.key("issuers").missing())?;
-        c.audiences = audiences.ok_or_else(|| Field::Root.key("audiences").missing())?;
-        Ok(c)
-    }
-}
-
-impl SidecarConfig {
-    fn read(r: &mut Reader) -> Result<SidecarConfig, json::Error> {
-        let mut trusted = None;
-        let mut identity_headers = default_identity_headers();
-        r.object(&Field::Root, |r, key| {
-            let f = Field::Root.key(&key);
-            match &*key {
-                "role" => r.skip(&f)?,
-                "trusted_gateways" => trusted = Some(r.strings(&f)?),
-                "identity_headers" => identity_headers = r.strings(&f)?,
-                other => return Err(Field::Root.unknown(other, SIDECAR_FIELDS)),
-            }
-            Ok(())
-        })?;
-        let trusted_gateways = trusted.ok_or_else(|| Field::Root.key("trusted_gateways").missing())?;
-        Ok(SidecarConfig { trusted_gateways, identity_headers })
-    }
 }
 
 fn default_leeway() -> u64 {
@@ -209,12 +115,13 @@ pub enum Role {
 }
 
 impl Role {
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn from_json(json: &[u8]) -> Result<Role, ConfigError> {
-        match Config::read(json)? {
+        match json::parse::<Config>(json)? {
             Config::Gateway(c) => {
                 check_token_cache_size(c.token_cache_size)?;
-                let jwks = Jwks::from_json(c.jwks.as_bytes()).map_err(|e| ConfigError::field("jwks", e.to_string()))?;
+                let jwks =
+                    Jwks::from_json(c.jwks.0.as_bytes()).map_err(|e| ConfigError::field("jwks", e.to_string()))?;
                 if jwks.is_empty() {
                     return Err(ConfigError::field("jwks", "has no usable RS256 or ES256 key"));
                 }
@@ -282,7 +189,7 @@ impl Gateway {
         if let Some(verified) = cache.get(&digest, now) {
             return Ok(verified.clone());
         }
-        let invalid = |e: crate::jwt::JwtError| Reply::new(401, "invalid_token", e.to_string());
+        let invalid = |e: crate::generic::jwt::JwtError| Reply::new(401, "invalid_token", e.to_string());
         let claims = Unverified::parse(token).and_then(|t| t.verify(&self.jwks)).map_err(invalid)?;
         self.validation.check(&claims, now).map_err(invalid)?;
         let headers = self
@@ -322,7 +229,7 @@ impl Sidecar {
 mod tests {
     use super::*;
 
-    /// `Config::read` reads every document as the serde derives (the JSON Schema's source) do.
+    /// The derived reader reads every document as the serde derives (the JSON Schema's source) do.
     #[test]
     fn the_reader_agrees_with_the_schema_types() {
         let docs = [
@@ -340,7 +247,7 @@ mod tests {
             r#"{"role":5,"trusted_gateways":[]}"#,
             r#"{"role":"sidecar","trusted_gateways":[]} x"#,
         ];
-        crate::json::assert_reads_like_serde::<Config, _>(&docs, Config::read);
+        crate::generic::json::assert_reads_like_serde::<Config, _>(&docs, crate::generic::json::parse::<Config>);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! Fetching issuers' keys: OIDC discovery, Cache-Control, and the value shared between workers.
 
 use super::JwksConfig;
-use crate::json::{self, Field, Reader};
+use crate::generic::json::{self, Field, Reader};
 
 /// The two members of an OpenID Provider configuration this needs (it has dozens).
-#[inline(never)] // see `crate::json`
+#[inline(never)] // see `crate::generic::json`
 fn read_discovery(json: &[u8]) -> Result<(String, String), json::Error> {
     let (mut issuer, mut jwks_uri) = (None, None);
     let mut r = Reader::new(json);

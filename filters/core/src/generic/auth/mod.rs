@@ -1,6 +1,6 @@
 //! Bearer-token authentication shared by the filters that verify JWTs (cloud-connector,
 //! tunnel-auth): issuers and how their keys are found, the keys in force, and a cache of
-//! verified tokens. Signature and claims checks are `crate::jwt`'s.
+//! verified tokens. Signature and claims checks are `crate::generic::jwt`'s.
 
 pub mod keys;
 
@@ -11,14 +11,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::ConfigError;
-use crate::json::{self, Field, Object, Reader, Value};
-use crate::jwt::{Jwks, JwtError, Unverified, Validation};
+use crate::generic::config::ConfigError;
+use crate::generic::json::{FromJson, Object, Value};
+use crate::generic::jwt::{Jwks, JwtError, Unverified, Validation};
 
 /// Scopes are kept as a bit set per token.
 pub const MAX_SCOPES: usize = 64;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
@@ -35,7 +35,7 @@ pub struct IssuerConfig {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct JwksConfig {
@@ -69,62 +69,7 @@ impl Default for JwksConfig {
     }
 }
 
-impl IssuerConfig {
-    #[inline(never)] // see `crate::json`
-    pub fn read(r: &mut Reader, at: &Field) -> Result<IssuerConfig, json::Error> {
-        let mut c = IssuerConfig { issuer: String::new(), cluster: None, authority: None, jwks_path: None, name: None };
-        let mut issuer = None;
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "issuer" => issuer = Some(r.string(&f)?),
-                "cluster" => c.cluster = r.opt_string(&f)?,
-                "authority" => c.authority = r.opt_string(&f)?,
-                "jwks_path" => c.jwks_path = r.opt_string(&f)?,
-                "name" => c.name = r.opt_string(&f)?,
-                other => return Err(at.unknown(other, &["issuer", "cluster", "authority", "jwks_path", "name"])),
-            }
-            Ok(())
-        })?;
-        c.issuer = issuer.ok_or_else(|| at.key("issuer").missing())?;
-        Ok(c)
-    }
-}
-
 impl JwksConfig {
-    #[inline(never)]
-    pub fn read(r: &mut Reader, at: &Field) -> Result<JwksConfig, json::Error> {
-        let mut c = JwksConfig::default();
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            *match &*key {
-                "refresh_seconds" => &mut c.refresh_seconds,
-                "min_refresh_seconds" => &mut c.min_refresh_seconds,
-                "max_refresh_seconds" => &mut c.max_refresh_seconds,
-                "retry_seconds" => &mut c.retry_seconds,
-                "kid_miss_cooldown_seconds" => &mut c.kid_miss_cooldown_seconds,
-                "timeout_ms" => &mut c.timeout_ms,
-                "wait_ms" => &mut c.wait_ms,
-                other => {
-                    return Err(at.unknown(
-                        other,
-                        &[
-                            "refresh_seconds",
-                            "min_refresh_seconds",
-                            "max_refresh_seconds",
-                            "retry_seconds",
-                            "kid_miss_cooldown_seconds",
-                            "timeout_ms",
-                            "wait_ms",
-                        ],
-                    ))
-                }
-            } = r.u64(&f)?;
-            Ok(())
-        })?;
-        Ok(c)
-    }
-
     pub fn check(&self) -> Result<(), ConfigError> {
         let j = self;
         if j.min_refresh_seconds == 0 || j.min_refresh_seconds > j.max_refresh_seconds {
@@ -398,7 +343,7 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 impl Verifier {
     /// Verifies a token (or finds it verified in the cache) and returns who it identifies.
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn authenticate(
         &self,
         token: &str,

@@ -94,7 +94,7 @@ impl Rs256Key {
     }
 
     /// s^65537 mod n as k big-endian bytes; `None` if the signature is not k bytes or not < n.
-    // Kept out of its callers (see `crate::json`); one call per verification.
+    // Kept out of its callers (see `crate::generic::json`); one call per verification.
     #[inline(never)]
     fn public_op(&self, signature: &[u8]) -> Option<Vec<u8>> {
         if signature.len() != self.k {

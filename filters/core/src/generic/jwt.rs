@@ -11,9 +11,9 @@ use base64::Engine;
 #[cfg(not(feature = "native-crypto"))]
 use sha2::{Digest, Sha256};
 
-use crate::json::{self, Field, Object, Reader, Value};
+use crate::generic::json::{self, Field, Object, Reader, Value};
 
-use crate::rs256::Rs256Key;
+use crate::generic::rs256::Rs256Key;
 use std::cell::OnceCell;
 
 /// The algorithms a token may use.
@@ -165,7 +165,7 @@ struct RawJwk {
 }
 
 /// `{"keys": [JWK, ...]}`.
-#[inline(never)] // see `crate::json`
+#[inline(never)] // see `crate::generic::json`
 fn read_jwks(json: &[u8]) -> Result<Vec<RawJwk>, json::Error> {
     let mut keys = None;
     let mut r = Reader::new(json);
@@ -213,7 +213,7 @@ const MAX_RSA_BITS: usize = 8192;
 impl Jwks {
     /// Parses a JWKS document. A usable key that is malformed is an error (the whole document is
     /// refused, so that a broken rotation never replaces good keys); unusable keys are skipped.
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn from_json(json: &[u8]) -> Result<Jwks, JwksError> {
         let raw = read_jwks(json)?;
         let mut keys = Vec::with_capacity(raw.len());

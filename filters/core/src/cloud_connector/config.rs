@@ -4,18 +4,18 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
-use crate::config::ConfigError;
-use crate::json::{self, Field, Reader};
-use crate::jwt::Validation;
+use crate::generic::config::ConfigError;
+use crate::generic::json::FromJson;
+use crate::generic::jwt::Validation;
 
 use super::limiter::Limit;
 use super::{Feature, Gateway, MAX_SCOPES};
-use crate::auth::{
+use crate::generic::auth::{
     check_token_cache_size, compile_issuers, default_audiences, default_clock_skew, default_issuers,
     default_token_cache_size, label, IssuerConfig, JwksConfig, Verifier,
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -59,7 +59,7 @@ pub struct Config {
     pub forward_authorization: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FeatureConfig {
@@ -78,7 +78,7 @@ pub struct FeatureConfig {
     pub rate_limit: Option<LimitConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
@@ -89,7 +89,7 @@ pub struct LimitConfig {
     pub burst: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Period {
@@ -98,7 +98,7 @@ pub enum Period {
     Hour,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
@@ -115,7 +115,7 @@ impl Default for RateLimitConfig {
 }
 
 /// Headers the gateway owns: whatever a client sends under these names is replaced or removed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
@@ -148,7 +148,7 @@ impl Default for HeadersConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AuthenticityConfig {
@@ -173,210 +173,9 @@ fn default_true() -> bool {
 
 const MIN_SECRET_BYTES: usize = 32;
 
-// The readers of these types (see `crate::json`); the serde derives above are the JSON Schema,
-// and the tests check both read the same documents the same way.
-
-impl Config {
-    #[inline(never)] // see `crate::json`
-    pub fn read(json: &[u8]) -> Result<Config, json::Error> {
-        let mut c = Config {
-            issuers: default_issuers(),
-            audiences: default_audiences(),
-            clock_skew_seconds: default_clock_skew(),
-            required_claims: Vec::new(),
-            features: Vec::new(),
-            jwks: JwksConfig::default(),
-            rate_limit: RateLimitConfig::default(),
-            token_cache_size: default_token_cache_size(),
-            headers: HeadersConfig::default(),
-            authenticity: None,
-            cluster_header: default_cluster_header(),
-            health_path: default_health_path(),
-            public_paths: default_public_paths(),
-            forward_authorization: true,
-        };
-        let mut features = None;
-        let mut r = Reader::new(json);
-        r.object(&Field::Root, |r, key| {
-            let f = Field::Root.key(&key);
-            match &*key {
-                "issuers" => c.issuers = r.list(&f, IssuerConfig::read)?,
-                "audiences" => c.audiences = r.strings(&f)?,
-                "clock_skew_seconds" => c.clock_skew_seconds = r.u64(&f)?,
-                "required_claims" => c.required_claims = r.strings(&f)?,
-                "features" => features = Some(r.list(&f, FeatureConfig::read)?),
-                "jwks" => c.jwks = JwksConfig::read(r, &f)?,
-                "rate_limit" => c.rate_limit = RateLimitConfig::read(r, &f)?,
-                "token_cache_size" => c.token_cache_size = r.uint(&f)?,
-                "headers" => c.headers = HeadersConfig::read(r, &f)?,
-                "authenticity" => c.authenticity = r.optional(|r| AuthenticityConfig::read(r, &f))?,
-                "cluster_header" => c.cluster_header = r.string(&f)?,
-                "health_path" => c.health_path = r.string(&f)?,
-                "public_paths" => c.public_paths = r.strings(&f)?,
-                "forward_authorization" => c.forward_authorization = r.bool(&f)?,
-                other => return Err(Field::Root.unknown(other, CONFIG_FIELDS)),
-            }
-            Ok(())
-        })?;
-        r.end()?;
-        c.features = features.ok_or_else(|| Field::Root.key("features").missing())?;
-        Ok(c)
-    }
-}
-
-const CONFIG_FIELDS: &[&str] = &[
-    "issuers",
-    "audiences",
-    "clock_skew_seconds",
-    "required_claims",
-    "features",
-    "jwks",
-    "rate_limit",
-    "token_cache_size",
-    "headers",
-    "authenticity",
-    "cluster_header",
-    "health_path",
-    "public_paths",
-    "forward_authorization",
-];
-
-impl FeatureConfig {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<FeatureConfig, json::Error> {
-        let (mut name, mut prefix, mut cluster) = (None, None, None);
-        let (mut scopes, mut rewrite_prefix, mut rate_limit) = (Vec::new(), None, None);
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "name" => name = Some(r.string(&f)?),
-                "prefix" => prefix = Some(r.string(&f)?),
-                "scopes" => scopes = r.strings(&f)?,
-                "cluster" => cluster = Some(r.string(&f)?),
-                "rewrite_prefix" => rewrite_prefix = r.opt_string(&f)?,
-                "rate_limit" => rate_limit = r.optional(|r| LimitConfig::read(r, &f))?,
-                other => {
-                    return Err(
-                        at.unknown(other, &["name", "prefix", "scopes", "cluster", "rewrite_prefix", "rate_limit"])
-                    )
-                }
-            }
-            Ok(())
-        })?;
-        Ok(FeatureConfig {
-            name: name.ok_or_else(|| at.key("name").missing())?,
-            prefix: prefix.ok_or_else(|| at.key("prefix").missing())?,
-            scopes,
-            cluster: cluster.ok_or_else(|| at.key("cluster").missing())?,
-            rewrite_prefix,
-            rate_limit,
-        })
-    }
-}
-
-impl LimitConfig {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<LimitConfig, json::Error> {
-        let (mut requests, mut per, mut burst) = (None, None, None);
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "requests" => requests = Some(r.u64(&f)?),
-                "per" => {
-                    per = Some(match &*r.str(&f)? {
-                        "second" => Period::Second,
-                        "minute" => Period::Minute,
-                        "hour" => Period::Hour,
-                        _ => return Err(f.error("must be second, minute or hour")),
-                    })
-                }
-                "burst" => burst = r.opt_u64(&f)?,
-                other => return Err(at.unknown(other, &["requests", "per", "burst"])),
-            }
-            Ok(())
-        })?;
-        Ok(LimitConfig {
-            requests: requests.ok_or_else(|| at.key("requests").missing())?,
-            per: per.ok_or_else(|| at.key("per").missing())?,
-            burst,
-        })
-    }
-}
-
-impl RateLimitConfig {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<RateLimitConfig, json::Error> {
-        let mut c = RateLimitConfig::default();
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "key_claim" => c.key_claim = r.string(&f)?,
-                "slots" => c.slots = r.uint(&f)?,
-                other => return Err(at.unknown(other, &["key_claim", "slots"])),
-            }
-            Ok(())
-        })?;
-        Ok(c)
-    }
-}
-
-impl HeadersConfig {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<HeadersConfig, json::Error> {
-        let mut c = HeadersConfig::default();
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "instance_id" => c.instance_id = r.string(&f)?,
-                "realm" => c.realm = r.string(&f)?,
-                "scopes" => c.scopes = r.string(&f)?,
-                "issuer" => c.issuer = r.string(&f)?,
-                "signature" => c.signature = r.string(&f)?,
-                "feature" => c.feature = r.opt_string(&f)?,
-                "rate_limit_key" => c.rate_limit_key = r.opt_string(&f)?,
-                "strip" => c.strip = r.strings(&f)?,
-                other => {
-                    return Err(at.unknown(
-                        other,
-                        &[
-                            "instance_id",
-                            "realm",
-                            "scopes",
-                            "issuer",
-                            "signature",
-                            "feature",
-                            "rate_limit_key",
-                            "strip",
-                        ],
-                    ))
-                }
-            }
-            Ok(())
-        })?;
-        Ok(c)
-    }
-}
-
-impl AuthenticityConfig {
-    #[inline(never)]
-    fn read(r: &mut Reader, at: &Field) -> Result<AuthenticityConfig, json::Error> {
-        let mut c = AuthenticityConfig { secret_env: None, secret: None };
-        r.object(at, |r, key| {
-            let f = at.key(&key);
-            match &*key {
-                "secret_env" => c.secret_env = r.opt_string(&f)?,
-                "secret" => c.secret = r.opt_string(&f)?,
-                other => return Err(at.unknown(other, &["secret_env", "secret"])),
-            }
-            Ok(())
-        })?;
-        Ok(c)
-    }
-}
-
 impl Config {
     /// Checks every field and builds the gateway. `env` reads the VM's environment variables.
-    #[inline(never)] // see `crate::json`
+    #[inline(never)] // see `crate::generic::json`
     pub fn compile(self, env: impl Fn(&str) -> Option<String>) -> Result<Gateway, ConfigError> {
         let issuers = compile_issuers(&self.issuers)?;
         if self.audiences.is_empty() {
