@@ -34,14 +34,14 @@ $(CURDIR)/.venv/bin/envoy:
 wasm-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+# Debian packages are installed by tools/apt-install: as root, or through password-less sudo;
+# otherwise it fails with the command to run.
 node:
-	@command -v node >/dev/null || { echo "Node.js is needed to run filters/core's tests as wasm (apt-get install nodejs)"; exit 1; }
+	@command -v node >/dev/null || tools/apt-install nodejs
 
 # skopeo and a real registry (CNCF distribution) for the OCI image tests, from Debian's packages.
 oci-tools:
-	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || \
-		{ DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry || \
-		  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y skopeo docker-registry; }; }
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || tools/apt-install skopeo docker-registry
 
 # Regenerates schemas/*.schema.json from the Rust config types.
 schemas:
@@ -92,7 +92,7 @@ test-e2e:
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)
 
 bench: setup
-	@command -v wrk >/dev/null || apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }
+	@command -v wrk >/dev/null || tools/apt-install wrk
 	$(CARGO) run --release --bin edgewise-bench
 
 # Every scenario under a bounded load of valid, invalid and hostile requests while certificates

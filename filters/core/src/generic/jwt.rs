@@ -78,7 +78,7 @@ enum KeyMaterial {
 }
 
 /// The key as `ring` takes it: the native build verifies with ring (a well-kept, constant-time
-/// library, 5-10x faster than the wasm build's own code); empty in the wasm build.
+/// library, faster than the wasm build's own code); empty in the wasm build.
 #[derive(Debug, Clone)]
 struct NativeKey {
     /// RSA: the modulus, big-endian; P-256: the uncompressed point (0x04 ‖ x ‖ y).

@@ -1,9 +1,9 @@
 //! Host patterns: the part of regex syntax a host layout needs, compiled once at configure time
 //! and matched by a bounded backtracker.
 //!
-//! A regex engine in the module cost serverless 47 KB of wasm, 3.4 MiB of Envoy RSS and 0.13 s
-//! of load (regex-lite, measured); a host layout needs little of it. The tests check this matcher
-//! against regex-lite on the same patterns: same texts accepted, same groups captured.
+//! Not a regex engine: in a module one costs size, memory and load time (docs/design.md), and a
+//! host layout needs little of it. The tests check this matcher against regex-lite on the same
+//! patterns: same texts accepted, same groups captured.
 //!
 //! Syntax: literals; `.`; `\d \w \s` and their negations; `\` before punctuation; classes such
 //! as `[a-z0-9-]` and `[^.]`; groups `(?P<name>...)`, `(?<name>...)` and `(?:...)`; `|`;

@@ -1,9 +1,8 @@
 //! RS256 (RSASSA-PKCS1-v1_5 with SHA-256) verification for public exponent 65537, tuned for wasm.
 //!
-//! The general-purpose `rsa` crate spends ~650 µs per 2048-bit verification in V8. Here the key is
+//! The general-purpose `rsa` crate is several times slower in V8 (docs/design.md). Here the key is
 //! prepared once (27-bit limbs, see `BITS`; the Montgomery constant and R² mod n), and a
-//! verification is 16 Montgomery squarings and two multiplications: ~105 µs in Node's V8 on
-//! the benchmark machine (140 µs with 32-bit limbs and carry chains). The result is compared
+//! verification is 16 Montgomery squarings and two multiplications. The result is compared
 //! with the expected PKCS#1 v1.5 block built byte for byte, so no ASN.1 is parsed from attacker
 //! input. Everything here handles public data only (key, signature, digest), so it need not be
 //! constant-time.
