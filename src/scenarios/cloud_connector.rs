@@ -176,7 +176,7 @@ pub fn claims(instance: &str, scopes: &[&str]) -> Value {
             "iat": now, "nbf": now, "exp": now + 600, "jti": format!("{instance}-{now}") })
 }
 
-/// Checks an `x-edgewise-signature` value the way a backend would (the README's recipe).
+/// Checks an `x-edgewise-signature` value the way a backend would (the recipe in docs/cloud-connector.md).
 pub fn signature_valid(secret: &[u8], header: &str, method: &str, path: &str, instance: &str) -> bool {
     let Some((t, v1)) = header.strip_prefix("t=").and_then(|rest| rest.split_once(",v1=")) else { return false };
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);

@@ -21,8 +21,9 @@ pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
 pub const DEFAULT_PATTERN: &str = "(?P<project>[0-9a-f]{8})-(?P<environment>[0-9a-f]{8})-(?P<function>[0-9a-f]{10})";
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-edgewise-cluster";
 
-/// The plugin configuration, as JSON. Declared once: the serde attributes give the JSON Schema
-/// and the derived reader (`FromJson`); serde's own reading is the tests' reference.
+// Declared once: the serde attributes give the JSON Schema and the derived reader (`FromJson`);
+// serde's own reading is the tests' reference.
+/// The plugin configuration, as JSON.
 #[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]

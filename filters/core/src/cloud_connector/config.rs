@@ -43,7 +43,7 @@ pub struct Config {
     pub token_cache_size: usize,
     #[serde(default)]
     pub headers: HeadersConfig,
-    /// Signs what reaches the backends (see README: "Verifying the gateway signature").
+    /// Signs what reaches the backends (docs/cloud-connector.md, "Signature for backends").
     pub authenticity: Option<AuthenticityConfig>,
     /// Cluster header the route reads to pick the feature's backend (`cluster_header`).
     #[serde(default = "default_cluster_header")]

@@ -237,7 +237,7 @@ fn the_cache_is_bounded() {
 
 #[test]
 fn signature_matches_the_documented_recipe() {
-    // The README's recipe, spelled out: HMAC-SHA256 over "v1\n<t>\n<METHOD>\n<path>\n<instance id>\n".
+    // The recipe of docs/cloud-connector.md, spelled out: HMAC-SHA256 over "v1\n<t>\n<METHOD>\n<path>\n<instance id>\n".
     let secret = b"0123456789abcdef0123456789abcdef";
     let sig = signature(secret, 1_800_000_000, "POST", "/v2/code/completions?x=1", "instance-1");
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
