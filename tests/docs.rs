@@ -75,7 +75,11 @@ fn variants<'a>(root: &'a Value, node: &'a Value) -> Vec<&'a Value> {
     }
     for key in ["anyOf", "oneOf", "allOf"] {
         if let Some(list) = node.get(key).and_then(Value::as_array) {
-            return list.iter().filter(|v| v.get("type") != Some(&Value::from("null"))).flat_map(|v| variants(root, v)).collect();
+            return list
+                .iter()
+                .filter(|v| v.get("type") != Some(&Value::from("null")))
+                .flat_map(|v| variants(root, v))
+                .collect();
         }
     }
     vec![node]
@@ -162,7 +166,8 @@ fn check_page(filter: &str) -> Vec<String> {
     let page_path = root().join("docs").join(format!("{filter}.md"));
     let page = fs::read_to_string(&page_path).unwrap_or_else(|e| panic!("{}: {e}", page_path.display()));
     let schema: Value =
-        serde_json::from_str(&fs::read_to_string(root().join(format!("schemas/{filter}.schema.json"))).unwrap()).unwrap();
+        serde_json::from_str(&fs::read_to_string(root().join(format!("schemas/{filter}.schema.json"))).unwrap())
+            .unwrap();
     let rows = field_rows(&page);
     let mut wrong = Vec::new();
     if rows.is_empty() {
@@ -204,7 +209,9 @@ fn check_page(filter: &str) -> Vec<String> {
             let schema_default = found.schemas.iter().find_map(|s| s.get("default"));
             if let (Some(value), Some(schema_default)) = (literal(default), schema_default) {
                 if *schema_default != value {
-                    wrong.push(format!("docs/{filter}.md: `{path}` defaults to {schema_default}, the page says {value}"));
+                    wrong.push(format!(
+                        "docs/{filter}.md: `{path}` defaults to {schema_default}, the page says {value}"
+                    ));
                 }
             }
         }
@@ -245,7 +252,12 @@ fn anchor(heading: &str) -> String {
 
 fn markdown_files() -> Vec<PathBuf> {
     let mut files = vec![root().join("README.md")];
-    files.extend(fs::read_dir(root().join("docs")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "md")));
+    files.extend(
+        fs::read_dir(root().join("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md")),
+    );
     files
 }
 

@@ -83,7 +83,14 @@ fn another_user_goes_through_password_less_sudo() {
     bin.stand_in("sudo", r#"[ "$1" = -n ] || exit 1; shift; exec "$@""#);
     let out = bin.run(true, &["nodejs"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(bin.calls(), ["sudo -n true", "sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs", "apt-get install -y nodejs"]);
+    assert_eq!(
+        bin.calls(),
+        [
+            "sudo -n true",
+            "sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs",
+            "apt-get install -y nodejs"
+        ]
+    );
 }
 
 #[test]
