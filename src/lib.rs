@@ -12,6 +12,7 @@ pub mod hostile;
 pub mod idp;
 pub mod native;
 pub mod oci;
+pub mod ratelimit;
 pub mod scenarios;
 pub mod server;
 pub mod tls;

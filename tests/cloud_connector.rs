@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use edgewise::client::{raw_get, raw_statuses, Client, Request, Response};
 use edgewise::envoy::{Envoy, Options};
 use edgewise::idp::{self, Idp};
+use edgewise::ratelimit::{RateLimitService, Redis};
 use edgewise::scenarios::cloud_connector::{self as cc, Issuers, Pki, CUSTOMERS, GITLAB};
 use edgewise::server::{Listen, Server};
 use serde_json::{json, Value};
@@ -472,35 +473,173 @@ async fn rate_limits_hold_across_two_workers() {
     assert_eq!(s.metric("requests.code_suggestions.rate_limited").await, limited as u64);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fleet_shares_limits_through_the_global_rate_limit_service() {
-    let k1 = Idp::new(GITLAB, "k1").unwrap();
-    let rls = cc::rate_limit_service("blocked-org").await.unwrap();
-    let port = rls.port();
-    let s = setup(
+/// Redis and edgewise-ratelimit with the limits file `limits` (a path), both on ports the OS
+/// picks, under `dir`.
+async fn fleet_limits(dir: &std::path::Path, limits: &std::path::Path) -> (Redis, RateLimitService) {
+    let redis = Redis::start_any(&dir.join("redis")).await.unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_edgewise-ratelimit"));
+    let rls = RateLimitService::start(binary, limits, &redis.url(), 0, 0, &dir.join("ratelimit.log")).await.unwrap();
+    rls.ready(Duration::from_secs(10)).await.unwrap();
+    (redis, rls)
+}
+
+/// A gateway of the fleet: the shipped YAML in global mode, at the service's gRPC port.
+async fn replica(rls: &RateLimitService, keys: &[&Idp]) -> Setup {
+    let port = rls.grpc;
+    let published = published(keys);
+    setup(
         move |c| {
             c.replace("numerator: 0, denominator: HUNDRED", "numerator: 100, denominator: HUNDRED").port(18081, port)
         },
-        |i| i.publish(GITLAB, published(&[&k1])),
+        move |i| i.publish(GITLAB, published),
     )
-    .await;
-    let good = k1.token(cc::claims("good-org", &["code_suggestions"]));
-    let blocked = k1.token(cc::claims("blocked-org", &["code_suggestions"]));
-    assert_eq!(s.until_accepted(&good, Duration::from_secs(10)).await.status, 200);
-    // The descriptor comes from the verified token: a forged key header changes nothing.
-    let r = s.call("/ai/v2/code/completions", Some(&blocked), &[("x-edgewise-ratelimit-key", "good-org")]).await;
-    assert_eq!(r.status, 429, "{}", r.text());
-    assert_eq!(r.header("x-envoy-ratelimited"), Some("true"));
-    let asked = rls.seen();
-    let last = asked.last().unwrap();
-    assert_eq!(last.path, "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit");
-    for part in ["cloud-connector", "feature", "code_suggestions", "organization", "blocked-org"] {
-        assert!(last.body.contains(part), "descriptor without {part:?}: {:?}", last.body);
+    .await
+}
+
+/// Sends `n` requests for `path` with `token`, alternating between the replicas, 8 at a time;
+/// the responses.
+async fn spread(replicas: &[&Setup], path: &str, token: &str, n: usize, headers: &[(&str, &str)]) -> Vec<Response> {
+    let mut all = Vec::new();
+    for round in 0..n.div_ceil(8) {
+        let calls = (0..8.min(n - round * 8))
+            .map(|i| replicas[(round * 8 + i) % replicas.len()].call(path, Some(token), headers));
+        all.extend(futures_util::future::join_all(calls).await);
     }
-    assert!(!last.body.contains("good-org"));
-    // Nothing of it reaches the backend.
-    let seen = s.ai.seen().pop().unwrap();
+    all
+}
+
+/// Waits until `check` holds, at most 15 s.
+async fn until(what: &str, check: impl AsyncFn() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two gateways share one limit per organization and feature through edgewise-ratelimit on
+/// Redis (the shipped limits file: observability 300 a minute), with the RateLimit headers and
+/// Retry-After; another organization is unaffected; the descriptor comes from the verified
+/// token only; a restart of the service (graceful: SIGTERM, exit 0) loses no count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_shares_one_limit_per_organization_through_edgewise_ratelimit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, mut rls) = fleet_limits(dir.path(), &edgewise::ratelimit::shipped_limits()).await;
+    let k1 = Idp::new(GITLAB, "k1").unwrap();
+    let (a, b) = (replica(&rls, &[&k1]).await, replica(&rls, &[&k1]).await);
+    let busy = k1.token(cc::claims("busy-org", &["observability", "code_suggestions"]));
+    let quiet = k1.token(cc::claims("quiet-org", &["observability", "code_suggestions"]));
+    for s in [&a, &b] {
+        assert_eq!(s.until_accepted(&busy, Duration::from_secs(10)).await.status, 200);
+    }
+    let limit = 300;
+
+    // 1.5 times the limit, half through each gateway, concurrently.
+    let responses = spread(&[&a, &b], "/observability/query", &busy, limit * 3 / 2, &[]).await;
+    let allowed = responses.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    println!("fleet: {allowed} allowed, {} limited of {}", limited.len(), responses.len());
+    assert_eq!(allowed + limited.len(), responses.len(), "only 200 and 429");
+    assert!(allowed.abs_diff(limit) <= limit / 50, "{allowed} allowed across the fleet, limit {limit} (± 2%)");
+    for r in &limited {
+        assert_eq!(r.header("x-envoy-ratelimited"), Some("true"));
+        assert_eq!(r.header("ratelimit-limit"), Some("300"));
+        assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+        assert_eq!(r.header("ratelimit-policy"), Some("300;w=60"));
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "retry-after {retry}");
+    }
+    // Both gateways refuse now, for this organization and this feature only.
+    for s in [&a, &b] {
+        assert_eq!(s.call("/observability/query", Some(&busy), &[]).await.status, 429);
+        assert_eq!(s.call("/ai/v2/code/completions", Some(&busy), &[]).await.status, 200);
+    }
+    let r = a.call("/observability/query", Some(&quiet), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("ratelimit-remaining"), Some("299"), "the quiet organization's own count");
+    // Forged descriptor headers change nothing: the filter sets them from the token.
+    let forged = [("x-edgewise-ratelimit-key", "quiet-org"), ("x-edgewise-feature", "code_suggestions")];
+    assert_eq!(b.call("/observability/query", Some(&busy), &forged).await.status, 429);
+    let seen = a.obs.seen().pop().unwrap();
     assert_eq!((seen.header("x-edgewise-feature"), seen.header("x-edgewise-ratelimit-key")), (None, None));
+
+    // The service's metrics: labelled by feature, never by organization.
+    let over = rls
+        .metric("edgewise_ratelimit_descriptors_total{feature=\"observability\",outcome=\"over_limit\"}")
+        .await
+        .unwrap();
+    assert!(over >= limited.len() as f64, "over_limit {over}");
+    assert!(!rls.get("/metrics").await.unwrap().1.contains("busy-org"));
+
+    // A restart keeps every count (they are in Redis).
+    let status = rls.stop().await.unwrap();
+    assert!(status.success(), "graceful shutdown: {status}; log: {}", rls.log());
+    rls.start_again().await.unwrap();
+    rls.ready(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(a.call("/observability/query", Some(&busy), &[]).await.status, 429);
+    let r = b.call("/observability/query", Some(&quiet), &[]).await;
+    assert_eq!((r.status, r.header("ratelimit-remaining")), (200, Some("298")));
+}
+
+/// What a gateway does when the shared counter cannot answer: Redis down, Redis too slow, the
+/// service down. The request goes on to the gateway's own buckets (failure_mode_deny: false),
+/// within the filter's 0.1 s timeout, counted by Envoy and the service; limits apply again once
+/// Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_shared_counter_requests_fall_back_to_each_gateway_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits.json");
+    std::fs::write(&limits, r#"{"limits":{"observability":{"requests":5,"per":"minute"}}}"#).unwrap();
+    let (mut redis, mut rls) = fleet_limits(dir.path(), &limits).await;
+    let k1 = Idp::new(GITLAB, "k1").unwrap();
+    let s = replica(&rls, &[&k1]).await;
+    let token = k1.token(cc::claims("an-org", &["observability", "code_suggestions"]));
+    assert_eq!(s.until_accepted(&token, Duration::from_secs(10)).await.status, 200);
+    let statuses = |rs: Vec<Response>| rs.iter().map(|r| r.status).collect::<Vec<_>>();
+    assert_eq!(
+        statuses(spread(&[&s], "/observability/q", &token, 7, &[]).await).iter().filter(|s| **s == 200).count(),
+        5
+    );
+    let fallback = || async { s.envoy.stat("cluster.observability.ratelimit.failure_mode_allowed").await.unwrap_or(0) };
+
+    // Redis down: allowed (the gateway's buckets decide), quickly, and counted.
+    redis.stop().await;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let r = s.call("/observability/q", Some(&token), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    }
+    assert_eq!(fallback().await, 3);
+    assert!(rls.metric("edgewise_ratelimit_storage_errors_total").await.unwrap() >= 1.0);
+    until("readyz 503 while Redis is down", async || rls.get("/readyz").await.unwrap().0 == 503).await;
+    assert_eq!(rls.metric("edgewise_ratelimit_storage_up").await.unwrap(), 0.0);
+
+    // Redis back (empty: no persistence here): the limit applies again.
+    redis.restart().await.unwrap();
+    until("ready again", async || rls.get("/readyz").await.unwrap().0 == 200).await;
+    let after = statuses(spread(&[&s], "/observability/q", &token, 7, &[]).await);
+    assert_eq!(after.iter().filter(|s| **s == 200).count(), 5, "{after:?}; log: {}", rls.log());
+    assert_eq!(after.iter().filter(|s| **s == 429).count(), 2, "{after:?}");
+
+    // Redis too slow (every client paused for 3 s): the 0.1 s timeout bounds the delay.
+    assert_eq!(redis.command("CLIENT PAUSE 3000 ALL").await.unwrap(), "+OK");
+    let before = fallback().await;
+    let start = Instant::now();
+    let r = s.call("/observability/q", Some(&token), &[]).await;
+    let took = start.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(took < Duration::from_millis(500), "a slow service added {took:?}");
+    println!("with Redis paused the request took {took:?}");
+    assert_eq!(fallback().await, before + 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The service down: the same.
+    rls.stop().await.unwrap();
+    let r = s.call("/observability/q", Some(&token), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(fallback().await, before + 2);
+    assert!(s.envoy.stat("cluster.observability.ratelimit.error").await.unwrap_or(0) >= 2);
 }
 
 /// Header values that are not UTF-8 (obs-text, legal in HTTP/1.1) sent on a raw socket: one the

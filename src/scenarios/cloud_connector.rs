@@ -188,23 +188,3 @@ pub fn signature_valid(secret: &[u8], header: &str, method: &str, path: &str, in
     };
     ring::hmac::verify(&key, message.as_bytes(), &tag).is_ok()
 }
-
-/// A stand-in global rate limit service (envoy.service.ratelimit.v3.RateLimitService/
-/// ShouldRateLimit, gRPC over cleartext HTTP/2): OVER_LIMIT when the request's descriptors name
-/// the organization `over`, OK otherwise. What it was asked is in `seen()` (the raw protobuf).
-pub async fn rate_limit_service(over: &'static str) -> Result<Server> {
-    let handler = Arc::new(move |seen: &Seen| {
-        // RateLimitResponse { overall_code (field 1, varint): OK = 1, OVER_LIMIT = 2 }
-        let message = [0x08u8, if seen.body.contains(over) { 2 } else { 1 }];
-        let mut frame = vec![0u8]; // not compressed
-        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&message);
-        Answer {
-            status: 200,
-            headers: vec![("content-type".into(), "application/grpc".into())],
-            body: frame.into(),
-            trailers: vec![("grpc-status".into(), "0".into())],
-        }
-    });
-    Server::start("rate-limit-service", Listen::default(), handler).await
-}

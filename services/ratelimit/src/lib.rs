@@ -1,0 +1,192 @@
+//! `edgewise-ratelimit`: Envoy's `RateLimitService` (gRPC) for a fleet of Cloud Connector
+//! gateways, counting with Kuadrant's limitador on Redis, so that every replica shares one limit
+//! per organization and feature. Beside it an HTTP port answers `/healthz` (the process serves),
+//! `/readyz` (Redis answers) and `/metrics` (Prometheus).
+//!
+//! It starts without Redis (answering UNAVAILABLE, which the gateways' `failure_mode_deny`
+//! decides about) and connects as soon as Redis answers; SIGTERM or SIGINT stops accepting, lets
+//! the calls in flight finish and exits.
+
+pub mod config;
+mod metrics;
+mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use service::{Limiter, FEATURE, ORGANIZATION};
+
+pub struct Options {
+    pub config: Config,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub redis: String,
+}
+
+const USAGE: &str =
+    "usage: edgewise-ratelimit --config <limits.json> [--grpc 127.0.0.1:18081] [--http 127.0.0.1:18082] \
+                     [--redis redis://127.0.0.1:6379]";
+
+impl Options {
+    /// From the command line; `REDIS_URL` is the default of `--redis`.
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+        let mut args = args.into_iter();
+        let (mut config, mut grpc, mut http) = (None, "127.0.0.1:18081".to_string(), "127.0.0.1:18082".to_string());
+        let mut redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        while let Some(flag) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
+            match flag.as_str() {
+                "--config" => config = Some(value()?),
+                "--grpc" => grpc = value()?,
+                "--http" => http = value()?,
+                "--redis" => redis = value()?,
+                _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
+            }
+        }
+        let path = config.ok_or_else(|| format!("--config is required; {USAGE}"))?;
+        let doc = std::fs::read(&path).map_err(|e| format!("reading {path}: {e}"))?;
+        let config = Config::parse(&doc).map_err(|e| format!("{path}: {e}"))?;
+        let addr = |flag: &str, v: &str| v.parse().map_err(|e| format!("{flag} {v:?}: {e}"));
+        Ok(Options { config, grpc: addr("--grpc", &grpc)?, http: addr("--http", &http)?, redis })
+    }
+}
+
+/// Serves until SIGTERM or SIGINT. Prints `listening grpc=<addr> http=<addr>` once both ports
+/// are bound (port 0 picks one).
+pub async fn run(options: Options) -> Result<(), String> {
+    let limiter = Arc::new(Limiter::new(&options.config).map_err(|e| e.to_string())?);
+    let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
+    let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
+    let (grpc_addr, http_addr) =
+        (grpc.local_addr().map_err(|e| e.to_string())?, http.local_addr().map_err(|e| e.to_string())?);
+    println!("listening grpc={grpc_addr} http={http_addr}");
+    eprintln!(
+        "edgewise-ratelimit: domain {:?}, {} limits, Redis {}",
+        options.config.domain,
+        options.config.limits.len(),
+        redact(&options.redis)
+    );
+
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(connect(limiter.clone(), options.config, options.redis));
+    tokio::spawn(watch_redis(limiter.clone()));
+    tokio::spawn(serve_http(http, limiter.clone(), stop.clone()));
+
+    let mut grpc_stop = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(RateLimitServiceServer::from_arc(Arc::new(service::Rls(limiter))))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        });
+    let signals = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("SIGTERM handler: {e}"))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("edgewise-ratelimit: stopping (calls in flight finish)");
+        let _ = stop_tx.send(true);
+        Ok::<(), String>(())
+    };
+    let (served, signalled) = tokio::join!(server, signals);
+    signalled?;
+    served.map_err(|e| format!("gRPC server: {e}"))
+}
+
+/// The URL without a password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// Connects to Redis, retrying every second until it answers, then installs the limits.
+async fn connect(limiter: Arc<Limiter>, config: Config, redis: String) {
+    loop {
+        match storage(&redis).await {
+            Ok((storage, connection)) => {
+                limiter.connect(&config, storage, connection).await;
+                eprintln!("edgewise-ratelimit: Redis reached");
+                return;
+            }
+            Err(e) => {
+                limiter.metrics.set_storage_up(false);
+                eprintln!("edgewise-ratelimit: Redis not reached ({e}); retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// limitador's storage, and a handle on its connection (which reconnects by itself).
+async fn storage(
+    url: &str,
+) -> Result<(limitador::storage::redis::AsyncRedisStorage, redis::aio::ConnectionManager), redis::RedisError> {
+    let connection = redis::aio::ConnectionManager::new(redis::Client::open(url)?).await?;
+    let storage = limitador::storage::redis::AsyncRedisStorage::new_with_conn_manager(connection.clone()).await?;
+    Ok((storage, connection))
+}
+
+/// PINGs Redis every second on the storage's own connection, so that readiness and
+/// `storage_up` say whether the counting connection works (a failed PING also makes it
+/// reconnect), even when no request comes.
+async fn watch_redis(limiter: Arc<Limiter>) {
+    loop {
+        let up = match limiter.connection().await {
+            Some(mut c) => {
+                let ping = redis::cmd("PING");
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), ping.query_async::<String>(&mut c)).await,
+                    Ok(Ok(_))
+                )
+            }
+            None => false,
+        };
+        limiter.metrics.set_storage_up(up);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn serve_http(listener: TcpListener, limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let limiter = limiter.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let limiter = limiter.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&limiter, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(limiter: &Limiter, path: &str) -> Response<Full<Bytes>> {
+    let (status, body) = match path {
+        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        "/readyz" if limiter.metrics.storage_up() => (StatusCode::OK, "ready\n".to_string()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "Redis does not answer\n".to_string()),
+        "/metrics" => (StatusCode::OK, limiter.metrics.render()),
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
