@@ -100,3 +100,41 @@ fn the_tunnel_agent_config_validates_and_only_dials_out() {
         panic!("{e:#}");
     }
 }
+
+/// deploy/ratelimit: the limits file is one the service accepts, the Deployment runs it with
+/// that file on the ports its probes and the Service use, and the gateways' rate_limit_service
+/// cluster (envoy/cloud-connector.yaml) is on the Service's gRPC port.
+#[test]
+fn the_ratelimit_deployment_runs_the_shipped_limits_on_the_gateways_port() {
+    let dir = edgewise::repo_root().join("deploy/ratelimit");
+    let limits = fs::read(dir.join("limits.json")).unwrap();
+    let config = edgewise_ratelimit::Config::parse(&limits).unwrap();
+    assert_eq!(config.domain, "cloud-connector");
+    assert!(config.limits.contains_key("code_suggestions"));
+
+    let yaml = |name: &str| -> serde_yaml::Value { serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap() };
+    let deployment = yaml("deployment.yaml");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let arg = |flag: &str| args.iter().position(|a| *a == flag).map(|i| args[i + 1]).unwrap();
+    let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    assert_eq!(arg("--config"), format!("{mount}/limits.json"));
+    let ports: std::collections::BTreeMap<&str, u64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(arg("--grpc"), format!("0.0.0.0:{}", ports["grpc"]));
+    assert_eq!(arg("--http"), format!("0.0.0.0:{}", ports["http"]));
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["env"][0]["name"], "REDIS_URL");
+
+    let service = yaml("service.yaml");
+    let grpc = service["spec"]["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == "grpc").unwrap();
+    assert_eq!(grpc["targetPort"], "grpc");
+    let gateway = fs::read_to_string(edgewise::repo_root().join("envoy/cloud-connector.yaml")).unwrap();
+    let cluster = gateway.split("- name: rate_limit_service").nth(1).unwrap();
+    assert!(cluster.contains(&format!("port_value: {}", grpc["port"].as_u64().unwrap())), "the gateway's rate_limit_service port");
+}

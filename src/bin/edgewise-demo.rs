@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use edgewise::dns::Dns;
 use edgewise::envoy::{Config, Envoy, Options};
 
+use edgewise::ratelimit::{RateLimitService, Redis};
 use edgewise::scenarios::cloud_connector as cc;
 use edgewise::scenarios::egress as eg;
 use edgewise::scenarios::mesh;
@@ -150,18 +151,35 @@ struct Running {
     _servers: Vec<Server>,
     _envoys: Vec<Envoy>,
     _kubectl: Option<tn::KubectlProxy>,
+    _fleet: Option<(Redis, RateLimitService)>,
 }
 
 async fn start_cloud_connector(run: &std::path::Path, issuer_ca: &edgewise::certs::Ca) -> Result<Running> {
     cc::Pki::install(run)?;
     let ai = Server::echo("ai-gateway", Listen { port: cc::ports::AI_GATEWAY, ..Listen::default() }).await?;
     let obs = Server::echo("observability", Listen { port: cc::ports::OBSERVABILITY, ..Listen::default() }).await?;
+    // The fleet-wide limits: Redis and edgewise-ratelimit (built beside this binary by `make run`).
+    let redis = Redis::start(&run.join("redis"), cc::ports::REDIS).await?;
+    let binary = std::env::current_exe()?.with_file_name("edgewise-ratelimit");
+    let limits = edgewise::ratelimit::shipped_limits();
+    let rls = RateLimitService::start(
+        &binary,
+        &limits,
+        &redis.url(),
+        cc::ports::RATE_LIMIT_GRPC,
+        cc::ports::RATE_LIMIT_HTTP,
+        &run.join("ratelimit.log"),
+    )
+    .await?;
+    rls.ready(std::time::Duration::from_secs(10)).await?;
     let ca_file = issuer_ca_file(run, issuer_ca, "cloud-connector")?;
-    let config = at_demo_issuer(Config::shipped("cloud-connector"), &ca_file, &["gitlab.com", "customers.gitlab.com"]);
+    let config = at_demo_issuer(Config::shipped("cloud-connector"), &ca_file, &["gitlab.com", "customers.gitlab.com"])
+        // Global mode: the limits of deploy/ratelimit/limits.json, shared through Redis.
+        .replace("numerator: 0, denominator: HUNDRED", "numerator: 100, denominator: HUNDRED");
     let envoy = Envoy::start_in(&config, run, Options { concurrency: 2, ..Options::default() })
         .await
         .context("starting envoy/cloud-connector.yaml")?;
-    Ok(Running { _servers: vec![ai, obs], _envoys: vec![envoy], _kubectl: None })
+    Ok(Running { _servers: vec![ai, obs], _envoys: vec![envoy], _kubectl: None, _fleet: Some((redis, rls)) })
 }
 
 async fn start_tunnel(run: &std::path::Path, issuer_ca: &edgewise::certs::Ca) -> Result<Running> {
@@ -174,7 +192,7 @@ async fn start_tunnel(run: &std::path::Path, issuer_ca: &edgewise::certs::Ca) ->
         Envoy::start_in(&Config::shipped("tunnel-agent"), run, Options { concurrency: 1, ..Options::default() })
             .await
             .context("starting envoy/tunnel-agent.yaml")?;
-    Ok(Running { _servers: vec![], _envoys: vec![hub, agent], _kubectl: Some(kubectl) })
+    Ok(Running { _servers: vec![], _envoys: vec![hub, agent], _kubectl: Some(kubectl), _fleet: None })
 }
 
 fn cloud_help(gitlab: &edgewise::idp::Idp) -> String {
@@ -203,8 +221,15 @@ Cloud Connector gateway (envoy/cloud-connector.yaml, https://cloud.gitlab.com:{f
   # Health and the gateway's own metrics:
   $CC https://cloud.gitlab.com:{front}/-/health
   $CC https://cloud.gitlab.com:{front}/-/metrics | grep edgewise_cloud_connector_requests
+
+  # Fleet-wide limits (deploy/ratelimit/limits.json) through edgewise-ratelimit and Redis:
+  # the RateLimit-* headers of each answer, and the service's metrics and readiness:
+  $CC -D - -o /dev/null -H "Authorization: Bearer $CC_TOKEN" https://cloud.gitlab.com:{front}/ai/v2/code/completions | grep -i ratelimit
+  curl -s 127.0.0.1:{rls}/metrics | grep edgewise_ratelimit_descriptors_total
+  curl -s 127.0.0.1:{rls}/readyz
 "#,
-        front = cc::ports::FRONT
+        front = cc::ports::FRONT,
+        rls = cc::ports::RATE_LIMIT_HTTP
     )
 }
 

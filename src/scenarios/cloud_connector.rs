@@ -19,6 +19,11 @@ pub mod ports {
     pub const ADMIN: u16 = 9907;
     pub const AI_GATEWAY: u16 = 19401;
     pub const OBSERVABILITY: u16 = 19402;
+    /// edgewise-ratelimit (gRPC: the rate_limit_service cluster of the shipped YAML; HTTP) and
+    /// its Redis.
+    pub const RATE_LIMIT_GRPC: u16 = 18081;
+    pub const RATE_LIMIT_HTTP: u16 = 18082;
+    pub const REDIS: u16 = 16379;
 }
 
 pub const GITLAB: &str = "https://gitlab.com";
