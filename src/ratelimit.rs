@@ -56,6 +56,10 @@ impl Redis {
         Ok(())
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -146,6 +150,10 @@ impl RateLimitService {
         self.args[7] = format!("127.0.0.1:{}", self.http);
         self.child = Some(child);
         Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// Waits until `/readyz` says Redis answers.

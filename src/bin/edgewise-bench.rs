@@ -11,10 +11,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::ratelimit::{RateLimitService, Redis};
 use edgewise::server::{Document, Listen, Server};
 
 const SERVERLESS_HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
@@ -38,6 +39,9 @@ enum Tokens {
     One,
     /// A new token on every request (a cache miss, signature verified every time).
     Fresh,
+    /// 1,000 tokens of 1,000 organizations in turn (cache hits after the first round): what a
+    /// shared counter per organization sees from a busy gateway.
+    Many,
 }
 
 #[derive(Default, Clone)]
@@ -200,7 +204,8 @@ const CC_HOST: &str = "cloud.gitlab.com";
 
 /// cloud-connector as deployed: a feature with a scope, a rate limit that is never reached,
 /// identity headers and the HMAC signature; keys from the issuer stand-in of the bench process.
-fn cloud_connector(lean: bool) -> String {
+/// With `global`, it also sets the descriptor headers of Envoy's ratelimit filter.
+fn cloud_connector(lean: bool, global: bool) -> String {
     let (limit, authenticity) = if lean {
         ("", "")
     } else {
@@ -209,13 +214,32 @@ fn cloud_connector(lean: bool) -> String {
             r#","authenticity":{"secret":"a-benchmark-secret-of-at-least-32-bytes"}"#,
         )
     };
+    let headers = if global {
+        r#","headers":{"feature":"x-edgewise-feature","rate_limit_key":"x-edgewise-ratelimit-key"}"#
+    } else {
+        ""
+    };
     wasm_filter(
         "cloud-connector",
         &format!(
-            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream"{limit}}}],"cluster_header":"x-edgewise-cluster"{authenticity}}}"#
+            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream"{limit}}}],"cluster_header":"x-edgewise-cluster"{authenticity}{headers}}}"#
         ),
     )
 }
+
+/// Envoy's ratelimit filter as envoy/cloud-connector.yaml has it in global mode: every request
+/// the filter let through is checked by edgewise-ratelimit (the route's rate_limits, front.yaml).
+const GLOBAL_RATE_LIMIT: &str = r#"          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: cloud-connector
+              failure_mode_deny: false
+              timeout: 0.1s
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service:
+                  envoy_grpc: { cluster_name: rate_limit_service }
+"#;
 
 /// mesh-identity at the gateway: the same key, inline (its only key source).
 fn mesh_identity(jwks: &str) -> String {
@@ -325,7 +349,7 @@ fn benches(jwks: &str) -> Vec<Bench> {
             what: "cloud-connector.wasm, RS256, the same token (cache hit)",
             host: CC_HOST,
             path: "/",
-            filters: cloud_connector(false),
+            filters: cloud_connector(false, false),
             tokens: Tokens::One,
         },
         Bench {
@@ -333,15 +357,39 @@ fn benches(jwks: &str) -> Vec<Bench> {
             what: "cloud-connector.wasm, cache hit, no rate limit and no signature",
             host: CC_HOST,
             path: "/",
-            filters: cloud_connector(true),
+            filters: cloud_connector(true, false),
             tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-hit-global",
+            what: "cc-hit and the fleet-wide check (Envoy's ratelimit filter, edgewise-ratelimit on Redis): one organization, one counter",
+            host: CC_HOST,
+            path: "/",
+            filters: cloud_connector(false, true) + GLOBAL_RATE_LIMIT,
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-many",
+            what: "cloud-connector.wasm, 1,000 organizations' tokens in turn (cache hits)",
+            host: CC_HOST,
+            path: "/",
+            filters: cloud_connector(false, true),
+            tokens: Tokens::Many,
+        },
+        Bench {
+            name: "cc-many-global",
+            what: "cc-many and the fleet-wide check: 1,000 counters",
+            host: CC_HOST,
+            path: "/",
+            filters: cloud_connector(false, true) + GLOBAL_RATE_LIMIT,
+            tokens: Tokens::Many,
         },
         Bench {
             name: "cc-miss",
             what: "cloud-connector.wasm, RS256, a new token per request",
             host: CC_HOST,
             path: "/",
-            filters: cloud_connector(false),
+            filters: cloud_connector(false, false),
             tokens: Tokens::Fresh,
         },
         Bench {
@@ -398,15 +446,31 @@ fn benches(jwks: &str) -> Vec<Bench> {
             what: "libedgewise.so cloud-connector, RS256, the same token (cache hit)",
             host: CC_HOST,
             path: "/",
-            filters: native(&cloud_connector(false)),
+            filters: native(&cloud_connector(false, false)),
             tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-many-native",
+            what: "libedgewise.so cloud-connector, 1,000 organizations' tokens in turn (cache hits)",
+            host: CC_HOST,
+            path: "/",
+            filters: native(&cloud_connector(false, true)),
+            tokens: Tokens::Many,
+        },
+        Bench {
+            name: "cc-many-global-native",
+            what: "cc-many-native and the fleet-wide check: 1,000 counters",
+            host: CC_HOST,
+            path: "/",
+            filters: native(&cloud_connector(false, true)) + GLOBAL_RATE_LIMIT,
+            tokens: Tokens::Many,
         },
         Bench {
             name: "cc-miss-native",
             what: "libedgewise.so cloud-connector, RS256 (ring), a new token per request",
             host: CC_HOST,
             path: "/",
-            filters: native(&cloud_connector(false)),
+            filters: native(&cloud_connector(false, false)),
             tokens: Tokens::Fresh,
         },
         Bench {
@@ -436,13 +500,23 @@ fn benches(jwks: &str) -> Vec<Bench> {
     ]
 }
 
-fn front_config(bench: &Bench, upstream_port: u16, management_port: u16, issuer_port: u16) -> Config {
+/// The ports of what the bench process runs beside the front Envoys.
+#[derive(Clone, Copy)]
+struct Ports {
+    upstream: u16,
+    management: u16,
+    issuer: u16,
+    ratelimit: u16,
+}
+
+fn front_config(bench: &Bench, ports: Ports) -> Config {
     let template = std::fs::read_to_string(edgewise::repo_root().join("bench/front.yaml")).unwrap_or_default();
     let yaml = template.replace("          # FILTERS\n", &bench.filters);
     Config { name: format!("bench-{}", bench.name), yaml }
-        .port(18000, upstream_port)
-        .port(18001, management_port)
-        .port(18002, issuer_port)
+        .port(18000, ports.upstream)
+        .port(18001, ports.management)
+        .port(18002, ports.issuer)
+        .port(18003, ports.ratelimit)
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -613,13 +687,24 @@ const HEAD_TO_HEAD: &[(&str, &str)] = &[
     ("egress-native", "lua-egress"),
     ("cc-hit-native", "jwt_authn-cache"),
     ("cc-miss-native", "jwt_authn"),
+    ("cc-many-global", "cc-many"),
+    ("cc-many-global-native", "cc-many-native"),
+    ("cc-hit-global", "cc-hit"),
 ];
+
+/// The pairs that measure the fleet-wide check against the filter's own buckets: many
+/// organizations (the usual case), then one organization whose every request is checked on one
+/// counter (the service takes the checks of a counter in turn).
+const GLOBAL_CHECK: &[(&str, &str)] =
+    &[("cc-many-global", "cc-many"), ("cc-many-global-native", "cc-many-native"), ("cc-hit-global", "cc-hit")];
 
 /// Per rotation (reference, a, b in turn): the CPU per request a and b added over the reference.
 #[derive(Default)]
 struct Duel {
     a_added: Vec<f64>,
     b_added: Vec<f64>,
+    /// For a fleet-wide check: the CPU per request of edgewise-ratelimit and Redis in a's bursts.
+    a_services: Vec<f64>,
 }
 
 impl Duel {
@@ -634,7 +719,7 @@ async fn head_to_head(a: &Bench, b: &Bench, env: &Env, rotations: usize) -> Resu
     let tokens = env.tokens(a.tokens);
     let first_token = env.first_token(a.tokens)?;
     let options = || Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() };
-    let front = |bench: &Bench| front_config(bench, env.upstream_port, env.management_port, env.issuer_port);
+    let front = |bench: &Bench| front_config(bench, env.ports);
     let (ea, eb) = (Envoy::start_with(&front(a), options()).await?, Envoy::start_with(&front(b), options()).await?);
     let (aa, ab) = (ea.listener("bench").await?, eb.listener("bench").await?);
     until_ok(aa, a, &first_token).await?;
@@ -644,14 +729,20 @@ async fn head_to_head(a: &Bench, b: &Bench, env: &Env, rotations: usize) -> Resu
     for (addr, _, bench) in sides {
         wrk(addr, bench, 32, 1, tokens)?;
     }
+    let services = if GLOBAL_CHECK.iter().any(|(g, _)| *g == a.name) { env.ratelimit_pids.as_slice() } else { &[] };
+    let services_ticks = || services.iter().map(|p| cpu_ticks(*p)).sum::<Result<u64>>();
     let mut duel = Duel::default();
     for r in 0..rotations {
         let mut cpu = [0.0; 3];
         for k in 0..3 {
             let j = (k + r) % 3;
             let (addr, pid, bench) = sides[j];
+            let before = services_ticks()?;
             let (w, ticks) = burst(addr, pid, bench, tokens)?;
             cpu[j] = us_per_request(ticks, w.requests);
+            if j == 1 && !services.is_empty() {
+                duel.a_services.push(us_per_request(services_ticks()? - before, w.requests));
+            }
         }
         if std::env::var_os("BENCH_VERBOSE").is_some() {
             eprintln!(
@@ -671,6 +762,7 @@ impl Env {
             Tokens::None => None,
             Tokens::One => Some(self.one_token.as_path()),
             Tokens::Fresh => Some(self.fresh_tokens.as_path()),
+            Tokens::Many => Some(self.many_tokens.as_path()),
         }
     }
 
@@ -686,15 +778,16 @@ struct Env {
     /// The reference front Envoy (no filter) the bursts alternate with, and its process.
     reference: std::net::SocketAddr,
     reference_pid: u32,
-    upstream_port: u16,
-    management_port: u16,
-    issuer_port: u16,
+    ports: Ports,
+    /// edgewise-ratelimit and its Redis: their CPU is the global check's too.
+    ratelimit_pids: Vec<u32>,
     one_token: PathBuf,
     fresh_tokens: PathBuf,
+    many_tokens: PathBuf,
 }
 
 async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<Sample> {
-    let config = front_config(bench, env.upstream_port, env.management_port, env.issuer_port);
+    let config = front_config(bench, env.ports);
     let tokens = env.tokens(bench.tokens);
     let first_token = env.first_token(bench.tokens)?;
     let started = Instant::now();
@@ -796,9 +889,11 @@ async fn main() -> Result<()> {
     eprintln!("signed {} tokens in {:.1} s", tokens.len(), started.elapsed().as_secs_f64());
     let one_token = work.join("one-token.txt");
     let fresh_tokens = work.join("fresh-tokens.txt");
+    let many_tokens = work.join("many-tokens.txt");
     std::fs::write(&one_token, format!("{}\n", tokens.first().map_or("", String::as_str)))?;
     std::fs::write(&fresh_tokens, tokens.join("\n") + "\n")?;
-    for path in [&one_token, &fresh_tokens] {
+    std::fs::write(&many_tokens, tokens.iter().take(1000).cloned().collect::<Vec<_>>().join("\n") + "\n")?;
+    for path in [&one_token, &fresh_tokens, &many_tokens] {
         std::fs::write(path.with_extension("lua"), TOKENS_LUA)?;
     }
     let benches: Vec<Bench> = benches(&jwks)
@@ -817,6 +912,19 @@ async fn main() -> Result<()> {
     let management = Server::start("management", Listen::default(), table.handler()).await?;
     let keys = Document::new(jwks.clone());
     let issuer = Server::start("issuer", Listen::default(), keys.handler()).await?;
+    // The fleet-wide check: Redis and edgewise-ratelimit (built beside this binary), with a
+    // limit the bench never reaches, on CPU 1 with wrk and the upstream.
+    let redis = Redis::start_any(&work.join("redis")).await?;
+    let limits = work.join("limits.json");
+    std::fs::write(&limits, r#"{"limits":{"code_suggestions":{"requests":4000000000,"per":"hour"}}}"#)?;
+    let binary = std::env::current_exe()?.with_file_name("edgewise-ratelimit");
+    let rls = RateLimitService::start(&binary, &limits, &redis.url(), 0, 0, &work.join("ratelimit.log")).await?;
+    rls.ready(Duration::from_secs(10)).await?;
+    for pid in [rls.pid(), redis.pid()].into_iter().flatten() {
+        Command::new("taskset").args(["-pc", "1", &pid.to_string()]).output()?;
+    }
+    let ports =
+        Ports { upstream: upstream_port, management: management.port(), issuer: issuer.port(), ratelimit: rls.grpc };
     let reference_bench = Bench {
         name: "reference",
         what: "",
@@ -826,18 +934,18 @@ async fn main() -> Result<()> {
         tokens: Tokens::None,
     };
     let reference = Envoy::start_with(
-        &front_config(&reference_bench, upstream_port, management.port(), issuer.port()),
+        &front_config(&reference_bench, ports),
         Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() },
     )
     .await?;
     let env = Env {
         reference: reference.listener("bench").await?,
         reference_pid: reference.pid(),
-        upstream_port,
-        management_port: management.port(),
-        issuer_port: issuer.port(),
+        ports,
+        ratelimit_pids: [rls.pid(), redis.pid()].into_iter().flatten().collect(),
         one_token,
         fresh_tokens,
+        many_tokens,
     };
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); benches.len()];
@@ -989,6 +1097,29 @@ async fn main() -> Result<()> {
             );
         }
     }
+    // The fleet-wide check against the filter's own buckets: what it adds to the front Envoy
+    // (head to head), what edgewise-ratelimit and Redis spend per request, and the latency.
+    let mut global = String::new();
+    for (a, b) in GLOBAL_CHECK {
+        let Some((_, _, duel)) = duels.iter().find(|(x, y, _)| x == a && y == b) else { continue };
+        let (a_us, b_us, diff, (q1, q3)) = duel.summary();
+        let p99 = |name: &str| benches.iter().position(|x| x.name == name).map_or(0.0, |i| med(i, |s| s.p99_us));
+        let p50 = |name: &str| benches.iter().position(|x| x.name == name).map_or(0.0, |i| med(i, |s| s.p50_us));
+        let _ = writeln!(
+            global,
+            "| {a} vs {b} | {a_us:+.1} µs | {b_us:+.1} µs | {diff:+.1} µs ({q1:+.1}…{q3:+.1}) | {:.1} µs | {:.0} / {:.0} µs | {:.0} / {:.0} µs |",
+            median(duel.a_services.clone()),
+            p50(a),
+            p99(a),
+            p50(b),
+            p99(b),
+        );
+    }
+    if !global.is_empty() {
+        global = format!(
+            "## The fleet-wide check\n\nThe same cached cloud-connector requests with and without Envoy's ratelimit filter asking edgewise-ratelimit (limitador on Redis), head to head: tokens of 1,000 organizations in turn (1,000 counters), and one organization (every check on one counter, which the service takes in turn). The front Envoy's CPU is what the check adds to a gateway; edgewise-ratelimit and Redis spend theirs on CPU 1, measured in the same bursts. Latency at 32 connections, medians of the rounds.\n\n| configurations | with the check: added | without: added | difference (middle half) | edgewise-ratelimit + Redis CPU per request | p50 / p99 with | p50 / p99 without |\n|---|---:|---:|---:|---:|---:|---:|\n{global}\n"
+        );
+    }
     let mut sizes = String::new();
     let mut wasm: Vec<_> =
         std::fs::read_dir(edgewise::filters_dir())?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
@@ -1017,11 +1148,13 @@ async fn main() -> Result<()> {
          - Machine: {cores} cores, {cpu}\n- Envoy: {envoy_version}\n\
          - Front Envoy: `--concurrency 1`, pinned to CPU 0; wrk (`-t1 -c32`, then `-c1`) and the upstream Envoy (direct_response) on CPU 1.\n\
          - \"front CPU per request\" is the front Envoy's user+system CPU time (from /proc) over the requests wrk completed at 32 connections, in 1-second bursts that alternate with bursts on a reference front Envoy without filters (same requests, same core). \"vs baseline\" and \"added per request\" compare each configuration with the reference in the burst just before (median over every such pair of all rounds; in brackets the middle half of the pairs), so both sides of every difference saw the same machine: this VM's speed swings by 2x within minutes.\n\n\
-         {table}\nWhat limits the configurations that miss a target, and the one-off measurements behind that (a module with no logic, the SDK alone): docs/performance.md.\n\n## Targets\n\nThe comparisons are judged head to head, after the rounds: both configurations run at once and {rotations} rotations of 1-second bursts (the reference, one, the other, in turn) give each of them its added CPU per request; the difference comes with the middle half of its rotations, the noise the verdict is made in.\n\n| target | measured | |\n|---|---|---|\n{targets}\n## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
+         {table}\nWhat limits the configurations that miss a target, and the one-off measurements behind that (a module with no logic, the SDK alone): docs/performance.md.\n\n## Targets\n\nThe comparisons are judged head to head, after the rounds: both configurations run at once and {rotations} rotations of 1-second bursts (the reference, one, the other, in turn) give each of them its added CPU per request; the difference comes with the middle half of its rotations, the noise the verdict is made in.\n\n| target | measured | |\n|---|---|---|\n{targets}\n{global}## Module sizes\n\n| module | size |\n|---|---:|\n{sizes}",
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu = cpu_model.split(':').nth(1).unwrap_or("").trim(),
     );
-    std::fs::write(edgewise::repo_root().join("bench/results.md"), &report)?;
+    // BENCH_OUT: where a partial run (BENCH_ONLY) writes, so it does not replace the full results.
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "bench/results.md".into());
+    std::fs::write(edgewise::repo_root().join(out), &report)?;
     println!("{report}");
     drop(upstream);
     Ok(())

@@ -661,35 +661,18 @@ pub fn parse<T: FromJson>(doc: &[u8]) -> Result<T, Error> {
     Ok(value)
 }
 
-impl FromJson for String {
-    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
-        r.string(at)
-    }
+/// Leaf values: each read by the reader's own method.
+macro_rules! leaf {
+    ($($ty:ty => $read:ident),*) => {$(
+        impl FromJson for $ty {
+            fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
+                r.$read(at)
+            }
+        }
+    )*};
 }
 
-impl FromJson for bool {
-    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
-        r.bool(at)
-    }
-}
-
-impl FromJson for u64 {
-    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
-        r.u64(at)
-    }
-}
-
-impl FromJson for u32 {
-    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
-        r.uint(at)
-    }
-}
-
-impl FromJson for usize {
-    fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
-        r.uint(at)
-    }
-}
+leaf!(String => string, bool => bool, u64 => u64, u32 => uint, usize => uint);
 
 impl<T: FromJson> FromJson for Option<T> {
     fn from_json(r: &mut Reader<'_>, at: &Field<'_>) -> Result<Self, Error> {
