@@ -112,7 +112,9 @@ fn the_ratelimit_deployment_runs_the_shipped_limits_on_the_gateways_port() {
     assert_eq!(config.domain, "cloud-connector");
     assert!(config.limits.contains_key("code_suggestions"));
 
-    let yaml = |name: &str| -> serde_yaml::Value { serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap() };
+    let yaml = |name: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
     let deployment = yaml("deployment.yaml");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
@@ -136,5 +138,8 @@ fn the_ratelimit_deployment_runs_the_shipped_limits_on_the_gateways_port() {
     assert_eq!(grpc["targetPort"], "grpc");
     let gateway = fs::read_to_string(edgewise::repo_root().join("envoy/cloud-connector.yaml")).unwrap();
     let cluster = gateway.split("- name: rate_limit_service").nth(1).unwrap();
-    assert!(cluster.contains(&format!("port_value: {}", grpc["port"].as_u64().unwrap())), "the gateway's rate_limit_service port");
+    assert!(
+        cluster.contains(&format!("port_value: {}", grpc["port"].as_u64().unwrap())),
+        "the gateway's rate_limit_service port"
+    );
 }
