@@ -23,21 +23,34 @@ fn read_discovery(json: &[u8]) -> Result<(String, String), json::Error> {
 }
 
 /// The `jwks_uri` of an OpenID Provider configuration, as (authority, path). The document must
-/// name the issuer it was fetched for (OpenID Connect Discovery §4.3) and the URI must be https.
+/// name the issuer it was fetched for (OpenID Connect Discovery §4.3) and the URI must be https,
+/// with a host (and port) only in its authority and nothing but visible ASCII in its path; a
+/// fragment is not part of a request and is dropped.
 pub fn jwks_uri(discovery: &[u8], issuer: &str) -> Result<(String, String), String> {
     let (configured, jwks_uri) = read_discovery(discovery).map_err(|e| format!("not an OpenID configuration: {e}"))?;
     if configured != issuer {
         return Err(format!("the configuration is for issuer {configured:?}"));
     }
     let rest = jwks_uri.strip_prefix("https://").ok_or_else(|| format!("jwks_uri {jwks_uri:?} is not https"))?;
-    let (authority, path) = match rest.find('/') {
+    let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+    // The authority ends at the first `/` or `?` (RFC 3986 §3.2).
+    let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => rest.split_at(i),
-        None => (rest, "/"),
+        None => (rest, ""),
     };
-    if authority.is_empty() || authority.contains(['@', ' ']) {
-        return Err(format!("jwks_uri {jwks_uri:?} has no usable host"));
+    let host_ok = |h: &str| h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    let literal_ok = |h: &str| {
+        h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    };
+    match crate::generic::authority::split(authority) {
+        Some((host, _)) if host_ok(host) || literal_ok(host) => {}
+        _ => return Err(format!("jwks_uri {jwks_uri:?} has no usable host")),
     }
-    Ok((authority.into(), path.into()))
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("jwks_uri {jwks_uri:?} has a path that is not visible ASCII"));
+    }
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    Ok((authority.into(), path))
 }
 
 /// `max-age` of a Cache-Control value (`no-store`/`no-cache` count as 0).
@@ -88,6 +101,26 @@ mod tests {
         assert!(jwks_uri(plain, "https://a").unwrap_err().contains("not https"));
         let bare = br#"{"issuer":"https://a","jwks_uri":"https://a:8443"}"#;
         assert_eq!(jwks_uri(bare, "https://a").unwrap(), ("a:8443".into(), "/".into()));
+        let uri = |u: &str| jwks_uri(format!(r#"{{"issuer":"https://a","jwks_uri":"{u}"}}"#).as_bytes(), "https://a");
+        // The authority ends at `?` too; a fragment is dropped; an IPv6 literal is a host.
+        assert_eq!(uri("https://keys.a?x=1").unwrap(), ("keys.a".into(), "/?x=1".into()));
+        assert_eq!(uri("https://keys.a/k#frag").unwrap(), ("keys.a".into(), "/k".into()));
+        assert_eq!(uri("https://[::1]:8443/k").unwrap(), ("[::1]:8443".into(), "/k".into()));
+        for bad in [
+            "https://user@keys.a/k",
+            "https://keys a/k",
+            "https://keys.a\\u0000/k",
+            "https://keys.a\\r\\nx: y/k",
+            "https://k\\u00e9ys.a/k",
+            "https://keys.a:99999/k",
+            "https:///k",
+            "https://[nothost]/k",
+        ] {
+            assert!(uri(bad).unwrap_err().contains("no usable host"), "{bad}");
+        }
+        for bad in ["https://keys.a/k k", "https://keys.a/k\\u0007", "https://keys.a/k\\u00e9"] {
+            assert!(uri(bad).unwrap_err().contains("not visible ASCII"), "{bad}");
+        }
         assert!(jwks_uri(b"{}", "https://a").is_err());
         assert!(jwks_uri(br#"{"issuer":"https://a","jwks_uri":"https:///k"}"#, "https://a").is_err());
     }
