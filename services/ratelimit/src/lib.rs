@@ -77,7 +77,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     );
 
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(connect(limiter.clone(), options.config, options.redis));
+    tokio::spawn(connect(limiter.clone(), options.redis));
     tokio::spawn(watch_redis(limiter.clone()));
     tokio::spawn(serve_http(http, limiter.clone(), stop.clone()));
 
@@ -112,11 +112,11 @@ fn redact(url: &str) -> String {
 }
 
 /// Connects to Redis, retrying every second until it answers, then installs the limits.
-async fn connect(limiter: Arc<Limiter>, config: Config, redis: String) {
+async fn connect(limiter: Arc<Limiter>, redis: String) {
     loop {
         match storage(&redis).await {
             Ok((storage, connection)) => {
-                limiter.connect(&config, storage, connection).await;
+                limiter.connect(storage, connection).await;
                 eprintln!("edgewise-ratelimit: Redis reached");
                 return;
             }

@@ -34,6 +34,8 @@ pub struct Limiter {
     domain: String,
     namespace: Namespace,
     limits: HashMap<String, Limit>,
+    /// The same limits as limitador has them, installed once Redis answers.
+    counted: Vec<Counted>,
     /// None until Redis is reached at start-up; with the storage's connection.
     limiter: RwLock<Option<(AsyncRateLimiter, redis::aio::ConnectionManager)>>,
     /// limitador's Redis storage reads a counter, decides, then increments it: two calls in
@@ -70,8 +72,8 @@ fn counted(config: &Config) -> Result<Vec<Counted>, LimitError> {
 
 impl Limiter {
     pub fn new(config: &Config) -> Result<Limiter, LimitError> {
-        counted(config)?;
         Ok(Limiter {
+            counted: counted(config)?,
             domain: config.domain.clone(),
             namespace: config.domain.as_str().into(),
             limits: config.limits.iter().map(|(f, l)| (f.clone(), *l)).collect(),
@@ -81,18 +83,15 @@ impl Limiter {
         })
     }
 
-    /// Installs the storage (once Redis answered) with the limits of `config`.
+    /// Installs the storage (once Redis answered) with the limits.
     pub async fn connect(
         &self,
-        config: &Config,
         storage: limitador::storage::redis::AsyncRedisStorage,
         connection: redis::aio::ConnectionManager,
     ) {
         let limiter = AsyncRateLimiter::new_with_storage(Box::new(storage));
-        if let Ok(limits) = counted(config) {
-            for limit in limits {
-                limiter.add_limit(limit);
-            }
+        for limit in &self.counted {
+            limiter.add_limit(limit.clone());
         }
         *self.limiter.write().await = Some((limiter, connection));
         self.metrics.set_storage_up(true);
