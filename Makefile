@@ -88,14 +88,14 @@ test: setup
 # Core's and the filters' tests (the filters on the fake host), natively; core's again with ring's
 # verifiers, as the native build has them.
 test-core:
-	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) -p edgewise-ratelimit
+	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) -p edgewise-ratelimit -p edgewise-control
 	$(CARGO) test -p edgewise-core --features native-crypto
 
 test-wasm:
 	$(WASM_TEST)
 
 # The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so.
-E2E_SCENARIOS := --test serverless --test egress --test mesh --test cloud_connector --test tunnel
+E2E_SCENARIOS := --test serverless --test serverless_control --test egress --test mesh --test cloud_connector --test tunnel
 test-e2e:
 	$(CARGO) test -p edgewise
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)

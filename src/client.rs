@@ -248,3 +248,57 @@ where
     };
     Ok(Response { status: parts.status.as_u16(), version: parts.version, headers: parts.headers, body })
 }
+
+/// Continuous load on one host until stopped: `tasks` clients in a loop, each response either
+/// the expected status or a failure (printed, the first few).
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicUsize>,
+    failed: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(client: &Client, addr: SocketAddr, host: &str, tasks: usize, expect: u16) -> Load {
+        use std::sync::atomic::Ordering::Relaxed;
+        let load = Load { stop: Arc::default(), ok: Arc::default(), failed: Arc::default(), tasks: Vec::new() };
+        let tasks = (0..tasks)
+            .map(|_| {
+                let (client, host) = (client.clone(), host.to_string());
+                let (stop, ok, failed) = (load.stop.clone(), load.ok.clone(), load.failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Relaxed) {
+                        match client.get(addr, &host, "/").await {
+                            Ok(r) if r.status == expect => {
+                                ok.fetch_add(1, Relaxed);
+                            }
+                            outcome => {
+                                if failed.fetch_add(1, Relaxed) < 5 {
+                                    let what = outcome
+                                        .map_or_else(|e| format!("{e:#}"), |r| format!("{} {}", r.status, r.text()));
+                                    eprintln!("load on {host}: {what}");
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { tasks, ..load }
+    }
+
+    /// (succeeded, failed) so far.
+    pub fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+
+    /// Stops the clients; (succeeded, failed).
+    pub async fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+        self.counts()
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod control;
 pub mod dns;
 pub mod envoy;
 pub mod h2raw;
@@ -15,6 +16,7 @@ pub mod oci;
 pub mod ratelimit;
 pub mod scenarios;
 pub mod server;
+pub mod service;
 pub mod tls;
 
 use std::path::PathBuf;

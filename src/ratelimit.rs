@@ -6,9 +6,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+
+use crate::service::Service;
 
 /// The shipped limits file (also the one deploy/ratelimit mounts).
 pub fn shipped_limits() -> PathBuf {
@@ -88,19 +90,11 @@ impl Redis {
 }
 
 /// The `edgewise-ratelimit` binary, running.
-pub struct RateLimitService {
-    binary: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    pub grpc: u16,
-    pub http: u16,
-    /// What the service printed on stderr, for failing tests.
-    log: PathBuf,
-}
+pub struct RateLimitService(Service);
 
 impl RateLimitService {
     /// Starts `binary` with the limits file `limits` against `redis_url` on the given ports (0:
-    /// the OS picks; the ports it bound are read from its first line).
+    /// the OS picks).
     pub async fn start(
         binary: &Path,
         limits: &Path,
@@ -109,103 +103,20 @@ impl RateLimitService {
         http: u16,
         log: &Path,
     ) -> Result<Self> {
-        let args = vec![
-            "--config".into(),
-            limits.display().to_string(),
-            "--redis".into(),
-            redis_url.into(),
-            "--grpc".into(),
-            format!("127.0.0.1:{grpc}"),
-            "--http".into(),
-            format!("127.0.0.1:{http}"),
-        ];
-        let mut s = RateLimitService { binary: binary.into(), args, child: None, grpc, http, log: log.into() };
-        s.spawn().await?;
-        Ok(s)
+        let args = vec!["--config".into(), limits.display().to_string(), "--redis".into(), redis_url.into()];
+        Ok(RateLimitService(Service::start(binary, args, Vec::new(), grpc, http, log).await?))
     }
+}
 
-    async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut child = Command::new(&self.binary)
-            .args(&self.args)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).read_line(&mut line))
-            .await
-            .context("edgewise-ratelimit did not print its ports")??;
-        // listening grpc=127.0.0.1:P http=127.0.0.1:Q
-        let port = |key: &str| -> Result<u16> {
-            let field = line.split_whitespace().find_map(|f| f.strip_prefix(key)).context("ports line")?;
-            Ok(field.rsplit(':').next().unwrap_or_default().parse()?)
-        };
-        self.grpc = port("grpc=").with_context(|| format!("{line:?}; log: {}", self.log()))?;
-        self.http = port("http=")?;
-        // Keep the ports on restart.
-        self.args[5] = format!("127.0.0.1:{}", self.grpc);
-        self.args[7] = format!("127.0.0.1:{}", self.http);
-        self.child = Some(child);
-        Ok(())
+impl std::ops::Deref for RateLimitService {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
     }
+}
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
-    }
-
-    /// Waits until `/readyz` says Redis answers.
-    pub async fn ready(&self, limit: Duration) -> Result<()> {
-        let start = Instant::now();
-        while self.get("/readyz").await.ok().map(|(status, _)| status) != Some(200) {
-            if start.elapsed() > limit {
-                bail!("edgewise-ratelimit not ready after {limit:?}; log: {}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, then waits for the exit; its status.
-    pub async fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("not running")?;
-        let pid = child.id().context("no pid")?;
-        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid}");
-        Ok(tokio::time::timeout(Duration::from_secs(10), child.wait()).await.context("no exit after SIGTERM")??)
-    }
-
-    /// Starts it again (after `stop`), on the same ports.
-    pub async fn start_again(&mut self) -> Result<()> {
-        self.spawn().await
-    }
-
-    /// GET on the HTTP port: (status, body).
-    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.http)).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nhost: ratelimit\r\nconnection: close\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let status = response.split_whitespace().nth(1).context("status line")?.parse()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((status, body))
-    }
-
-    /// One sample of `/metrics`: the value of the line that starts with `series` (name and
-    /// labels as written), 0 when absent.
-    pub async fn metric(&self, series: &str) -> Result<f64> {
-        let (_, body) = self.get("/metrics").await?;
-        Ok(body
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-            .map_or(Ok(0.0), str::parse)?)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+impl std::ops::DerefMut for RateLimitService {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
     }
 }

@@ -1,0 +1,341 @@
+//! The control service's state: the store, what it holds in memory, the xDS resources made of
+//! it, and the route table the filters poll.
+//!
+//! Ordering, so that a route never names a cluster an Envoy does not have:
+//! - a new customer's functions enter the route table only once every connected Envoy has
+//!   acknowledged its cluster and its CA (the customer is then *published*); an Envoy that
+//!   connects later receives every cluster before its listener serves;
+//! - a removed customer's functions leave the route table at once, and its cluster and CA leave
+//!   xDS `removal_delay` later, when every filter has polled the table without them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::model::{check_name, Customer, Function, FunctionRules, Invalid};
+use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
+use crate::store::Store;
+
+/// The route table document (`{"version": N, "routes": [...]}`), serialized once per change.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub version: u64,
+    pub etag: String,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub enum ApiError {
+    Invalid(Invalid),
+    NotFound(String),
+    Conflict(String),
+    Internal(String),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::Invalid(e)
+    }
+}
+
+/// What one Envoy (one ADS stream) has acknowledged: type -> name -> version.
+#[derive(Debug, Default)]
+pub struct Acks {
+    pub node: String,
+    pub acked: HashMap<&'static str, HashMap<String, String>>,
+}
+
+impl Acks {
+    fn has(&self, type_url: &str, name: &str, version: &str) -> bool {
+        self.acked.get(type_url).and_then(|m| m.get(name)).is_some_and(|v| v == version)
+    }
+
+    /// Whether this Envoy takes clusters from us at all.
+    fn takes_clusters(&self) -> bool {
+        self.acked.contains_key(CLUSTER)
+    }
+}
+
+struct State {
+    store: Store,
+    customers: BTreeMap<String, Customer>,
+    /// name -> (route key, function)
+    functions: BTreeMap<String, (String, Function)>,
+    /// route key -> function name
+    keys: HashMap<String, String>,
+    published: HashSet<String>,
+    routes: Arc<RouteTable>,
+}
+
+pub struct Control {
+    state: Mutex<State>,
+    resources: watch::Sender<Arc<Resources>>,
+    streams: Mutex<HashMap<u64, Arc<Mutex<Acks>>>>,
+    next_stream: AtomicU64,
+    pub metrics: Metrics,
+    rules: FunctionRules,
+    removal_delay: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Control {
+    /// Loads the store. Every stored customer counts as published: the Envoys that had it
+    /// still have it, and one that (re)connects gets it before its listener serves.
+    pub fn open(store: Store, rules: FunctionRules, removal_delay: Duration) -> Result<Arc<Control>, String> {
+        let contents = store.load()?;
+        let mut resources = Resources::default();
+        for (name, customer) in &contents.customers {
+            let address = customer.check().map_err(|e| format!("stored customer {name}: {e}"))?;
+            resources.put_customer(name, customer, &address);
+        }
+        let keys = contents.functions.iter().map(|(name, (key, _))| (key.clone(), name.clone())).collect();
+        let published = contents.customers.keys().cloned().collect();
+        let empty = Arc::new(RouteTable { version: contents.routes_version, etag: String::new(), body: Bytes::new() });
+        let state = State {
+            store,
+            customers: contents.customers,
+            functions: contents.functions,
+            keys,
+            published,
+            routes: empty,
+        };
+        let control = Control {
+            metrics: Metrics::default(),
+            state: Mutex::new(state),
+            resources: watch::Sender::new(Arc::new(resources)),
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(1),
+            rules,
+            removal_delay,
+        };
+        control.rebuild_routes(&mut lock(&control.state));
+        Ok(Arc::new(control))
+    }
+
+    pub fn resources(&self) -> watch::Receiver<Arc<Resources>> {
+        self.resources.subscribe()
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        lock(&self.state).routes.clone()
+    }
+
+    /// Adds or replaces a customer; true when it is new.
+    pub fn put_customer(&self, name: &str, customer: Customer) -> Result<bool, ApiError> {
+        check_name("name", name)?;
+        let address = customer.check()?;
+        let mut state = lock(&self.state);
+        state.store.put_customer(name, &customer).map_err(ApiError::Internal)?;
+        let created = state.customers.insert(name.to_string(), customer.clone()).is_none();
+        self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, &customer, &address));
+        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
+        drop(state);
+        self.gate();
+        Ok(created)
+    }
+
+    /// Removes a customer and its functions; how many functions went with it.
+    pub fn delete_customer(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
+        let mut state = lock(&self.state);
+        if !state.customers.contains_key(name) {
+            return Err(ApiError::NotFound(format!("no customer {name:?}")));
+        }
+        state.store.delete_customer(name).map_err(ApiError::Internal)?;
+        state.customers.remove(name);
+        let gone: Vec<String> =
+            state.functions.iter().filter(|(_, (_, f))| f.customer == name).map(|(n, _)| n.clone()).collect();
+        for function in &gone {
+            if let Some((key, _)) = state.functions.remove(function) {
+                state.keys.remove(&key);
+            }
+        }
+        let was_published = state.published.remove(name);
+        if was_published && !gone.is_empty() {
+            self.rebuild_routes(&mut state);
+        }
+        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
+        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        drop(state);
+        let (control, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(control.removal_delay).await;
+            // Unless it came back meanwhile.
+            if !lock(&control.state).customers.contains_key(&name) {
+                control.resources.send_modify(|r| Arc::make_mut(r).remove_customer(&name));
+            }
+        });
+        Ok(gone.len())
+    }
+
+    pub fn put_function(&self, name: &str, function: Function) -> Result<bool, ApiError> {
+        check_name("name", name)?;
+        let key = self.rules.key(&function)?;
+        let mut state = lock(&self.state);
+        if !state.customers.contains_key(&function.customer) {
+            return Err(ApiError::Invalid(Invalid {
+                field: "customer".into(),
+                reason: format!("{:?} is no customer", function.customer),
+            }));
+        }
+        if let Some(other) = state.keys.get(&key).filter(|other| *other != name) {
+            return Err(ApiError::Conflict(format!("function {other:?} already has this match ({key})")));
+        }
+        state.store.put_function(name, &key, &function).map_err(ApiError::Internal)?;
+        let visible = state.published.contains(&function.customer);
+        let old = state.functions.insert(name.to_string(), (key.clone(), function));
+        let created = old.is_none();
+        if let Some((old_key, old_function)) = old {
+            state.keys.remove(&old_key);
+            let was_visible = state.published.contains(&old_function.customer);
+            if was_visible && !visible {
+                self.rebuild_routes(&mut state);
+            }
+        }
+        state.keys.insert(key, name.to_string());
+        if visible {
+            self.rebuild_routes(&mut state);
+        }
+        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        Ok(created)
+    }
+
+    pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
+        let mut state = lock(&self.state);
+        let Some((key, function)) = state.functions.get(name).cloned() else {
+            return Err(ApiError::NotFound(format!("no function {name:?}")));
+        };
+        state.store.delete_function(name).map_err(ApiError::Internal)?;
+        state.functions.remove(name);
+        state.keys.remove(&key);
+        if state.published.contains(&function.customer) {
+            self.rebuild_routes(&mut state);
+        }
+        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// (customer, published) of every customer, or of one.
+    pub fn customers(&self, only: Option<&str>) -> Vec<(String, Customer, bool)> {
+        let state = lock(&self.state);
+        let published = |n: &str| state.published.contains(n);
+        match only {
+            Some(name) => {
+                state.customers.get(name).map(|c| (name.to_string(), c.clone(), published(name))).into_iter().collect()
+            }
+            None => state.customers.iter().map(|(n, c)| (n.clone(), c.clone(), published(n))).collect(),
+        }
+    }
+
+    pub fn functions(&self, only: Option<&str>) -> Vec<(String, Function)> {
+        let state = lock(&self.state);
+        match only {
+            Some(name) => state.functions.get(name).map(|(_, f)| (name.to_string(), f.clone())).into_iter().collect(),
+            None => state.functions.iter().map(|(n, (_, f))| (n.clone(), f.clone())).collect(),
+        }
+    }
+
+    pub fn set_platform_client(&self, chain: &str, key: &str) {
+        self.resources.send_modify(|r| Arc::make_mut(r).put_platform_client(chain, key));
+    }
+
+    /// A new ADS stream: its id and what it acknowledges.
+    pub fn register_stream(&self) -> (u64, Arc<Mutex<Acks>>) {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let acks = Arc::new(Mutex::new(Acks::default()));
+        let mut streams = lock(&self.streams);
+        streams.insert(id, acks.clone());
+        self.metrics.xds_streams.store(streams.len() as u64, Ordering::Relaxed);
+        (id, acks)
+    }
+
+    pub fn unregister_stream(&self, id: u64) {
+        let mut streams = lock(&self.streams);
+        streams.remove(&id);
+        self.metrics.xds_streams.store(streams.len() as u64, Ordering::Relaxed);
+        drop(streams);
+        // An Envoy that left no longer holds anything back.
+        self.gate();
+    }
+
+    /// Publishes the customers every connected Envoy has (cluster and CA, current versions).
+    pub fn gate(&self) {
+        let mut state = lock(&self.state);
+        let pending: Vec<String> = state.customers.keys().filter(|c| !state.published.contains(*c)).cloned().collect();
+        if pending.is_empty() {
+            return;
+        }
+        let resources = self.resources.borrow().clone();
+        let streams: Vec<Arc<Mutex<Acks>>> = lock(&self.streams).values().cloned().collect();
+        let mut changed = false;
+        for customer in pending {
+            let (Some(cluster), Some(ca)) =
+                (resources.clusters.get(&customer), resources.secrets.get(&ca_secret_name(&customer)))
+            else {
+                continue;
+            };
+            let everywhere = streams.iter().all(|s| {
+                let acks = lock(s);
+                !acks.takes_clusters()
+                    || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
+            });
+            if everywhere {
+                state.published.insert(customer);
+                changed = true;
+            }
+        }
+        if changed {
+            let visible_functions = state.functions.values().any(|(_, f)| state.published.contains(&f.customer));
+            if visible_functions {
+                self.rebuild_routes(&mut state);
+            }
+        }
+        self.metrics.published.store(state.published.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Serializes the route table of the published customers' functions, under a new version.
+    fn rebuild_routes(&self, state: &mut State) {
+        #[derive(Serialize)]
+        struct Route<'a> {
+            #[serde(rename = "match")]
+            matches: &'a BTreeMap<String, String>,
+            cluster: &'a str,
+            host: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Table<'a> {
+            version: u64,
+            routes: Vec<Route<'a>>,
+        }
+        let version = state.routes.version + 1;
+        let routes = state
+            .functions
+            .values()
+            .filter(|(_, f)| state.published.contains(&f.customer))
+            .map(|(_, f)| Route { matches: &f.matches, cluster: &f.customer, host: &f.host })
+            .collect();
+        let body = match serde_json::to_vec(&Table { version, routes }) {
+            Ok(body) => body,
+            Err(e) => {
+                eprintln!("edgewise-control: route table not serialized: {e}");
+                return;
+            }
+        };
+        if let Err(e) = state.store.set_routes_version(version) {
+            eprintln!("edgewise-control: route table version {version} not stored: {e}");
+        }
+        self.metrics.routes_version.store(version, Ordering::Relaxed);
+        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
+        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        self.metrics.published.store(state.published.len() as u64, Ordering::Relaxed);
+        state.routes = Arc::new(RouteTable { version, etag: format!("\"{version}\""), body: Bytes::from(body) });
+    }
+}

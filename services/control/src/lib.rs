@@ -1,0 +1,206 @@
+//! `edgewise-control`: the serverless ingress's management service. Customers (their clusters:
+//! gateway address, CA, SAN) and functions are added and removed through a REST API and kept in
+//! SQLite; Envoy receives the customer clusters and their certificates through delta xDS (ADS
+//! over gRPC) and the serverless filter polls the route table, ordered so that a route never
+//! names a cluster Envoy does not have (see `control`).
+//!
+//! Two ports: gRPC for xDS, HTTP for the REST API (admin token), the route table, `/healthz`,
+//! `/readyz` and `/metrics`. SIGTERM or SIGINT stops it; everything acknowledged is on disk.
+
+mod api;
+mod control;
+mod metrics;
+pub mod model;
+pub mod resources;
+pub mod store;
+mod xds;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use api::ROUTES_PATH;
+pub use control::Control;
+
+/// The environment variable that holds the admin token.
+pub const TOKEN_ENV: &str = "EDGEWISE_CONTROL_TOKEN";
+const MIN_TOKEN: usize = 16;
+
+pub struct Options {
+    pub db: PathBuf,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub domain: String,
+    pub pattern: String,
+    pub removal_delay: Duration,
+    pub token: String,
+}
+
+const USAGE: &str = "usage: edgewise-control --db <file.db> --client-cert <pem> --client-key <pem> \
+     [--grpc 127.0.0.1:18000] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
+     [--removal-delay-ms 5000]; the admin token in $EDGEWISE_CONTROL_TOKEN";
+
+impl Options {
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
+        let mut args = args.into_iter();
+        let (mut db, mut cert, mut key) = (None, None, None);
+        let (mut grpc, mut http) = ("127.0.0.1:18000".to_string(), "127.0.0.1:19100".to_string());
+        let mut domain = edgewise_core::serverless::DEFAULT_DOMAIN.to_string();
+        let mut pattern = edgewise_core::serverless::DEFAULT_PATTERN.to_string();
+        let mut removal_delay_ms = "5000".to_string();
+        while let Some(flag) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
+            match flag.as_str() {
+                "--db" => db = Some(value()?),
+                "--client-cert" => cert = Some(value()?),
+                "--client-key" => key = Some(value()?),
+                "--grpc" => grpc = value()?,
+                "--http" => http = value()?,
+                "--domain" => domain = value()?,
+                "--pattern" => pattern = value()?,
+                "--removal-delay-ms" => removal_delay_ms = value()?,
+                _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
+            }
+        }
+        let required = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required; {USAGE}"));
+        let token = std::env::var(TOKEN_ENV).unwrap_or_default();
+        if token.len() < MIN_TOKEN {
+            return Err(format!("{TOKEN_ENV} must hold the admin token, at least {MIN_TOKEN} characters"));
+        }
+        let addr = |flag: &str, v: &str| v.parse().map_err(|e| format!("{flag} {v:?}: {e}"));
+        let removal_delay_ms: u64 =
+            removal_delay_ms.parse().map_err(|e| format!("--removal-delay-ms {removal_delay_ms:?}: {e}"))?;
+        Ok(Options {
+            db: required(db, "--db")?.into(),
+            grpc: addr("--grpc", &grpc)?,
+            http: addr("--http", &http)?,
+            client_cert: required(cert, "--client-cert")?.into(),
+            client_key: required(key, "--client-key")?.into(),
+            domain,
+            pattern,
+            removal_delay: Duration::from_millis(removal_delay_ms),
+            token,
+        })
+    }
+}
+
+/// Serves until SIGTERM or SIGINT. Prints `listening grpc=<addr> http=<addr>` once both ports
+/// are bound (port 0 picks one).
+pub async fn run(options: Options) -> Result<(), String> {
+    let rules = model::FunctionRules::new(&options.domain, &options.pattern).map_err(|e| format!("--pattern: {e}"))?;
+    let store = store::Store::open(&options.db)?;
+    let control = Control::open(store, rules, options.removal_delay)?;
+    let (chain, key) = read_client_certificate(&options)?;
+    control.set_platform_client(&chain, &key);
+
+    let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
+    let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
+    let (grpc_addr, http_addr) =
+        (grpc.local_addr().map_err(|e| e.to_string())?, http.local_addr().map_err(|e| e.to_string())?);
+    println!("listening grpc={grpc_addr} http={http_addr}");
+    let customers = control.customers(None).len();
+    eprintln!(
+        "edgewise-control: {customers} customers, {} functions, {}",
+        control.functions(None).len(),
+        options.db.display()
+    );
+
+    let (stop_tx, stop) = watch::channel(false);
+    let api = Arc::new(api::Api { control: control.clone(), token: api::Api::token_digest(&options.token) });
+    tokio::spawn(serve_http(http, api, stop.clone()));
+    tokio::spawn(watch_client_certificate(
+        control.clone(),
+        options.client_cert.clone(),
+        options.client_key.clone(),
+        chain,
+        key,
+    ));
+
+    let mut grpc_stop = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            AggregatedDiscoveryServiceServer::new(xds::Ads { control, stop: stop.clone() })
+                .max_decoding_message_size(16 << 20),
+        )
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        });
+    let signals = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("SIGTERM handler: {e}"))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("edgewise-control: stopping");
+        let _ = stop_tx.send(true);
+        Ok::<(), String>(())
+    };
+    let (served, signalled) = tokio::join!(server, signals);
+    signalled?;
+    served.map_err(|e| format!("gRPC server: {e}"))
+}
+
+fn read_client_certificate(options: &Options) -> Result<(String, String), String> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let (chain, key) = (read(&options.client_cert)?, read(&options.client_key)?);
+    model::check_ca(&chain).map_err(|e| format!("--client-cert {}: {}", options.client_cert.display(), e.reason))?;
+    if !key.contains("PRIVATE KEY-----") {
+        return Err(format!("--client-key {}: holds no PEM private key", options.client_key.display()));
+    }
+    Ok((chain, key))
+}
+
+/// Re-reads the platform's client certificate every second: a replaced pair (cert-manager, a
+/// Secret volume) reaches every Envoy through SDS, with no restart. A half-written or unreadable
+/// pair is skipped until it reads whole.
+async fn watch_client_certificate(
+    control: Arc<Control>,
+    cert: PathBuf,
+    key: PathBuf,
+    mut chain: String,
+    mut pem: String,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (Ok(new_chain), Ok(new_key)) = (std::fs::read_to_string(&cert), std::fs::read_to_string(&key)) else {
+            continue;
+        };
+        if (new_chain == chain && new_key == pem)
+            || model::check_ca(&new_chain).is_err()
+            || !new_key.contains("PRIVATE KEY-----")
+        {
+            continue;
+        }
+        eprintln!("edgewise-control: the platform client certificate changed; serving the new one");
+        control.set_platform_client(&new_chain, &new_key);
+        (chain, pem) = (new_chain, new_key);
+    }
+}
+
+async fn serve_http(listener: TcpListener, api: Arc<api::Api>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,106 @@
+//! The service's Prometheus metrics; labels are fixed sets (xDS types, results, status classes).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::resources::{CLUSTER, SECRET};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub customers: AtomicU64,
+    pub published: AtomicU64,
+    pub functions: AtomicU64,
+    pub routes_version: AtomicU64,
+    pub route_fetches: AtomicU64,
+    pub route_not_modified: AtomicU64,
+    pub xds_streams: AtomicU64,
+    /// Per type (cluster, secret, other): responses, ACKs, NACKs.
+    xds: [[AtomicU64; 3]; 3],
+    /// Per status class 2xx, 4xx, 5xx.
+    api: [AtomicU64; 3],
+}
+
+#[derive(Clone, Copy)]
+pub enum Xds {
+    Response = 0,
+    Ack = 1,
+    Nack = 2,
+}
+
+fn type_index(type_url: &str) -> usize {
+    match type_url {
+        CLUSTER => 0,
+        SECRET => 1,
+        _ => 2,
+    }
+}
+
+impl Metrics {
+    pub fn xds(&self, type_url: &str, what: Xds) {
+        if let Some(c) = self.xds.get(type_index(type_url)).and_then(|t| t.get(what as usize)) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn api(&self, status: u16) {
+        let class = match status {
+            500.. => 2,
+            400.. => 1,
+            _ => 0,
+        };
+        if let Some(c) = self.api.get(class) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Relaxed));
+        };
+        gauge(&mut out, "edgewise_control_customers", "Customers (customer clusters) stored.", &self.customers);
+        gauge(
+            &mut out,
+            "edgewise_control_customers_published",
+            "Customers every connected Envoy has acknowledged, whose functions are in the route table.",
+            &self.published,
+        );
+        gauge(&mut out, "edgewise_control_functions", "Functions stored.", &self.functions);
+        gauge(
+            &mut out,
+            "edgewise_control_route_table_version",
+            "Version of the route table served.",
+            &self.routes_version,
+        );
+        gauge(&mut out, "edgewise_control_xds_streams", "Connected ADS streams (Envoys).", &self.xds_streams);
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_route_fetches_total Route table requests, by result.\n\
+             # TYPE edgewise_control_route_fetches_total counter\n\
+             edgewise_control_route_fetches_total{{result=\"ok\"}} {}\n\
+             edgewise_control_route_fetches_total{{result=\"not_modified\"}} {}",
+            self.route_fetches.load(Relaxed),
+            self.route_not_modified.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_xds_total xDS responses sent and the ACKs and NACKs they got, by type.\n\
+             # TYPE edgewise_control_xds_total counter"
+        );
+        for (t, counters) in ["cluster", "secret", "other"].iter().zip(&self.xds) {
+            for (what, c) in ["response", "ack", "nack"].iter().zip(counters) {
+                let _ =
+                    writeln!(out, "edgewise_control_xds_total{{type=\"{t}\",event=\"{what}\"}} {}", c.load(Relaxed));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_api_requests_total REST API requests, by status class.\n\
+             # TYPE edgewise_control_api_requests_total counter"
+        );
+        for (class, c) in ["2xx", "4xx", "5xx"].iter().zip(&self.api) {
+            let _ = writeln!(out, "edgewise_control_api_requests_total{{status=\"{class}\"}} {}", c.load(Relaxed));
+        }
+        out
+    }
+}

@@ -1,0 +1,201 @@
+//! The persistent store: one SQLite file. Every change is a transaction that is on disk before
+//! the API answers, so a restart (or a crash) loses nothing that was acknowledged.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::model::{Customer, Function};
+
+pub struct Store {
+    db: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS customers (
+    name    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    ca      TEXT NOT NULL,
+    san     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS functions (
+    name     TEXT PRIMARY KEY,
+    key      TEXT NOT NULL UNIQUE,
+    matches  TEXT NOT NULL,
+    customer TEXT NOT NULL REFERENCES customers(name) ON DELETE CASCADE,
+    host     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS functions_customer ON functions(customer);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn db_error(e: rusqlite::Error) -> String {
+    format!("database: {e}")
+}
+
+/// What the store holds, read at start.
+#[derive(Debug, Default)]
+pub struct Contents {
+    pub customers: BTreeMap<String, Customer>,
+    /// name -> (route key, function)
+    pub functions: BTreeMap<String, (String, Function)>,
+    pub routes_version: u64,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Connection::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        // WAL: readers never wait for the writer; FULL: a commit survives a power loss.
+        db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .and_then(|()| db.execute_batch(SCHEMA))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Store { db })
+    }
+
+    pub fn load(&self) -> Result<Contents> {
+        let mut contents = Contents::default();
+        let mut customers = self.db.prepare("SELECT name, address, ca, san FROM customers").map_err(db_error)?;
+        let rows = customers
+            .query_map([], |r| Ok((r.get(0)?, Customer { address: r.get(1)?, ca: r.get(2)?, san: r.get(3)? })))
+            .map_err(db_error)?;
+        for row in rows {
+            let (name, customer) = row.map_err(db_error)?;
+            contents.customers.insert(name, customer);
+        }
+        let mut functions =
+            self.db.prepare("SELECT name, key, matches, customer, host FROM functions").map_err(db_error)?;
+        let rows = functions
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?)))
+            .map_err(db_error)?;
+        for row in rows {
+            let (name, key, matches, customer, host) = row.map_err(db_error)?;
+            let matches = serde_json::from_str(&matches).map_err(|e| format!("database: function {name}: {e}"))?;
+            contents.functions.insert(name, (key, Function { matches, customer, host }));
+        }
+        contents.routes_version = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'routes_version'", [], |r| r.get::<_, i64>(0))
+            .optional()
+            .map_err(db_error)?
+            .map_or(0, |v| v.max(0) as u64);
+        Ok(contents)
+    }
+
+    pub fn put_customer(&mut self, name: &str, c: &Customer) -> Result<()> {
+        self.db
+            .execute(
+                "INSERT INTO customers (name, address, ca, san) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET address = ?2, ca = ?3, san = ?4",
+                params![name, c.address, c.ca, c.san],
+            )
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    /// Deletes a customer and its functions.
+    pub fn delete_customer(&mut self, name: &str) -> Result<()> {
+        self.db.execute("DELETE FROM customers WHERE name = ?1", [name]).map(drop).map_err(db_error)
+    }
+
+    pub fn put_function(&mut self, name: &str, key: &str, f: &Function) -> Result<()> {
+        let matches = serde_json::to_string(&f.matches).map_err(|e| e.to_string())?;
+        self.db
+            .execute(
+                "INSERT INTO functions (name, key, matches, customer, host) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET key = ?2, matches = ?3, customer = ?4, host = ?5",
+                params![name, key, matches, f.customer, f.host],
+            )
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    pub fn delete_function(&mut self, name: &str) -> Result<()> {
+        self.db.execute("DELETE FROM functions WHERE name = ?1", [name]).map(drop).map_err(db_error)
+    }
+
+    pub fn set_routes_version(&mut self, version: u64) -> Result<()> {
+        let version = i64::try_from(version).map_err(|e| e.to_string())?;
+        self.db
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('routes_version', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = ?1",
+                [version],
+            )
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    /// Many customers and functions in one transaction (seeding a large installation; the
+    /// benchmark's 10,000 customers and 100,000 functions). The caller has checked them.
+    pub fn seed<'a>(
+        &mut self,
+        customers: impl IntoIterator<Item = (&'a str, &'a Customer)>,
+        functions: impl IntoIterator<Item = (&'a str, &'a str, &'a Function)>,
+    ) -> Result<()> {
+        let tx = self.db.transaction().map_err(db_error)?;
+        {
+            let mut put = tx
+                .prepare("INSERT OR REPLACE INTO customers (name, address, ca, san) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(db_error)?;
+            for (name, c) in customers {
+                put.execute(params![name, c.address, c.ca, c.san]).map_err(db_error)?;
+            }
+            let mut put = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO functions (name, key, matches, customer, host) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db_error)?;
+            for (name, key, f) in functions {
+                let matches = serde_json::to_string(&f.matches).map_err(|e| e.to_string())?;
+                put.execute(params![name, key, matches, f.customer, f.host]).map_err(db_error)?;
+            }
+        }
+        tx.commit().map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_stored_survives_a_reopen_and_deleting_a_customer_deletes_its_functions() {
+        let dir = std::env::temp_dir().join(format!("edgewise-control-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.db");
+        let a = Customer { address: "127.0.0.1:1".into(), ca: "pem".into(), san: "a.example".into() };
+        let f = Function {
+            matches: BTreeMap::from([("function".into(), "f".into())]),
+            customer: "a".into(),
+            host: "h.example".into(),
+        };
+        {
+            let mut store = Store::open(&path).unwrap();
+            store.put_customer("a", &a).unwrap();
+            store.put_customer("b", &a).unwrap();
+            store.put_function("f1", "f", &f).unwrap();
+            store.set_routes_version(7).unwrap();
+            let unknown = Function { customer: "nobody".into(), ..f.clone() };
+            assert!(store.put_function("f2", "g", &unknown).unwrap_err().contains("FOREIGN KEY"));
+            assert!(store.put_function("f3", "f", &f).unwrap_err().contains("UNIQUE"));
+        }
+        let mut store = Store::open(&path).unwrap();
+        let contents = store.load().unwrap();
+        assert_eq!(contents.customers.len(), 2);
+        assert_eq!(contents.customers["a"], a);
+        assert_eq!(contents.functions["f1"], ("f".to_string(), f));
+        assert_eq!(contents.routes_version, 7);
+        store.delete_customer("a").unwrap();
+        let contents = store.load().unwrap();
+        assert_eq!(contents.customers.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(contents.functions.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,97 @@
+//! The serverless management service, run for the tests, the demo and the benchmark: the
+//! `edgewise-control` binary on a SQLite file, serving the platform's client certificate of the
+//! scenario's PKI, and a client for its REST API.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::certs::Ca;
+use crate::service::Service;
+
+/// The admin token the tests and the demo give it.
+pub const DEMO_TOKEN: &str = "edgewise-demo-admin-token";
+/// The ports of envoy/serverless-xds.yaml.
+pub const GRPC_PORT: u16 = 18000;
+pub const HTTP_PORT: u16 = 19100;
+
+pub struct ControlService(Service);
+
+impl ControlService {
+    /// Starts `binary` on `db` with the platform client certificate the serverless PKI wrote
+    /// under `run_dir` (its Secret-volume paths, so that a rotation is seen), on the given ports
+    /// (0: the OS picks), with `extra` arguments.
+    pub async fn start(binary: &Path, run_dir: &Path, db: &Path, ports: (u16, u16), extra: &[&str]) -> Result<Self> {
+        let certs = run_dir.join("serverless/certs/platform-client");
+        let mut args = vec![
+            "--db".to_string(),
+            db.display().to_string(),
+            "--client-cert".into(),
+            certs.join("tls.crt").display().to_string(),
+            "--client-key".into(),
+            certs.join("tls.key").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let env = vec![(edgewise_control::TOKEN_ENV.to_string(), DEMO_TOKEN.to_string())];
+        let log = run_dir.join("control.log");
+        let service = Service::start(binary, args, env, ports.0, ports.1, &log).await?;
+        service.ready(Duration::from_secs(10)).await?;
+        Ok(ControlService(service))
+    }
+
+    /// A REST call with the admin token: (status, JSON body).
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let auth = format!("Bearer {DEMO_TOKEN}");
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let (status, text) = self.request(method, path, &[("authorization", &auth)], &body).await?;
+        let json = serde_json::from_str(&text).with_context(|| format!("{method} {path}: {status} {text:?}"))?;
+        Ok((status, json))
+    }
+
+    async fn expect(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, json) = self.call(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {path}: {status} {json}");
+        }
+        Ok(json)
+    }
+
+    /// Adds or replaces a customer whose gateway listens on 127.0.0.1:`port`.
+    pub async fn put_customer(&self, name: &str, port: u16, cas: &[&Ca], san: &str) -> Result<()> {
+        let ca: String = cas.iter().map(|c| c.pem.as_str()).collect();
+        let body = json!({ "address": format!("127.0.0.1:{port}"), "ca": ca, "san": san });
+        self.expect("PUT", &format!("/v1/customers/{name}"), Some(&body)).await.map(drop)
+    }
+
+    /// Adds or replaces a function of the default host layout (`label`: `<8hex>-<8hex>-<10hex>`).
+    pub async fn put_function(&self, name: &str, label: &str, customer: &str, host: &str) -> Result<()> {
+        let body = json!({ "match": function_match(label)?, "customer": customer, "host": host });
+        self.expect("PUT", &format!("/v1/functions/{name}"), Some(&body)).await.map(drop)
+    }
+
+    pub async fn delete_customer(&self, name: &str) -> Result<Value> {
+        self.expect("DELETE", &format!("/v1/customers/{name}"), None).await
+    }
+}
+
+/// The `match` of a default-layout label.
+pub fn function_match(label: &str) -> Result<Value> {
+    let parts: Vec<&str> = label.split('-').collect();
+    let [project, environment, function] = parts.as_slice() else { bail!("{label:?} is not <8hex>-<8hex>-<10hex>") };
+    Ok(json!({ "project": project, "environment": environment, "function": function }))
+}
+
+impl std::ops::Deref for ControlService {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ControlService {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
+    }
+}

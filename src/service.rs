@@ -1,0 +1,139 @@
+//! A service binary of the project (`edgewise-ratelimit`, `edgewise-control`), running: started
+//! with its gRPC and HTTP ports (0: the OS picks; read back from its first line, `listening
+//! grpc=<addr> http=<addr>`), stopped with SIGTERM, started again on the same ports.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+pub struct Service {
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub grpc: u16,
+    pub http: u16,
+    /// What the service printed on stderr, for failing tests.
+    log: PathBuf,
+}
+
+impl Service {
+    /// Starts `binary` with `args` (without the ports) and `env`, on the given ports.
+    pub async fn start(
+        binary: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        grpc: u16,
+        http: u16,
+        log: &Path,
+    ) -> Result<Service> {
+        let mut s = Service { binary: binary.into(), args, env, child: None, grpc, http, log: log.into() };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let name = self.binary.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = Command::new(&self.binary)
+            .args(&self.args)
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc), "--http", &format!("127.0.0.1:{}", self.http)])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).read_line(&mut line))
+            .await
+            .with_context(|| format!("{name} did not print its ports"))??;
+        let port = |key: &str| -> Result<u16> {
+            let field = line.split_whitespace().find_map(|f| f.strip_prefix(key)).context("ports line")?;
+            Ok(field.rsplit(':').next().unwrap_or_default().parse()?)
+        };
+        // Kept on restart.
+        self.grpc = port("grpc=").with_context(|| format!("{name}: {line:?}; log: {}", self.log()))?;
+        self.http = port("http=")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        while self.get("/readyz").await.ok().map(|(status, _)| status) != Some(200) {
+            if start.elapsed() > limit {
+                bail!("{} not ready after {limit:?}; log: {}", self.binary.display(), self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit; its status.
+    pub async fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let pid = child.id().context("no pid")?;
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid}");
+        Ok(tokio::time::timeout(Duration::from_secs(10), child.wait()).await.context("no exit after SIGTERM")??)
+    }
+
+    /// Starts it again (after `stop`), on the same ports.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.spawn().await
+    }
+
+    /// One request on the HTTP port: (status, body).
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.http)).await?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: service\r\nconnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response.split_whitespace().nth(1).context("status line")?.parse()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// GET on the HTTP port: (status, body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String)> {
+        self.request("GET", path, &[], "").await
+    }
+
+    /// One sample of `/metrics`: the value of the line that starts with `series` (name and
+    /// labels as written), 0 when absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(Ok(0.0), str::parse)?)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

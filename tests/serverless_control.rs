@@ -1,0 +1,405 @@
+//! End-to-end: envoy/serverless-xds.yaml on real Envoy, its customer clusters and certificates
+//! from a real `edgewise-control` (SQLite file, delta xDS, route table), customers' gateways as
+//! mTLS stand-ins. Customers and functions come and go through the REST API while other
+//! customers' traffic flows.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use edgewise::certs::Ca;
+use edgewise::client::{Client, Load};
+use edgewise::control::{self, ControlService};
+use edgewise::envoy::{Config, Envoy};
+use edgewise::scenarios::serverless::{self as sl, ports, Pki};
+use serde_json::json;
+
+const A_HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
+const A_KNATIVE: &str = "hello.ns-42.knative.customer-a.example";
+const B_HOST: &str = "1111111a-2222222b-333333333c.serverless.gitlab.io";
+const B_KNATIVE: &str = "fn-b.ns-7.knative.customer-b.example";
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_edgewise-control"))
+}
+
+fn label(host: &str) -> &str {
+    host.split('.').next().unwrap_or_default()
+}
+
+struct Setup {
+    run: tempfile::TempDir,
+    pki: Pki,
+    control: ControlService,
+    envoy: Envoy,
+    front: std::net::SocketAddr,
+    client: Client,
+}
+
+async fn setup() -> Setup {
+    let run = tempfile::tempdir().unwrap();
+    let pki = Pki::install(run.path()).unwrap();
+    let db = run.path().join("control.db");
+    let control =
+        ControlService::start(binary(), run.path(), &db, (0, 0), &["--removal-delay-ms", "1500"]).await.unwrap();
+    let config = Config::shipped("serverless-xds")
+        .run_dir(run.path())
+        .port(ports::FRONT, 0)
+        .port(control::GRPC_PORT, control.grpc)
+        .port(control::HTTP_PORT, control.http);
+    let envoy = Envoy::start(&config).await.unwrap();
+    let front = envoy.listener("serverless_https").await.unwrap();
+    let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
+    Setup { run, pki, control, envoy, front, client }
+}
+
+impl Setup {
+    async fn get(&self, host: &str) -> edgewise::client::Response {
+        self.client.get(self.front, host, "/").await.unwrap()
+    }
+
+    /// Polls `host` until `done` holds for a response; how long it took.
+    async fn until(&self, host: &str, what: &str, done: impl Fn(&edgewise::client::Response) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            let r = self.get(host).await;
+            if done(&r) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}: still {} {} after 20 s", r.status, r.text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The filter's other workers install a new table at their next tick (the poll interval,
+    /// 1 s in the shipped YAML), after the one that fetched it.
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+
+    async fn sds_updates(&self, secret: &str) -> u64 {
+        self.envoy.stats().await.unwrap().get(&format!("sds.{secret}.update_success")).copied().unwrap_or(0)
+    }
+
+    async fn wait_sds_update(&self, secret: &str, after: u64) {
+        self.envoy
+            .wait_stat(&format!("an update of {secret}"), Duration::from_secs(10), |s| {
+                s.get(&format!("sds.{secret}.update_success")).is_some_and(|n| *n > after)
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn has_cluster(&self, name: &str) -> bool {
+        let clusters = self.envoy.admin_get("/clusters").await.unwrap();
+        clusters.lines().any(|l| l.starts_with(&format!("{name}::")))
+    }
+}
+
+fn server_of(r: &edgewise::client::Response) -> String {
+    if r.status == 200 {
+        r.json()["server"].as_str().unwrap_or_default().to_string()
+    } else {
+        String::new()
+    }
+}
+
+#[tokio::test]
+async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and_no_failed_request() {
+    let s = setup().await;
+    let a = sl::gateway(
+        "customer-a",
+        0,
+        &sl::gateway_leaf(&s.pki.customer_a_ca, "customer-a").unwrap(),
+        &s.pki.platform_ca,
+    )
+    .await
+    .unwrap();
+    let b1 = sl::gateway(
+        "customer-b",
+        0,
+        &sl::gateway_leaf(&s.pki.customer_b_ca, "customer-b").unwrap(),
+        &s.pki.platform_ca,
+    )
+    .await
+    .unwrap();
+
+    // Nothing is known yet: the filter says so once it has the (empty) table.
+    s.until(A_HOST, "the first route table", |r| r.status == 404).await;
+    assert_eq!(s.get(A_HOST).await.json()["error"], "unknown_function");
+
+    // Add customer-a and its function: it answers over mTLS within seconds.
+    let start = Instant::now();
+    s.control
+        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
+        .await
+        .unwrap();
+    s.control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
+    s.until(A_HOST, "customer-a's function", |r| r.status == 200).await;
+    eprintln!("customer-a: REST change to traffic in {:?}", start.elapsed());
+    s.settle().await;
+    let r = s.get(A_HOST).await;
+    let seen = r.json();
+    assert_eq!(seen["server"], "customer-a");
+    assert_eq!(seen["host"], A_KNATIVE);
+    assert_eq!(seen["tls"]["sni"], A_KNATIVE);
+    assert_eq!(seen["tls"]["peer_sans"], json!([format!("URI:{}", sl::PLATFORM_CLIENT_ID)]));
+
+    // From now on customer-a's function is under load: nothing below may fail one request.
+    let load_a = Load::start(&s.client, s.front, A_HOST, 4, 200);
+
+    // Add customer-b.
+    let start = Instant::now();
+    s.control
+        .put_customer("customer-b", b1.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
+        .await
+        .unwrap();
+    s.control.put_function("fn-b", label(B_HOST), "customer-b", B_KNATIVE).await.unwrap();
+    s.until(B_HOST, "customer-b's function", |r| r.status == 200).await;
+    let added = start.elapsed();
+    eprintln!("customer-b: REST change to traffic in {added:?}");
+    assert!(added < Duration::from_secs(5), "customer-b took {added:?}");
+    s.settle().await;
+    let r = s.get(B_HOST).await;
+    assert_eq!((server_of(&r), r.json()["host"].clone()), ("customer-b".into(), json!(B_KNATIVE)));
+    assert!(s.has_cluster("customer-b").await);
+
+    // Rotate customer-b's CA under load on both customers: trust old and new, move the gateway
+    // to a certificate of the new CA, then trust only the new one (a second between steps).
+    let load_b = Load::start(&s.client, s.front, B_HOST, 2, 200);
+    let new_ca = Ca::new("customer-b cluster CA 2").unwrap();
+    let b2 = sl::gateway("customer-b2", 0, &sl::gateway_leaf(&new_ca, "customer-b").unwrap(), &s.pki.platform_ca)
+        .await
+        .unwrap();
+    let updates = s.sds_updates("customer-b-ca").await;
+    s.control
+        .put_customer("customer-b", b1.port(), &[&s.pki.customer_b_ca, &new_ca], "ingress.customer-b.example")
+        .await
+        .unwrap();
+    s.wait_sds_update("customer-b-ca", updates).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.control
+        .put_customer("customer-b", b2.port(), &[&s.pki.customer_b_ca, &new_ca], "ingress.customer-b.example")
+        .await
+        .unwrap();
+    s.until(B_HOST, "customer-b on its new gateway", |r| server_of(r) == "customer-b2").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let updates = s.sds_updates("customer-b-ca").await;
+    s.control.put_customer("customer-b", b2.port(), &[&new_ca], "ingress.customer-b.example").await.unwrap();
+    s.wait_sds_update("customer-b-ca", updates).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (b_ok, b_failed) = load_b.stop().await;
+    eprintln!("customer-b during its CA rotation: {b_ok} requests succeeded, {b_failed} failed");
+    assert_eq!(b_failed, 0);
+    assert!(b_ok > 20, "too little load to prove anything: {b_ok}");
+    // The old CA is no longer trusted: the old gateway fails verification, closed.
+    s.control.put_customer("customer-b", b1.port(), &[&new_ca], "ingress.customer-b.example").await.unwrap();
+    s.until(B_HOST, "the old gateway refused", |r| r.status == 503).await;
+    let r = s.get(B_HOST).await;
+    assert_eq!(r.json()["error"], "upstream_unavailable", "{}", r.text());
+    assert!(r.text().contains("CERTIFICATE_VERIFY_FAILED"), "{}", r.text());
+
+    // Remove customer-b: its function is unknown at once, its cluster leaves Envoy after the
+    // removal delay.
+    let deleted = s.control.delete_customer("customer-b").await.unwrap();
+    assert_eq!(deleted["functions_deleted"], 1);
+    s.until(B_HOST, "customer-b's function gone", |r| r.status == 404).await;
+    assert_eq!(s.get(B_HOST).await.json()["error"], "unknown_function");
+    let start = Instant::now();
+    while s.has_cluster("customer-b").await {
+        assert!(start.elapsed() < Duration::from_secs(10), "customer-b's cluster is still in Envoy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.has_cluster("customer-a").await);
+
+    let (a_ok, a_failed) = load_a.stop().await;
+    eprintln!("customer-a meanwhile: {a_ok} requests succeeded, {a_failed} failed");
+    assert_eq!(a_failed, 0);
+    assert!(a_ok > 50, "too little load to prove anything: {a_ok}");
+
+    // What Envoy acknowledged is counted; nothing was rejected.
+    let acks = s.control.metric("edgewise_control_xds_total{type=\"cluster\",event=\"ack\"}").await.unwrap();
+    assert!(acks >= 5.0, "cluster ACKs: {acks}");
+    assert_eq!(s.control.metric("edgewise_control_xds_total{type=\"cluster\",event=\"nack\"}").await.unwrap(), 0.0);
+    assert_eq!(s.control.metric("edgewise_control_xds_total{type=\"secret\",event=\"nack\"}").await.unwrap(), 0.0);
+    assert_eq!(s.control.metric("edgewise_control_customers").await.unwrap(), 1.0);
+}
+
+#[tokio::test]
+async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lost_by_its_restart() {
+    let mut s = setup().await;
+    let a = sl::gateway(
+        "customer-a",
+        0,
+        &sl::gateway_leaf(&s.pki.customer_a_ca, "customer-a").unwrap(),
+        &s.pki.platform_ca,
+    )
+    .await
+    .unwrap();
+    s.control
+        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
+        .await
+        .unwrap();
+    s.control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
+    s.until(A_HOST, "customer-a's function", |r| r.status == 200).await;
+    s.settle().await;
+
+    let load = Load::start(&s.client, s.front, A_HOST, 4, 200);
+    let status = s.control.stop().await.unwrap();
+    assert!(status.success(), "edgewise-control exited with {status} on SIGTERM");
+    // Down for several poll intervals and reconnection attempts: Envoy serves what it has.
+    let (ok_before, _) = load.counts();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ok_during, failed_during) = load.counts();
+    assert!(ok_during > ok_before + 20, "requests while the control service was down: {}", ok_during - ok_before);
+    assert_eq!(failed_during, 0);
+    assert!(
+        s.envoy.stat("control_plane.connected_state").await.unwrap() == 0,
+        "Envoy should see the control plane gone"
+    );
+
+    s.control.start_again().await.unwrap();
+    s.control.ready(Duration::from_secs(10)).await.unwrap();
+    s.envoy
+        .wait_stat("ADS reconnected", Duration::from_secs(15), |st| st.get("control_plane.connected_state") == Some(&1))
+        .await
+        .unwrap();
+    // Nothing lost: the customer and the function are still there...
+    let (status, customers) = s.control.call("GET", "/v1/customers", None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(customers["customers"][0]["name"], "customer-a");
+    assert_eq!(customers["customers"][0]["published"], true);
+    let (_, functions) = s.control.call("GET", "/v1/functions/hello", None).await.unwrap();
+    assert_eq!(functions["customer"], "customer-a");
+    // ... and a change made after the restart reaches Envoy.
+    let b = sl::gateway(
+        "customer-b",
+        0,
+        &sl::gateway_leaf(&s.pki.customer_b_ca, "customer-b").unwrap(),
+        &s.pki.platform_ca,
+    )
+    .await
+    .unwrap();
+    s.control
+        .put_customer("customer-b", b.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
+        .await
+        .unwrap();
+    s.control.put_function("fn-b", label(B_HOST), "customer-b", B_KNATIVE).await.unwrap();
+    s.until(B_HOST, "customer-b after the restart", |r| server_of(r) == "customer-b").await;
+
+    let (ok, failed) = load.stop().await;
+    eprintln!("customer-a across the control service's outage and restart: {ok} succeeded, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(s.run.path().join("control.db").exists());
+}
+
+/// The REST API on its own: the admin token, and clear JSON errors naming the field.
+#[tokio::test]
+async fn the_rest_api_requires_the_token_and_refuses_bad_input_with_the_field() {
+    let run = tempfile::tempdir().unwrap();
+    let pki = Pki::install(run.path()).unwrap();
+    let control = ControlService::start(binary(), run.path(), &run.path().join("c.db"), (0, 0), &[]).await.unwrap();
+
+    let (status, body) = control.request("GET", "/v1/customers", &[], "").await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let wrong = control.request("GET", "/v1/customers", &[("authorization", "Bearer nope")], "").await.unwrap();
+    assert_eq!(wrong.0, 401);
+    assert!(wrong.1.contains("\"error\":\"unauthorized\""), "{}", wrong.1);
+
+    let ca = pki.customer_a_ca.pem.clone();
+    let customer = |address: &str, ca: &str, san: &str| json!({ "address": address, "ca": ca, "san": san });
+    let cases = [
+        ("/v1/customers/customer-a", customer("127.0.0.1", &ca, "a.example"), 400, "address"),
+        ("/v1/customers/customer-a", customer("127.0.0.1:1", "not pem", "a.example"), 400, "ca"),
+        (
+            "/v1/customers/customer-a",
+            customer("127.0.0.1:1", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "a.example"),
+            400,
+            "ca",
+        ),
+        ("/v1/customers/customer-a", customer("127.0.0.1:1", &ca, "a b"), 400, "san"),
+        ("/v1/customers/Customer_A", customer("127.0.0.1:1", &ca, "a.example"), 400, "name"),
+        (
+            "/v1/functions/f",
+            json!({ "match": control::function_match(label(A_HOST)).unwrap(), "customer": "nobody", "host": A_KNATIVE }),
+            400,
+            "customer",
+        ),
+        (
+            "/v1/functions/f",
+            json!({ "match": { "project": "0000000a" }, "customer": "customer-a", "host": A_KNATIVE }),
+            400,
+            "match",
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let (got, answer) = control.call("PUT", path, Some(&body)).await.unwrap();
+        assert_eq!(
+            (got, answer["error"].as_str(), answer["field"].as_str()),
+            (status, Some("invalid"), Some(field)),
+            "{path} {body}: {answer}"
+        );
+    }
+    let (status, answer) =
+        control.call("PUT", "/v1/customers/customer-a", Some(&json!({ "adress": "x" }))).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_json")));
+    assert!(answer["detail"].as_str().unwrap().contains("adress"), "{answer}");
+
+    // A good customer and function; the same match under another name conflicts.
+    control.put_customer("customer-a", 1, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
+    let again = json!({ "match": control::function_match(&label(A_HOST).to_uppercase()).unwrap(), "customer": "customer-a", "host": A_KNATIVE });
+    let (status, answer) = control.call("PUT", "/v1/functions/other", Some(&again)).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (409, Some("conflict")), "{answer}");
+    let (status, _) = control.call("PUT", "/v1/functions/hello", Some(&again)).await.unwrap();
+    assert_eq!(status, 200, "the same function may be replaced");
+    let (status, answer) = control.call("DELETE", "/v1/functions/nothing", None).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (404, Some("not_found")));
+    let big = "x".repeat(300 * 1024);
+    let (status, answer) = control.call("PUT", "/v1/customers/big", Some(&json!({ "ca": big }))).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (413, Some("too_large")));
+
+    // The route table the filters poll: JSON the filter compiles, 304 for the version it has.
+    let (status, table) = control.get(edgewise_control::ROUTES_PATH).await.unwrap();
+    assert_eq!(status, 200);
+    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
+    assert_eq!(table["routes"][0]["cluster"], "customer-a");
+    let etag = format!("\"{}\"", table["version"]);
+    let (status, _) =
+        control.request("GET", edgewise_control::ROUTES_PATH, &[("if-none-match", &etag)], "").await.unwrap();
+    assert_eq!(status, 304);
+    assert_eq!(control.metric("edgewise_control_route_fetches_total{result=\"not_modified\"}").await.unwrap(), 1.0);
+    assert!(control.metric("edgewise_control_api_requests_total{status=\"4xx\"}").await.unwrap() >= 12.0);
+}
+
+/// Without a usable admin token or client certificate it does not start, and says why.
+#[tokio::test]
+async fn a_bad_start_is_refused_with_the_reason() {
+    let run = tempfile::tempdir().unwrap();
+    Pki::install(run.path()).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["--db", "x.db", "--client-cert", "c", "--client-key", "k"])
+        .env_remove(edgewise_control::TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("EDGEWISE_CONTROL_TOKEN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key_as_cert = run.path().join("serverless/certs/platform-client/tls.key");
+    let out = std::process::Command::new(binary())
+        .arg("--db")
+        .arg(run.path().join("x.db"))
+        .arg("--client-cert")
+        .arg(&key_as_cert)
+        .arg("--client-key")
+        .arg(&key_as_cert)
+        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .env(edgewise_control::TOKEN_ENV, control::DEMO_TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--client-cert") && stderr.contains("only CERTIFICATE"), "{stderr}");
+}
