@@ -103,6 +103,7 @@ test-e2e:
 bench: setup
 	@command -v wrk >/dev/null || tools/apt-install wrk
 	$(CARGO) run --release --bin edgewise-bench
+	$(CARGO) run --release --bin edgewise-scale
 
 # Every scenario under a bounded load of valid, invalid and hostile requests while certificates
 # rotate and the issuer and management service flap -> bench/soak.md; fails on any unexpected

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::certs::Ca;
+use crate::envoy::Config;
 use crate::service::Service;
 
 /// The admin token the tests and the demo give it.
@@ -74,6 +75,22 @@ impl ControlService {
     pub async fn delete_customer(&self, name: &str) -> Result<Value> {
         self.expect("DELETE", &format!("/v1/customers/{name}"), None).await
     }
+}
+
+/// envoy/serverless-xds.yaml with on-demand CDS instead of every cluster: no wildcard cluster
+/// subscription, and Envoy's on_demand filter fetching the cluster the serverless filter chose
+/// when Envoy does not have it yet (measured by `make bench`; docs/serverless-control.md).
+pub fn on_demand_cds(config: Config) -> Config {
+    config.replace("  cds_config:\n    ads: {}\n    resource_api_version: V3\n", "").replace(
+        "          - name: envoy.filters.http.router\n",
+        "          - name: envoy.filters.http.on_demand\n\
+         \x20           typed_config:\n\
+         \x20             \"@type\": type.googleapis.com/envoy.extensions.filters.http.on_demand.v3.OnDemand\n\
+         \x20             odcds:\n\
+         \x20               source: { ads: {}, resource_api_version: V3 }\n\
+         \x20               timeout: 5s\n\
+         \x20         - name: envoy.filters.http.router\n",
+    )
 }
 
 /// The `match` of a default-layout label.

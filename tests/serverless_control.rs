@@ -36,6 +36,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|c| c).await
+}
+
+async fn setup_with(tweak: fn(Config) -> Config) -> Setup {
     let run = tempfile::tempdir().unwrap();
     let pki = Pki::install(run.path()).unwrap();
     let db = run.path().join("control.db");
@@ -46,13 +50,18 @@ async fn setup() -> Setup {
         .port(ports::FRONT, 0)
         .port(control::GRPC_PORT, control.grpc)
         .port(control::HTTP_PORT, control.http);
-    let envoy = Envoy::start(&config).await.unwrap();
+    let envoy = Envoy::start(&tweak(config)).await.unwrap();
     let front = envoy.listener("serverless_https").await.unwrap();
     let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
     Setup { run, pki, control, envoy, front, client }
 }
 
 impl Setup {
+    /// A customer cluster's gateway with a certificate of `ca` for `customer`.
+    async fn gateway(&self, customer: &str, ca: &Ca) -> edgewise::server::Server {
+        sl::gateway(customer, 0, &sl::gateway_leaf(ca, customer).unwrap(), &self.pki.platform_ca).await.unwrap()
+    }
+
     async fn get(&self, host: &str) -> edgewise::client::Response {
         self.client.get(self.front, host, "/").await.unwrap()
     }
@@ -106,22 +115,8 @@ fn server_of(r: &edgewise::client::Response) -> String {
 #[tokio::test]
 async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and_no_failed_request() {
     let s = setup().await;
-    let a = sl::gateway(
-        "customer-a",
-        0,
-        &sl::gateway_leaf(&s.pki.customer_a_ca, "customer-a").unwrap(),
-        &s.pki.platform_ca,
-    )
-    .await
-    .unwrap();
-    let b1 = sl::gateway(
-        "customer-b",
-        0,
-        &sl::gateway_leaf(&s.pki.customer_b_ca, "customer-b").unwrap(),
-        &s.pki.platform_ca,
-    )
-    .await
-    .unwrap();
+    let a = s.gateway("customer-a", &s.pki.customer_a_ca).await;
+    let b1 = s.gateway("customer-b", &s.pki.customer_b_ca).await;
 
     // Nothing is known yet: the filter says so once it has the (empty) table.
     s.until(A_HOST, "the first route table", |r| r.status == 404).await;
@@ -227,14 +222,7 @@ async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and
 #[tokio::test]
 async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lost_by_its_restart() {
     let mut s = setup().await;
-    let a = sl::gateway(
-        "customer-a",
-        0,
-        &sl::gateway_leaf(&s.pki.customer_a_ca, "customer-a").unwrap(),
-        &s.pki.platform_ca,
-    )
-    .await
-    .unwrap();
+    let a = s.gateway("customer-a", &s.pki.customer_a_ca).await;
     s.control
         .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
         .await
@@ -271,14 +259,7 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
     let (_, functions) = s.control.call("GET", "/v1/functions/hello", None).await.unwrap();
     assert_eq!(functions["customer"], "customer-a");
     // ... and a change made after the restart reaches Envoy.
-    let b = sl::gateway(
-        "customer-b",
-        0,
-        &sl::gateway_leaf(&s.pki.customer_b_ca, "customer-b").unwrap(),
-        &s.pki.platform_ca,
-    )
-    .await
-    .unwrap();
+    let b = s.gateway("customer-b", &s.pki.customer_b_ca).await;
     s.control
         .put_customer("customer-b", b.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
         .await
@@ -290,6 +271,43 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
     eprintln!("customer-a across the control service's outage and restart: {ok} succeeded, {failed} failed");
     assert_eq!(failed, 0);
     assert!(s.run.path().join("control.db").exists());
+}
+
+/// The same control service for Envoys that fetch clusters on demand (on-demand CDS, the
+/// alternative the benchmark measures): Envoy holds a customer's cluster only once a request
+/// needs it, a customer published needs no ACK, and a removed customer's cluster leaves.
+#[tokio::test]
+async fn envoys_with_on_demand_cds_get_a_cluster_when_a_request_needs_it() {
+    let s = setup_with(control::on_demand_cds).await;
+    let (a, b) =
+        (s.gateway("customer-a", &s.pki.customer_a_ca).await, s.gateway("customer-b", &s.pki.customer_b_ca).await);
+    s.control
+        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
+        .await
+        .unwrap();
+    s.control
+        .put_customer("customer-b", b.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
+        .await
+        .unwrap();
+    s.control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
+    s.control.put_function("fn-b", label(B_HOST), "customer-b", B_KNATIVE).await.unwrap();
+    s.until(A_HOST, "customer-a's function", |r| r.status == 200).await;
+    assert_eq!(server_of(&s.get(A_HOST).await), "customer-a");
+    assert!(s.has_cluster("customer-a").await);
+    assert!(!s.has_cluster("customer-b").await, "no request needed customer-b's cluster yet");
+    s.settle().await;
+    let r = s.get(B_HOST).await;
+    assert_eq!((server_of(&r), r.json()["tls"]["sni"].clone()), ("customer-b".into(), json!(B_KNATIVE)));
+    assert!(s.has_cluster("customer-b").await);
+
+    s.control.delete_customer("customer-b").await.unwrap();
+    s.until(B_HOST, "customer-b's function gone", |r| r.status == 404).await;
+    let start = Instant::now();
+    while s.has_cluster("customer-b").await {
+        assert!(start.elapsed() < Duration::from_secs(10), "customer-b's cluster is still in Envoy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server_of(&s.get(A_HOST).await), "customer-a");
 }
 
 /// The REST API on its own: the admin token, and clear JSON errors naming the field.

@@ -50,6 +50,10 @@ async fn main() -> Result<()> {
         .await
         .context("starting envoy/serverless.yaml")?;
 
+    // The same ingress fed by edgewise-control (envoy/serverless-xds.yaml), customer-a added
+    // through its REST API.
+    let xds = start_serverless_xds(&run, &pki).await?;
+
     // Egress: a DNS stand-in for Envoy only, HTTPS destinations on loopback addresses (port 443
     // needs root or CAP_NET_BIND_SERVICE; without it the egress part is left out).
     let egress = match start_egress(&run).await {
@@ -101,7 +105,7 @@ Serverless ingress (envoy/serverless.yaml, https://*.{domain}:{front}):
 
   # Metrics:
   curl -s http://127.0.0.1:9901/stats/prometheus | grep edgewise_serverless
-{egress}{mesh}{cloud}{tunnel}
+{xds}{egress}{mesh}{cloud}{tunnel}
 Ctrl-C stops everything."#,
         domain = sl::DOMAIN,
         front = ports::FRONT,
@@ -109,6 +113,7 @@ Ctrl-C stops everything."#,
         polled = curl(&format!("{B_LABEL}.{}", sl::DOMAIN), "/"),
         unknown = curl(&format!("0000000a-0000000b-00000000ff.{}", sl::DOMAIN), "/"),
         malformed = curl(&format!("0000000a-0000000b-0000000.{}", sl::DOMAIN), "/"),
+        xds = xds_help(&curl),
         egress = if egress.is_some() { EGRESS_HELP } else { "" },
         mesh = mesh_help(&mesh.token),
         cloud = cloud_help(&gitlab),
@@ -122,10 +127,63 @@ Ctrl-C stops everything."#,
     }
     println!("\nstopping");
     drop(envoy);
+    drop(xds);
     drop(egress);
     drop(mesh);
     drop((cloud, tunnel, issuer_server));
     Ok(())
+}
+
+/// envoy/serverless-xds.yaml's ports in the demo (beside envoy/serverless.yaml's).
+const XDS_FRONT: u16 = 10447;
+const XDS_ADMIN: u16 = 9908;
+const CONTROL_HTTP: u16 = 19101;
+
+async fn start_serverless_xds(run: &std::path::Path, pki: &Pki) -> Result<(edgewise::control::ControlService, Envoy)> {
+    let binary = std::env::current_exe()?.with_file_name("edgewise-control");
+    let db = run.join("control.db");
+    let ports = (edgewise::control::GRPC_PORT, CONTROL_HTTP);
+    let control = edgewise::control::ControlService::start(&binary, run, &db, ports, &[]).await?;
+    control.put_customer("customer-a", ports::CUSTOMER_A, &[&pki.customer_a_ca], "ingress.customer-a.example").await?;
+    control.put_function("hello", "0000000a-0000000b-000000000c", "customer-a", sl::INLINE_KNATIVE_HOST).await?;
+    let config = Config::shipped("serverless-xds")
+        .port(ports::FRONT, XDS_FRONT)
+        .port(9901, XDS_ADMIN)
+        .port(edgewise::control::HTTP_PORT, CONTROL_HTTP);
+    let envoy = Envoy::start_in(&config, run, Options { concurrency: 2, ..Options::default() })
+        .await
+        .context("starting envoy/serverless-xds.yaml")?;
+    Ok((control, envoy))
+}
+
+fn xds_help(curl: &dyn Fn(&str, &str) -> String) -> String {
+    let auth = format!("-H 'authorization: Bearer {}'", edgewise::control::DEMO_TOKEN);
+    let api = format!("http://127.0.0.1:{CONTROL_HTTP}");
+    let b = format!("{B_LABEL}.{}", sl::DOMAIN);
+    format!(
+        r#"
+The same ingress with its customer clusters and certificates from edgewise-control (envoy/serverless-xds.yaml,
+https://*.{domain}:{XDS_FRONT}; REST API on {api}, docs/serverless-control.md):
+
+  # customer-a's function, added through the REST API at start:
+  {inline}
+
+  # The customers and functions (customer-a's CA and SAN, whether every Envoy has its cluster):
+  curl -s {auth} {api}/v1/customers
+  curl -s {auth} {api}/v1/functions
+
+  # Add a function of customer-a; it answers about a second later, no restart:
+  curl -s -X PUT {auth} {api}/v1/functions/fn-b -d '{{"match": {{"project": "1111111a", "environment": "2222222b", "function": "333333333c"}}, "customer": "customer-a", "host": "fn-b.knative.customer-a.example"}}'
+  {added}
+
+  # edgewise-control's metrics, and what Envoy got from it:
+  curl -s {api}/metrics
+  curl -s http://127.0.0.1:{XDS_ADMIN}/clusters | grep customer-a::default_priority::max_connections
+"#,
+        domain = sl::DOMAIN,
+        inline = curl(sl::INLINE_HOST, "/hello").replace(&format!(":{}", ports::FRONT), &format!(":{XDS_FRONT}")),
+        added = curl(&b, "/").replace(&format!(":{}", ports::FRONT), &format!(":{XDS_FRONT}")),
+    )
 }
 
 /// The issuer stand-in of the demo (the shipped configs name gitlab.com:443).

@@ -48,17 +48,15 @@ impl From<Invalid> for ApiError {
 #[derive(Debug, Default)]
 pub struct Acks {
     pub node: String,
+    /// Whether it takes every cluster (a wildcard subscription), rather than those it asks for
+    /// (on-demand CDS, where a route may name a cluster the Envoy fetches when a request needs it).
+    pub all_clusters: bool,
     pub acked: HashMap<&'static str, HashMap<String, String>>,
 }
 
 impl Acks {
     fn has(&self, type_url: &str, name: &str, version: &str) -> bool {
         self.acked.get(type_url).and_then(|m| m.get(name)).is_some_and(|v| v == version)
-    }
-
-    /// Whether this Envoy takes clusters from us at all.
-    fn takes_clusters(&self) -> bool {
-        self.acked.contains_key(CLUSTER)
     }
 }
 
@@ -70,6 +68,8 @@ struct State {
     /// route key -> function name
     keys: HashMap<String, String>,
     published: HashSet<String>,
+    /// Removed customers whose cluster is still served: name -> removal number.
+    removing: HashMap<String, u64>,
     routes: Arc<RouteTable>,
 }
 
@@ -78,6 +78,8 @@ pub struct Control {
     resources: watch::Sender<Arc<Resources>>,
     streams: Mutex<HashMap<u64, Arc<Mutex<Acks>>>>,
     next_stream: AtomicU64,
+    /// Numbers the removals, so that a delayed removal acts only if it is still the last one.
+    removals: AtomicU64,
     pub metrics: Metrics,
     rules: FunctionRules,
     removal_delay: Duration,
@@ -106,6 +108,7 @@ impl Control {
             functions: contents.functions,
             keys,
             published,
+            removing: HashMap::new(),
             routes: empty,
         };
         let control = Control {
@@ -114,6 +117,7 @@ impl Control {
             resources: watch::Sender::new(Arc::new(resources)),
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
+            removals: AtomicU64::new(0),
             rules,
             removal_delay,
         };
@@ -136,6 +140,7 @@ impl Control {
         let mut state = lock(&self.state);
         state.store.put_customer(name, &customer).map_err(ApiError::Internal)?;
         let created = state.customers.insert(name.to_string(), customer.clone()).is_none();
+        state.removing.remove(name);
         self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, &customer, &address));
         self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
         drop(state);
@@ -164,12 +169,16 @@ impl Control {
         }
         self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
         self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
-        drop(state);
         let (control, name) = (self.clone(), name.to_string());
+        let removal = self.removals.fetch_add(1, Ordering::Relaxed) + 1;
+        state.removing.insert(name.clone(), removal);
+        drop(state);
         tokio::spawn(async move {
             tokio::time::sleep(control.removal_delay).await;
-            // Unless it came back meanwhile.
-            if !lock(&control.state).customers.contains_key(&name) {
+            // Unless it came back (and maybe went again) meanwhile.
+            let mut state = lock(&control.state);
+            if state.removing.get(&name) == Some(&removal) {
+                state.removing.remove(&name);
                 control.resources.send_modify(|r| Arc::make_mut(r).remove_customer(&name));
             }
         });
@@ -284,7 +293,7 @@ impl Control {
             };
             let everywhere = streams.iter().all(|s| {
                 let acks = lock(s);
-                !acks.takes_clusters()
+                !acks.all_clusters
                     || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
             });
             if everywhere {

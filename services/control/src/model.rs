@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use edgewise_core::serverless::{HostDecoder, RouteSpec, RouteTable};
+pub use edgewise_core::serverless::{DEFAULT_DOMAIN, DEFAULT_PATTERN};
 use serde::{Deserialize, Serialize};
 
 /// A customer's Kubernetes cluster: its ingress gateway, reached over mutual TLS.

@@ -1,4 +1,5 @@
-//! Delta xDS over one ADS stream per Envoy: clusters (wildcard) and secrets (by name).
+//! Delta xDS over one ADS stream per Envoy: clusters (every one, or those asked for: on-demand
+//! CDS) and secrets (by name).
 //!
 //! Each stream remembers, per type, what it subscribed to and which version of each resource it
 //! sent; a change of the resources, or a new subscription, sends only what differs. An ACK
@@ -119,7 +120,7 @@ impl Stream {
                     }
                     let current = resources.borrow_and_update().clone();
                     for type_url in [CLUSTER, SECRET] {
-                        if self.push(type_url, &current).await.is_err() {
+                        if self.push(type_url, &current, Vec::new()).await.is_err() {
                             break;
                         }
                     }
@@ -175,10 +176,19 @@ impl Stream {
                 acked.insert(name.clone(), version.clone());
             }
         }
-        if type_url == CLUSTER {
-            lock(&self.acks).acked.entry(CLUSTER).or_default();
+        if type_url == CLUSTER && sub.wildcard {
+            lock(&self.acks).all_clusters = true;
         }
-        self.push(type_url, resources).await
+        // On-demand clusters (ODCDS) asked for that do not exist: said at once, so that the
+        // request waiting for one fails now rather than at its timeout.
+        let missing = if type_url == CLUSTER {
+            let all = resources.of(type_url);
+            let absent = |n: &&String| n.as_str() != "*" && !all.is_some_and(|a| a.contains_key(*n));
+            request.resource_names_subscribe.iter().filter(absent).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        self.push(type_url, resources, missing).await
     }
 
     fn acknowledged(&mut self, type_url: &'static str, request: &DeltaDiscoveryRequest) {
@@ -209,10 +219,9 @@ impl Stream {
     }
 
     /// Sends what this client lacks of `type_url`: new and changed resources it subscribes to,
-    /// and (wildcard subscriptions only) the removal of those it has that are gone. A named
-    /// subscription's resource is never removed from under it: the client unsubscribes when
-    /// nothing uses it any more.
-    async fn push(&mut self, type_url: &'static str, resources: &Resources) -> Result<(), ()> {
+    /// and the removal of the clusters it has that are gone (and of `missing`). A secret is
+    /// never removed from under a cluster: the client unsubscribes when nothing uses it.
+    async fn push(&mut self, type_url: &'static str, resources: &Resources, missing: Vec<String>) -> Result<(), ()> {
         let (Some(sub), Some(all)) = (self.types.get_mut(type_url), resources.of(type_url)) else {
             return Ok(());
         };
@@ -227,11 +236,16 @@ impl Stream {
         } else {
             sub.names.iter().filter_map(|n| all.get_key_value(n)).for_each(|(name, r)| wanted(name, r));
         }
-        let removed: Vec<String> = if sub.wildcard {
+        let mut removed: Vec<String> = if type_url == CLUSTER {
             sub.sent.keys().filter(|n| !all.contains_key(*n)).cloned().collect()
         } else {
             Vec::new()
         };
+        for name in missing {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        }
         if changed.is_empty() && removed.is_empty() && sub.answered {
             return Ok(());
         }

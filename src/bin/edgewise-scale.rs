@@ -1,0 +1,351 @@
+//! `make bench`, serverless at platform scale: envoy/serverless-xds.yaml fed by edgewise-control
+//! with 10,000 customer clusters (each its own CA) and 100,000 functions, against the same with
+//! 10 customers and 100 functions, side by side on one machine:
+//! - Envoy's RSS and start (all clusters warm), and edgewise-control's RSS;
+//! - the time from a REST change (a new customer and function; a new function of an existing
+//!   customer) to the first request the function answers;
+//! - Envoy's CPU per request to a function, in 1-second wrk bursts that alternate between the two.
+//!
+//! Environment: SCALE_CUSTOMERS (default 10000), SCALE_FUNCTIONS (default 100000),
+//! SCALE_ROTATIONS (default 8), BENCH_OUT_SCALE (default bench/results-scale.md).
+
+use std::fmt::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use edgewise::certs::{Ca, LeafSpec};
+use edgewise::client::Client;
+use edgewise::control::{self, ControlService};
+use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::scenarios::serverless::{ports, Pki};
+use edgewise::server::{Listen, Server};
+use edgewise_control::model::{Customer, Function, FunctionRules};
+use edgewise_control::store::Store;
+
+const HOT_SAN: &str = "ingress.customer-hot.example";
+const DOMAIN: &str = "serverless.gitlab.io";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The host label of function `i`.
+fn label(i: usize) -> String {
+    format!("{i:08x}-0000000b-{i:010x}")
+}
+
+fn function(i: usize, customer: &str) -> Function {
+    let l = label(i);
+    let parts: Vec<&str> = l.split('-').collect();
+    let matches = ["project", "environment", "function"].iter().zip(parts).map(|(k, v)| (k.to_string(), v.to_string()));
+    Function { matches: matches.collect(), customer: customer.into(), host: format!("f{i}.knative.{customer}.example") }
+}
+
+/// One installation: its PKI, edgewise-control on a seeded store, Envoy on the shipped YAML.
+struct Install {
+    name: String,
+    pki: Pki,
+    control: ControlService,
+    envoy: Envoy,
+    front: std::net::SocketAddr,
+    ready_s: f64,
+    gateway: u16,
+    customers: usize,
+    functions: usize,
+}
+
+/// Seeds `customers` customers (the first 10 reachable at `gateway`, with the hot CA; the others
+/// with a CA each, at an address nothing listens on) and `functions` functions spread over them.
+fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<()> {
+    let rules = FunctionRules::new(DOMAIN, edgewise_control::model::DEFAULT_PATTERN).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let mut all: Vec<(String, Customer)> = Vec::with_capacity(customers);
+    for c in 0..customers {
+        let hot = c < 10;
+        let (ca, address) = if hot {
+            (hot_ca.pem.clone(), format!("127.0.0.1:{gateway}"))
+        } else {
+            (Ca::new(&format!("customer {c} CA"))?.pem, "127.0.0.1:9".to_string())
+        };
+        let san = if hot { HOT_SAN.to_string() } else { format!("ingress.c{c}.example") };
+        all.push((format!("c{c:05}"), Customer { address, ca, san }));
+    }
+    let fns: Vec<(String, String, Function)> = (0..functions)
+        .map(|i| {
+            let f = function(i, &all[i % customers].0);
+            rules.key(&f).map(|key| (format!("f{i}"), key, f)).map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<_>>()?;
+    let mut store = Store::open(db).map_err(anyhow::Error::msg)?;
+    store
+        .seed(all.iter().map(|(n, c)| (n.as_str(), c)), fns.iter().map(|(n, k, f)| (n.as_str(), k.as_str(), f)))
+        .map_err(anyhow::Error::msg)?;
+    eprintln!("seeded {customers} customers, {functions} functions in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+impl Install {
+    /// `on_demand`: clusters by on-demand CDS (the on_demand filter) instead of all of them.
+    async fn start(
+        name: &str,
+        work: &Path,
+        customers: usize,
+        functions: usize,
+        on_demand: bool,
+    ) -> Result<(Install, Server)> {
+        let dir = work.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::install(&dir)?;
+        let leaf = pki.customer_a_ca.issue(&LeafSpec::server(&[HOT_SAN]))?;
+        // The customers' gateway: keeps connections (HTTP/2), so that the bursts measure routing,
+        // not upstream handshakes.
+        let tls = edgewise::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
+        let gateway =
+            Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
+        let db = dir.join("control.db");
+        seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+        let binary = std::env::current_exe()?.with_file_name("edgewise-control");
+        let control = ControlService::start(&binary, &dir, &db, (0, 0), &[]).await?;
+        taskset(control.pid(), 1)?;
+        let config = Config::shipped("serverless-xds")
+            .run_dir(&dir)
+            .port(ports::FRONT, 0)
+            .port(control::GRPC_PORT, control.grpc)
+            .port(control::HTTP_PORT, control.http);
+        let config = if on_demand { control::on_demand_cds(config) } else { config };
+        let started = Instant::now();
+        let options = Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() };
+        let envoy = Envoy::start_with(&config, options).await?;
+        let front = envoy.listener("serverless_https").await?;
+        let install = Install {
+            name: name.into(),
+            pki,
+            control,
+            envoy,
+            front,
+            ready_s: 0.0,
+            gateway: gateway.port(),
+            customers,
+            functions,
+        };
+        // Ready: every cluster warm, and the route table in force (a function of the last ones,
+        // of a reachable customer).
+        let wanted = if on_demand { 2 } else { customers as u64 + 2 };
+        install
+            .envoy
+            .wait_stat("every cluster warm", Duration::from_secs(600), |s| {
+                s.get("cluster_manager.active_clusters").is_some_and(|n| *n >= wanted)
+                    && s.get("cluster_manager.warming_clusters") == Some(&0)
+            })
+            .await?;
+        install.until_ok(&format!("{}.{DOMAIN}", label(functions - customers)), Duration::from_secs(300)).await?;
+        Ok((Install { ready_s: started.elapsed().as_secs_f64(), ..install }, gateway))
+    }
+
+    fn client(&self) -> Result<Client> {
+        Ok(self.pki.front_client(false)?.sni(&format!("x.{DOMAIN}")))
+    }
+
+    async fn until_ok(&self, host: &str, limit: Duration) -> Result<Duration> {
+        let client = self.client()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = client.get(self.front, host, "/").await {
+                if r.status == 200 {
+                    return Ok(start.elapsed());
+                }
+            }
+            if start.elapsed() > limit {
+                bail!("{}: {host} did not answer within {limit:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The time from the API calls to the first answer, for a new customer and its function
+    /// (`with_customer`) or a new function of a customer Envoy has.
+    async fn change_to_traffic(&self, k: usize, with_customer: bool) -> Result<f64> {
+        let i = self.functions + k;
+        let customer = if with_customer { format!("new{k}") } else { "c00000".to_string() };
+        let f = function(i, &customer);
+        let start = Instant::now();
+        if with_customer {
+            self.control.put_customer(&customer, self.gateway, &[&self.pki.customer_a_ca], HOT_SAN).await?;
+        }
+        self.control.put_function(&format!("f{i}"), &label(i), &customer, &f.host).await?;
+        self.until_ok(&format!("{}.{DOMAIN}", label(i)), Duration::from_secs(120)).await?;
+        Ok(start.elapsed().as_secs_f64())
+    }
+}
+
+/// The clusters Envoy has (static ones included).
+async fn clusters_of(install: &Install) -> usize {
+    let text = install.envoy.admin_get("/clusters").await.unwrap_or_default();
+    text.lines().filter(|l| l.contains("::cx_active::")).count()
+}
+
+fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {
+    if let Some(pid) = pid {
+        Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
+    }
+    Ok(())
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
+        .and_then(|v| v.split_whitespace().next().and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("parsing /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Ok(fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?)
+}
+
+/// One 1-second wrk burst (32 connections, HTTPS) at `host`: Envoy CPU per request, in µs.
+fn burst(install: &Install, host: &str) -> Result<f64> {
+    let before = cpu_ticks(install.envoy.pid())?;
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c32", "-d1s", "-H", &format!("Host: {host}")])
+        .arg(format!("https://{}/", install.front))
+        .output()
+        .context("running wrk")?;
+    let ticks = cpu_ticks(install.envoy.pid())? - before;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        bail!("wrk saw errors: {text}");
+    }
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
+        .with_context(|| format!("wrk: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(ticks as f64 * 10_000.0 / requests.max(1.0))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let customers = env_usize("SCALE_CUSTOMERS", 10_000);
+    let functions = env_usize("SCALE_FUNCTIONS", 100_000);
+    let rotations = env_usize("SCALE_ROTATIONS", 8);
+    let work = edgewise::repo_root().join("target/scale");
+    taskset(Some(std::process::id()), 1)?;
+
+    let mut installs = Vec::new();
+    let mut gateways = Vec::new();
+    for (name, c, f, on_demand) in [
+        ("10 clusters", 10, 100, false),
+        ("all clusters", customers, functions, false),
+        ("on-demand CDS", customers, functions, true),
+    ] {
+        let (install, gateway) = Install::start(name, &work, c, f, on_demand).await?;
+        eprintln!("{name}: ready in {:.1} s", install.ready_s);
+        installs.push(install);
+        gateways.push(gateway);
+    }
+    let rss = |i: &Install| (rss_mib(i.envoy.pid()), i.control.pid().map_or(0.0, rss_mib));
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut row = |label: &str, cells: Vec<String>| rows.push([vec![label.to_string()], cells].concat());
+    let mut clusters = Vec::new();
+    for i in &installs {
+        clusters.push(clusters_of(i).await);
+    }
+    row(
+        "customers / functions (clusters in Envoy)",
+        installs.iter().zip(&clusters).map(|(i, c)| format!("{} / {} ({c})", i.customers, i.functions)).collect(),
+    );
+    row(
+        "Envoy start to serving (clusters warm, table in force)",
+        installs.iter().map(|i| format!("{:.1} s", i.ready_s)).collect(),
+    );
+    let ready_rss: Vec<(f64, f64)> = installs.iter().map(rss).collect();
+    row("Envoy RSS when serving", ready_rss.iter().map(|r| format!("{:.0} MiB", r.0)).collect());
+    row("edgewise-control RSS", ready_rss.iter().map(|r| format!("{:.0} MiB", r.1)).collect());
+
+    // The first request to each hot customer: with on-demand CDS, the one that fetches its cluster.
+    let mut first = Vec::new();
+    for i in &installs {
+        let mut times = Vec::new();
+        for c in 1..10.min(i.customers) {
+            let host = format!("{}.{DOMAIN}", label(c));
+            times.push(i.until_ok(&host, Duration::from_secs(30)).await?.as_secs_f64() * 1000.0);
+        }
+        first.push(format!("{:.1} ms (max {:.1})", median(times.clone()), times.iter().copied().fold(0.0, f64::max)));
+    }
+    row("first request to a customer (median of 9)", first);
+    row("Envoy RSS after 10 customers served", installs.iter().map(|i| format!("{:.0} MiB", rss(i).0)).collect());
+
+    // CPU per request, 1-second bursts rotating between the installations.
+    let host = format!("{}.{DOMAIN}", label(0));
+    let mut us: Vec<Vec<f64>> = vec![Vec::new(); installs.len()];
+    for _ in 0..rotations {
+        for (i, install) in installs.iter().enumerate() {
+            us[i].push(burst(install, &host)?);
+        }
+    }
+    let base = us[0].clone();
+    row(
+        &format!("Envoy CPU per request (median of {rotations} rotating 1-s bursts; over 10 clusters)"),
+        us.iter()
+            .map(|u| {
+                let ratios: Vec<f64> = u.iter().zip(&base).map(|(x, b)| x / b).collect();
+                format!("{:.1} µs ({:.2})", median(u.clone()), median(ratios))
+            })
+            .collect(),
+    );
+
+    // REST change to traffic, 5 of each kind.
+    for with_customer in [true, false] {
+        let mut cells = Vec::new();
+        for install in &installs {
+            let mut times = Vec::new();
+            for k in 0..5 {
+                times.push(install.change_to_traffic(k + if with_customer { 0 } else { 100 }, with_customer).await?);
+            }
+            eprintln!("{} {}: {times:?}", install.name, if with_customer { "customer+function" } else { "function" });
+            cells.push(format!(
+                "{:.2} s (max {:.2})",
+                median(times.clone()),
+                times.iter().copied().fold(0.0, f64::max)
+            ));
+        }
+        let what = if with_customer { "a new customer and its function" } else { "a new function of a customer" };
+        row(&format!("REST change to traffic: {what} (median of 5)"), cells);
+    }
+    row("Envoy RSS at the end", installs.iter().map(|i| format!("{:.0} MiB", rss(i).0)).collect());
+
+    // The same tables in both: the difference is the clusters.
+    let per_cluster_kib =
+        (ready_rss[1].0 - ready_rss[2].0) * 1024.0 / clusters[1].saturating_sub(clusters[2]).max(1) as f64;
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "# Serverless at platform scale\n\n\
+         Produced by `make bench` (`edgewise-scale`): envoy/serverless-xds.yaml (wasm build, `--concurrency 1` on CPU 0) fed by \
+         edgewise-control (delta xDS; the filter polls the route table every second), each customer its own CA. \
+         \"on-demand CDS\" is the same YAML without the wildcard cluster subscription and with Envoy's on_demand filter, \
+         which fetches a customer's cluster when a request first needs it. The customers' gateway (an HTTP/2 mTLS echo), wrk and \
+         edgewise-control run on CPU 1; the installations run side by side.\n"
+    );
+    let _ = writeln!(report, "| | {} |", installs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(report, "|---|{}", "---:|".repeat(installs.len()));
+    for r in &rows {
+        let _ = writeln!(report, "| {} |", r.join(" | "));
+    }
+    let _ = writeln!(report, "\nEnvoy memory per customer cluster (its CA and TLS context included; all clusters against on-demand CDS when serving): {per_cluster_kib:.0} KiB.");
+    let out = std::env::var("BENCH_OUT_SCALE").unwrap_or_else(|_| "bench/results-scale.md".into());
+    std::fs::write(edgewise::repo_root().join(out), &report)?;
+    println!("{report}");
+    Ok(())
+}
