@@ -66,6 +66,21 @@ impl Setup {
         self.client.get(self.front, host, "/").await.unwrap()
     }
 
+    /// Adds customer `c` ("customer-a" or "customer-b": its gateway, CA and SAN) and its test
+    /// function, and waits until the function answers from that gateway; how long it took.
+    async fn add(&self, c: &str, gateway: &edgewise::server::Server) -> Duration {
+        let (ca, host, name, knative) = match c {
+            "customer-a" => (&self.pki.customer_a_ca, A_HOST, "hello", A_KNATIVE),
+            _ => (&self.pki.customer_b_ca, B_HOST, "fn-b", B_KNATIVE),
+        };
+        let start = Instant::now();
+        self.control.put_customer(c, gateway.port(), &[ca], &format!("ingress.{c}.example")).await.unwrap();
+        self.control.put_function(name, label(host), c, knative).await.unwrap();
+        let gateway = gateway.name().to_string();
+        self.until(host, &format!("{c}'s function"), |r| server_of(r) == gateway).await;
+        start.elapsed()
+    }
+
     /// Polls `host` until `done` holds for a response; how long it took.
     async fn until(&self, host: &str, what: &str, done: impl Fn(&edgewise::client::Response) -> bool) -> Duration {
         let start = Instant::now();
@@ -123,14 +138,7 @@ async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and
     assert_eq!(s.get(A_HOST).await.json()["error"], "unknown_function");
 
     // Add customer-a and its function: it answers over mTLS within seconds.
-    let start = Instant::now();
-    s.control
-        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
-        .await
-        .unwrap();
-    s.control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
-    s.until(A_HOST, "customer-a's function", |r| r.status == 200).await;
-    eprintln!("customer-a: REST change to traffic in {:?}", start.elapsed());
+    eprintln!("customer-a: REST change to traffic in {:?}", s.add("customer-a", &a).await);
     s.settle().await;
     let r = s.get(A_HOST).await;
     let seen = r.json();
@@ -143,14 +151,7 @@ async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and
     let load_a = Load::start(&s.client, s.front, A_HOST, 4, 200);
 
     // Add customer-b.
-    let start = Instant::now();
-    s.control
-        .put_customer("customer-b", b1.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
-        .await
-        .unwrap();
-    s.control.put_function("fn-b", label(B_HOST), "customer-b", B_KNATIVE).await.unwrap();
-    s.until(B_HOST, "customer-b's function", |r| r.status == 200).await;
-    let added = start.elapsed();
+    let added = s.add("customer-b", &b1).await;
     eprintln!("customer-b: REST change to traffic in {added:?}");
     assert!(added < Duration::from_secs(5), "customer-b took {added:?}");
     s.settle().await;
@@ -223,12 +224,7 @@ async fn customers_and_functions_come_and_go_through_the_api_with_no_restart_and
 async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lost_by_its_restart() {
     let mut s = setup().await;
     let a = s.gateway("customer-a", &s.pki.customer_a_ca).await;
-    s.control
-        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
-        .await
-        .unwrap();
-    s.control.put_function("hello", label(A_HOST), "customer-a", A_KNATIVE).await.unwrap();
-    s.until(A_HOST, "customer-a's function", |r| r.status == 200).await;
+    s.add("customer-a", &a).await;
     s.settle().await;
 
     let load = Load::start(&s.client, s.front, A_HOST, 4, 200);
@@ -260,12 +256,7 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
     assert_eq!(functions["customer"], "customer-a");
     // ... and a change made after the restart reaches Envoy.
     let b = s.gateway("customer-b", &s.pki.customer_b_ca).await;
-    s.control
-        .put_customer("customer-b", b.port(), &[&s.pki.customer_b_ca], "ingress.customer-b.example")
-        .await
-        .unwrap();
-    s.control.put_function("fn-b", label(B_HOST), "customer-b", B_KNATIVE).await.unwrap();
-    s.until(B_HOST, "customer-b after the restart", |r| server_of(r) == "customer-b").await;
+    s.add("customer-b", &b).await;
 
     let (ok, failed) = load.stop().await;
     eprintln!("customer-a across the control service's outage and restart: {ok} succeeded, {failed} failed");

@@ -324,6 +324,18 @@ async fn main() -> Result<()> {
         row(&format!("REST change to traffic: {what} (median of 5)"), cells);
     }
     row("Envoy RSS at the end", installs.iter().map(|i| format!("{:.0} MiB", rss(i).0)).collect());
+    let mut fetches = Vec::new();
+    for i in &installs {
+        let stats = i.envoy.stats().await?;
+        let stat = |r: &str| {
+            stats
+                .get(&edgewise::envoy::stat(&format!("edgewise.serverless.management_fetch.{r}")))
+                .copied()
+                .unwrap_or(0)
+        };
+        fetches.push(format!("{} / {} / {}", stat("ok"), stat("not_modified"), stat("failed")));
+    }
+    row("the filter's route table polls: new / not modified / failed", fetches);
 
     // The same tables in both: the difference is the clusters.
     let per_cluster_kib =

@@ -114,7 +114,14 @@ pub async fn run(options: Options) -> Result<(), String> {
 
     let (stop_tx, stop) = watch::channel(false);
     let api = Arc::new(api::Api { control: control.clone(), token: api::Api::token_digest(&options.token) });
-    tokio::spawn(serve_http(http, api, stop.clone()));
+    tokio::spawn(edgewise_service::serve_http(
+        http,
+        move |request| {
+            let api = api.clone();
+            async move { api.handle(request).await }
+        },
+        stop.clone(),
+    ));
     tokio::spawn(watch_client_certificate(
         control.clone(),
         options.client_cert.clone(),
@@ -132,17 +139,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
-    let signals = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("SIGTERM handler: {e}"))?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        eprintln!("edgewise-control: stopping");
-        let _ = stop_tx.send(true);
-        Ok::<(), String>(())
-    };
+    let signals = edgewise_service::until_signal("edgewise-control", stop_tx);
     let (served, signalled) = tokio::join!(server, signals);
     signalled?;
     served.map_err(|e| format!("gRPC server: {e}"))
@@ -182,25 +179,5 @@ async fn watch_client_certificate(
         eprintln!("edgewise-control: the platform client certificate changed; serving the new one");
         control.set_platform_client(&new_chain, &new_key);
         (chain, pem) = (new_chain, new_key);
-    }
-}
-
-async fn serve_http(listener: TcpListener, api: Arc<api::Api>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -79,7 +79,12 @@ pub async fn run(options: Options) -> Result<(), String> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(connect(limiter.clone(), options.redis));
     tokio::spawn(watch_redis(limiter.clone()));
-    tokio::spawn(serve_http(http, limiter.clone(), stop.clone()));
+    let http_limiter = limiter.clone();
+    tokio::spawn(edgewise_service::serve_http(
+        http,
+        move |request| std::future::ready(answer(&http_limiter, request.uri().path())),
+        stop.clone(),
+    ));
 
     let mut grpc_stop = stop.clone();
     let server = tonic::transport::Server::builder()
@@ -87,17 +92,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
-    let signals = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("SIGTERM handler: {e}"))?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        eprintln!("edgewise-ratelimit: stopping (calls in flight finish)");
-        let _ = stop_tx.send(true);
-        Ok::<(), String>(())
-    };
+    let signals = edgewise_service::until_signal("edgewise-ratelimit", stop_tx);
     let (served, signalled) = tokio::join!(server, signals);
     signalled?;
     served.map_err(|e| format!("gRPC server: {e}"))
@@ -155,26 +150,6 @@ async fn watch_redis(limiter: Arc<Limiter>) {
         };
         limiter.metrics.set_storage_up(up);
         tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn serve_http(listener: TcpListener, limiter: Arc<Limiter>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else { continue };
-        let limiter = limiter.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let limiter = limiter.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&limiter, req.uri().path())) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 
