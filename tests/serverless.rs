@@ -85,7 +85,7 @@ impl Setup {
     }
 
     /// Waits until a table version is in force: the gauge moves when the fetching worker installs
-    /// it; the other workers install it at their next tick (200 ms here), so wait two more.
+    /// it; the other workers install it at their next tick (100 ms here), so wait a few more.
     async fn wait_table_version(&self, version: u64) {
         self.envoy
             .wait_stat(&format!("table version {version}"), Duration::from_secs(20), |s| {

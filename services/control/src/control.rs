@@ -284,7 +284,7 @@ impl Control {
         }
         let resources = self.resources.borrow().clone();
         let streams: Vec<Arc<Mutex<Acks>>> = lock(&self.streams).values().cloned().collect();
-        let mut changed = false;
+        let mut newly = Vec::new();
         for customer in pending {
             let (Some(cluster), Some(ca)) =
                 (resources.clusters.get(&customer), resources.secrets.get(&ca_secret_name(&customer)))
@@ -297,15 +297,13 @@ impl Control {
                     || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
             });
             if everywhere {
-                state.published.insert(customer);
-                changed = true;
+                state.published.insert(customer.clone());
+                newly.push(customer);
             }
         }
-        if changed {
-            let visible_functions = state.functions.values().any(|(_, f)| state.published.contains(&f.customer));
-            if visible_functions {
-                self.rebuild_routes(&mut state);
-            }
+        // A new table only if it has new routes: every poller fetches it whole.
+        if state.functions.values().any(|(_, f)| newly.contains(&f.customer)) {
+            self.rebuild_routes(&mut state);
         }
         self.metrics.published.store(state.published.len() as u64, Ordering::Relaxed);
     }
