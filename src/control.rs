@@ -26,7 +26,14 @@ impl ControlService {
     /// (0: the OS picks), with `extra` arguments.
     pub async fn start(binary: &Path, run_dir: &Path, db: &Path, ports: (u16, u16), extra: &[&str]) -> Result<Self> {
         let certs = run_dir.join("serverless/certs/platform-client");
+        let xds = run_dir.join("serverless/certs");
         let mut args = vec![
+            "--tls-cert".to_string(),
+            xds.join("control-server/tls.crt").display().to_string(),
+            "--tls-key".into(),
+            xds.join("control-server/tls.key").display().to_string(),
+            "--tls-client-ca".into(),
+            xds.join("control-ca/ca.crt").display().to_string(),
             "--db".to_string(),
             db.display().to_string(),
             "--client-cert".into(),

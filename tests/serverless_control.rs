@@ -405,6 +405,27 @@ async fn the_rest_api_requires_the_token_and_refuses_bad_input_with_the_field() 
     assert_eq!(control.get("/healthz").await.unwrap().0, 200);
     assert_eq!(control.call("GET", "/v1/functions/hello", None).await.unwrap().0, 200, "nothing was deleted");
 
+    // The xDS port (it carries the platform's private key) takes only clients with a certificate
+    // of the control plane's CA.
+    let grpc = control.grpc;
+    let h2 = |leaf: Option<edgewise::certs::Leaf>| {
+        let config = edgewise::tls::client(&[&pki.control_ca.pem], leaf.as_ref(), &["h2"]).unwrap();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", grpc)).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from(sl::CONTROL_NAME).unwrap();
+            let Ok(mut tls) = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await else { return false };
+            // The HTTP/2 preface: a server that accepted the client answers with its SETTINGS.
+            let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await;
+            let mut first = [0u8; 9];
+            tls.read_exact(&mut first).await.is_ok()
+        }
+    };
+    let client_of = |ca: &Ca| Some(ca.issue(&edgewise::certs::LeafSpec::client("envoy", &[])).unwrap());
+    assert!(h2(client_of(&pki.control_ca)).await, "a client of the control plane's CA is served");
+    assert!(!h2(None).await, "a client without a certificate is refused");
+    assert!(!h2(client_of(&pki.platform_ca)).await, "a client of another CA is refused");
+
     // The route table the filters poll: JSON the filter compiles, 304 for the version it has.
     let (status, table) = control.get(edgewise_control::ROUTES_PATH).await.unwrap();
     assert_eq!(status, 200);

@@ -14,6 +14,8 @@ pub const DOMAIN: &str = "serverless.gitlab.io";
 pub const INLINE_HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
 pub const INLINE_KNATIVE_HOST: &str = "hello.ns-42.knative.customer-a.example";
 pub const PLATFORM_CLIENT_ID: &str = "spiffe://platform.example/serverless-proxy";
+/// The name edgewise-control's xDS certificate carries, and Envoy expects (serverless-xds.yaml).
+pub const CONTROL_NAME: &str = "control.platform.example";
 
 /// Fixed ports of the shipped YAML.
 pub mod ports {
@@ -30,6 +32,9 @@ pub struct Pki {
     pub platform_ca: Ca,
     pub customer_a_ca: Ca,
     pub customer_b_ca: Ca,
+    /// The control plane's CA: edgewise-control's xDS certificate, and Envoy's client
+    /// certificate for it.
+    pub control_ca: Ca,
 }
 
 impl Pki {
@@ -42,12 +47,23 @@ impl Pki {
             platform_ca: Ca::new("platform client CA")?,
             customer_a_ca: Ca::new("customer-a cluster CA")?,
             customer_b_ca: Ca::new("customer-b cluster CA")?,
+            control_ca: Ca::new("platform control plane CA")?,
         };
         pki.rotate_front(&pki.front_ca.issue(&LeafSpec::server(&[&format!("*.{DOMAIN}"), "www.example.com"]))?)?;
         pki.rotate_platform_client(&pki.platform_client(PLATFORM_CLIENT_ID)?)?;
         certs::write_pem(&dir, "front-ca.pem", &pki.front_ca.pem)?;
         certs::write_bundle(&dir.join("certs/customer-a-ca"), &[&pki.customer_a_ca])?;
         certs::write_bundle(&dir.join("certs/customer-b-ca"), &[&pki.customer_b_ca])?;
+        certs::write_bundle(&dir.join("certs/control-ca"), &[&pki.control_ca])?;
+        certs::write_leaf(
+            &dir.join("certs/control-server"),
+            &pki.control_ca.issue(&LeafSpec::server(&[CONTROL_NAME]))?,
+        )?;
+        let envoy_id = "spiffe://platform.example/serverless-ingress";
+        certs::write_leaf(
+            &dir.join("certs/control-client"),
+            &pki.control_ca.issue(&LeafSpec::client("serverless-ingress", &[envoy_id]))?,
+        )?;
         super::install_sds("serverless", run_dir)?;
         Ok(pki)
     }

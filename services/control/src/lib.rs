@@ -41,16 +41,21 @@ pub struct Options {
     pub pattern: String,
     pub removal_delay: Duration,
     pub token: String,
+    /// The xDS port's certificate, key and the CA of the Envoys' client certificates: mutual
+    /// TLS when given.
+    pub tls: Option<[PathBuf; 3]>,
 }
 
 const USAGE: &str = "usage: edgewise-control --db <file.db> --client-cert <pem> --client-key <pem> \
      [--grpc 127.0.0.1:18000] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
-     [--removal-delay-ms 5000]; the admin token in $EDGEWISE_CONTROL_TOKEN";
+     [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>]; \
+     the admin token in $EDGEWISE_CONTROL_TOKEN";
 
 impl Options {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         let mut args = args.into_iter();
         let (mut db, mut cert, mut key) = (None, None, None);
+        let (mut tls_cert, mut tls_key, mut tls_ca) = (None, None, None);
         let (mut grpc, mut http) = ("127.0.0.1:18000".to_string(), "127.0.0.1:19100".to_string());
         let mut domain = edgewise_core::serverless::DEFAULT_DOMAIN.to_string();
         let mut pattern = edgewise_core::serverless::DEFAULT_PATTERN.to_string();
@@ -66,6 +71,9 @@ impl Options {
                 "--domain" => domain = value()?,
                 "--pattern" => pattern = value()?,
                 "--removal-delay-ms" => removal_delay_ms = value()?,
+                "--tls-cert" => tls_cert = Some(value()?),
+                "--tls-key" => tls_key = Some(value()?),
+                "--tls-client-ca" => tls_ca = Some(value()?),
                 _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
             }
         }
@@ -77,7 +85,13 @@ impl Options {
         let addr = |flag: &str, v: &str| v.parse().map_err(|e| format!("{flag} {v:?}: {e}"));
         let removal_delay_ms: u64 =
             removal_delay_ms.parse().map_err(|e| format!("--removal-delay-ms {removal_delay_ms:?}: {e}"))?;
+        let tls = match (tls_cert, tls_key, tls_ca) {
+            (Some(c), Some(k), Some(a)) => Some([c.into(), k.into(), a.into()]),
+            (None, None, None) => None,
+            _ => return Err(format!("--tls-cert, --tls-key and --tls-client-ca go together; {USAGE}")),
+        };
         Ok(Options {
+            tls,
             db: required(db, "--db")?.into(),
             grpc: addr("--grpc", &grpc)?,
             http: addr("--http", &http)?,
@@ -131,7 +145,13 @@ pub async fn run(options: Options) -> Result<(), String> {
     ));
 
     let mut grpc_stop = stop.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(xds_tls(tls)?).map_err(|e| format!("--tls-cert: {e}"))?;
+    } else {
+        eprintln!("edgewise-control: xDS in plaintext (no --tls-cert): it carries the platform's private key");
+    }
+    let server = builder
         .add_service(
             AggregatedDiscoveryServiceServer::new(xds::Ads { control, stop: stop.clone() })
                 .max_decoding_message_size(16 << 20),
@@ -143,6 +163,17 @@ pub async fn run(options: Options) -> Result<(), String> {
     let (served, signalled) = tokio::join!(server, signals);
     signalled?;
     served.map_err(|e| format!("gRPC server: {e}"))
+}
+
+/// Mutual TLS for the xDS port: Envoys must present a certificate of the client CA.
+fn xds_tls([cert, key, ca]: &[PathBuf; 3]) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    model::check_ca(&String::from_utf8_lossy(&read(cert)?)).map_err(|e| format!("--tls-cert: {}", e.reason))?;
+    model::check_ca(&String::from_utf8_lossy(&read(ca)?)).map_err(|e| format!("--tls-client-ca: {}", e.reason))?;
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?)))
 }
 
 fn read_client_certificate(options: &Options) -> Result<(String, String), String> {
