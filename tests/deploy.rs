@@ -143,3 +143,54 @@ fn the_ratelimit_deployment_runs_the_shipped_limits_on_the_gateways_port() {
         "the gateway's rate_limit_service port"
     );
 }
+
+/// deploy/control: the StatefulSet's arguments are ones edgewise-control accepts (mutual TLS on
+/// xDS included), with its store on the volume and its files on the mounted Secrets, on the
+/// ports its probes and the Service use, which are the ports envoy/serverless-xds.yaml names.
+#[test]
+fn the_control_statefulset_runs_edgewise_control_with_its_store_on_the_volume() {
+    let dir = edgewise::repo_root().join("deploy/control");
+    let yaml = |name: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let set = yaml("statefulset.yaml");
+    let pod = &set["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<String> =
+        container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    // The binary's own parser takes them (it needs the token from the environment).
+    let env = container["env"].as_sequence().unwrap();
+    assert!(env.iter().any(|e| e["name"] == edgewise_control::TOKEN_ENV), "the token comes from a Secret");
+    std::env::set_var(edgewise_control::TOKEN_ENV, "a-token-long-enough-for-the-parser");
+    let options = edgewise_control::Options::from_args(args.clone()).unwrap();
+    assert!(options.tls.is_some(), "xDS carries the platform's private key: mutual TLS");
+
+    let mounts: Vec<&str> =
+        container["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    let under_a_mount = |p: &std::path::Path| mounts.iter().any(|m| p.starts_with(m));
+    assert!(under_a_mount(&options.db), "{:?} is not on a volume", options.db);
+    assert_eq!(set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "data");
+    for file in [&options.client_cert, &options.client_key].into_iter().chain(options.tls.iter().flatten()) {
+        assert!(under_a_mount(file), "{file:?} is not on a mounted Secret");
+    }
+    let ports: std::collections::BTreeMap<&str, u64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(options.grpc.port() as u64, ports["grpc"]);
+    assert_eq!(options.http.port() as u64, ports["http"]);
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+
+    let service = yaml("service.yaml");
+    let envoy = fs::read_to_string(edgewise::repo_root().join("envoy/serverless-xds.yaml")).unwrap();
+    for (port, cluster) in [("grpc", "- name: xds\n"), ("http", "- name: control\n")] {
+        let p = service["spec"]["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == port).unwrap();
+        assert_eq!(p["targetPort"], port);
+        let section = envoy.split(cluster).nth(1).unwrap();
+        let section = section.split("\n  - name:").next().unwrap();
+        assert!(section.contains(&format!("port_value: {}", p["port"].as_u64().unwrap())), "{cluster}'s port");
+    }
+}
