@@ -101,6 +101,12 @@ fn the_tunnel_agent_config_validates_and_only_dials_out() {
     }
 }
 
+/// A container's ports: name -> number.
+fn container_ports(container: &serde_yaml::Value) -> std::collections::BTreeMap<&str, u64> {
+    let ports = container["ports"].as_sequence().unwrap().iter();
+    ports.map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap())).collect()
+}
+
 /// deploy/ratelimit: the limits file is one the service accepts, the Deployment runs it with
 /// that file on the ports its probes and the Service use, and the gateways' rate_limit_service
 /// cluster (envoy/cloud-connector.yaml) is on the Service's gRPC port.
@@ -121,12 +127,7 @@ fn the_ratelimit_deployment_runs_the_shipped_limits_on_the_gateways_port() {
     let arg = |flag: &str| args.iter().position(|a| *a == flag).map(|i| args[i + 1]).unwrap();
     let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
     assert_eq!(arg("--config"), format!("{mount}/limits.json"));
-    let ports: std::collections::BTreeMap<&str, u64> = container["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
-        .collect();
+    let ports = container_ports(container);
     assert_eq!(arg("--grpc"), format!("0.0.0.0:{}", ports["grpc"]));
     assert_eq!(arg("--http"), format!("0.0.0.0:{}", ports["http"]));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -173,12 +174,7 @@ fn the_control_statefulset_runs_edgewise_control_with_its_store_on_the_volume() 
     for file in [&options.client_cert, &options.client_key].into_iter().chain(options.tls.iter().flatten()) {
         assert!(under_a_mount(file), "{file:?} is not on a mounted Secret");
     }
-    let ports: std::collections::BTreeMap<&str, u64> = container["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
-        .collect();
+    let ports = container_ports(container);
     assert_eq!(options.grpc.port() as u64, ports["grpc"]);
     assert_eq!(options.http.port() as u64, ports["http"]);
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");

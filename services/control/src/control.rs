@@ -142,7 +142,7 @@ impl Control {
         let created = state.customers.insert(name.to_string(), customer.clone()).is_none();
         state.removing.remove(name);
         self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, &customer, &address));
-        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
+        self.gauges(&state);
         drop(state);
         self.gate();
         Ok(created)
@@ -167,8 +167,7 @@ impl Control {
         if was_published && !gone.is_empty() {
             self.rebuild_routes(&mut state);
         }
-        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
-        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        self.gauges(&state);
         let (control, name) = (self.clone(), name.to_string());
         let removal = self.removals.fetch_add(1, Ordering::Relaxed) + 1;
         state.removing.insert(name.clone(), removal);
@@ -213,7 +212,7 @@ impl Control {
         if visible {
             self.rebuild_routes(&mut state);
         }
-        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        self.gauges(&state);
         Ok(created)
     }
 
@@ -228,7 +227,7 @@ impl Control {
         if state.published.contains(&function.customer) {
             self.rebuild_routes(&mut state);
         }
-        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        self.gauges(&state);
         Ok(())
     }
 
@@ -305,7 +304,15 @@ impl Control {
         if state.functions.values().any(|(_, f)| newly.contains(&f.customer)) {
             self.rebuild_routes(&mut state);
         }
-        self.metrics.published.store(state.published.len() as u64, Ordering::Relaxed);
+        self.gauges(&state);
+    }
+
+    /// The gauges of what the state holds.
+    fn gauges(&self, state: &State) {
+        let m = &self.metrics;
+        m.customers.store(state.customers.len() as u64, Ordering::Relaxed);
+        m.functions.store(state.functions.len() as u64, Ordering::Relaxed);
+        m.published.store(state.published.len() as u64, Ordering::Relaxed);
     }
 
     /// Serializes the route table of the published customers' functions, under a new version.
@@ -340,9 +347,7 @@ impl Control {
             eprintln!("edgewise-control: route table version {version} not stored: {e}");
         }
         self.metrics.routes_version.store(version, Ordering::Relaxed);
-        self.metrics.customers.store(state.customers.len() as u64, Ordering::Relaxed);
-        self.metrics.functions.store(state.functions.len() as u64, Ordering::Relaxed);
-        self.metrics.published.store(state.published.len() as u64, Ordering::Relaxed);
+        self.gauges(state);
         state.routes = Arc::new(RouteTable { version, etag: format!("\"{version}\""), body: Bytes::from(body) });
     }
 }

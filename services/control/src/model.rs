@@ -223,6 +223,50 @@ mod tests {
         assert!(check_ca(&"x".repeat(MAX_CA_BYTES + 1)).unwrap_err().reason.contains("larger"));
     }
 
+    /// Hostile input: random bytes (as lossy strings, as the API would read them after JSON) and
+    /// mutations of valid values never panic, and whatever is accepted is what a check promises.
+    #[test]
+    fn random_and_mutated_input_is_refused_or_accepted_within_the_rules() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let seeds = ["127.0.0.1:19001", "[::1]:443", "ingress.customer-a.example:443", "customer-a", CA];
+        for _ in 0..20_000 {
+            let base = seeds[(next() % seeds.len() as u64) as usize].as_bytes().to_vec();
+            let mut bytes = base.clone();
+            for _ in 0..(next() % 4) {
+                let at = (next() as usize) % (bytes.len() + 1);
+                let byte = (next() % 256) as u8;
+                match next() % 3 {
+                    0 => bytes.insert(at, byte),
+                    1 if at < bytes.len() => bytes[at] = byte,
+                    _ if at < bytes.len() => drop(bytes.remove(at)),
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(a) = parse_address(&text) {
+                assert!(a.port > 0 && !a.host.is_empty() && a.host.is_ascii(), "{text:?} -> {a:?}");
+                let again = if a.host.contains(':') {
+                    format!("[{}]:{}", a.host, a.port)
+                } else {
+                    format!("{}:{}", a.host, a.port)
+                };
+                assert_eq!(parse_address(&again).as_ref(), Ok(&a), "{text:?}");
+            }
+            if check_name("name", &text).is_ok() {
+                assert!(
+                    text.len() <= 63 && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                );
+            }
+            let _ = check_ca(&text).map(|n| assert!(n >= 1));
+        }
+    }
+
     #[test]
     fn functions_are_checked_as_the_filter_compiles_them() {
         let rules = FunctionRules::new("serverless.gitlab.io", edgewise_core::serverless::DEFAULT_PATTERN).unwrap();
