@@ -135,16 +135,29 @@ impl Client {
     /// and reads until the server closes it: for requests no well-behaved client library sends
     /// (bytes that are not UTF-8, pipelining). End the last request with `connection: close`.
     pub async fn raw(&self, addr: SocketAddr, server_name: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        self.raw_continued(addr, server_name, bytes, None).await
+    }
+
+    /// The same, as a client that sent `Expect: 100-continue` does: `head`, then `body` once the
+    /// server answered `100 Continue` (not at all if it answered otherwise). Reading goes on
+    /// while writing: a server may answer, and stop reading, before the body is all sent.
+    pub async fn raw_continued(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        head: &[u8],
+        body: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
         let exchange = async {
             let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
             match &self.tls {
-                None => write_then_read(tcp, bytes).await,
+                None => write_and_read(tcp, head, body).await,
                 Some(config) => {
                     let mut config = (**config).clone();
                     config.alpn_protocols = vec![b"http/1.1".to_vec()];
                     let name = ServerName::try_from(self.sni.as_deref().unwrap_or(server_name).to_string())?;
                     let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS handshake")?;
-                    write_then_read(tls, bytes).await
+                    write_and_read(tls, head, body).await
                 }
             }
         };
@@ -153,13 +166,51 @@ impl Client {
     }
 }
 
-async fn write_then_read<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, bytes: &[u8]) -> Result<Vec<u8>> {
+/// Writes `head` (then `after_100` once a `100 Continue` came) while reading until the server
+/// closes. A write the server cut short is no error: what it answered is.
+async fn write_and_read<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    head: &[u8],
+    after_100: Option<&[u8]>,
+) -> Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    io.write_all(bytes).await?;
-    io.flush().await?;
+    let (mut rd, mut wr) = tokio::io::split(io);
     let mut out = Vec::new();
-    // A TLS peer may close without close_notify: what was read until then is the answer.
-    let _ = io.read_to_end(&mut out).await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut body = None;
+    match after_100 {
+        None => body = Some(head),
+        Some(rest) => {
+            wr.write_all(head).await?;
+            wr.flush().await?;
+            // The first response head decides: a 100 asks for the body, anything else is the answer.
+            while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return Ok(out),
+                    Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                }
+            }
+            if out.starts_with(b"HTTP/1.1 100") {
+                body = Some(rest);
+            }
+        }
+    }
+    let write = async {
+        if let Some(bytes) = body {
+            let _ = wr.write_all(bytes).await;
+            let _ = wr.flush().await;
+        }
+    };
+    let read = async {
+        // A TLS peer may close without close_notify: what was read until then is the answer.
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            }
+        }
+    };
+    tokio::join!(write, read);
     Ok(out)
 }
 
@@ -200,6 +251,9 @@ fn one_response(raw: &[u8]) -> Option<(u16, &[u8])> {
             .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
     };
     let mut body = raw.get(head_end..)?;
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Some((status, body));
+    }
     if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
         return Some((status, body.get(length..).unwrap_or_default()));
     }

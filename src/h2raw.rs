@@ -25,6 +25,7 @@ pub enum Answer {
     Closed,
 }
 
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -38,6 +39,12 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A request body: DATA (at most 16 KiB, one frame within the initial window) and trailers.
+pub struct Body<'a> {
+    pub data: &'a [u8],
+    pub trailers: &'a [(&'a [u8], &'a [u8])],
+}
+
 /// Sends the request (TLS with ALPN h2 when `tls` is given, else cleartext with prior knowledge).
 pub async fn request(
     tls: Option<Arc<ClientConfig>>,
@@ -45,28 +52,54 @@ pub async fn request(
     server_name: &str,
     fields: &[(&[u8], &[u8])],
 ) -> Result<Answer> {
+    request_with_body(tls, addr, server_name, fields, None).await
+}
+
+/// The same with a body: HEADERS, then DATA, then the trailers ending the stream.
+pub async fn request_with_body(
+    tls: Option<Arc<ClientConfig>>,
+    addr: SocketAddr,
+    server_name: &str,
+    fields: &[(&[u8], &[u8])],
+    body: Option<Body<'_>>,
+) -> Result<Answer> {
     let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     let exchange = async {
         match tls {
-            None => exchange(tcp, fields).await,
+            None => exchange(tcp, fields, body).await,
             Some(config) => {
                 let mut config = (*config).clone();
                 config.alpn_protocols = vec![b"h2".to_vec()];
                 let name = ServerName::try_from(server_name.to_string())?;
                 let stream = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
-                exchange(stream, fields).await
+                exchange(stream, fields, body).await
             }
         }
     };
     tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| anyhow!("no answer in 10 s"))?
 }
 
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, fields: &[(&[u8], &[u8])]) -> Result<Answer> {
-    let block = fluke_hpack::Encoder::new().encode(fields.iter().copied());
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    fields: &[(&[u8], &[u8])],
+    body: Option<Body<'_>>,
+) -> Result<Answer> {
+    let mut encoder = fluke_hpack::Encoder::new();
+    let block = encoder.encode(fields.iter().copied());
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
-    // END_STREAM | END_HEADERS
-    out.extend(frame(HEADERS, 0x5, 1, &block));
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    match body {
+        None => out.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)),
+        Some(body) => {
+            anyhow::ensure!(body.data.len() <= 16 * 1024, "one DATA frame of at most 16 KiB");
+            out.extend(frame(HEADERS, END_HEADERS, 1, &block));
+            out.extend(frame(DATA, 0, 1, body.data));
+            let trailers = encoder.encode(body.trailers.iter().copied());
+            out.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &trailers));
+        }
+    }
     io.write_all(&out).await?;
     let mut decoder = fluke_hpack::Decoder::new();
     let mut goaway = None;

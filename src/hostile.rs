@@ -48,9 +48,131 @@ pub fn cases(host: &str, path: &str, valid: &[(&str, &[u8])]) -> Vec<Case> {
         Case { name: "a second Host", bytes: duplicated_host },
         Case { name: "two pipelined requests", bytes: pipelined },
         Case { name: "a body on GET", bytes: body_on_get },
+        Case { name: "a POST with Content-Length", bytes: post(host_b, path, valid, Framing::Length) },
+        Case { name: "a chunked POST with trailers", bytes: post(host_b, path, valid, Framing::Chunked) },
+        Case {
+            name: "a POST with Expect: 100-continue, its body at once",
+            bytes: [post(host_b, path, valid, Framing::Expect), BODY.to_vec()].concat(),
+        },
     ]
 }
 
+/// The body of every request that carries one, recognisable in what a backend saw.
+pub const BODY: &[u8] = b"edgewise body 0123456789";
+
+/// How a POST sends its body.
+#[derive(Clone, Copy)]
+enum Framing {
+    Length,
+    /// Chunked, with a trailer.
+    Chunked,
+    /// `Expect: 100-continue` and Content-Length: only the head (the body is the caller's).
+    Expect,
+}
+
+/// A POST of [`BODY`] as bytes for [`Client::raw`], closing the connection after its response.
+fn post(host: &[u8], path: &str, headers: &[(&str, &[u8])], framing: Framing) -> Vec<u8> {
+    let mut out = raw_get(host, path, headers);
+    out.splice(..3, b"POST".iter().copied());
+    let at = out.len() - 2;
+    let (extra, body) = match framing {
+        Framing::Length => (format!("content-length: {}\r\n", BODY.len()), BODY.to_vec()),
+        Framing::Chunked => {
+            let size = format!("{:x}\r\n", BODY.len());
+            let chunk = [size.as_bytes(), BODY, b"\r\n0\r\nx-edgewise-trailer: 1\r\n\r\n"].concat();
+            ("transfer-encoding: chunked\r\n".to_string(), chunk)
+        }
+        Framing::Expect => (format!("expect: 100-continue\r\ncontent-length: {}\r\n", BODY.len()), Vec::new()),
+    };
+    out.splice(at..at, extra.into_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A request with a body, as [`body_cases`] makes it.
+pub struct BodyCase {
+    pub name: &'static str,
+    send: Send,
+}
+
+enum Send {
+    /// HTTP/1.1 bytes, and the body to send after a `100 Continue`.
+    Raw(Vec<u8>, Option<&'static [u8]>),
+    /// HTTP/2 header fields; DATA ([`BODY`]) and a trailer follow.
+    H2(Vec<(Vec<u8>, Vec<u8>)>),
+}
+
+/// Requests with a body, every way one comes: over HTTP/1.1 with Content-Length, chunked with a
+/// trailer, with `Expect: 100-continue` (the body only after the `100`), larger than Envoy's
+/// buffer limit (2 MiB), and over HTTP/2 (DATA, then trailers).
+///
+/// A filter that pauses a request must hold it whole until it decides: sent while it is paused,
+/// each must get the answer the same request without a body gets, and the upstream must see
+/// nothing of any that is refused.
+pub fn body_cases(host: &str, path: &str, headers: &[(&str, &[u8])]) -> Vec<BodyCase> {
+    let h = host.as_bytes();
+    let big = {
+        let mut r = raw_get(h, path, &[headers, &[("content-length", b"2097152")]].concat());
+        r.splice(..3, b"POST".iter().copied());
+        r.resize(r.len() + 2 * 1024 * 1024, b'x');
+        r
+    };
+    let fields = [(":method", "POST".as_bytes()), (":scheme", b"https"), (":authority", h), (":path", path.as_bytes())]
+        .into_iter()
+        .chain(headers.iter().copied())
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+        .collect();
+    vec![
+        BodyCase { name: "a POST with Content-Length", send: Send::Raw(post(h, path, headers, Framing::Length), None) },
+        BodyCase { name: "a chunked POST with trailers", send: Send::Raw(post(h, path, headers, Framing::Chunked), None) },
+        BodyCase {
+            name: "a POST with Expect: 100-continue",
+            send: Send::Raw(post(h, path, headers, Framing::Expect), Some(BODY)),
+        },
+        BodyCase { name: "a 2 MiB POST, over Envoy's buffer limit", send: Send::Raw(big, None) },
+        BodyCase { name: "HTTP/2: a POST with DATA and trailers", send: Send::H2(fields) },
+    ]
+}
+
+impl BodyCase {
+    /// Sends it on a connection of its own (over TLS when the client has it; HTTP/2 by ALPN):
+    /// its final status (informational ones left out, `200+200` for two), or how an HTTP/2
+    /// stream ended, or the error.
+    pub async fn send(&self, client: &Client, addr: SocketAddr, server_name: &str) -> String {
+        match &self.send {
+            Send::Raw(head, after_100) => match client.raw_continued(addr, server_name, head, *after_100).await {
+                Ok(out) => {
+                    let statuses: Vec<String> =
+                        raw_statuses(&out).into_iter().filter(|s| *s >= 200).map(|s| s.to_string()).collect();
+                    statuses.join("+")
+                }
+                Err(e) => format!("{e:#}"),
+            },
+            Send::H2(fields) => {
+                let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+                let body = crate::h2raw::Body { data: BODY, trailers: &[(b"x-edgewise-trailer", b"1")] };
+                match crate::h2raw::request_with_body(client.tls_config(), addr, server_name, &fields, Some(body)).await {
+                    Ok(Answer::Status(s)) => s.to_string(),
+                    Ok(other) => format!("{other:?}"),
+                    Err(e) => format!("{e:#}"),
+                }
+            }
+        }
+    }
+}
+
+/// Every case of [`body_cases`] at once: (name, answer).
+pub async fn with_bodies(
+    client: &Client,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+) -> Vec<(&'static str, String)> {
+    let cases = body_cases(host, path, headers);
+    let sends = cases.iter().map(|case| async move { (case.name, case.send(client, addr, host).await) });
+    futures_util::future::join_all(sends).await
+}
 /// What a filter answered to the whole class.
 #[derive(Debug)]
 pub struct Report {

@@ -207,6 +207,16 @@ async fn every_status_identity_headers_and_signature() {
     assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(s.ai.count(), ai_before + 1, "no denied request reached a backend");
 
+    // An empty claim leaves its header out, on both builds (the dynamic-module ABI cannot set an
+    // empty value, so the wasm build does not either).
+    let mut no_realm = cc::claims(instance, &["code_suggestions"]);
+    no_realm["gitlab_realm"] = "".into();
+    let r = s.call("/ai/v2/code/completions", Some(&gitlab.token(no_realm)), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = s.ai.seen().pop().unwrap();
+    assert_eq!(seen.header("x-gitlab-realm"), None, "{:?}", seen.headers);
+    assert_eq!(seen.header("x-gitlab-instance-id"), Some(instance));
+
     // The gateway's own endpoints.
     let r = s.call("/-/health", None, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -231,7 +241,7 @@ async fn every_status_identity_headers_and_signature() {
         }
     }
     assert!(!text.contains("instance-2") && !text.contains(instance), "no per-instance label");
-    assert_eq!(s.metric("requests.code_suggestions.allowed").await, 2);
+    assert_eq!(s.metric("requests.code_suggestions.allowed").await, 3);
     assert_eq!(s.metric("requests.duo_chat.forbidden").await, 2);
 
     // The access log names instance, feature and outcome (Envoy flushes it about once a second).
@@ -707,9 +717,14 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a second Host", &[200]),
         ("two pipelined requests", &[200, 200]),
         ("a body on GET", &[200]),
+        ("a POST with Content-Length", &[200]),
+        ("a chunked POST with trailers", &[200]),
+        ("a POST with Expect: 100-continue, its body at once", &[100, 200]),
     ]);
     let seen = s.ai.seen();
-    assert_eq!(seen.len() - ai_before, 6, "only the accepted requests reached the backend");
+    assert_eq!(seen.len() - ai_before, 9, "only the accepted requests reached the backend");
+    let bodies = seen[ai_before..].iter().filter(|r| r.method == "POST" && r.body.as_bytes() == edgewise::hostile::BODY);
+    assert_eq!(bodies.count(), 3, "each POST's body reached the backend whole");
     for r in &seen[ai_before..] {
         let authorizations: Vec<&str> = r
             .headers
@@ -722,4 +737,83 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
     for _ in 0..10 {
         assert_eq!(s.call("/ai/v2/code/completions", Some(&token), &[]).await.status, 200);
     }
+}
+
+/// A request the gateway pauses while it fetches keys is held whole. A body, however it comes
+/// (Content-Length, chunked with a trailer, after a `100 Continue`, over Envoy's buffer limit,
+/// HTTP/2 DATA and trailers), never pushes it on to the backend: at start while the keys load,
+/// and after an unknown kid, with a forged, an expired and an unknown-kid token. Each gets the
+/// answer the same GET gets, and the backend sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_request_with_a_body_reaches_nothing_before_it_is_decided() {
+    let k1 = Idp::rs256(GITLAB, "k1").unwrap();
+    let impostor = Idp::rs256(GITLAB, "k1").unwrap();
+    let stranger = Idp::rs256(GITLAB, "k-unknown").unwrap();
+    let s = setup(jwks_timing(3600, 1, 1, 1500), |i| {
+        i.publish(GITLAB, published(&[&k1]));
+        i.set_down(GITLAB, true);
+    })
+    .await;
+    let path = "/ai/v2/code/completions";
+    let instance = "6b1a2c3d-0000-4000-8000-00000000000b";
+    let claims = cc::claims(instance, &["code_suggestions"]);
+    let mut expired = claims.clone();
+    expired["exp"] = json!(idp::now() - 3600);
+    let tokens = [
+        ("forged", impostor.token(claims.clone())),
+        ("expired", k1.token(expired)),
+        ("unknown kid", stranger.token(claims.clone())),
+    ];
+    let bodies = |token: &str| {
+        let (s, bearer) = (&s, format!("Bearer {token}"));
+        async move {
+            let valid = [("authorization", bearer.as_bytes())];
+            edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", path, &valid).await
+        }
+    };
+
+    // At start, the issuer down: every token waits for keys, then 503, with a body or without.
+    let (s, bodies) = (&s, &bodies);
+    let rounds = tokens.iter().map(|(what, token)| async move {
+        let (get, with_bodies) = tokio::join!(s.call(path, Some(token), &[]), bodies(token));
+        (*what, get, with_bodies)
+    });
+    for (what, get, with_bodies) in futures_util::future::join_all(rounds).await {
+        assert_eq!((get.status, get.json()["error"].as_str()), (503, Some("keys_unavailable")), "{what}");
+        assert_eq!(with_bodies.len(), 5);
+        for (case, answer) in with_bodies {
+            assert_eq!(answer, "503", "at start, {what} token: {case}");
+        }
+    }
+    assert_eq!((s.ai.count(), s.obs.count()), (0, 0), "nothing reached a backend while the keys were loading");
+
+    // Keys in force: an unknown kid pauses the request for a refetch (one per cooldown, 1 s
+    // here); forged and expired tokens are refused at once. Each case is sent on its own after
+    // the cooldown, so that with an unknown kid it pauses for its own refetch.
+    s.issuers.set_down(GITLAB, false);
+    let good = k1.token(claims.clone());
+    assert_eq!(s.until_accepted(&good, Duration::from_secs(10)).await.status, 200);
+    let ai_before = s.ai.count();
+    for (what, token) in &tokens[..2] {
+        let (get, with_bodies) = tokio::join!(s.call(path, Some(token), &[]), bodies(token));
+        assert_invalid_token(&get, what);
+        for (case, answer) in with_bodies {
+            assert_eq!(answer, "401", "after the keys, {what} token: {case}");
+        }
+    }
+    let (what, unknown) = (&tokens[2].0, &tokens[2].1);
+    let bearer = format!("Bearer {unknown}");
+    let valid = [("authorization", bearer.as_bytes())];
+    let get = s.call(path, Some(unknown), &[]).await;
+    assert_invalid_token(&get, what);
+    for case in edgewise::hostile::body_cases("cloud.gitlab.com", path, &valid) {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let fetches = s.issuers.jwks_fetches(GITLAB);
+        let answer = case.send(&s.client, s.front, "cloud.gitlab.com").await;
+        assert_eq!(answer, "401", "after the keys, {what} token: {}", case.name);
+        assert!(s.issuers.jwks_fetches(GITLAB) > fetches, "{} paused for a refetch", case.name);
+    }
+    assert_eq!(s.ai.count(), ai_before, "no refused request reached the backend");
+    assert_eq!(s.obs.count(), 0);
+    assert_eq!(s.call(path, Some(&good), &[]).await.status, 200, "and a valid request is served");
 }

@@ -247,8 +247,11 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a second Host", &[403]),
         ("two pipelined requests", &[200, 200]),
         ("a body on GET", &[200]),
+        ("a POST with Content-Length", &[200]),
+        ("a chunked POST with trailers", &[200]),
+        ("a POST with Expect: 100-continue, its body at once", &[100, 200]),
     ]);
-    assert_eq!(s.upstream_requests(), 6, "only the accepted requests reached the destination");
+    assert_eq!(s.upstream_requests(), 9, "only the accepted requests reached the destination");
     for _ in 0..10 {
         assert_eq!(s.get("api.github.com.egress.local").await.status, 200);
     }

@@ -381,8 +381,33 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
         ("a second Host", &[200]),
         ("two pipelined requests", &[200, 200]),
         ("a body on GET", &[200]),
+        ("a POST with Content-Length", &[200]),
+        ("a chunked POST with trailers", &[200]),
+        ("a POST with Expect: 100-continue, its body at once", &[100, 200]),
     ]);
-    assert_eq!(s.kubectl.requests().len() - before, 5, "only the accepted requests reached the cluster");
+    assert_eq!(s.kubectl.requests().len() - before, 8, "only the accepted requests reached the cluster");
+
+    // A refused token refuses the whole request, however its body comes: the answer a GET gets,
+    // and nothing of it reaches the cluster.
+    let before = s.kubectl.requests().len();
+    let now = edgewise::idp::now();
+    let claims = json!({"sub": "mallory", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "exp": now + 600, "iat": now});
+    let tokens = [
+        ("forged", Idp::new(GITLAB, "users-1").unwrap().token(claims.clone())),
+        ("unknown kid", Idp::new(GITLAB, "users-9").unwrap().token(claims)),
+    ];
+    let path = "/clusters/cluster-a/version";
+    for (what, token) in &tokens {
+        assert_eq!(s.get(path, Some(token), &[]).await.status, 401, "{what}");
+        let bearer = format!("Bearer {token}");
+        let valid = [("authorization", bearer.as_bytes())];
+        let answers = edgewise::hostile::with_bodies(&client, s.hub.users, "hub.example", path, &valid).await;
+        assert_eq!(answers.len(), 5);
+        for (case, answer) in answers {
+            assert_eq!(answer, "401", "{what} token: {case}");
+        }
+    }
+    assert_eq!(s.kubectl.requests().len(), before, "no refused request reached the cluster");
     for _ in 0..10 {
         assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
     }

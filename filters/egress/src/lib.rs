@@ -88,9 +88,9 @@ impl Filter for Egress {
         }
     }
 
-    fn on_response_headers<S: Stream>(&self, s: &mut S, sent: &mut Sent) -> Flow {
+    fn on_response_headers<S: Stream>(&self, s: &mut S, sent: &mut Sent) {
         let Some(d) = sent.destination.and_then(|i| self.destinations.get(i)) else {
-            return Flow::Continue;
+            return;
         };
         let status = s.response_header(":status");
         let status = status.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
@@ -98,7 +98,6 @@ impl Filter for Egress {
             s.increment(c);
         }
         s.record(d.upstream_ms, s.now_ms().saturating_sub(sent.started_ms));
-        Flow::Continue
     }
 }
 

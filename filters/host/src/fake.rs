@@ -170,7 +170,9 @@ impl Stream for FakeStream<'_> {
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) {
         self.remove_request_header(name);
-        self.request.push((name.to_string(), value.to_vec()));
+        if !value.is_empty() {
+            self.request.push((name.to_string(), value.to_vec()));
+        }
     }
 
     fn remove_request_header(&mut self, name: &str) {

@@ -15,6 +15,7 @@
 
 pub mod fake;
 pub mod jwks;
+pub mod phase;
 pub mod shared;
 
 use std::borrow::Cow;
@@ -72,7 +73,8 @@ pub trait Stream: Host {
     /// field lines: a second Authorization makes the value unusable, not the first one).
     fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
 
-    /// Sets a request header, replacing every value it had.
+    /// Sets a request header, replacing every value it had. An empty value removes it, on every
+    /// host (Envoy's dynamic-module ABI cannot set an empty value).
     fn set_request_header(&mut self, name: &str, value: &[u8]);
 
     fn remove_request_header(&mut self, name: &str);
@@ -90,7 +92,8 @@ pub trait Stream: Host {
 
     fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
 
-    /// Answers the request locally (the filter then returns [`Flow::Stop`]).
+    /// Answers the request locally (the filter then returns [`Flow::Stop`]). The host sends it
+    /// once the hook has returned; the request hooks only (a response cannot be answered).
     fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
 
     /// A value for the access log: filter state `<prefix>.<name>` (`wasm.` on proxy-wasm,
@@ -177,9 +180,9 @@ pub trait Filter: Sized + Send + Sync + 'static {
 
     fn on_request_headers<S: Stream>(&self, stream: &mut S, state: &mut Self::PerStream) -> Flow;
 
-    fn on_response_headers<S: Stream>(&self, _stream: &mut S, _state: &mut Self::PerStream) -> Flow {
-        Flow::Continue
-    }
+    /// Observes the response headers (metrics, the access log): a response is never held, so
+    /// there is nothing to decide.
+    fn on_response_headers<S: Stream>(&self, _stream: &mut S, _state: &mut Self::PerStream) {}
 
     /// A request this filter paused was woken: decide it again (reply, or continue).
     fn on_resume<S: Stream>(&self, _stream: &mut S) -> Flow {

@@ -568,7 +568,7 @@ c_enum! {
 }
 
 c_enum! {
-    /// Log level for `callback_log` / `callback_log_enabled` (Envoy's spdlog levels).
+    /// Log level for `callback_log_v2` / `callback_log_enabled` (Envoy's spdlog levels).
     LogLevel {
         /// trace
         TRACE = 0,
@@ -735,8 +735,15 @@ c_enum! {
 extern "C" {
     // --- process-wide ---
 
-    /// Writes `message` to Envoy's log under the `dynamic_modules` logger. Buffer read during the call.
-    pub fn envoy_dynamic_module_callback_log(level: LogLevel, message: ModuleBuffer);
+    /// Writes `message` to Envoy's log under the `dynamic_modules` logger, with the module's
+    /// source location (`source_file` may be NULL). Buffers read during the call. (1.40
+    /// deprecates `envoy_dynamic_module_callback_log`, which has no location.)
+    pub fn envoy_dynamic_module_callback_log_v2(
+        level: LogLevel,
+        message: ModuleBuffer,
+        source_file: ModuleBuffer,
+        source_line: u32,
+    );
 
     /// Whether `level` is currently enabled for the `dynamic_modules` logger (cheap; check before formatting).
     pub fn envoy_dynamic_module_callback_log_enabled(level: LogLevel) -> bool;

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,18 +54,61 @@ fn buf(bytes: &[u8]) -> ModuleBuffer {
     ModuleBuffer::new(bytes)
 }
 
-/// One request inside one of its hooks.
+/// One request inside one of its hooks. What the hook decided (a reply, a new route) is applied
+/// by the binding after the hook, when nothing of the stream's object is in use any more: a
+/// local reply can end the stream, and Envoy may destroy the filter inside that call.
 pub struct NativeStream<'a> {
     pub envoy: EnvoyFilter,
     pub config: &'a Config,
     /// The id of this stream's scheduler in the config's wakers, once the filter asked for one.
-    pub waker: &'a mut Option<u64>,
+    pub waker: Option<u64>,
+    /// The filter asked for a waker in this hook: it will be woken to decide again.
+    pub asked_waker: bool,
     /// Request headers were changed: the route must be chosen again (Envoy does that by itself
     /// for proxy-wasm filters, not for dynamic modules).
     pub rerouted: bool,
+    /// The local reply the filter sent.
+    pub reply: Option<LocalReply>,
 }
 
-impl NativeStream<'_> {
+/// A local reply, kept until the hook that made it has returned.
+pub struct LocalReply {
+    status: u32,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl LocalReply {
+    pub fn new(status: u32, headers: &[(&str, &str)], body: &[u8]) -> LocalReply {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        LocalReply { status, headers, body: body.to_vec() }
+    }
+
+    /// Sends it. Envoy may end the stream and destroy the filter inside this call: the caller
+    /// touches nothing of the stream afterwards.
+    pub fn send(&self, envoy: EnvoyFilter) {
+        let mut headers: Vec<ModuleHttpHeader> =
+            self.headers.iter().map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes())).collect();
+        // SAFETY: the stream handle is valid in the hook calling this; everything is read during
+        // the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                envoy,
+                self.status,
+                headers.as_mut_ptr(),
+                headers.len(),
+                buf(&self.body),
+                buf(b"edgewise"),
+            )
+        };
+    }
+}
+
+impl<'a> NativeStream<'a> {
+    pub fn new(envoy: EnvoyFilter, config: &'a Config, waker: Option<u64>) -> Self {
+        NativeStream { envoy, config, waker, asked_waker: false, rerouted: false, reply: None }
+    }
+
     /// A header's value; repeated, its values joined by ", " (as proxy-wasm does, and as HTTP
     /// combines field lines), so that both builds read the same.
     fn header(&self, kind: HeaderType, name: &str) -> Option<Cow<'_, [u8]>> {
@@ -150,7 +194,8 @@ impl Stream for NativeStream<'_> {
         self.header(HeaderType::REQUEST_HEADER, name)
     }
 
-    /// An empty value removes the header: the ABI cannot set one (NULL or empty removes).
+    /// An empty value removes the header: the ABI cannot set one (NULL or empty removes), and
+    /// the wasm build does the same.
     fn set_request_header(&mut self, name: &str, value: &[u8]) {
         self.rerouted = true;
         // SAFETY: the stream handle is valid in this hook; the buffers are read during the call.
@@ -181,32 +226,31 @@ impl Stream for NativeStream<'_> {
         self.header(HeaderType::RESPONSE_HEADER, name)
     }
 
+    /// Kept, and sent by the binding after the hook (the first reply of a hook counts).
     fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let mut headers: Vec<ModuleHttpHeader> =
-            headers.iter().map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes())).collect();
-        // SAFETY: the stream handle is valid in this hook; everything is read during the call.
-        unsafe {
-            envoy_dynamic_module_callback_http_send_response(
-                self.envoy,
-                status,
-                headers.as_mut_ptr(),
-                headers.len(),
-                buf(body),
-                buf(b"edgewise"),
-            )
-        };
+        if self.reply.is_some() {
+            log::error!("edgewise: a second local reply ({status}) for one request was dropped");
+            return;
+        }
+        self.reply = Some(LocalReply::new(status, headers, body));
     }
 
     fn log_field(&mut self, name: &str, value: &str) {
         let key = format!("edgewise.{name}");
-        // SAFETY: as above.
-        unsafe {
+        // SAFETY: the stream handle is valid in this hook; the buffers are read during the call.
+        let set = unsafe {
             envoy_dynamic_module_callback_http_set_filter_state_bytes(
                 self.envoy,
                 buf(key.as_bytes()),
                 buf(value.as_bytes()),
             )
         };
+        // It fails when another filter made the key read-only: the access log then shows that
+        // filter's value. Said once, not per request.
+        static SAID: AtomicBool = AtomicBool::new(false);
+        if !set && !SAID.swap(true, Ordering::Relaxed) {
+            log::warn!("edgewise: filter state {key} could not be set (read-only?): the access log will not show it");
+        }
     }
 
     fn peer_uri_san(&self) -> Option<String> {
@@ -225,7 +269,8 @@ impl Stream for NativeStream<'_> {
 
     fn waker(&mut self) -> Option<Waker> {
         if let Some(id) = self.waker {
-            return Some(Waker(*id));
+            self.asked_waker = true;
+            return Some(Waker(id));
         }
         // SAFETY: the stream handle is valid in this hook; the scheduler is deleted exactly once,
         // when the stream is destroyed (`Config::forget_waker`).
@@ -234,7 +279,7 @@ impl Stream for NativeStream<'_> {
             return None;
         }
         let id = self.config.remember_waker(Ptr(scheduler));
-        *self.waker = Some(id);
+        (self.waker, self.asked_waker) = (Some(id), true);
         Some(Waker(id))
     }
 }

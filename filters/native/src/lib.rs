@@ -24,10 +24,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use edgewise_host::phase::{Decided, Phase};
 use edgewise_host::{lock, ConfigError, Counter, Fetched, Filter, Flow, Host, Setup};
 
 use abi::*;
-use host::{NativeBackground, NativeSetup, NativeStream};
+use host::{LocalReply, NativeBackground, NativeSetup, NativeStream};
 
 /// A pointer Envoy handed over that may cross threads (schedulers: commit is thread-safe).
 #[derive(Clone, Copy)]
@@ -50,7 +51,7 @@ trait Erased: Send + Sync {
     fn name(&self) -> &'static str;
     fn new_state(&self) -> Box<dyn Any>;
     fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow;
-    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow;
+    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any);
     fn resume(&self, s: &mut NativeStream) -> Flow;
     fn tick_period(&self) -> Option<Duration>;
     fn tick(&self, bg: &mut NativeBackground);
@@ -67,13 +68,14 @@ impl<F: Filter> Erased for F {
     fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow {
         match state.downcast_mut::<F::PerStream>() {
             Some(state) => self.on_request_headers(s, state),
-            None => Flow::Continue,
+            // Not this filter's state: nothing can decide, so nothing passes.
+            None => Flow::Stop,
         }
     }
-    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow {
+    fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any) {
         match state.downcast_mut::<F::PerStream>() {
             Some(state) if F::HOOKS.response_headers => self.on_response_headers(s, state),
-            _ => Flow::Continue,
+            _ => {}
         }
     }
     fn resume(&self, s: &mut NativeStream) -> Flow {
@@ -201,7 +203,21 @@ impl Drop for Ticker {
 struct StreamObj {
     config: Arc<Config>,
     state: Box<dyn Any>,
+    /// Its scheduler's id in the config's wakers, once the filter asked for one (deleted with
+    /// the stream, whatever happened in between, a panic included).
     waker: Option<u64>,
+    phase: Phase,
+}
+
+/// The stream object of a hook.
+///
+/// # Safety
+/// `module` is null or the `StreamObj` this module returned from `filter_new`, alive until
+/// `filter_destroy` and used on its own worker only. The reference must be dropped before any
+/// call into Envoy that may re-enter the module for this stream (a local reply, continuing):
+/// Envoy may run other hooks of the stream, or destroy it, inside such a call.
+unsafe fn stream_obj<'a>(module: ModuleFilter) -> Option<&'a mut StreamObj> {
+    (module as *mut StreamObj).as_mut()
 }
 
 /// Runs a hook body; a panic is logged and becomes `fallback` (it must not unwind into Envoy).
@@ -220,64 +236,91 @@ fn guarded<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Runs a request hook: a panic is counted and the request refused with a 500 (fail closed).
-fn request_hook(
+/// What a request hook of the filter comes to, applied by the hook once it no longer touches the
+/// stream's object.
+enum Apply {
+    /// On to the next filter (after choosing the route again if headers changed).
+    Forward { rerouted: bool },
+    /// Held whole until the filter is woken.
+    Hold,
+    /// Answered: the reply is the last thing the hook does.
+    Reply(LocalReply),
+}
+
+/// Decides the request with `body` (a filter's request hook) and records where it stands. A panic
+/// is counted and answered with a 500 (fail closed), and so is a request held without a reply
+/// or a waker, which would otherwise hang.
+fn decide_request(
     envoy: EnvoyFilter,
-    module: ModuleFilter,
+    obj: &mut StreamObj,
     hook: &str,
-    body: impl FnOnce(&mut NativeStream, &mut StreamObj) -> Flow,
-) -> bool {
-    // SAFETY: `module` is the StreamObj this module returned from filter_new, alive until
-    // filter_destroy, used on its own worker only.
-    let Some(obj) = (unsafe { (module as *mut StreamObj).as_mut() }) else { return false };
+    body: impl FnOnce(&mut NativeStream, &Config, &mut dyn Any) -> Flow,
+) -> Apply {
     let config = obj.config.clone();
-    let flow = guarded(hook, None, || {
-        let mut waker = obj.waker;
-        let (flow, rerouted) = {
-            let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
-            (body(&mut stream, obj), stream.rerouted)
-        };
-        obj.waker = waker;
-        if rerouted {
-            // SAFETY: the stream handle is valid in this (request) hook.
-            unsafe { envoy_dynamic_module_callback_http_clear_route_cache(envoy) };
-        }
-        Some(flow)
-    });
-    match flow {
-        Some(flow) => flow == Flow::Stop,
+    let mut stream = NativeStream::new(envoy, &config, obj.waker);
+    let flow = guarded(hook, None, || Some(body(&mut stream, &config, obj.state.as_mut())));
+    obj.waker = stream.waker;
+    let decided = match flow {
+        Some(flow) => Decided::of(flow, stream.reply.is_some(), stream.asked_waker),
         None => {
-            let mut waker = None;
-            let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
             stream.increment(config.panics);
-            let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
-            edgewise_host::Stream::send_reply(&mut stream, 500, &[("content-type", "application/json")], body);
-            true
+            stream.reply = None;
+            Decided::Stranded
         }
+    };
+    if decided == Decided::Stranded && flow.is_some() {
+        stream.increment(config.panics);
+        log::error!("edgewise: {}: {hook} held a request without a reply or a waker", config.filter.name());
+    }
+    obj.phase = decided.phase();
+    match decided {
+        Decided::Forward => Apply::Forward { rerouted: stream.rerouted },
+        Decided::Pause => Apply::Hold,
+        Decided::Answered => Apply::Reply(stream.reply.unwrap_or_else(internal_error)),
+        Decided::Stranded => Apply::Reply(internal_error()),
     }
 }
 
+fn internal_error() -> LocalReply {
+    let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
+    LocalReply::new(500, &[("content-type", "application/json"), ("cache-control", "no-store")], body)
+}
+
+/// `log` records into Envoy's `dynamic_modules` logger, formatted only when Envoy would print
+/// them (its level, read per record: `-l` and the admin `/logging` endpoint apply).
 struct Logger;
+
+fn envoy_level(level: log::Level) -> LogLevel {
+    match level {
+        log::Level::Error => LogLevel::ERROR,
+        log::Level::Warn => LogLevel::WARN,
+        log::Level::Info => LogLevel::INFO,
+        log::Level::Debug => LogLevel::DEBUG,
+        log::Level::Trace => LogLevel::TRACE,
+    }
+}
 
 impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::Level::Info
+        // SAFETY: callable from any thread; no arguments to keep alive.
+        unsafe { envoy_dynamic_module_callback_log_enabled(envoy_level(metadata.level())) }
     }
 
     fn log(&self, record: &log::Record) {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let level = match record.level() {
-            log::Level::Error => LogLevel::ERROR,
-            log::Level::Warn => LogLevel::WARN,
-            log::Level::Info => LogLevel::INFO,
-            log::Level::Debug => LogLevel::DEBUG,
-            log::Level::Trace => LogLevel::TRACE,
-        };
         let message = record.args().to_string();
-        // SAFETY: the message is read during the call.
-        unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::new(message.as_bytes())) };
+        let file = record.file().unwrap_or_default();
+        // SAFETY: the buffers are read during the call.
+        unsafe {
+            envoy_dynamic_module_callback_log_v2(
+                envoy_level(record.level()),
+                ModuleBuffer::new(message.as_bytes()),
+                ModuleBuffer::new(file.as_bytes()),
+                record.line().unwrap_or(0),
+            )
+        };
     }
 
     fn flush(&self) {}
@@ -289,7 +332,7 @@ static LOGGER: Logger = Logger;
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> AbiVersionPtr {
     guarded("program_init", std::ptr::null(), || {
         if log::set_logger(&LOGGER).is_ok() {
-            log::set_max_level(log::LevelFilter::Info);
+            log::set_max_level(log::LevelFilter::Debug);
         }
         ABI_VERSION.as_ptr().cast()
     })
@@ -434,7 +477,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
             Arc::from_raw(config)
         };
         let state = config.filter.new_state();
-        Box::into_raw(Box::new(StreamObj { config, state, waker: None })).cast_const().cast()
+        let obj = StreamObj { config, state, waker: None, phase: Phase::Undecided };
+        Box::into_raw(Box::new(obj)).cast_const().cast()
     })
 }
 
@@ -444,52 +488,119 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     module: ModuleFilter,
     _end_of_stream: bool,
 ) -> RequestHeadersStatus {
-    let stop = request_hook(envoy, module, "request_headers", |s, obj| {
-        if let Some(header) = &s.config.panic_header {
-            if edgewise_host::Stream::request_header(s, header).is_some() {
-                #[allow(clippy::panic)]
-                {
-                    panic!("test panic ({header})");
+    let apply = {
+        // SAFETY: see stream_obj; the reference ends with this block.
+        let Some(obj) = (unsafe { stream_obj(module) }) else {
+            // No stream object (its creation failed): nothing can decide, so nothing passes.
+            internal_error().send(envoy);
+            return RequestHeadersStatus::STOP_ITERATION;
+        };
+        decide_request(envoy, obj, "request_headers", |s, config, state| {
+            if let Some(header) = &config.panic_header {
+                if edgewise_host::Stream::request_header(s, header).is_some() {
+                    #[allow(clippy::panic)]
+                    {
+                        panic!("test panic ({header})");
+                    }
                 }
             }
+            config.filter.request_headers(s, state)
+        })
+    };
+    match apply {
+        Apply::Forward { rerouted } => {
+            if rerouted {
+                // SAFETY: the stream handle is valid in this (request) hook.
+                unsafe { envoy_dynamic_module_callback_http_clear_route_cache(envoy) };
+            }
+            RequestHeadersStatus::CONTINUE
         }
-        obj.config.filter.request_headers(s, obj.state.as_mut())
-    });
-    if stop {
-        RequestHeadersStatus::STOP_ITERATION
-    } else {
-        RequestHeadersStatus::CONTINUE
+        // Headers, body and trailers all held, under flow control (the read side pauses once
+        // Envoy's buffer limit is reached), as Envoy holds a paused proxy-wasm request: a body
+        // never pushes the held headers on.
+        Apply::Hold => RequestHeadersStatus::STOP_ALL_ITERATION_AND_WATERMARK,
+        Apply::Reply(reply) => {
+            reply.send(envoy);
+            RequestHeadersStatus::STOP_ITERATION
+        }
     }
 }
 
+/// Only a forwarded request's body goes on. Envoy holds a paused request's body itself (the
+/// headers hook stopped all iteration); these hold it too should it reach them.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: EnvoyFilter,
+    module: ModuleFilter,
+    _: bool,
+) -> RequestBodyStatus {
+    // SAFETY: see stream_obj; only read.
+    match unsafe { stream_obj(module) }.map(|obj| obj.phase) {
+        Some(phase) if phase.passes_body() => RequestBodyStatus::CONTINUE,
+        Some(Phase::Answered) => RequestBodyStatus::STOP_ITERATION_NO_BUFFER,
+        _ => RequestBodyStatus::STOP_ITERATION_AND_WATERMARK,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: EnvoyFilter,
+    module: ModuleFilter,
+) -> RequestTrailersStatus {
+    // SAFETY: see stream_obj; only read.
+    match unsafe { stream_obj(module) }.map(|obj| obj.phase) {
+        Some(phase) if phase.passes_body() => RequestTrailersStatus::CONTINUE,
+        _ => RequestTrailersStatus::STOP_ITERATION,
+    }
+}
+
+/// Observed, never held (a response has nothing to wait for). Also runs for local replies,
+/// possibly inside another hook's reply of this stream.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     envoy: EnvoyFilter,
     module: ModuleFilter,
     _end_of_stream: bool,
 ) -> ResponseHeadersStatus {
-    let stop = guarded("response_headers", false, || {
-        // SAFETY: as in request_hook.
-        let Some(obj) = (unsafe { (module as *mut StreamObj).as_mut() }) else { return false };
+    guarded("response_headers", (), || {
+        // SAFETY: see stream_obj; nothing here calls back into Envoy in a way that re-enters.
+        let Some(obj) = (unsafe { stream_obj(module) }) else { return };
         let config = obj.config.clone();
-        let mut waker = obj.waker;
-        let mut stream = NativeStream { envoy, config: &config, waker: &mut waker, rerouted: false };
-        config.filter.response_headers(&mut stream, obj.state.as_mut()) == Flow::Stop
+        let mut stream = NativeStream::new(envoy, &config, obj.waker);
+        config.filter.response_headers(&mut stream, obj.state.as_mut());
+        obj.waker = stream.waker;
+        if stream.reply.is_some() {
+            log::error!("edgewise: {}: a reply to a response was dropped", config.filter.name());
+        }
     });
-    if stop {
-        ResponseHeadersStatus::STOP_ITERATION
-    } else {
-        ResponseHeadersStatus::CONTINUE
-    }
+    ResponseHeadersStatus::CONTINUE
 }
 
-/// A paused request was woken (`Background::wake`): decided again on its worker.
+/// A paused request was woken (`Background::wake`): decided again on its worker. A wake-up of
+/// a request that is not paused (late, or repeated) changes nothing.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(envoy: EnvoyFilter, module: ModuleFilter, _event: u64) {
-    let stop = request_hook(envoy, module, "scheduled", |s, obj| obj.config.filter.resume(s));
-    if !stop {
-        // SAFETY: the stream handle is valid in this hook.
-        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(envoy) };
+    let apply = {
+        // SAFETY: see stream_obj; the reference ends with this block.
+        let Some(obj) = (unsafe { stream_obj(module) }) else { return };
+        if !obj.phase.resumable() {
+            return;
+        }
+        decide_request(envoy, obj, "scheduled", |s, config, _| config.filter.resume(s))
+    };
+    match apply {
+        Apply::Forward { rerouted } => {
+            // SAFETY: the stream handle is valid in this hook; continuing is the last thing it
+            // does (Envoy may finish and destroy the stream inside it).
+            unsafe {
+                if rerouted {
+                    envoy_dynamic_module_callback_http_clear_route_cache(envoy);
+                }
+                envoy_dynamic_module_callback_http_filter_continue_decoding(envoy);
+            }
+        }
+        Apply::Hold => {}
+        Apply::Reply(reply) => reply.send(envoy),
     }
 }
 
@@ -499,29 +610,14 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModuleFilt
         if module.is_null() {
             return;
         }
-        // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
+        // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once, never inside
+        // another hook of the stream that still uses it (the hooks drop their reference before
+        // any call that may end the stream).
         let obj = unsafe { Box::from_raw(module as *mut StreamObj) };
         if let Some(id) = obj.waker {
             obj.config.forget_waker(id);
         }
     })
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _: EnvoyFilter,
-    _: ModuleFilter,
-    _: bool,
-) -> RequestBodyStatus {
-    RequestBodyStatus::CONTINUE
-}
-
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _: EnvoyFilter,
-    _: ModuleFilter,
-) -> RequestTrailersStatus {
-    RequestTrailersStatus::CONTINUE
 }
 
 #[no_mangle]

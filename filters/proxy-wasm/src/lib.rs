@@ -84,6 +84,10 @@ impl Stream for WasmStream {
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) {
+        if value.is_empty() {
+            // As natively, where the ABI cannot set an empty value.
+            return self.remove_request_header(name);
+        }
         if !abi::set_header(abi::REQUEST_HEADERS, name, Some(value)) {
             log::warn!("setting request header {name} failed");
         }
@@ -109,7 +113,7 @@ impl Stream for WasmStream {
             |k: &[u8]| remove.iter().any(|r| r.as_bytes() == k) || set.iter().any(|(s, _)| s.as_bytes() == k);
         let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(current.len() + set.len());
         out.extend(current.iter().filter(|(k, _)| !replaced(k)).map(|(k, v)| (k.as_slice(), v.as_slice())));
-        out.extend(set.iter().map(|(k, v)| (k.as_bytes(), *v)));
+        out.extend(set.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.as_bytes(), *v)));
         if !abi::set_headers(abi::REQUEST_HEADERS, &out) {
             log::warn!("replacing the request headers failed");
         }
@@ -325,6 +329,7 @@ impl<F: Filter> HttpContext for Http<F> {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let mut stream = WasmStream { context_id: self.context_id };
-        action(self.filter.on_response_headers(&mut stream, &mut self.state))
+        self.filter.on_response_headers(&mut stream, &mut self.state);
+        Action::Continue
     }
 }
