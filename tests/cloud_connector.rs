@@ -389,12 +389,26 @@ async fn an_issuer_down_at_start_fails_closed_and_paused_requests_pass_once_it_i
             (r.unwrap().status, start.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    s.issuers.set_down(GITLAB, false);
+    // With bodies, every way they come: held, then forwarded whole.
+    let bearer = format!("Bearer {token}");
+    let valid = [("authorization", bearer.as_bytes())];
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.issuers.set_down(GITLAB, false);
+    };
+    let (with_bodies, ()) =
+        tokio::join!(edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", "/ai/v2/code", &valid), release);
     let (status, took) = paused.await.unwrap();
     assert_eq!(status, 200, "paused request");
     assert!(took >= Duration::from_millis(500), "it was paused ({took:?}), not answered at once");
     println!("paused request answered {took:?} after it arrived (issuer up after 500 ms)");
+    for (case, answer) in with_bodies {
+        assert_eq!(answer, "200", "paused, then forwarded: {case}");
+    }
+    let seen = s.ai.seen();
+    let whole = seen.iter().filter(|r| r.method == "POST" && r.body.as_bytes() == edgewise::hostile::BODY).count();
+    assert_eq!(whole, 4, "each paused request reached the backend with its body, whole");
+    assert!(seen.iter().any(|r| r.method == "POST" && r.body.len() == 2 * 1024 * 1024), "and the 2 MiB one");
     let r = s.call("/-/health", None, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }

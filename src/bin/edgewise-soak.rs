@@ -64,12 +64,19 @@ const RSS_GROWTH_MIB: f64 = 4.0;
 // ---------------------------------------------------------------------------------------------
 // Requests, answers and what a class allows.
 
+/// The hostile cases with a body (`edgewise::hostile::cases`), by name.
+const POST_LENGTH: &str = "a POST with Content-Length";
+const POST_CHUNKED: &str = "a chunked POST with trailers";
+const POST_EXPECT: &str = "a POST with Expect: 100-continue, its body at once";
+
 /// One request, as a class makes it.
 enum Req {
     /// Through the harness client (HTTP/1.1, or HTTP/2 when its TLS ALPN says so).
     Http { client: Client, addr: SocketAddr, authority: String, path: String, headers: Vec<(String, String)> },
     /// Bytes on a raw HTTP/1.1 connection (a hostile case), over the client's TLS if it has one.
     Raw { client: Client, addr: SocketAddr, server_name: String, bytes: Vec<u8> },
+    /// A request with a body, sent as its case says (`edgewise::hostile::body_cases`).
+    Body { client: Client, addr: SocketAddr, server_name: String, case: hostile::BodyCase },
     /// One HTTP/2 request with exactly these header fields, written as frames.
     H2 {
         tls: Option<Arc<rustls::ClientConfig>>,
@@ -103,6 +110,8 @@ enum Got {
         text: String,
     },
     H2(Answer),
+    /// The final status of a request with a body (or how its HTTP/2 stream ended, or the error).
+    Body(String),
     Error(String),
 }
 
@@ -139,6 +148,7 @@ impl Got {
             Got::H2(Answer::Reset(code)) => format!("RST_STREAM {code}"),
             Got::H2(Answer::GoAway(code)) => format!("GOAWAY {code}"),
             Got::H2(Answer::Closed) => "closed".into(),
+            Got::Body(answer) => answer.clone(),
             Got::Error(e) if e.contains("timed out") => "timeout".into(),
             Got::Error(_) => "refused".into(),
         }
@@ -146,7 +156,7 @@ impl Got {
 
     fn detail(&self) -> String {
         let text = match self {
-            Got::Http { text, .. } | Got::Raw { text, .. } => text.clone(),
+            Got::Http { text, .. } | Got::Raw { text, .. } | Got::Body(text) => text.clone(),
             Got::H2(a) => format!("{a:?}"),
             Got::Error(e) => e.clone(),
         };
@@ -205,6 +215,7 @@ async fn send(req: Req) -> Got {
                 Err(e) => Got::Error(format!("{e:#}")),
             }
         }
+        Req::Body { client, addr, server_name, case } => Got::Body(case.send(&client, addr, &server_name).await),
         Req::H2 { tls, addr, server_name, fields } => {
             let borrowed: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
             match h2raw::request(tls, addr, &server_name, &borrowed).await {
@@ -282,7 +293,12 @@ fn parse_responses(raw: &[u8]) -> (Vec<(u16, Vec<u8>, bool)>, bool) {
         };
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let mut body_rest = rest.get(head_end..).unwrap_or_default();
-        if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+            // No body, whatever the headers say (a 100 Continue before the final response).
+            out.push((status, Vec::new(), close));
+            rest = body_rest;
+            complete = rest.is_empty();
+        } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
             let Some(body) = body_rest.get(..len) else {
                 out.push((status, body_rest.to_vec(), close));
                 break;
@@ -344,6 +360,7 @@ impl Want {
                 Got::Raw { responses, .. } => !responses.is_empty() && responses.iter().all(|(s, _)| *s < 500),
                 Got::H2(Answer::Status(s)) => *s < 500,
                 Got::H2(a) => h2raw::refused(a).is_ok(),
+                Got::Body(answer) => answer.parse::<u16>().is_ok_and(|s| s < 500),
                 Got::Error(_) => false,
             },
         }
@@ -828,7 +845,10 @@ async fn serverless(run: &Path, _long_exp: u64) -> Result<Scenario> {
     ];
     let table = |name: &str| -> Option<Vec<Allowed>> {
         Some(match name {
-            "obs-text in a header value" | "a second Authorization" | "a body on GET" => vec![via_a("200 customer-a")],
+            "obs-text in a header value" | "a second Authorization" | "a body on GET" | POST_LENGTH | POST_CHUNKED => {
+                vec![via_a("200 customer-a")]
+            }
+            POST_EXPECT => vec![via_a("100+200 customer-a")],
             "control bytes in a header value" | "a non-ASCII authority" => vec![ok("400", &[])],
             "a 60 KiB header value" | "200 headers" => vec![ok("431", &[])],
             // The two Host values reach the filter joined ("another.example,<host>"): not a
@@ -1236,9 +1256,10 @@ async fn egress(run: &Path, _long_exp: u64) -> Result<Scenario> {
     };
     let table = |name: &str| -> Option<Vec<Allowed>> {
         Some(match name {
-            "obs-text in a header value" | "a second Authorization" | "a body on GET" => {
+            "obs-text in a header value" | "a second Authorization" | "a body on GET" | POST_LENGTH | POST_CHUNKED => {
                 vec![via_gh("200 api.github.com", 1)]
             }
+            POST_EXPECT => vec![via_gh("100+200 api.github.com", 1)],
             // Envoy's codec refuses these before any filter runs.
             "control bytes in a header value" | "a non-ASCII authority" => vec![ok("400", &[])],
             "a 60 KiB header value" | "200 headers" => vec![ok("431", &[])],
@@ -1509,7 +1530,8 @@ async fn mesh_scenario(run: &Path, long_exp: u64) -> Result<Scenario> {
     let two = ["200 catalog+200 catalog", "200 catalog+200 legacy", "200 legacy+200 catalog", "200 legacy+200 legacy"];
     let table = |name: &str| -> Option<Vec<Allowed>> {
         Some(match name {
-            "obs-text in a header value" | "a second Host" | "a body on GET" => via(&one, 1),
+            "obs-text in a header value" | "a second Host" | "a body on GET" | POST_LENGTH | POST_CHUNKED => via(&one, 1),
+            POST_EXPECT => via(&["100+200 catalog", "100+200 legacy"], 1),
             "control bytes in a header value" | "a non-ASCII authority" => vec![ok("400", &[])],
             "a 60 KiB header value" | "200 headers" => vec![ok("431", &[])],
             // Two Authorization values read as one ("a, b"): not a bearer token.
@@ -1965,6 +1987,25 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
         ),
         class(
             Kind::Invalid,
+            "an unknown kid with a body, each way a body comes (paused for a refetch when the cooldown allows, and held whole)",
+            2,
+            {
+                let (client, gitlab) = (h1.clone(), gitlab.clone());
+                Box::new(move |n| {
+                    let now = idp::now();
+                    let claims = json!({ "iss": GITLAB, "aud": cc::AUDIENCE, "sub": "valid-org-0", "scopes": ["code_suggestions"], "iat": now, "exp": now + 600 });
+                    let t = gitlab.sign_as(json!({"alg": "RS256", "kid": format!("forged-body-{n}")}), &claims);
+                    let bearer = bearer(&t);
+                    let mut cases =
+                        hostile::body_cases("cloud.gitlab.com", "/ai/v2/code/completions", &[("authorization", bearer.as_bytes())]);
+                    let case = cases.swap_remove((n as usize) % cases.len());
+                    Req::Body { client: client.clone(), addr: front, server_name: "cloud.gitlab.com".into(), case }
+                })
+            },
+            unauthenticated("401"),
+        ),
+        class(
+            Kind::Invalid,
             "X-Gitlab-Instance-Id or X-Gitlab-Realm not the token's",
             2,
             {
@@ -2036,7 +2077,10 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
     };
     let table = |name: &str| -> Option<Vec<Allowed>> {
         Some(match name {
-            "obs-text in a header value" | "a second Host" | "a body on GET" => vec![via_ai("200 ai-gateway", 1)],
+            "obs-text in a header value" | "a second Host" | "a body on GET" | POST_LENGTH | POST_CHUNKED => {
+                vec![via_ai("200 ai-gateway", 1)]
+            }
+            POST_EXPECT => vec![via_ai("100+200 ai-gateway", 1)],
             "control bytes in a header value" | "a non-ASCII authority" => vec![ok("400", &[])],
             "a 60 KiB header value" | "200 headers" => vec![ok("431", &[])],
             // Two Authorization values read as one ("a, b"): not a bearer token.
@@ -2355,7 +2399,8 @@ async fn tunnel(run: &Path, long_exp: u64) -> Result<Scenario> {
             "control bytes in a header value" | "a non-ASCII authority" => vec![ok("400", &[])],
             "a 60 KiB header value" | "200 headers" => vec![ok("431", &[])],
             "a second Authorization" => vec![ok("401 invalid_token", &[(&ta("unauthenticated"), 1)])],
-            "a second Host" | "a body on GET" => vec![via("200", 1)],
+            "a second Host" | "a body on GET" | POST_LENGTH | POST_CHUNKED => vec![via("200", 1)],
+            POST_EXPECT => vec![via("100+200", 1)],
             "two pipelined requests" => vec![via("200+200", 2)],
             _ => return None,
         })

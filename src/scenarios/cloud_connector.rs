@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::certs::{self, Ca, LeafSpec};
-use crate::envoy::Config;
+use crate::envoy::{Build, Config};
 use crate::server::{Answer, Listen, Seen, Server};
 use crate::tls;
 
@@ -62,10 +62,25 @@ impl Pki {
     /// The shipped YAML pointed at this run: issuers at the stand-in (trusting its CA), backends
     /// at theirs, the public listener on a free port, admin (also /-/metrics' upstream) on `admin`.
     pub fn config(&self, run_dir: &Path, issuers: u16, ai: u16, observability: u16, admin: u16) -> Config {
+        self.config_on(Build::current(), run_dir, 0, issuers, ai, observability, admin)
+    }
+
+    /// The same for `build`, with the public listener on `front`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn config_on(
+        &self,
+        build: Build,
+        run_dir: &Path,
+        front: u16,
+        issuers: u16,
+        ai: u16,
+        observability: u16,
+        admin: u16,
+    ) -> Config {
         let issuer_ca = self.dir.join("issuer-ca.pem");
-        Config::shipped("cloud-connector")
+        Config::shipped_as("cloud-connector", build)
             .run_dir(run_dir)
-            .port(ports::FRONT, 0)
+            .port(ports::FRONT, front)
             .port(ports::AI_GATEWAY, ai)
             .port(ports::OBSERVABILITY, observability)
             .port(ports::ADMIN, admin)

@@ -385,7 +385,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: Mod
         // SAFETY: made by Arc::into_raw in config_new; Envoy destroys it once.
         let config = unsafe { Arc::from_raw(config.cast::<Config>()) };
         // Stop ticking before Envoy's config object goes.
-        lock(&config.ticker).take();
+        let ticked = lock(&config.ticker).take().is_some();
+        log::info!("edgewise: {}: configuration released{}", config.filter.name(), if ticked { ", its thread stopped" } else { "" });
     })
 }
 
