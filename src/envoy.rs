@@ -42,11 +42,11 @@ pub fn executable() -> PathBuf {
     }
     let lib = crate::repo_root().join(".venv/lib");
     let found = fs::read_dir(&lib).ok().and_then(|dirs| {
-        dirs.filter_map(|d| d.ok())
-            .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
-            .find(|p| p.exists())
+        dirs.filter_map(|d| d.ok()).map(|d| d.path().join("site-packages/envoy/_bin/envoy")).find(|p| p.exists())
     });
-    found.unwrap_or_else(|| panic!("{} is a launcher, and no envoy/_bin/envoy under {}", launcher.display(), lib.display()))
+    found.unwrap_or_else(|| {
+        panic!("{} is a launcher, and no envoy/_bin/envoy under {}", launcher.display(), lib.display())
+    })
 }
 
 /// Which build of the filters the shipped YAML runs: the `.wasm` modules (`envoy/<name>.yaml`,

@@ -124,7 +124,10 @@ pub fn body_cases(host: &str, path: &str, headers: &[(&str, &[u8])]) -> Vec<Body
         .collect();
     vec![
         BodyCase { name: "a POST with Content-Length", send: Send::Raw(post(h, path, headers, Framing::Length), None) },
-        BodyCase { name: "a chunked POST with trailers", send: Send::Raw(post(h, path, headers, Framing::Chunked), None) },
+        BodyCase {
+            name: "a chunked POST with trailers",
+            send: Send::Raw(post(h, path, headers, Framing::Chunked), None),
+        },
         BodyCase {
             name: "a POST with Expect: 100-continue",
             send: Send::Raw(post(h, path, headers, Framing::Expect), Some(BODY)),
@@ -151,7 +154,8 @@ impl BodyCase {
             Send::H2(fields) => {
                 let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
                 let body = crate::h2raw::Body { data: BODY, trailers: &[(b"x-edgewise-trailer", b"1")] };
-                match crate::h2raw::request_with_body(client.tls_config(), addr, server_name, &fields, Some(body)).await {
+                match crate::h2raw::request_with_body(client.tls_config(), addr, server_name, &fields, Some(body)).await
+                {
                     Ok(Answer::Status(s)) => s.to_string(),
                     Ok(other) => format!("{other:?}"),
                     Err(e) => format!("{e:#}"),

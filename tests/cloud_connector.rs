@@ -396,8 +396,10 @@ async fn an_issuer_down_at_start_fails_closed_and_paused_requests_pass_once_it_i
         tokio::time::sleep(Duration::from_millis(500)).await;
         s.issuers.set_down(GITLAB, false);
     };
-    let (with_bodies, ()) =
-        tokio::join!(edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", "/ai/v2/code", &valid), release);
+    let (with_bodies, ()) = tokio::join!(
+        edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", "/ai/v2/code", &valid),
+        release
+    );
     let (status, took) = paused.await.unwrap();
     assert_eq!(status, 200, "paused request");
     assert!(took >= Duration::from_millis(500), "it was paused ({took:?}), not answered at once");
@@ -737,7 +739,8 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
     ]);
     let seen = s.ai.seen();
     assert_eq!(seen.len() - ai_before, 9, "only the accepted requests reached the backend");
-    let bodies = seen[ai_before..].iter().filter(|r| r.method == "POST" && r.body.as_bytes() == edgewise::hostile::BODY);
+    let bodies =
+        seen[ai_before..].iter().filter(|r| r.method == "POST" && r.body.as_bytes() == edgewise::hostile::BODY);
     assert_eq!(bodies.count(), 3, "each POST's body reached the backend whole");
     for r in &seen[ai_before..] {
         let authorizations: Vec<&str> = r

@@ -38,7 +38,10 @@ fn with_lds(config: Config, lds: &Path) -> (Config, String) {
     let listeners = &yaml[listeners_at + "  listeners:\n".len()..end];
     let resources = format!(
         "resources:\n{}",
-        listeners.replace("\n  - name: ", "\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: ")
+        listeners.replace(
+            "\n  - name: ",
+            "\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: "
+        )
     );
     let resources = resources.replacen(
         "resources:\n  - name: ",
@@ -74,9 +77,17 @@ fn errors(log: &str) -> Vec<Reported> {
     for line in log.lines() {
         let Some(body) = line.strip_prefix("==").and_then(|l| l.split_once("== ")).map(|(_, b)| b) else { continue };
         let body = body.trim_end();
-        let starts = ["Invalid ", "Conditional jump", "Use of uninitialised", "Mismatched free", "Syscall param", "Source and destination overlap", "Argument "]
-            .iter()
-            .any(|k| body.starts_with(k));
+        let starts = [
+            "Invalid ",
+            "Conditional jump",
+            "Use of uninitialised",
+            "Mismatched free",
+            "Syscall param",
+            "Source and destination overlap",
+            "Argument ",
+        ]
+        .iter()
+        .any(|k| body.starts_with(k));
         if starts {
             out.extend(current.take());
             current = Some(Reported { kind: body.to_string(), in_module: false, text: String::new() });
@@ -131,10 +142,7 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
     .chain([format!("--log-file={}/memcheck.%p.log", logs.display())])
     .collect();
     let options = Options {
-        env: vec![
-            (cc::SECRET_ENV.into(), SECRET.into()),
-            ("EDGEWISE_TEST_PANIC_HEADER".into(), PANIC_HEADER.into()),
-        ],
+        env: vec![(cc::SECRET_ENV.into(), SECRET.into()), ("EDGEWISE_TEST_PANIC_HEADER".into(), PANIC_HEADER.into())],
         wrapper,
         args: vec!["--drain-time-s".into(), "2".into(), "--parent-shutdown-time-s".into(), "3".into()],
         ready_within: Duration::from_secs(300),

@@ -391,7 +391,8 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
     // and nothing of it reaches the cluster.
     let before = s.kubectl.requests().len();
     let now = edgewise::idp::now();
-    let claims = json!({"sub": "mallory", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "exp": now + 600, "iat": now});
+    let claims =
+        json!({"sub": "mallory", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "exp": now + 600, "iat": now});
     let tokens = [
         ("forged", Idp::new(GITLAB, "users-1").unwrap().token(claims.clone())),
         ("unknown kid", Idp::new(GITLAB, "users-9").unwrap().token(claims)),

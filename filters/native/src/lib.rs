@@ -262,15 +262,14 @@ fn decide_request(
     obj.waker = stream.waker;
     let decided = match flow {
         Some(flow) => Decided::of(flow, stream.reply.is_some(), stream.asked_waker),
-        None => {
-            stream.increment(config.panics);
-            stream.reply = None;
-            Decided::Stranded
-        }
+        // Logged by `guarded`.
+        None => Decided::Stranded,
     };
-    if decided == Decided::Stranded && flow.is_some() {
+    if decided == Decided::Stranded {
         stream.increment(config.panics);
-        log::error!("edgewise: {}: {hook} held a request without a reply or a waker", config.filter.name());
+        if flow.is_some() {
+            log::error!("edgewise: {}: {hook} held a request without a reply or a waker", config.filter.name());
+        }
     }
     obj.phase = decided.phase();
     match decided {
@@ -386,7 +385,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: Mod
         let config = unsafe { Arc::from_raw(config.cast::<Config>()) };
         // Stop ticking before Envoy's config object goes.
         let ticked = lock(&config.ticker).take().is_some();
-        log::info!("edgewise: {}: configuration released{}", config.filter.name(), if ticked { ", its thread stopped" } else { "" });
+        log::info!(
+            "edgewise: {}: configuration released{}",
+            config.filter.name(),
+            if ticked { ", its thread stopped" } else { "" }
+        );
     })
 }
 
