@@ -1,5 +1,7 @@
 //! Requests no well-behaved client sends, written as bytes on a raw HTTP/1.1 connection: what
-//! every filter must answer with a clear status, without breaking the requests after them.
+//! every filter must answer with a clear status, without breaking the requests after them. And
+//! requests with a body, every way one comes ([`body_cases`]): what a filter that pauses must
+//! hold whole until it decides.
 
 use std::net::SocketAddr;
 
@@ -48,11 +50,11 @@ pub fn cases(host: &str, path: &str, valid: &[(&str, &[u8])]) -> Vec<Case> {
         Case { name: "a second Host", bytes: duplicated_host },
         Case { name: "two pipelined requests", bytes: pipelined },
         Case { name: "a body on GET", bytes: body_on_get },
-        Case { name: "a POST with Content-Length", bytes: post(host_b, path, valid, Framing::Length) },
-        Case { name: "a chunked POST with trailers", bytes: post(host_b, path, valid, Framing::Chunked) },
+        Case { name: "a POST with Content-Length", bytes: post(host_b, path, valid, Framing::Length, BODY) },
+        Case { name: "a chunked POST with trailers", bytes: post(host_b, path, valid, Framing::Chunked, BODY) },
         Case {
             name: "a POST with Expect: 100-continue, its body at once",
-            bytes: [post(host_b, path, valid, Framing::Expect), BODY.to_vec()].concat(),
+            bytes: [post(host_b, path, valid, Framing::Expect, BODY), BODY.to_vec()].concat(),
         },
     ]
 }
@@ -66,23 +68,23 @@ enum Framing {
     Length,
     /// Chunked, with a trailer.
     Chunked,
-    /// `Expect: 100-continue` and Content-Length: only the head (the body is the caller's).
+    /// `Expect: 100-continue` and Content-Length: only the head (the caller sends the body).
     Expect,
 }
 
-/// A POST of [`BODY`] as bytes for [`Client::raw`], closing the connection after its response.
-fn post(host: &[u8], path: &str, headers: &[(&str, &[u8])], framing: Framing) -> Vec<u8> {
+/// A POST of `body` as bytes for [`Client::raw`], closing the connection after its response.
+fn post(host: &[u8], path: &str, headers: &[(&str, &[u8])], framing: Framing, body: &[u8]) -> Vec<u8> {
     let mut out = raw_get(host, path, headers);
     out.splice(..3, b"POST".iter().copied());
     let at = out.len() - 2;
     let (extra, body) = match framing {
-        Framing::Length => (format!("content-length: {}\r\n", BODY.len()), BODY.to_vec()),
+        Framing::Length => (format!("content-length: {}\r\n", body.len()), body.to_vec()),
         Framing::Chunked => {
-            let size = format!("{:x}\r\n", BODY.len());
-            let chunk = [size.as_bytes(), BODY, b"\r\n0\r\nx-edgewise-trailer: 1\r\n\r\n"].concat();
+            let size = format!("{:x}\r\n", body.len());
+            let chunk = [size.as_bytes(), body, b"\r\n0\r\nx-edgewise-trailer: 1\r\n\r\n"].concat();
             ("transfer-encoding: chunked\r\n".to_string(), chunk)
         }
-        Framing::Expect => (format!("expect: 100-continue\r\ncontent-length: {}\r\n", BODY.len()), Vec::new()),
+        Framing::Expect => (format!("expect: 100-continue\r\ncontent-length: {}\r\n", body.len()), Vec::new()),
     };
     out.splice(at..at, extra.into_bytes());
     out.extend_from_slice(&body);
@@ -92,10 +94,10 @@ fn post(host: &[u8], path: &str, headers: &[(&str, &[u8])], framing: Framing) ->
 /// A request with a body, as [`body_cases`] makes it.
 pub struct BodyCase {
     pub name: &'static str,
-    send: Send,
+    delivery: Delivery,
 }
 
-enum Send {
+enum Delivery {
     /// HTTP/1.1 bytes, and the body to send after a `100 Continue`.
     Raw(Vec<u8>, Option<&'static [u8]>),
     /// HTTP/2 header fields; DATA ([`BODY`]) and a trailer follow.
@@ -111,29 +113,27 @@ enum Send {
 /// nothing of any that is refused.
 pub fn body_cases(host: &str, path: &str, headers: &[(&str, &[u8])]) -> Vec<BodyCase> {
     let h = host.as_bytes();
-    let big = {
-        let mut r = raw_get(h, path, &[headers, &[("content-length", b"2097152")]].concat());
-        r.splice(..3, b"POST".iter().copied());
-        r.resize(r.len() + 2 * 1024 * 1024, b'x');
-        r
-    };
+    let big = post(h, path, headers, Framing::Length, &vec![b'x'; 2 * 1024 * 1024]);
     let fields = [(":method", "POST".as_bytes()), (":scheme", b"https"), (":authority", h), (":path", path.as_bytes())]
         .into_iter()
         .chain(headers.iter().copied())
         .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
         .collect();
     vec![
-        BodyCase { name: "a POST with Content-Length", send: Send::Raw(post(h, path, headers, Framing::Length), None) },
+        BodyCase {
+            name: "a POST with Content-Length",
+            delivery: Delivery::Raw(post(h, path, headers, Framing::Length, BODY), None),
+        },
         BodyCase {
             name: "a chunked POST with trailers",
-            send: Send::Raw(post(h, path, headers, Framing::Chunked), None),
+            delivery: Delivery::Raw(post(h, path, headers, Framing::Chunked, BODY), None),
         },
         BodyCase {
             name: "a POST with Expect: 100-continue",
-            send: Send::Raw(post(h, path, headers, Framing::Expect), Some(BODY)),
+            delivery: Delivery::Raw(post(h, path, headers, Framing::Expect, BODY), Some(BODY)),
         },
-        BodyCase { name: "a 2 MiB POST, over Envoy's buffer limit", send: Send::Raw(big, None) },
-        BodyCase { name: "HTTP/2: a POST with DATA and trailers", send: Send::H2(fields) },
+        BodyCase { name: "a 2 MiB POST, over Envoy's buffer limit", delivery: Delivery::Raw(big, None) },
+        BodyCase { name: "HTTP/2: a POST with DATA and trailers", delivery: Delivery::H2(fields) },
     ]
 }
 
@@ -142,8 +142,8 @@ impl BodyCase {
     /// its final status (informational ones left out, `200+200` for two), or how an HTTP/2
     /// stream ended, or the error.
     pub async fn send(&self, client: &Client, addr: SocketAddr, server_name: &str) -> String {
-        match &self.send {
-            Send::Raw(head, after_100) => match client.raw_continued(addr, server_name, head, *after_100).await {
+        match &self.delivery {
+            Delivery::Raw(head, after_100) => match client.raw_continued(addr, server_name, head, *after_100).await {
                 Ok(out) => {
                     let statuses: Vec<String> =
                         raw_statuses(&out).into_iter().filter(|s| *s >= 200).map(|s| s.to_string()).collect();
@@ -151,7 +151,7 @@ impl BodyCase {
                 }
                 Err(e) => format!("{e:#}"),
             },
-            Send::H2(fields) => {
+            Delivery::H2(fields) => {
                 let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
                 let body = crate::h2raw::Body { data: BODY, trailers: &[(b"x-edgewise-trailer", b"1")] };
                 match crate::h2raw::request_with_body(client.tls_config(), addr, server_name, &fields, Some(body)).await
