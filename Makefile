@@ -108,6 +108,7 @@ test-e2e:
 
 bench: setup
 	@command -v wrk >/dev/null || tools/apt-install wrk
+	$(CARGO) build --release --bins
 	$(CARGO) run --release --bin edgewise-bench
 	$(CARGO) run --release --bin edgewise-scale
 

@@ -781,11 +781,13 @@ async fn a_paused_request_with_a_body_reaches_nothing_before_it_is_decided() {
         ("expired", k1.token(expired)),
         ("unknown kid", stranger.token(claims.clone())),
     ];
+    // The attacker also names the backend: a request that slipped through would reach it.
+    let backend = ("x-edgewise-backend", &b"ai_gateway"[..]);
     let bodies = |token: &str| {
         let (s, bearer) = (&s, format!("Bearer {token}"));
         async move {
-            let valid = [("authorization", bearer.as_bytes())];
-            edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", path, &valid).await
+            let headers = [("authorization", bearer.as_bytes()), backend];
+            edgewise::hostile::with_bodies(&s.client, s.front, "cloud.gitlab.com", path, &headers).await
         }
     };
 
@@ -820,10 +822,10 @@ async fn a_paused_request_with_a_body_reaches_nothing_before_it_is_decided() {
     }
     let (what, unknown) = (&tokens[2].0, &tokens[2].1);
     let bearer = format!("Bearer {unknown}");
-    let valid = [("authorization", bearer.as_bytes())];
+    let headers = [("authorization", bearer.as_bytes()), backend];
     let get = s.call(path, Some(unknown), &[]).await;
     assert_invalid_token(&get, what);
-    for case in edgewise::hostile::body_cases("cloud.gitlab.com", path, &valid) {
+    for case in edgewise::hostile::body_cases("cloud.gitlab.com", path, &headers) {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let fetches = s.issuers.jwks_fetches(GITLAB);
         let answer = case.send(&s.client, s.front, "cloud.gitlab.com").await;

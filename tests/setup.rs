@@ -38,7 +38,11 @@ impl Bin {
     /// Runs the script with only the stand-ins and the system's basic commands on PATH, as root
     /// or, with `as_nobody`, as uid/gid 65534.
     fn run(&self, as_nobody: bool, packages: &[&str]) -> Output {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/apt-install");
+        // A copy beside the stand-ins: nobody may not be able to enter the checkout (a clone
+        // under a folder only its owner can enter).
+        let script = self.dir.path().join("apt-install");
+        fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/apt-install"), &script).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         let path = format!("{}:/usr/bin:/bin", self.dir.path().display());
         let mut cmd = if as_nobody {
             let mut c = Command::new("setpriv");

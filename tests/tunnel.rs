@@ -49,7 +49,7 @@ async fn tunnels_up(hub: &Envoy, cluster: &str, limit: Duration) -> Duration {
 struct Setup {
     run: tempfile::TempDir,
     pki: Pki,
-    _issuers: (Issuers, edgewise::server::Server),
+    issuers: (Issuers, edgewise::server::Server),
     user_key: Idp,
     kubectl: KubectlProxy,
     hub_config: Config,
@@ -69,7 +69,7 @@ async fn setup() -> Setup {
     let hub = start_hub(&hub_config, &run.path().join("hub"), 0, 0).await;
     let agent = start_agent(&pki.agent_config(run.path(), hub.handshake, kubectl.port)).await;
     tunnels_up(&hub.envoy, "cluster-a", Duration::from_secs(10)).await;
-    let s = Setup { run, pki, _issuers: issuers, user_key, kubectl, hub_config, hub, agent };
+    let s = Setup { run, pki, issuers, user_key, kubectl, hub_config, hub, agent };
     s.until_keys(s.hub.users).await;
     s
 }
@@ -412,4 +412,32 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
     for _ in 0..10 {
         assert_eq!(s.get("/clusters/cluster-a/version", Some(&alice), &[]).await.status, 200);
     }
+}
+
+/// tunnel-auth does not pause: while the hub has no keys (its issuer down at start) a request is
+/// refused at once, and with a body, however it comes, the whole request is refused the same
+/// way, nothing of it reaching the cluster through the tunnel that is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_the_keys_load_a_request_with_a_body_is_refused_whole() {
+    let mut s = setup().await;
+    let alice = s.token("alice", &["cluster-a"]);
+    let (users, handshake) = (s.hub.users.port(), s.hub.handshake);
+    s.hub.envoy.kill();
+    s.issuers.0.set_down(GITLAB, true);
+    s.hub = start_hub(&s.hub_config, &s.run.path().join("hub"), users, handshake).await;
+    tunnels_up(&s.hub.envoy, "cluster-a", Duration::from_secs(10)).await;
+    let before = s.kubectl.requests().len();
+    let path = "/clusters/cluster-a/version";
+    let get = s.get(path, Some(&alice), &[]).await;
+    assert_eq!((get.status, get.json()["error"].as_str()), (503, Some("keys_unavailable")), "{}", get.text());
+    let bearer = format!("Bearer {alice}");
+    let valid = [("authorization", bearer.as_bytes())];
+    let answers = edgewise::hostile::with_bodies(&Client::plain(), s.hub.users, "hub.example", path, &valid).await;
+    assert_eq!(answers.len(), 5);
+    for (case, answer) in answers {
+        assert_eq!(answer, "503", "{case}");
+    }
+    assert_eq!(s.kubectl.requests().len(), before, "nothing reached the cluster before the keys");
+    s.issuers.0.set_down(GITLAB, false);
+    s.until_through(&alice).await;
 }
