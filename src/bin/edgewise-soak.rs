@@ -1845,6 +1845,16 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
         })
     };
     let unauthenticated = |label: &str| vec![ok(label, &[(&m("code_suggestions", "unauthenticated"), 1)])];
+    // A token of the issuer's key naming a kid it never published (a new one every request: at
+    // most one refetch per cooldown).
+    let unknown_kid = {
+        let gitlab = gitlab.clone();
+        move |kid: String| {
+            let now = idp::now();
+            let claims = json!({ "iss": GITLAB, "aud": cc::AUDIENCE, "sub": "valid-org-0", "scopes": ["code_suggestions"], "iat": now, "exp": now + 600 });
+            gitlab.sign_as(json!({"alg": "RS256", "kid": kid}), &claims)
+        }
+    };
 
     let mut classes = vec![
         class(
@@ -1977,11 +1987,9 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
             "an unknown kid (a new one every request: at most one refetch per cooldown)",
             3,
             {
-                let (client, gitlab) = (h1.clone(), gitlab.clone());
+                let (client, unknown_kid) = (h1.clone(), unknown_kid.clone());
                 Box::new(move |n| {
-                    let now = idp::now();
-                    let claims = json!({ "iss": GITLAB, "aud": cc::AUDIENCE, "sub": "valid-org-0", "scopes": ["code_suggestions"], "iat": now, "exp": now + 600 });
-                    let t = gitlab.sign_as(json!({"alg": "RS256", "kid": format!("forged-{n}")}), &claims);
+                    let t = unknown_kid(format!("forged-{n}"));
                     http(&client, front, "cloud.gitlab.com", "/ai/v2/code/completions", &[("authorization", &bearer(&t))])
                 })
             },
@@ -1992,12 +2000,9 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
             "an unknown kid with a body, each way a body comes (paused for a refetch when the cooldown allows, and held whole)",
             2,
             {
-                let (client, gitlab) = (h1.clone(), gitlab.clone());
+                let (client, unknown_kid) = (h1.clone(), unknown_kid.clone());
                 Box::new(move |n| {
-                    let now = idp::now();
-                    let claims = json!({ "iss": GITLAB, "aud": cc::AUDIENCE, "sub": "valid-org-0", "scopes": ["code_suggestions"], "iat": now, "exp": now + 600 });
-                    let t = gitlab.sign_as(json!({"alg": "RS256", "kid": format!("forged-body-{n}")}), &claims);
-                    let bearer = bearer(&t);
+                    let bearer = bearer(&unknown_kid(format!("forged-body-{n}")));
                     let mut cases =
                         hostile::body_cases("cloud.gitlab.com", "/ai/v2/code/completions", &[("authorization", bearer.as_bytes())]);
                     let case = cases.swap_remove((n as usize) % cases.len());
