@@ -99,6 +99,20 @@ impl Setup {
         }
     }
 
+    /// A forged, an expired and an unknown-kid token for cluster-a.
+    fn refused_tokens(&self) -> [(&'static str, String); 3] {
+        let now = edgewise::idp::now();
+        let claims =
+            json!({"sub": "mallory", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "exp": now + 600, "iat": now});
+        let mut expired = claims.clone();
+        expired["exp"] = json!(now - 3600);
+        [
+            ("forged", Idp::new(GITLAB, "users-1").unwrap().token(claims.clone())),
+            ("expired", self.user_key.token(expired)),
+            ("unknown kid", Idp::new(GITLAB, "users-9").unwrap().token(claims)),
+        ]
+    }
+
     fn token(&self, user: &str, clusters: &[&str]) -> String {
         let now = edgewise::idp::now();
         self.user_key
@@ -390,13 +404,7 @@ async fn hostile_requests_get_clear_statuses_and_break_nothing() {
     // A refused token refuses the whole request, however its body comes: the answer a GET gets,
     // and nothing of it reaches the cluster.
     let before = s.kubectl.requests().len();
-    let now = edgewise::idp::now();
-    let claims =
-        json!({"sub": "mallory", "aud": tn::AUDIENCE, "clusters": ["cluster-a"], "exp": now + 600, "iat": now});
-    let tokens = [
-        ("forged", Idp::new(GITLAB, "users-1").unwrap().token(claims.clone())),
-        ("unknown kid", Idp::new(GITLAB, "users-9").unwrap().token(claims)),
-    ];
+    let tokens = s.refused_tokens();
     let path = "/clusters/cluster-a/version";
     for (what, token) in &tokens {
         assert_eq!(s.get(path, Some(token), &[]).await.status, 401, "{what}");
@@ -428,14 +436,18 @@ async fn while_the_keys_load_a_request_with_a_body_is_refused_whole() {
     tunnels_up(&s.hub.envoy, "cluster-a", Duration::from_secs(10)).await;
     let before = s.kubectl.requests().len();
     let path = "/clusters/cluster-a/version";
-    let get = s.get(path, Some(&alice), &[]).await;
-    assert_eq!((get.status, get.json()["error"].as_str()), (503, Some("keys_unavailable")), "{}", get.text());
-    let bearer = format!("Bearer {alice}");
-    let valid = [("authorization", bearer.as_bytes())];
-    let answers = edgewise::hostile::with_bodies(&Client::plain(), s.hub.users, "hub.example", path, &valid).await;
-    assert_eq!(answers.len(), 5);
-    for (case, answer) in answers {
-        assert_eq!(answer, "503", "{case}");
+    let tokens = [vec![("valid", alice.clone())], s.refused_tokens().to_vec()].concat();
+    for (what, token) in &tokens {
+        let get = s.get(path, Some(token), &[]).await;
+        assert_eq!((get.status, get.json()["error"].as_str()), (503, Some("keys_unavailable")), "{what}");
+        let bearer = format!("Bearer {token}");
+        let headers = [("authorization", bearer.as_bytes())];
+        let answers =
+            edgewise::hostile::with_bodies(&Client::plain(), s.hub.users, "hub.example", path, &headers).await;
+        assert_eq!(answers.len(), 5);
+        for (case, answer) in answers {
+            assert_eq!(answer, "503", "{what} token: {case}");
+        }
     }
     assert_eq!(s.kubectl.requests().len(), before, "nothing reached the cluster before the keys");
     s.issuers.0.set_down(GITLAB, false);
