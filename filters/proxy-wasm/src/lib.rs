@@ -10,11 +10,13 @@ pub mod abi;
 pub mod map;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 pub use proxy_wasm;
 
+use edgewise_host::phase::Decided;
 use edgewise_host::{Background, Counter, Fetched, Filter, Flow, Gauge, Histogram, Host, Setup, Stream, Waker};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -42,12 +44,43 @@ pub const fn hooks<F: Filter>() -> [u8; 2] {
 }
 
 pub fn root<F: Filter>(id: u32) -> Box<dyn RootContext> {
-    Box::new(Root::<F> { id, filter: None, panic_header: None })
+    Box::new(Root::<F> { id, filter: None, panic_header: None, paused: Paused::default() })
 }
+
+/// The requests of this VM that a filter paused, by context id: only they may be woken (a late
+/// or repeated wake-up changes nothing). Few at a time.
+type Paused = Rc<RefCell<Vec<u32>>>;
 
 /// The request of the current (effective) context.
 pub struct WasmStream {
     context_id: u32,
+    replied: bool,
+    asked_waker: bool,
+}
+
+impl WasmStream {
+    fn new(context_id: u32) -> Self {
+        WasmStream { context_id, replied: false, asked_waker: false }
+    }
+
+    /// Applies what a request hook decided (`edgewise_host::phase`): held, forwarded or
+    /// answered; a request held without a reply or a waker, which would hang, is answered 500.
+    fn decided(&mut self, flow: Flow, paused: &Paused) -> Action {
+        match Decided::of(flow, self.replied, self.asked_waker) {
+            Decided::Forward => Action::Continue,
+            Decided::Pause => {
+                paused.borrow_mut().push(self.context_id);
+                Action::Pause
+            }
+            Decided::Answered => Action::Pause,
+            Decided::Stranded => {
+                log::error!("a request was held without a reply or a waker: answered 500");
+                let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
+                self.send_reply(500, &[("content-type", "application/json"), ("cache-control", "no-store")], body);
+                Action::Pause
+            }
+        }
+    }
 }
 
 /// Every context reaches the same host functions.
@@ -128,6 +161,7 @@ impl Stream for WasmStream {
         if !abi::send_response(status, &headers, body) {
             log::error!("sending a local reply failed");
         }
+        self.replied = true;
     }
 
     fn log_field(&mut self, name: &str, value: &str) {
@@ -139,6 +173,7 @@ impl Stream for WasmStream {
     }
 
     fn waker(&mut self) -> Option<Waker> {
+        self.asked_waker = true;
         Some(Waker(u64::from(self.context_id)))
     }
 }
@@ -147,6 +182,7 @@ impl Stream for WasmStream {
 pub struct WasmBackground<F: Filter> {
     root_id: u32,
     filter: Rc<F>,
+    paused: Paused,
 }
 
 host_by_wasm!(impl<F: Filter> for WasmBackground<F>);
@@ -174,12 +210,19 @@ impl<F: Filter> Background for WasmBackground<F> {
     }
 
     /// Decides the paused request again on its own context, and resumes it unless it was
-    /// answered. A request Envoy already finished is skipped (its context is gone).
+    /// answered or paused again. Only a paused request is decided again; one Envoy already
+    /// finished is skipped (its context is gone).
     fn wake(&mut self, waker: Waker) {
         let Ok(context_id) = u32::try_from(waker.0) else { return };
-        if abi::set_effective_context(context_id) {
-            let mut stream = WasmStream { context_id };
-            if self.filter.on_resume(&mut stream) == Flow::Continue {
+        let was_paused = {
+            let mut paused = self.paused.borrow_mut();
+            let at = paused.iter().position(|&id| id == context_id);
+            at.map(|at| paused.swap_remove(at)).is_some()
+        };
+        if was_paused && abi::set_effective_context(context_id) {
+            let mut stream = WasmStream::new(context_id);
+            let flow = self.filter.on_resume(&mut stream);
+            if stream.decided(flow, &self.paused) == Action::Continue {
                 abi::resume_request();
             }
         }
@@ -219,6 +262,7 @@ impl Setup for WasmSetup {
 struct Root<F: Filter> {
     id: u32,
     filter: Option<Rc<F>>,
+    paused: Paused,
     /// Test only (`EDGEWISE_TEST_PANIC_HEADER`, through `host_env_keys`): a request carrying this
     /// header traps the VM, to prove what `failure_policy` does then.
     panic_header: Option<Rc<str>>,
@@ -226,7 +270,7 @@ struct Root<F: Filter> {
 
 impl<F: Filter> Root<F> {
     fn background(&self) -> Option<WasmBackground<F>> {
-        Some(WasmBackground { root_id: self.id, filter: self.filter.clone()? })
+        Some(WasmBackground { root_id: self.id, filter: self.filter.clone()?, paused: self.paused.clone() })
     }
 }
 
@@ -289,6 +333,7 @@ impl<F: Filter> RootContext for Root<F> {
             filter: self.filter.clone()?,
             state: F::PerStream::default(),
             panic_header: self.panic_header.clone(),
+            paused: self.paused.clone(),
         }))
     }
 
@@ -302,12 +347,16 @@ struct Http<F: Filter> {
     filter: Rc<F>,
     state: F::PerStream,
     panic_header: Option<Rc<str>>,
+    paused: Paused,
 }
 
-fn action(flow: Flow) -> Action {
-    match flow {
-        Flow::Continue => Action::Continue,
-        Flow::Stop => Action::Pause,
+impl<F: Filter> Drop for Http<F> {
+    /// A request that ends while paused (its client gone) is never woken.
+    fn drop(&mut self) {
+        let mut paused = self.paused.borrow_mut();
+        if !paused.is_empty() {
+            paused.retain(|&id| id != self.context_id);
+        }
     }
 }
 
@@ -315,7 +364,7 @@ impl<F: Filter> Context for Http<F> {}
 
 impl<F: Filter> HttpContext for Http<F> {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let mut stream = WasmStream { context_id: self.context_id };
+        let mut stream = WasmStream::new(self.context_id);
         if let Some(header) = &self.panic_header {
             if stream.request_header(header).is_some() {
                 #[allow(clippy::panic)]
@@ -324,11 +373,12 @@ impl<F: Filter> HttpContext for Http<F> {
                 }
             }
         }
-        action(self.filter.on_request_headers(&mut stream, &mut self.state))
+        let flow = self.filter.on_request_headers(&mut stream, &mut self.state);
+        stream.decided(flow, &self.paused)
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let mut stream = WasmStream { context_id: self.context_id };
+        let mut stream = WasmStream::new(self.context_id);
         self.filter.on_response_headers(&mut stream, &mut self.state);
         Action::Continue
     }
