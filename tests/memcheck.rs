@@ -36,18 +36,9 @@ fn with_lds(config: Config, lds: &Path) -> (Config, String) {
     let listeners_at = start + "static_resources:\n".len();
     let end = yaml[listeners_at..].find("\n  clusters:\n").expect("static clusters") + listeners_at + 1;
     let listeners = &yaml[listeners_at + "  listeners:\n".len()..end];
-    let resources = format!(
-        "resources:\n{}",
-        listeners.replace(
-            "\n  - name: ",
-            "\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: "
-        )
-    );
-    let resources = resources.replacen(
-        "resources:\n  - name: ",
-        "resources:\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: ",
-        1,
-    );
+    // Each listener (`  - name: ...`, at the start of a line) becomes a typed resource.
+    let resources = format!("resources:\n{listeners}")
+        .replace("\n  - name: ", "\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: ");
     let main = format!(
         "{}dynamic_resources:\n  lds_config:\n    path_config_source: {{ path: {} }}\n    resource_api_version: V3\n\nstatic_resources:\n{}",
         &yaml[..start],

@@ -232,7 +232,7 @@ impl CloudConnector {
             self.keys.sync(s, issuer);
         }
         let (status, body) = self.gw.health(&self.keys.keyring(), now_ms);
-        s.send_reply(status, &[("content-type", "application/json"), ("cache-control", "no-store")], body.as_bytes());
+        s.send_reply(status, &edgewise_host::JSON_HEADERS, body.as_bytes());
         Flow::Stop
     }
 

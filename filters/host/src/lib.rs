@@ -109,13 +109,16 @@ pub trait Stream: Host {
 
     /// A JSON error reply (`{"error":…,"detail":…}`) with extra headers.
     fn reply(&mut self, reply: &Reply, headers: &[(&str, &str)]) -> Flow {
-        let mut all = Vec::with_capacity(2 + headers.len());
-        all.extend_from_slice(&[("content-type", "application/json"), ("cache-control", "no-store")]);
+        let mut all = Vec::with_capacity(JSON_HEADERS.len() + headers.len());
+        all.extend_from_slice(&JSON_HEADERS);
         all.extend_from_slice(headers);
         self.send_reply(reply.status, &all, &reply.body());
         Flow::Stop
     }
 }
+
+/// The headers of every JSON answer a filter gives itself.
+pub const JSON_HEADERS: [(&str, &str); 2] = [("content-type", "application/json"), ("cache-control", "no-store")];
 
 /// The background: periodic work and its outbound calls (key sets, route tables).
 pub trait Background: Host {

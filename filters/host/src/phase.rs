@@ -6,7 +6,14 @@
 //! until it is decided again, however its body arrives (Content-Length, chunked, after a
 //! `100 Continue`, HTTP/2 DATA and trailers); an answered one never goes on.
 
+use edgewise_core::generic::reply::Reply;
+
 use crate::Flow;
+
+/// The answer to a request the filter failed on (a panic, or a stranded request): fail closed.
+pub fn failed() -> Reply {
+    Reply::new(500, "internal", "the filter failed on this request")
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {

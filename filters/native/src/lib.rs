@@ -281,8 +281,8 @@ fn decide_request(
 }
 
 fn internal_error() -> LocalReply {
-    let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
-    LocalReply::new(500, &[("content-type", "application/json"), ("cache-control", "no-store")], body)
+    let reply = edgewise_host::phase::failed();
+    LocalReply::new(reply.status, &edgewise_host::JSON_HEADERS, &reply.body())
 }
 
 /// `log` records into Envoy's `dynamic_modules` logger, formatted only when Envoy would print

@@ -75,8 +75,7 @@ impl WasmStream {
             Decided::Answered => Action::Pause,
             Decided::Stranded => {
                 log::error!("a request was held without a reply or a waker: answered 500");
-                let body = br#"{"error":"internal","detail":"the filter failed on this request"}"#;
-                self.send_reply(500, &[("content-type", "application/json"), ("cache-control", "no-store")], body);
+                self.reply(&edgewise_host::phase::failed(), &[]);
                 Action::Pause
             }
         }
