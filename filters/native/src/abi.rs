@@ -215,9 +215,28 @@
 
 use core::ffi::{c_char, c_void};
 
+/// The ABI version of the Envoy release these declarations follow (`ENVOY_RELEASE`), as Envoy
+/// reports it: what `envoy_dynamic_module_on_program_init` returns and what the module states
+/// about itself (`EDGEWISE_MODULE` in lib.rs). A macro, so that both are built from one literal.
+macro_rules! abi_version {
+    () => {
+        "v0.2.0"
+    };
+}
+pub(crate) use abi_version;
+
+/// The Envoy release whose ABI header (`source/extensions/dynamic_modules/abi/abi.h`) these
+/// declarations follow.
+macro_rules! envoy_release {
+    () => {
+        "1.40"
+    };
+}
+pub(crate) use envoy_release;
+
 /// ABI version string this module reports from `envoy_dynamic_module_on_program_init`
 /// (NUL-terminated so it can be returned as a C string).
-pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
+pub const ABI_VERSION: &[u8] = concat!(abi_version!(), "\0").as_bytes();
 
 // ----------------------------------------------------------------------------------------------
 // Opaque handles

@@ -124,6 +124,8 @@ pub(crate) struct Config {
     ticker: Mutex<Option<Ticker>>,
     /// Test only: a request carrying this header makes the filter panic in its request hook.
     panic_header: Option<String>,
+    /// `x-edgewise-pending-<filter>`, removed from every request (see `pending_header`).
+    pending_header: String,
 }
 
 impl Config {
@@ -327,6 +329,44 @@ impl log::Log for Logger {
 
 static LOGGER: Logger = Logger;
 
+/// What the module states about itself, readable without loading it (`strings libedgewise.so |
+/// grep edgewise-module:`; an exported symbol, `nm -D`): the edgewise version and the Envoy
+/// release and dynamic-module ABI it is built for, the same literal `program_init` returns.
+/// `make dist` writes RELEASE.md from it; tests/abi.rs checks it against the Envoy under test.
+const STATEMENT: &str = concat!(
+    "edgewise-module: edgewise=",
+    env!("CARGO_PKG_VERSION"),
+    " envoy=",
+    envoy_release!(),
+    " abi=",
+    abi_version!(),
+    "\0"
+);
+
+#[no_mangle]
+#[used]
+pub static EDGEWISE_MODULE: [u8; STATEMENT.len()] = bytes_of(STATEMENT);
+
+#[allow(clippy::indexing_slicing)] // bounded by the array's own length, at compile time
+const fn bytes_of<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [0; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = s.as_bytes()[i];
+        i += 1;
+    }
+    out
+}
+
+/// The request header a configuration can set before this filter to learn whether the filter
+/// ran: the binding removes it from every request it sees, before the filter decides. Envoy 1.40
+/// leaves a filter whose remote module failed to load out of the chain and forwards requests
+/// without it (fails open); a request that still carries the header after the filter's place was
+/// not seen by it, and the configuration refuses it (envoy/native/mesh-gateway-remote.yaml).
+fn pending_header(filter: &str) -> String {
+    format!("x-edgewise-pending-{filter}")
+}
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> AbiVersionPtr {
     guarded("program_init", std::ptr::null(), || {
@@ -364,6 +404,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             _ => None,
         };
         let config = Config {
+            pending_header: pending_header(filter.name()),
             filter,
             panics,
             wakers: Mutex::new(HashMap::new()),
@@ -498,6 +539,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             // No stream object (its creation failed): nothing can decide, so nothing passes.
             internal_error().send(envoy);
             return RequestHeadersStatus::STOP_ITERATION;
+        };
+        // SAFETY: the stream handle is valid in this hook; the name is read during the call, and
+        // a NULL value removes the header (absent: nothing to do).
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                envoy,
+                HeaderType::REQUEST_HEADER,
+                ModuleBuffer::new(obj.config.pending_header.as_bytes()),
+                ModuleBuffer::NULL,
+            )
         };
         decide_request(envoy, obj, "request_headers", |s, config, state| {
             if let Some(header) = &config.panic_header {
