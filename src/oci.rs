@@ -177,3 +177,73 @@ pub fn pin(dir: &Path, digests: &std::collections::BTreeMap<String, String>) -> 
     }
     Ok(changed)
 }
+
+/// The dynamic module the configurations that fetch it by URL pin (`module.remote` in
+/// envoy/native/*-remote.yaml, `source.remote` in deploy/envoy-gateway/envoyproxy-remote.yaml).
+pub const MODULE: &str = "libedgewise.so";
+
+/// Files that fetch [`MODULE`] by URL, from the repository root: `make oci-pin` keeps their
+/// `sha256` and the version in their URL current.
+pub const MODULE_PINS: &[&str] =
+    &["envoy/native/mesh-gateway-remote.yaml", "deploy/envoy-gateway/envoyproxy-remote.yaml"];
+
+/// The sha256 (hex) of a file.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    Ok(sha256(&fs::read(path).with_context(|| format!("reading {}", path.display()))?))
+}
+
+/// In `path` (a YAML file, or every YAML file of a directory): each URL of the form
+/// `…/edgewise/<version>/native/<platform>/libedgewise.so` (a `uri:` or `url:` line) gets
+/// `version`, and the `sha256:` line after it `sha256_hex`. Returns the files it changed.
+pub fn pin_module(path: &Path, sha256_hex: &str, version: &str) -> Result<Vec<PathBuf>> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> =
+            fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+        files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut changed = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let mut out = String::with_capacity(text.len());
+        let mut pending = false;
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            let indent = &line[..line.len() - trimmed.len()];
+            let url = trimmed.strip_prefix("uri: ").or_else(|| trimmed.strip_prefix("url: "));
+            match url.and_then(|url| versioned_module_url(url, version)) {
+                Some(url) => {
+                    let key = &trimmed[..5];
+                    out.push_str(&format!("{indent}{key}{url}"));
+                    pending = true;
+                }
+                None if pending && trimmed.starts_with("sha256: ") => {
+                    out.push_str(&format!("{indent}sha256: {sha256_hex}"));
+                    pending = false;
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        if out != text {
+            fs::write(&file, out)?;
+            changed.push(file);
+        }
+    }
+    Ok(changed)
+}
+
+/// `url` with its version segment set to `version`, if it is a URL of the module in the dist
+/// layout (`…/edgewise/<version>/native/<platform>/libedgewise.so`).
+fn versioned_module_url(url: &str, version: &str) -> Option<String> {
+    if !url.ends_with(&format!("/{MODULE}")) {
+        return None;
+    }
+    let at = url.find("/edgewise/")? + "/edgewise/".len();
+    let rest = &url[at..];
+    let end = rest.find('/')?;
+    rest[end..].starts_with("/native/").then(|| format!("{}{version}{}", &url[..at], &rest[end..]))
+}
