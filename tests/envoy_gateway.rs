@@ -77,17 +77,21 @@ fn yaml_files() -> Vec<PathBuf> {
     files
 }
 
+/// The alternative to envoyproxy.yaml that fetches libedgewise.so by URL (the same GatewayClass
+/// and EnvoyProxy, so not applied with it): checked against it by its own test below.
+const REMOTE_PROXY: &str = "envoyproxy-remote.yaml";
+
+/// The manifests applied together: every file but [`REMOTE_PROXY`].
 fn manifests() -> Vec<Doc> {
-    let mut docs = Vec::new();
-    for path in yaml_files() {
-        let file = format!("{DIR}/{}", path.file_name().unwrap().to_str().unwrap());
-        let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
-            docs.push(Doc { file: file.clone(), value });
-        }
-    }
-    docs
+    yaml_files().into_iter().filter(|p| !p.ends_with(REMOTE_PROXY)).flat_map(|p| docs_of(&p)).collect()
+}
+
+fn docs_of(path: &Path) -> Vec<Doc> {
+    let file = format!("{DIR}/{}", path.file_name().unwrap().to_str().unwrap());
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Doc { file: file.clone(), value: Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}")) })
+        .collect()
 }
 
 fn to_json(v: &Value) -> Json {
@@ -523,6 +527,9 @@ fn pinning_restores_the_digests_and_touches_nothing_else() {
     }
     let changed = edgewise::oci::pin(&copy, &digests).unwrap();
     assert!(changed.iter().any(|p| p.ends_with("wasm.yaml")), "{changed:?}");
+    let module = edgewise::oci::file_sha256(&edgewise::filters_dir().join(edgewise::oci::MODULE)).unwrap();
+    let changed = edgewise::oci::pin_module(&copy, &module, env!("CARGO_PKG_VERSION")).unwrap();
+    assert_eq!(changed, [copy.join(REMOTE_PROXY)]);
     for (name, text) in committed {
         let pinned = std::fs::read_to_string(copy.join(&name)).unwrap();
         assert!(
@@ -530,4 +537,134 @@ fn pinning_restores_the_digests_and_touches_nothing_else() {
             "{name:?}: pinning does not give back the committed file (stale sha256? run `make oci-pin`)"
         );
     }
+}
+
+/// envoyproxy-remote.yaml is envoyproxy.yaml with the official Envoy image (the one the
+/// Dockerfile builds on) and libedgewise.so by URL, pinned to this build; and Envoy 1.40 loads
+/// every native policy's filter with the module fetched as Envoy Gateway asks for it
+/// (`module.remote`: the URL, the sha256), from a download service on loopback.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_remote_envoyproxy_fetches_this_build_and_envoy_loads_every_native_policy_with_it() {
+    let version = env!("CARGO_PKG_VERSION");
+    let dir = edgewise::repo_root().join(DIR);
+    let (local, remote) = (docs_of(&dir.join("envoyproxy.yaml")), docs_of(&dir.join(REMOTE_PROXY)));
+    let kinds = |docs: &[Doc]| docs.iter().map(|d| (d.kind().to_string(), d.name().to_string())).collect::<Vec<_>>();
+    assert_eq!(kinds(&remote), kinds(&local), "{REMOTE_PROXY}: the same objects as envoyproxy.yaml");
+    for doc in &remote {
+        let api = KINDS.iter().find(|(k, _)| *k == doc.kind()).map(|(_, v)| *v);
+        assert_eq!(doc.value["apiVersion"], api.unwrap_or("?"), "{}", doc.at());
+    }
+    let of = |docs: &[Doc], kind: &str| docs.iter().find(|d| d.kind() == kind).unwrap().value.clone();
+    assert_eq!(of(&remote, "GatewayClass"), of(&local, "GatewayClass"));
+    let (mut local_proxy, mut proxy) = (of(&local, "EnvoyProxy"), of(&remote, "EnvoyProxy"));
+
+    // The official image the custom one is built on.
+    let container = &proxy["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"];
+    let dockerfile = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
+    let base = dockerfile.lines().find_map(|l| l.strip_prefix("ARG ENVOY_IMAGE=")).unwrap();
+    assert_eq!(container["image"], base, "{REMOTE_PROXY}: the image");
+
+    // The module by URL, pinned to this build.
+    let modules = proxy["spec"]["dynamicModules"].as_sequence().unwrap().clone();
+    let local_modules = local_proxy["spec"]["dynamicModules"].as_sequence().unwrap().clone();
+    assert_eq!(modules.len(), 1);
+    assert_eq!(local_modules.len(), 1);
+    let (module, local_module) = (&modules[0], &local_modules[0]);
+    for key in ["name", "doNotClose", "loadGlobally"] {
+        assert_eq!(module[key], local_module[key], "{REMOTE_PROXY}: module {key}");
+    }
+    assert_eq!(module["source"]["type"], "Remote");
+    let url = module["source"]["remote"]["url"].as_str().unwrap();
+    assert!(
+        url.starts_with("https://")
+            && url.ends_with(&format!("/edgewise/{version}/native/linux-x86_64/libedgewise.so")),
+        "{REMOTE_PROXY}: url {url} (the dist layout of version {version}; `make oci-pin` writes it)"
+    );
+    let so = edgewise::filters_dir().join(edgewise::oci::MODULE);
+    let sha256 = edgewise::oci::file_sha256(&so).unwrap();
+    assert_eq!(
+        module["source"]["remote"]["sha256"],
+        sha256.as_str(),
+        "{REMOTE_PROXY}: stale sha256, run `make oci-pin`"
+    );
+
+    // Nothing else differs.
+    for p in [&mut proxy, &mut local_proxy] {
+        let container = &mut p["spec"]["provider"]["kubernetes"]["envoyDeployment"]["container"];
+        container.as_mapping_mut().unwrap().remove("image");
+        p["spec"]["dynamicModules"][0].as_mapping_mut().unwrap().remove("source");
+    }
+    assert!(proxy == local_proxy, "{REMOTE_PROXY} differs from envoyproxy.yaml beyond the image and the module source");
+
+    // Envoy loads each native policy's filter with the module fetched by URL. The bootstrap's
+    // callout clusters point at loopback here (their hosts do not resolve in tests).
+    let bytes = bytes::Bytes::from(std::fs::read(&so).unwrap());
+    let handler = std::sync::Arc::new(move |_: &edgewise::server::Seen| edgewise::server::Answer {
+        status: 200,
+        headers: vec![],
+        body: bytes.clone(),
+        trailers: vec![],
+    });
+    let downloads = edgewise::server::Server::start("downloads", Default::default(), handler).await.unwrap();
+    let bootstrap: Value = serde_yaml::from_str(proxy["spec"]["bootstrap"]["value"].as_str().unwrap()).unwrap();
+    let mut clusters = to_json(&bootstrap["static_resources"]["clusters"]);
+    for cluster in clusters.as_array_mut().unwrap() {
+        for endpoint in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"].as_array_mut().unwrap() {
+            endpoint["endpoint"]["address"]["socket_address"]["address"] = json!("127.0.0.1");
+        }
+    }
+    clusters.as_array_mut().unwrap().push(json!({
+        "name": "edgewise_modules", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": { "cluster_name": "edgewise_modules", "endpoints": [{ "lb_endpoints": [{ "endpoint": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": downloads.port() } } } }] }] },
+    }));
+    let path = url.split_once("://").and_then(|(_, rest)| rest.split_once('/')).map(|(_, p)| p).unwrap();
+    let mut loaded = BTreeSet::new();
+    for doc in manifests().iter().filter(|d| d.kind() == "EnvoyExtensionPolicy") {
+        let Some(entry) = doc.value["spec"]["dynamicModule"].as_sequence().and_then(|s| s.first()) else { continue };
+        let filter = entry["filterName"].as_str().unwrap().to_string();
+        let block = json!({
+            "name": format!("envoy.filters.http.dynamic_modules/{}", entry["name"].as_str().unwrap()),
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                "dynamic_module_config": {
+                    "module": { "remote": {
+                        "http_uri": {
+                            "uri": format!("http://127.0.0.1:{}/{path}", downloads.port()),
+                            "cluster": "edgewise_modules",
+                            "timeout": "10s",
+                        },
+                        "sha256": module["source"]["remote"]["sha256"].as_str().unwrap(),
+                    } },
+                    "do_not_close": module["doNotClose"] == true,
+                    "load_globally": module["loadGlobally"] == true,
+                },
+                "filter_name": filter,
+                "filter_config": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": to_json(&entry["config"]).to_string(),
+                },
+            },
+        });
+        let mut bootstrap: Json = serde_json::from_str(&envoy_yaml(block, &clusters)).unwrap();
+        bootstrap["admin"] = json!({ "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } });
+        let config = Config { name: filter.clone(), yaml: serde_yaml::to_string(&bootstrap).unwrap() };
+        let cache = tempfile::tempdir().unwrap();
+        let options = edgewise::envoy::Options {
+            env: vec![("TMPDIR".into(), cache.path().display().to_string())],
+            ..Default::default()
+        };
+        let envoy = edgewise::envoy::Envoy::start_with(&config, options).await.unwrap();
+        let log = envoy.log();
+        let at = doc.at();
+        assert!(log.contains("Dynamic module ABI version v0.2.0 matched."), "{at}: {}", envoy.log_tail());
+        for failure in
+            ["Remote dynamic module fetch returned empty data", "Failed to create filter config from remote module"]
+        {
+            assert!(!log.contains(failure), "{at}: {}", envoy.log_tail());
+        }
+        loaded.insert(filter);
+    }
+    assert_eq!(loaded.len(), 4, "{loaded:?}");
+    assert_eq!(downloads.count(), 4, "one download per Envoy");
 }
