@@ -92,7 +92,7 @@ test: setup
 # Core's and the filters' tests (the filters on the fake host), natively; core's again with ring's
 # verifiers, as the native build has them.
 test-core:
-	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) -p edgewise-ratelimit -p edgewise-control
+	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) -p edgewise-service -p edgewise-ratelimit -p edgewise-control
 	$(CARGO) test -p edgewise-core --features native-crypto
 
 test-wasm:

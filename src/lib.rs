@@ -8,6 +8,7 @@ pub mod client;
 pub mod control;
 pub mod dns;
 pub mod envoy;
+pub mod flood;
 pub mod h2raw;
 pub mod hostile;
 pub mod idp;

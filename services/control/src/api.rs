@@ -16,12 +16,16 @@ use crate::model::{Customer, Function};
 
 /// Largest request body (a customer with a CA bundle).
 const MAX_BODY: usize = 256 * 1024;
+/// A request body must arrive whole within this (a body trickled a byte at a time is cut off).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub const ROUTES_PATH: &str = "/v1/serverless/routes";
 
 pub struct Api {
     pub control: Arc<Control>,
     /// SHA-256 of the admin token: compared digest to digest.
     pub token: [u8; 32],
+    /// The service's ports, for `/readyz` and `/metrics`.
+    pub gates: Vec<Arc<edgewise_service::Gate>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -73,8 +77,17 @@ impl Api {
         let method = request.method().clone();
         match (&method, path.as_str()) {
             (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n".into()),
-            (&Method::GET, "/readyz") => return text(StatusCode::OK, "ready\n".into()),
-            (&Method::GET, "/metrics") => return text(StatusCode::OK, self.control.metrics.render()),
+            (&Method::GET, "/readyz") => {
+                return match edgewise_service::readiness(&self.gates) {
+                    Ok(()) => text(StatusCode::OK, "ready\n".into()),
+                    Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                let mut out = self.control.metrics.render();
+                edgewise_service::render_connections("edgewise_control", &self.gates, &mut out);
+                return text(StatusCode::OK, out);
+            }
             (&Method::GET, ROUTES_PATH) => return self.routes(&request),
             _ => {}
         }
@@ -194,7 +207,15 @@ impl From<Refused> for Reply {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Refused> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect());
+    let Ok(read) = read.await else {
+        return Err(Refused(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        ));
+    };
+    match read {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(Refused(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {MAX_BODY} bytes")))

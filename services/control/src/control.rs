@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
 use serde::Serialize;
@@ -52,9 +52,22 @@ pub struct Acks {
     /// (on-demand CDS, where a route may name a cluster the Envoy fetches when a request needs it).
     pub all_clusters: bool,
     pub acked: HashMap<&'static str, HashMap<String, String>>,
+    /// When the oldest response it has not acknowledged was sent (`None`: none outstanding).
+    pub unacked_since: Option<Instant>,
+    /// Whether it was said (once) that publication no longer waits for it.
+    pub lagging: bool,
 }
 
+/// How long publication waits for an Envoy to acknowledge what it was sent: one that never
+/// reads, or has stopped, must not hold every other Envoy's new routes back.
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
+
 impl Acks {
+    /// Behind by more than `ACK_WAIT`: publication goes on without it.
+    fn lagging(&self) -> bool {
+        self.unacked_since.is_some_and(|t| t.elapsed() > ACK_WAIT)
+    }
+
     fn has(&self, type_url: &str, name: &str, version: &str) -> bool {
         self.acked.get(type_url).and_then(|m| m.get(name)).is_some_and(|v| v == version)
     }
@@ -291,8 +304,17 @@ impl Control {
                 continue;
             };
             let everywhere = streams.iter().all(|s| {
-                let acks = lock(s);
+                let mut acks = lock(s);
+                if acks.all_clusters && acks.lagging() && !acks.lagging {
+                    acks.lagging = true;
+                    eprintln!(
+                        "edgewise-control: {:?} has not acknowledged its updates for {} s; publication goes on without it",
+                        acks.node,
+                        ACK_WAIT.as_secs()
+                    );
+                }
                 !acks.all_clusters
+                    || acks.lagging()
                     || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
             });
             if everywhere {
@@ -305,6 +327,12 @@ impl Control {
             self.rebuild_routes(&mut state);
         }
         self.gauges(&state);
+    }
+
+    /// Whether a stored customer waits for publication.
+    fn unpublished(&self) -> bool {
+        let state = lock(&self.state);
+        state.customers.keys().any(|c| !state.published.contains(c))
     }
 
     /// The gauges of what the state holds.
@@ -349,5 +377,18 @@ impl Control {
         self.metrics.routes_version.store(version, Ordering::Relaxed);
         self.gauges(state);
         state.routes = Arc::new(RouteTable { version, etag: format!("\"{version}\""), body: Bytes::from(body) });
+    }
+}
+
+/// Runs the publication rule again while a customer waits for it, so that one held back by an
+/// Envoy that stopped acknowledging goes out once that Envoy is `ACK_WAIT` behind.
+pub async fn recheck_publication(control: Arc<Control>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if control.unpublished() {
+            control.gate();
+        }
+        let lagging = lock(&control.streams).values().filter(|s| lock(s).lagging()).count();
+        control.metrics.xds_lagging.store(lagging as u64, Ordering::Relaxed);
     }
 }

@@ -44,12 +44,14 @@ pub struct Options {
     /// The xDS port's certificate, key and the CA of the Envoys' client certificates: mutual
     /// TLS when given.
     pub tls: Option<[PathBuf; 3]>,
+    /// Connections each port holds, in all and per client address.
+    pub limits: edgewise_service::Limits,
 }
 
 const USAGE: &str = "usage: edgewise-control --db <file.db> --client-cert <pem> --client-key <pem> \
      [--grpc 127.0.0.1:18000] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
-     [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>]; \
-     the admin token in $EDGEWISE_CONTROL_TOKEN";
+     [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>] \
+     [--max-connections 4096] [--max-connections-per-client 64]; the admin token in $EDGEWISE_CONTROL_TOKEN";
 
 impl Options {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -60,6 +62,7 @@ impl Options {
         let mut domain = edgewise_core::serverless::DEFAULT_DOMAIN.to_string();
         let mut pattern = edgewise_core::serverless::DEFAULT_PATTERN.to_string();
         let mut removal_delay_ms = "5000".to_string();
+        let mut limits = edgewise_service::Limits::default();
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
             match flag.as_str() {
@@ -74,7 +77,11 @@ impl Options {
                 "--tls-cert" => tls_cert = Some(value()?),
                 "--tls-key" => tls_key = Some(value()?),
                 "--tls-client-ca" => tls_ca = Some(value()?),
-                _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
+                other => {
+                    if !limits.take_flag(other, value)? {
+                        return Err(format!("unknown argument {flag:?}; {USAGE}"));
+                    }
+                }
             }
         }
         let required = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required; {USAGE}"));
@@ -92,6 +99,7 @@ impl Options {
         };
         Ok(Options {
             tls,
+            limits,
             db: required(db, "--db")?.into(),
             grpc: addr("--grpc", &grpc)?,
             http: addr("--http", &http)?,
@@ -114,6 +122,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let (chain, key) = read_client_certificate(&options)?;
     control.set_platform_client(&chain, &key);
 
+    let (http_gate, grpc_gate) = edgewise_service::gates("edgewise-control", options.limits);
     let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
     let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
     let (grpc_addr, http_addr) =
@@ -127,9 +136,14 @@ pub async fn run(options: Options) -> Result<(), String> {
     );
 
     let (stop_tx, stop) = watch::channel(false);
-    let api = Arc::new(api::Api { control: control.clone(), token: api::Api::token_digest(&options.token) });
+    let api = Arc::new(api::Api {
+        control: control.clone(),
+        token: api::Api::token_digest(&options.token),
+        gates: vec![http_gate.clone(), grpc_gate.clone()],
+    });
     tokio::spawn(edgewise_service::serve_http(
         http,
+        http_gate,
         move |request| {
             let api = api.clone();
             async move { api.handle(request).await }
@@ -145,7 +159,8 @@ pub async fn run(options: Options) -> Result<(), String> {
     ));
 
     let mut grpc_stop = stop.clone();
-    let mut builder = tonic::transport::Server::builder();
+    tokio::spawn(control::recheck_publication(control.clone()));
+    let mut builder = edgewise_service::grpc_server();
     if let Some(tls) = &options.tls {
         builder = builder.tls_config(xds_tls(tls)?).map_err(|e| format!("--tls-cert: {e}"))?;
     } else {
@@ -154,9 +169,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     let server = builder
         .add_service(
             AggregatedDiscoveryServiceServer::new(xds::Ads { control, stop: stop.clone() })
-                .max_decoding_message_size(16 << 20),
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20),
         )
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+        .serve_with_incoming_shutdown(edgewise_service::grpc_incoming(grpc, grpc_gate, stop.clone()), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
     let signals = edgewise_service::until_signal("edgewise-control", stop_tx);
@@ -173,7 +189,8 @@ fn xds_tls([cert, key, ca]: &[PathBuf; 3]) -> Result<tonic::transport::ServerTls
     let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
     Ok(tonic::transport::ServerTlsConfig::new()
         .identity(identity)
-        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?)))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+        .timeout(edgewise_service::HANDSHAKE_TIMEOUT))
 }
 
 fn read_client_certificate(options: &Options) -> Result<(String, String), String> {

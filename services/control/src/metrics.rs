@@ -14,6 +14,10 @@ pub struct Metrics {
     pub route_fetches: AtomicU64,
     pub route_not_modified: AtomicU64,
     pub xds_streams: AtomicU64,
+    /// Streams behind on their acknowledgements by more than the wait publication allows.
+    pub xds_lagging: AtomicU64,
+    /// Streams ended because their Envoy did not take what it was sent.
+    pub xds_stalled: AtomicU64,
     /// Per type (cluster, secret, other): responses, ACKs, NACKs.
     xds: [[AtomicU64; 3]; 3],
     /// Per status class 2xx, 4xx, 5xx.
@@ -73,6 +77,18 @@ impl Metrics {
             &self.routes_version,
         );
         gauge(&mut out, "edgewise_control_xds_streams", "Connected ADS streams (Envoys).", &self.xds_streams);
+        gauge(
+            &mut out,
+            "edgewise_control_xds_lagging_streams",
+            "ADS streams that have not acknowledged their updates in time: publication does not wait for them.",
+            &self.xds_lagging,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_xds_stalled_total ADS streams ended because their Envoy did not read its \
+             updates.\n# TYPE edgewise_control_xds_stalled_total counter\nedgewise_control_xds_stalled_total {}",
+            self.xds_stalled.load(Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP edgewise_control_route_fetches_total Route table requests, by result.\n\

@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -25,6 +26,13 @@ use crate::resources::{Resource, Resources, CLUSTER, SECRET};
 /// Resources per response: an Envoy applies each response on its own, so a large initial push
 /// goes out in pieces no gRPC message limit refuses.
 const BATCH: usize = 1000;
+/// Responses queued for one stream; past them the stream waits for its Envoy to read.
+const QUEUED: usize = 4;
+/// How long a response may wait for room in that queue: an Envoy that reads nothing for this
+/// long loses its stream (it reconnects and is sent what it lacks) rather than pin memory.
+const SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Responses sent and not acknowledged; an Envoy this far behind loses its stream too.
+const UNACKED: usize = 1024;
 
 pub struct Ads {
     pub control: Arc<Control>,
@@ -51,7 +59,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(QUEUED);
         let (control, mut stop) = (self.control.clone(), self.stop.clone());
         tokio::spawn(async move {
             let (id, acks) = control.register_stream();
@@ -82,6 +90,7 @@ struct Subscription {
 /// A response not yet acknowledged: what it set and removed.
 struct Pending {
     type_url: &'static str,
+    sent: Instant,
     set: Vec<(String, String)>,
     removed: Vec<String>,
 }
@@ -195,6 +204,7 @@ impl Stream {
         let Some(pending) = self.pending.remove(&request.response_nonce) else {
             return;
         };
+        self.outstanding();
         if pending.type_url != type_url {
             return;
         }
@@ -262,12 +272,21 @@ impl Stream {
             let batch = changed.get(i * BATCH..((i + 1) * BATCH).min(changed.len())).unwrap_or_default();
             // Removals go with the last piece.
             let removed = if i + 1 == batches { removed.take().unwrap_or_default() } else { Vec::new() };
+            if self.pending.len() >= UNACKED {
+                self.control.metrics.xds_stalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "edgewise-control: {:?} acknowledged none of {UNACKED} updates; its stream ends",
+                    lock(&self.acks).node
+                );
+                return Err(());
+            }
             self.nonce += 1;
             let nonce = self.nonce.to_string();
             self.pending.insert(
                 nonce.clone(),
                 Pending {
                     type_url,
+                    sent: Instant::now(),
                     set: batch.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
                     removed: removed.clone(),
                 },
@@ -288,9 +307,32 @@ impl Stream {
                 ..Default::default()
             };
             self.control.metrics.xds(type_url, Xds::Response);
-            self.tx.send(Ok(response)).await.map_err(drop)?;
+            self.outstanding();
+            match self.tx.send_timeout(Ok(response), SEND_WAIT).await {
+                Ok(()) => {}
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    self.control.metrics.xds_stalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    eprintln!(
+                        "edgewise-control: {:?} read none of its updates for {} s; its stream ends",
+                        lock(&self.acks).node,
+                        SEND_WAIT.as_secs()
+                    );
+                    return Err(());
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(()),
+            }
         }
         Ok(())
+    }
+
+    /// Records since when the oldest response not yet acknowledged waits.
+    fn outstanding(&self) {
+        let oldest = self.pending.values().map(|p| p.sent).min();
+        let mut acks = lock(&self.acks);
+        acks.unacked_since = oldest;
+        if oldest.is_none() {
+            acks.lagging = false;
+        }
     }
 }
 

@@ -30,11 +30,13 @@ pub struct Options {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub redis: String,
+    /// Connections each port holds, in all and per client address.
+    pub limits: edgewise_service::Limits,
 }
 
 const USAGE: &str =
     "usage: edgewise-ratelimit --config <limits.json> [--grpc 127.0.0.1:18081] [--http 127.0.0.1:18082] \
-                     [--redis redis://127.0.0.1:6379]";
+                     [--redis redis://127.0.0.1:6379] [--max-connections 4096] [--max-connections-per-client 64]";
 
 impl Options {
     /// From the command line; `REDIS_URL` is the default of `--redis`.
@@ -42,6 +44,7 @@ impl Options {
         let mut args = args.into_iter();
         let (mut config, mut grpc, mut http) = (None, "127.0.0.1:18081".to_string(), "127.0.0.1:18082".to_string());
         let mut redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let mut limits = edgewise_service::Limits::default();
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
             match flag.as_str() {
@@ -49,14 +52,18 @@ impl Options {
                 "--grpc" => grpc = value()?,
                 "--http" => http = value()?,
                 "--redis" => redis = value()?,
-                _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
+                other => {
+                    if !limits.take_flag(other, value)? {
+                        return Err(format!("unknown argument {flag:?}; {USAGE}"));
+                    }
+                }
             }
         }
         let path = config.ok_or_else(|| format!("--config is required; {USAGE}"))?;
         let doc = std::fs::read(&path).map_err(|e| format!("reading {path}: {e}"))?;
         let config = Config::parse(&doc).map_err(|e| format!("{path}: {e}"))?;
         let addr = |flag: &str, v: &str| v.parse().map_err(|e| format!("{flag} {v:?}: {e}"));
-        Ok(Options { config, grpc: addr("--grpc", &grpc)?, http: addr("--http", &http)?, redis })
+        Ok(Options { config, grpc: addr("--grpc", &grpc)?, http: addr("--http", &http)?, redis, limits })
     }
 }
 
@@ -64,6 +71,7 @@ impl Options {
 /// are bound (port 0 picks one).
 pub async fn run(options: Options) -> Result<(), String> {
     let limiter = Arc::new(Limiter::new(&options.config).map_err(|e| e.to_string())?);
+    let (http_gate, grpc_gate) = edgewise_service::gates("edgewise-ratelimit", options.limits);
     let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
     let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
     let (grpc_addr, http_addr) =
@@ -80,16 +88,22 @@ pub async fn run(options: Options) -> Result<(), String> {
     tokio::spawn(connect(limiter.clone(), options.redis));
     tokio::spawn(watch_redis(limiter.clone()));
     let http_limiter = limiter.clone();
+    let gates = Arc::new([http_gate.clone(), grpc_gate.clone()]);
     tokio::spawn(edgewise_service::serve_http(
         http,
-        move |request| std::future::ready(answer(&http_limiter, request.uri().path())),
+        http_gate,
+        move |request| std::future::ready(answer(&http_limiter, &gates[..], request.uri().path())),
         stop.clone(),
     ));
 
     let mut grpc_stop = stop.clone();
-    let server = tonic::transport::Server::builder()
-        .add_service(RateLimitServiceServer::from_arc(Arc::new(service::Rls(limiter))))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc), async move {
+    let server = edgewise_service::grpc_server()
+        .add_service(
+            RateLimitServiceServer::from_arc(Arc::new(service::Rls(limiter)))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(edgewise_service::grpc_incoming(grpc, grpc_gate, stop.clone()), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
     let signals = edgewise_service::until_signal("edgewise-ratelimit", stop_tx);
@@ -97,6 +111,9 @@ pub async fn run(options: Options) -> Result<(), String> {
     signalled?;
     served.map_err(|e| format!("gRPC server: {e}"))
 }
+
+/// Largest RLS request or response: a handful of descriptors, far below this.
+const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The URL without a password, for logs.
 fn redact(url: &str) -> String {
@@ -153,12 +170,19 @@ async fn watch_redis(limiter: Arc<Limiter>) {
     }
 }
 
-fn answer(limiter: &Limiter, path: &str) -> Response<Full<Bytes>> {
+fn answer(limiter: &Limiter, gates: &[Arc<edgewise_service::Gate>], path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" if limiter.metrics.storage_up() => (StatusCode::OK, "ready\n".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "Redis does not answer\n".to_string()),
-        "/metrics" => (StatusCode::OK, limiter.metrics.render()),
+        "/readyz" => match (limiter.metrics.storage_up(), edgewise_service::readiness(gates)) {
+            (true, Ok(())) => (StatusCode::OK, "ready\n".to_string()),
+            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "Redis does not answer\n".to_string()),
+            (true, Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
+        },
+        "/metrics" => {
+            let mut out = limiter.metrics.render();
+            edgewise_service::render_connections("edgewise_ratelimit", gates, &mut out);
+            (StatusCode::OK, out)
+        }
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
