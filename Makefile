@@ -22,7 +22,7 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools redis valgrind native-deps oci oci-pin schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
+.PHONY: setup wasm-target node oci-tools redis valgrind native-deps oci oci-pin dist schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
 
 setup: $(ENVOY_DEP) wasm-target node oci-tools redis native-deps valgrind
 
@@ -71,6 +71,20 @@ oci: build
 # they are current).
 oci-pin: build
 	$(CARGO) run --bin edgewise-oci -- --pin
+
+# The release bundle target/dist/edgewise-<version>/ and its .tar.gz (tools/dist): every .wasm,
+# libedgewise.so for x86-64 and aarch64 (cross-compiled), the JSON Schemas, the shipped YAML,
+# CHANGELOG.md, SHA256SUMS and RELEASE.md (which Envoy and ABI each artifact is built and checked
+# for). The version is Cargo.toml's [workspace.package] version. The module is checked against
+# $(ENVOY) first (tests/abi.rs, tests/remote_module.rs, tests/validate.rs, tests/dist.rs), and every
+# artifact is built a second time from a copy of the sources at another path (tools/dist --rebuild,
+# which tests/dist.rs also runs without aarch64): the bytes must be the same.
+dist: setup
+	@rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+	@command -v aarch64-linux-gnu-gcc >/dev/null || tools/apt-install gcc-aarch64-linux-gnu
+	$(CARGO) build --bins
+	$(CARGO) test -p edgewise --test abi --test remote_module --test validate --test dist -- --skip a_second_build
+	tools/dist --aarch64 --rebuild --checked target/dist
 
 # Builds the harness and, through build.rs, every filter -> target/filters/<name>.wasm.
 build: setup
