@@ -344,6 +344,7 @@ async fn retries_wait_out_a_download_service_that_fails_at_first() {
     let cache = tempfile::tempdir().unwrap();
     let gw = s.gateway(&run, cache.path()).await;
     assert_eq!(downloads.fetches(), 3, "two 503s, then the module");
+    assert_eq!(gw.envoy.stat("cluster.edgewise_modules.upstream_rq_503").await.unwrap(), 2);
     assert!(!gw.envoy.log().contains(FETCH_FAILED), "{}", gw.envoy.log_tail());
     assert_eq!(s.send(&gw, None, &[]).await.status, 401, "the filter decides");
 }
@@ -376,6 +377,39 @@ async fn a_configuration_the_filter_refuses_is_found_only_after_the_fetch() {
     let r = s.send(&gw, Some(&s.pki.user_token("alice")), &[]).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"], "filter_unavailable");
+}
+
+/// Envoy 1.40's other choice, `nack_on_cache_miss`, refuses the configuration while the module is
+/// not cached; in a static bootstrap Envoy exits before its background download can finish, so
+/// it never starts (the shipped file warms and guards instead).
+#[tokio::test(flavor = "multi_thread")]
+async fn nack_on_cache_miss_keeps_a_static_envoy_from_ever_starting() {
+    let s = Setup::new().await;
+    let module = module();
+    let downloads = Downloads::start(s.run.path(), module.clone(), 0, Duration::ZERO).await;
+    let run = Run {
+        sha256: sha256_hex(&module),
+        port: downloads.server.port(),
+        ca_file: downloads.ca_file.clone(),
+        retries: None,
+        guard: true,
+        replace: vec![(
+            "                do_not_close: true\n",
+            "                do_not_close: true\n                nack_on_cache_miss: true\n",
+        )],
+    };
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let options =
+            Options { env: vec![("TMPDIR".into(), cache.path().display().to_string())], ..Options::default() };
+        match Envoy::start_with(&s.config(&run), options).await {
+            Ok(_) => panic!("started with nack_on_cache_miss and an empty cache"),
+            Err(e) => {
+                assert!(format!("{e:#}").contains("Remote module not cached; background fetch in progress"), "{e:#}")
+            }
+        }
+    }
+    assert!(cached_module(cache.path()).is_none(), "the background download never completes");
 }
 
 /// Walks to every HTTP filter list of the listeners.
