@@ -363,6 +363,8 @@ const fn bytes_of<const N: usize>(s: &str) -> [u8; N] {
 /// leaves a filter whose remote module failed to load out of the chain and forwards requests
 /// without it (fails open); a request that still carries the header after the filter's place was
 /// not seen by it, and the configuration refuses it (envoy/native/mesh-gateway-remote.yaml).
+/// Removing the header costs about 1,000 instructions per request, present or not (callgrind: the
+/// request hook of egress from 9,390 to 10,400; a lookup first costs as much as it saves).
 fn pending_header(filter: &str) -> String {
     format!("x-edgewise-pending-{filter}")
 }
