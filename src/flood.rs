@@ -188,6 +188,49 @@ pub fn with_open_files(dir: &std::path::Path, binary: &std::path::Path, files: u
     Ok(script)
 }
 
+/// A connection that opens `n` gRPC streams to `path`, each sending `message` (and not ending its
+/// side), and then reads nothing at all, not even the server's SETTINGS: the server's answers pile
+/// up against HTTP/2's flow control and TCP's. Dropping the returned stream closes it.
+pub async fn never_reading(
+    from: IpAddr,
+    port: u16,
+    tls: Option<(Arc<rustls::ClientConfig>, &str)>,
+    path: &str,
+    message: &[u8],
+    n: u32,
+) -> Result<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> {
+    use crate::h2raw::{frame as h2frame, DATA, HEADERS, SETTINGS};
+    let tcp = connect_from(from, port).await?;
+    let authority = tls.as_ref().map_or_else(|| format!("127.0.0.1:{port}"), |(_, name)| name.to_string());
+    let mut encoder = fluke_hpack::Encoder::new();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2frame(SETTINGS, 0, 0, &[]));
+    let data = frame(message);
+    for i in 0..n {
+        let fields: [(&[u8], &[u8]); 6] = [
+            (b":method", b"POST"),
+            (b":scheme", if tls.is_some() { b"https" } else { b"http" }),
+            (b":path", path.as_bytes()),
+            (b":authority", authority.as_bytes()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ];
+        let block = encoder.encode(fields);
+        let id = 2 * i + 1;
+        out.extend(h2frame(HEADERS, 0x4, id, &block));
+        out.extend(h2frame(DATA, 0, id, &data));
+    }
+    let mut io: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match tls {
+        Some((config, name)) => {
+            let server = rustls::pki_types::ServerName::try_from(name.to_string())?;
+            Box::new(tokio_rustls::TlsConnector::from(config).connect(server, tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
+    io.write_all(&out).await?;
+    Ok(io)
+}
+
 type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// One HTTP/2 connection for gRPC calls.

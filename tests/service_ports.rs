@@ -29,11 +29,13 @@ const FILES: u32 = 1024;
 const PORT_LIMIT: usize = 448;
 const PER_CLIENT: usize = 64;
 const ATTACK: usize = 1100;
+/// Customers whose clusters the ADS streams that never read are owed.
+const CUSTOMERS: usize = 1000;
 const ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 const RLS: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
 const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-/// Resident memory the service may add under any of the attacks.
-const RSS_BOUND: u64 = 96 << 20;
+/// Resident memory the service may add under any of the connection attacks.
+const RSS_BOUND: u64 = 32 << 20;
 
 fn bin(name: &str) -> &'static Path {
     match name {
@@ -315,24 +317,40 @@ async fn edgewise_control_holds_its_ports_against_hostile_clients() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(14), "slow bodies cut off after {took:?}");
 
-    // 200 ADS streams (a client certificate of the control CA: a broken Envoy) that never read.
+    // 200 ADS streams (a client certificate of the control CA: broken Envoys, from four
+    // addresses) on connections that read nothing at all, each owed the initial push of 1,000
+    // customers' clusters.
+    let many = Instant::now();
+    for i in 0..CUSTOMERS {
+        s.control.put_customer(&format!("bulk-{i}"), 9, &[&s.pki.customer_a_ca], "ingress.bulk.example").await.unwrap();
+    }
+    eprintln!("{CUSTOMERS} customers added in {:?}", many.elapsed());
+    let baseline = rss(&s.control);
     let leaf = s.pki.control_ca.issue(&LeafSpec::client("stuck", &[])).unwrap();
     let tls = edgewise::tls::client(&[&s.pki.control_ca.pem], Some(&leaf), &["h2"]).unwrap();
-    let (mut stuck, mut connections) = (Vec::new(), Vec::new());
+    let mut connections = Vec::new();
     for c in 0..4 {
-        let mut grpc = Grpc::connect(source(5), s.control.grpc, Some((tls.clone(), CONTROL_NAME))).await.unwrap();
-        for i in 0..50 {
-            let request = DeltaDiscoveryRequest {
-                node: Some(Node { id: format!("stuck-{c}-{i}"), ..Default::default() }),
-                type_url: CLUSTER.into(),
-                ..Default::default()
-            };
-            stuck.push(grpc.stuck(ADS, &request.encode_to_vec()).await.unwrap());
-        }
-        connections.push(grpc);
+        let request = DeltaDiscoveryRequest {
+            node: Some(Node { id: format!("stuck-{c}"), ..Default::default() }),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        };
+        let tls = Some((tls.clone(), CONTROL_NAME));
+        connections.push(
+            flood::never_reading(source(20 + c), s.control.grpc, tls, ADS, &request.encode_to_vec(), 50).await.unwrap(),
+        );
     }
     until_metric(&s.control, "edgewise_control_xds_streams", 201.0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = rss(&s.control);
+    let per_stream = (held.saturating_sub(baseline)) / 200;
+    eprintln!("200 ADS streams that never read: {} KiB each (one piece in flight, what it was sent)", per_stream >> 10);
+    assert!(per_stream < 1 << 20, "an ADS stream that never reads holds {per_stream} bytes");
     probes(&mut s, "200 ADS streams that never read").await;
+    // More changes they are owed and cannot take: nothing piles up.
+    for i in 0..200 {
+        s.control.put_customer(&format!("more-{i}"), 9, &[&s.pki.customer_a_ca], "ingress.bulk.example").await.unwrap();
+    }
     // Their acknowledgements never come: publication goes on without them.
     let host = "0000000a-0000000b-00000000d1.serverless.gitlab.io";
     let published = Instant::now();
@@ -350,8 +368,22 @@ async fn edgewise_control_holds_its_ports_against_hostile_clients() {
     }
     eprintln!("a function published {:?} after its PUT, 200 streams lagging", published.elapsed());
     until_metric(&s.control, "edgewise_control_xds_lagging_streams", 200.0).await;
-    assert_bounded(&s.control, baseline, "200 ADS streams that never read");
-    drop((stuck, connections));
+    let after = rss(&s.control);
+    eprintln!("200 ADS streams that never read, 200 changes later: RSS {} MiB (was {} MiB)", after >> 20, held >> 20);
+    assert!(after < held + (16 << 20), "RSS grew from {held} to {after} with changes streams cannot take");
+    drop(connections);
+    until_metric(&s.control, "edgewise_control_xds_streams", 1.0).await;
+    // One address holds at most 64 ADS streams: the next is refused, and says why.
+    let mut grpc = Grpc::connect(source(24), s.control.grpc, Some((tls.clone(), CONTROL_NAME))).await.unwrap();
+    let request = DeltaDiscoveryRequest { type_url: CLUSTER.into(), ..Default::default() }.encode_to_vec();
+    let mut held = Vec::new();
+    for _ in 0..PER_CLIENT {
+        held.push(grpc.stuck(ADS, &request).await.unwrap());
+    }
+    until_metric(&s.control, "edgewise_control_xds_streams", 1.0 + PER_CLIENT as f64).await;
+    let refused = grpc.call(ADS, &request).await.unwrap_err().to_string();
+    assert!(refused.contains("grpc-status Some(\"8\")"), "the 65th stream of an address: {refused}");
+    drop((held, grpc));
     until_metric(&s.control, "edgewise_control_xds_streams", 1.0).await;
     until_metric(&s.control, "edgewise_control_xds_lagging_streams", 0.0).await;
 

@@ -48,6 +48,8 @@ impl From<Invalid> for ApiError {
 #[derive(Debug, Default)]
 pub struct Acks {
     pub node: String,
+    /// The address the stream comes from.
+    pub client: Option<std::net::IpAddr>,
     /// Whether it takes every cluster (a wildcard subscription), rather than those it asks for
     /// (on-demand CDS, where a route may name a cluster the Envoy fetches when a request needs it).
     pub all_clusters: bool,
@@ -268,14 +270,23 @@ impl Control {
         self.resources.send_modify(|r| Arc::make_mut(r).put_platform_client(chain, key));
     }
 
-    /// A new ADS stream: its id and what it acknowledges.
-    pub fn register_stream(&self) -> (u64, Arc<Mutex<Acks>>) {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let acks = Arc::new(Mutex::new(Acks::default()));
+    /// A new ADS stream from `client`: its id and what it acknowledges; or, when `client`
+    /// already holds `per_client` streams, how many it holds.
+    pub fn register_stream(
+        &self,
+        client: Option<std::net::IpAddr>,
+        per_client: usize,
+    ) -> Result<(u64, Arc<Mutex<Acks>>), usize> {
         let mut streams = lock(&self.streams);
+        let held = streams.values().filter(|s| client.is_some() && lock(s).client == client).count();
+        if held >= per_client {
+            return Err(held);
+        }
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let acks = Arc::new(Mutex::new(Acks { client, ..Acks::default() }));
         streams.insert(id, acks.clone());
         self.metrics.xds_streams.store(streams.len() as u64, Ordering::Relaxed);
-        (id, acks)
+        Ok((id, acks))
     }
 
     pub fn unregister_stream(&self, id: u64) {

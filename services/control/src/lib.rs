@@ -168,9 +168,13 @@ pub async fn run(options: Options) -> Result<(), String> {
     }
     let server = builder
         .add_service(
-            AggregatedDiscoveryServiceServer::new(xds::Ads { control, stop: stop.clone() })
-                .max_decoding_message_size(16 << 20)
-                .max_encoding_message_size(16 << 20),
+            AggregatedDiscoveryServiceServer::new(xds::Ads {
+                control,
+                streams_per_client: options.limits.max_per_client,
+                stop: stop.clone(),
+            })
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20),
         )
         .serve_with_incoming_shutdown(edgewise_service::grpc_incoming(grpc, grpc_gate, stop.clone()), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;

@@ -23,11 +23,13 @@ use crate::control::{Acks, Control};
 use crate::metrics::Xds;
 use crate::resources::{Resource, Resources, CLUSTER, SECRET};
 
-/// Resources per response: an Envoy applies each response on its own, so a large initial push
-/// goes out in pieces no gRPC message limit refuses.
+/// Resources per response, and their bytes: a large initial push goes out in pieces that no gRPC
+/// message limit refuses and that bound what a stream whose Envoy does not read holds (a piece
+/// in HTTP/2's buffers, one queued, one being built: ~200 KiB however many customers there are).
 const BATCH: usize = 1000;
-/// Responses queued for one stream; past them the stream waits for its Envoy to read.
-const QUEUED: usize = 4;
+const BATCH_BYTES: usize = 64 * 1024;
+/// Responses queued for one stream; past it the stream waits for its Envoy to read.
+const QUEUED: usize = 1;
 /// How long a response may wait for room in that queue: an Envoy that reads nothing for this
 /// long loses its stream (it reconnects and is sent what it lacks) rather than pin memory.
 const SEND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -36,6 +38,8 @@ const UNACKED: usize = 1024;
 
 pub struct Ads {
     pub control: Arc<Control>,
+    /// ADS streams one client address may hold (an Envoy holds one).
+    pub streams_per_client: usize,
     /// Set when the service stops: the streams end, so that the server can.
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -59,10 +63,16 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let client = request.remote_addr().map(|a| a.ip());
+        let (id, acks) = self.control.register_stream(client, self.streams_per_client).map_err(|held| {
+            Status::resource_exhausted(format!(
+                "{held} ADS streams from this address already: at most {} (an Envoy needs one)",
+                self.streams_per_client
+            ))
+        })?;
         let (tx, rx) = mpsc::channel(QUEUED);
         let (control, mut stop) = (self.control.clone(), self.stop.clone());
         tokio::spawn(async move {
-            let (id, acks) = control.register_stream();
             let mut stream =
                 Stream { control: control.clone(), acks, types: HashMap::new(), pending: HashMap::new(), nonce: 0, tx };
             let node = tokio::select! {
@@ -91,7 +101,7 @@ struct Subscription {
 struct Pending {
     type_url: &'static str,
     sent: Instant,
-    set: Vec<(String, String)>,
+    set: Vec<Arc<Resource>>,
     removed: Vec<String>,
 }
 
@@ -218,8 +228,8 @@ impl Stream {
         {
             let mut acks = lock(&self.acks);
             let acked = acks.acked.entry(type_url).or_default();
-            for (name, version) in pending.set {
-                acked.insert(name, version);
+            for r in pending.set {
+                acked.insert(r.name.clone(), r.version.clone());
             }
             for name in pending.removed {
                 acked.remove(&name);
@@ -266,12 +276,12 @@ impl Stream {
         for name in &removed {
             sub.sent.remove(name);
         }
-        let batches = changed.chunks(BATCH).count().max(1);
+        let batches = batches(&changed);
+        let last = batches.len() - 1;
         let mut removed = Some(removed);
-        for i in 0..batches {
-            let batch = changed.get(i * BATCH..((i + 1) * BATCH).min(changed.len())).unwrap_or_default();
+        for (i, batch) in batches.into_iter().enumerate() {
             // Removals go with the last piece.
-            let removed = if i + 1 == batches { removed.take().unwrap_or_default() } else { Vec::new() };
+            let removed = if i == last { removed.take().unwrap_or_default() } else { Vec::new() };
             if self.pending.len() >= UNACKED {
                 self.control.metrics.xds_stalled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 eprintln!(
@@ -284,12 +294,7 @@ impl Stream {
             let nonce = self.nonce.to_string();
             self.pending.insert(
                 nonce.clone(),
-                Pending {
-                    type_url,
-                    sent: Instant::now(),
-                    set: batch.iter().map(|r| (r.name.clone(), r.version.clone())).collect(),
-                    removed: removed.clone(),
-                },
+                Pending { type_url, sent: Instant::now(), set: batch.to_vec(), removed: removed.clone() },
             );
             let response = DeltaDiscoveryResponse {
                 type_url: type_url.to_string(),
@@ -334,6 +339,23 @@ impl Stream {
             acks.lagging = false;
         }
     }
+}
+
+/// `changed` in pieces of at most `BATCH` resources and about `BATCH_BYTES` (a resource larger
+/// than that goes alone); at least one piece, empty when nothing changed (removals still go).
+fn batches(changed: &[Arc<Resource>]) -> Vec<&[Arc<Resource>]> {
+    let mut pieces = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in changed.iter().enumerate() {
+        let size = r.body.value.len() + r.name.len() + r.version.len();
+        if i > start && (i - start >= BATCH || bytes + size > BATCH_BYTES) {
+            pieces.push(changed.get(start..i).unwrap_or_default());
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    pieces.push(changed.get(start..).unwrap_or_default());
+    pieces
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
