@@ -6,7 +6,10 @@
 //! policies pin the digest of the current OCI image and fail closed; the clusters and routes the
 //! configurations rely on exist; and Envoy 1.40 accepts each filter as Envoy Gateway would hand it
 //! over (rebuilt here after Envoy Gateway's translator: a DynamicModuleFilter or Wasm filter whose
-//! configuration is the policy's `config` as a JSON string), with the module the image holds.
+//! configuration is the policy's `config` as a JSON string), with the module the image holds. The
+//! alternative envoyproxy-remote.yaml (the module by URL, source type Remote) is envoyproxy.yaml
+//! with the official image, pins the current build, and Envoy loads every native policy with the
+//! module downloaded from loopback as that source asks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -310,7 +313,12 @@ fn every_policy_is_accepted_by_its_filter_and_matches_what_it_repeats() {
         .expect("the EnvoyProxy of the GatewayClass");
     let spec = &proxy.value["spec"];
     let container = &spec["provider"]["kubernetes"]["envoyDeployment"]["container"];
-    assert!(container["image"].as_str().is_some_and(|i| !i.is_empty()), "{}: the Envoy image", proxy.at());
+    let image = container["image"].as_str().unwrap_or_default();
+    assert!(
+        image.ends_with(&format!("-edgewise-{version}")),
+        "{}: the Envoy image {image} (the Dockerfile's, tagged with this version)",
+        proxy.at()
+    );
     let env: BTreeSet<&str> =
         container["env"].as_sequence().into_iter().flatten().filter_map(|e| e["name"].as_str()).collect();
 
