@@ -30,7 +30,7 @@ const MODULE_HOST: &str = "downloads.example.com";
 const FILTER: &str = "mesh-identity";
 const PENDING: &str = "x-edgewise-pending-mesh-identity";
 const FETCH_FAILED: &str = "Remote dynamic module fetch returned empty data; module will not be loaded";
-const FETCH_ERRORS: &str = "dynamic_modules.remote_fetch_error.config_name.mesh-identity";
+const FETCH_ERRORS: &str = "dynamic_modules.remote_fetch_error.config_name.mesh-identity.guarded";
 const GUARD_DENIED: &str = "http.gateway.rbac.edgewise_guard.denied";
 const GUARD_ALLOWED: &str = "http.gateway.rbac.edgewise_guard.allowed";
 
@@ -456,7 +456,7 @@ fn the_shipped_file_is_the_native_gateway_with_the_module_by_url_pinned_to_this_
 
     // The module by URL, pinned to this build, with a retry policy.
     let filter = &mut list[1]["typed_config"];
-    assert_eq!(filter["filter_name"], FILTER);
+    assert_eq!(filter["filter_name"], format!("{FILTER}.guarded"));
     let remote_source = &filter["dynamic_module_config"]["module"]["remote"];
     let uri = remote_source["http_uri"]["uri"].as_str().unwrap();
     let version = env!("CARGO_PKG_VERSION");
@@ -471,6 +471,7 @@ fn the_shipped_file_is_the_native_gateway_with_the_module_by_url_pinned_to_this_
     assert_eq!(remote_source["sha256"], current.as_str(), "{FILE}: stale sha256, run `make oci-pin`");
 
     // Back to the local file, without the guard and the download cluster: the native file.
+    filter["filter_name"] = FILTER.into();
     filter["dynamic_module_config"]["module"] =
         serde_yaml::from_str("{ local: { filename: target/filters/libedgewise.so } }").unwrap();
     list.retain(|f| !matches!(f["name"].as_str(), Some("edgewise.pending" | "edgewise.guard")));

@@ -124,8 +124,9 @@ pub(crate) struct Config {
     ticker: Mutex<Option<Ticker>>,
     /// Test only: a request carrying this header makes the filter panic in its request hook.
     panic_header: Option<String>,
-    /// `x-edgewise-pending-<filter>`, removed from every request (see `pending_header`).
-    pending_header: String,
+    /// `x-edgewise-pending-<filter>` when the configuration guards the filter, removed from
+    /// every request (see `pending_header`).
+    pending_header: Option<String>,
 }
 
 impl Config {
@@ -358,13 +359,16 @@ const fn bytes_of<const N: usize>(s: &str) -> [u8; N] {
     out
 }
 
-/// The request header a configuration can set before this filter to learn whether the filter
-/// ran: the binding removes it from every request it sees, before the filter decides. Envoy 1.40
-/// leaves a filter whose remote module failed to load out of the chain and forwards requests
-/// without it (fails open); a request that still carries the header after the filter's place was
-/// not seen by it, and the configuration refuses it (envoy/native/mesh-gateway-remote.yaml).
-/// Removing the header costs about 1,000 instructions per request, present or not (callgrind: the
-/// request hook of egress from 9,390 to 10,400; a lookup first costs as much as it saves).
+/// A `filter_name` ending in this asks for the guard: `mesh-identity.guarded`.
+const GUARDED: &str = ".guarded";
+
+/// The request header a guarded configuration sets before this filter to learn whether the
+/// filter ran: the binding removes it from every request it sees, before the filter decides.
+/// Envoy 1.40 leaves a filter whose remote module failed to load out of the chain and forwards
+/// requests without it (fails open); a request that still carries the header after the filter's
+/// place was not seen by it, and the configuration refuses it
+/// (envoy/native/mesh-gateway-remote.yaml). Only guarded configurations pay for the removal:
+/// about 1,000 instructions per request, present or not (a lookup first costs as much).
 fn pending_header(filter: &str) -> String {
     format!("x-edgewise-pending-{filter}")
 }
@@ -389,6 +393,10 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // SAFETY: both are valid during this call, and copied before it returns.
         let (name, json) = unsafe { (name.as_bytes(), config.as_bytes()) };
         let name = String::from_utf8_lossy(name).into_owned();
+        let (name, guarded) = match name.strip_suffix(GUARDED) {
+            Some(filter) => (filter.to_string(), true),
+            None => (name, false),
+        };
         let mut setup = NativeSetup { envoy, instance: name.clone() };
         let filter = match configure(&name, json, &mut setup) {
             Ok(filter) => filter,
@@ -406,7 +414,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             _ => None,
         };
         let config = Config {
-            pending_header: pending_header(filter.name()),
+            pending_header: guarded.then(|| pending_header(filter.name())),
             filter,
             panics,
             wakers: Mutex::new(HashMap::new()),
@@ -542,16 +550,18 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             internal_error().send(envoy);
             return RequestHeadersStatus::STOP_ITERATION;
         };
-        // SAFETY: the stream handle is valid in this hook; the name is read during the call, and
-        // a NULL value removes the header (absent: nothing to do).
-        unsafe {
-            envoy_dynamic_module_callback_http_set_header(
-                envoy,
-                HeaderType::REQUEST_HEADER,
-                ModuleBuffer::new(obj.config.pending_header.as_bytes()),
-                ModuleBuffer::NULL,
-            )
-        };
+        if let Some(pending) = &obj.config.pending_header {
+            // SAFETY: the stream handle is valid in this hook; the name is read during the call,
+            // and a NULL value removes the header (absent: nothing to do).
+            unsafe {
+                envoy_dynamic_module_callback_http_set_header(
+                    envoy,
+                    HeaderType::REQUEST_HEADER,
+                    ModuleBuffer::new(pending.as_bytes()),
+                    ModuleBuffer::NULL,
+                )
+            };
+        }
         decide_request(envoy, obj, "request_headers", |s, config, state| {
             if let Some(header) = &config.panic_header {
                 if edgewise_host::Stream::request_header(s, header).is_some() {
