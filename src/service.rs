@@ -103,7 +103,30 @@ impl Service {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.http)).await?;
+        let (status, _, body) = self.exchange(method, path, headers, body).await?;
+        Ok((status, body))
+    }
+
+    /// One request on the HTTP port: (status, header lines lowercased up to their colon, body).
+    pub async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, Vec<(String, String)>, String)> {
+        Service::exchange_on(self.http, method, path, headers, body).await
+    }
+
+    /// The same on `port` of 127.0.0.1 (for a task that does not hold the service).
+    pub async fn exchange_on(
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(u16, Vec<(String, String)>, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
         let mut head = format!("{method} {path} HTTP/1.1\r\nhost: service\r\nconnection: close\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -114,8 +137,14 @@ impl Service {
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
         let status = response.split_whitespace().nth(1).context("status line")?.parse()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((status, body))
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let fields = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok((status, fields, body.to_string()))
     }
 
     /// GET on the HTTP port: (status, body).

@@ -23,6 +23,10 @@ pub use gate::{readiness, render as render_connections, Gate, Limits, Refusal};
 
 pub type Reply = Response<Full<Bytes>>;
 
+/// The client's address, in every request's extensions on a port of `serve_http`.
+#[derive(Clone, Copy, Debug)]
+pub struct Client(pub std::net::IpAddr);
+
 /// A TLS handshake on a gRPC port must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open files kept for everything but the two ports' connections (the store, Redis, logs).
@@ -112,8 +116,12 @@ where
         match accepted {
             Accepted::In(conn) => {
                 let (handle, gate) = (handle.clone(), gate.clone());
+                let client = conn.peer().map(|a| Client(a.ip()));
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        if let Some(client) = client {
+                            req.extensions_mut().insert(client);
+                        }
                         let reply = handle(req);
                         async move { Ok::<_, std::convert::Infallible>(reply.await) }
                     });

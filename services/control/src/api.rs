@@ -1,7 +1,13 @@
 //! The HTTP port: the REST API (bearer token), the route table the filters poll, health and
 //! metrics. Every error is JSON: `{"error": "<code>", "detail": "<why>"}`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgewise_service::Client;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -12,7 +18,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::control::{ApiError, Control};
+use crate::metrics::Watch;
 use crate::model::{Customer, Function};
+use crate::routes::Since;
 
 /// Largest request body (a customer with a CA bundle).
 const MAX_BODY: usize = 256 * 1024;
@@ -26,6 +34,7 @@ pub struct Api {
     pub token: [u8; 32],
     /// The service's ports, for `/readyz` and `/metrics`.
     pub gates: Vec<Arc<edgewise_service::Gate>>,
+    pub watchers: Watchers,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -84,11 +93,12 @@ impl Api {
                 }
             }
             (&Method::GET, "/metrics") => {
+                self.control.metrics.route_watchers.store(self.watchers.held() as u64, Relaxed);
                 let mut out = self.control.metrics.render();
                 edgewise_service::render_connections("edgewise_control", &self.gates, &mut out);
                 return text(StatusCode::OK, out);
             }
-            (&Method::GET, ROUTES_PATH) => return self.routes(&request),
+            (&Method::GET, ROUTES_PATH) => return self.routes(&request).await,
             _ => {}
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -169,23 +179,165 @@ impl Api {
         token.is_some_and(|t| <[u8; 32]>::from(Sha256::digest(t)) == self.token)
     }
 
-    /// The route table, or 304 when the poller has this version.
-    fn routes(&self, request: &Request<Incoming>) -> Reply {
-        let table = self.control.routes();
+    /// `GET /v1/serverless/routes`: the whole table (304 when `If-None-Match` names its
+    /// version); with `since=<cursor>`, the changes after it, held until there is one or `wait`
+    /// seconds (at most 30) pass (304), or 410 when the cursor cannot be served from.
+    async fn routes(&self, request: &Request<Incoming>) -> Reply {
         let metrics = &self.control.metrics;
-        if request.headers().get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == table.etag.as_bytes()) {
-            metrics.route_not_modified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut r = Response::new(Full::new(Bytes::new()));
-            *r.status_mut() = StatusCode::NOT_MODIFIED;
+        let query = Query::parse(request.uri().query().unwrap_or_default());
+        let Some(since) = query.since else {
+            let table = self.control.routes();
+            if request.headers().get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == table.etag.as_bytes()) {
+                metrics.route_not_modified.fetch_add(1, Relaxed);
+                return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &table.cursor);
+            }
+            metrics.route_fetches.fetch_add(1, Relaxed);
+            let mut r = with_cursor(Response::new(Full::new(table.body.clone())), StatusCode::OK, &table.cursor);
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Ok(etag) = HeaderValue::from_str(&table.etag) {
+                r.headers_mut().insert(ETAG, etag);
+            }
             return r;
+        };
+        let wait = match query.wait.as_deref().map(str::parse::<u64>) {
+            None => Duration::ZERO,
+            Some(Ok(s)) => Duration::from_secs(s.min(MAX_WAIT.as_secs())),
+            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "invalid", "`wait` is a number of seconds"),
+        };
+        let client = request.extensions().get::<Client>().map(|c| c.0);
+        let Some(_watcher) = self.watchers.enter(client) else {
+            metrics.watch(Watch::Refused);
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_watches",
+                format!(
+                    "at most {WATCHES_PER_CLIENT} watches from one address and {} in all are held",
+                    self.watchers.total_limit
+                ),
+            );
+        };
+        let mut version = self.control.route_version();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            version.borrow_and_update();
+            match self.control.routes_since(&since) {
+                Since::Gone(why) => {
+                    metrics.watch(Watch::Gone);
+                    return error(StatusCode::GONE, "gone", format!("{why}: fetch the whole table"));
+                }
+                Since::Changes { cursor, version, changes } => {
+                    metrics.watch(Watch::Changes);
+                    let mut body = format!("{{\"version\":{version},\"changes\":[");
+                    for (i, change) in changes.iter().enumerate() {
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        body.push_str(change);
+                    }
+                    body.push_str("]}\n");
+                    let mut r = with_cursor(Response::new(Full::new(Bytes::from(body))), StatusCode::OK, &cursor);
+                    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    return r;
+                }
+                Since::Current => {
+                    if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                        metrics.watch(Watch::Timeout);
+                        return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &since);
+                    }
+                }
+            }
         }
-        metrics.route_fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut r = Response::new(Full::new(table.body.clone()));
-        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Ok(etag) = HeaderValue::from_str(&table.etag) {
-            r.headers_mut().insert(ETAG, etag);
+    }
+}
+
+/// A route watch's parameters: `since` (a cursor) and `wait` (seconds).
+#[derive(Default)]
+struct Query {
+    since: Option<String>,
+    wait: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Query {
+        let mut q = Query::default();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("since", v)) => q.since = Some(v.to_string()),
+                Some(("wait", v)) => q.wait = Some(v.to_string()),
+                _ => {}
+            }
         }
-        r
+        q
+    }
+}
+
+/// The route table's cursor header on an answer of the routes endpoint.
+pub const CURSOR: &str = "x-edgewise-cursor";
+
+fn with_cursor(mut r: Reply, status: StatusCode, cursor: &str) -> Reply {
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(cursor) {
+        r.headers_mut().insert(CURSOR, v);
+    }
+    r
+}
+
+/// Longest a watch is held: below the connections' idle timeout (60 s).
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Watches one address holds at once (a gateway holds one).
+const WATCHES_PER_CLIENT: usize = 8;
+
+/// The watches held: bounded per client address and in all.
+pub struct Watchers {
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    pub total_limit: usize,
+}
+
+/// One watch held, counted until dropped.
+struct Watcher<'a> {
+    watchers: &'a Watchers,
+    client: Option<IpAddr>,
+}
+
+impl Watchers {
+    pub fn new(total_limit: usize) -> Watchers {
+        Watchers { held: Mutex::default(), total_limit }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn enter(&self, client: Option<IpAddr>) -> Option<Watcher<'_>> {
+        let mut held = self.lock();
+        let of_client = client.and_then(|c| held.1.get(&c).copied()).unwrap_or(0);
+        if held.0 >= self.total_limit || of_client >= WATCHES_PER_CLIENT {
+            return None;
+        }
+        held.0 += 1;
+        if let Some(c) = client {
+            *held.1.entry(c).or_default() += 1;
+        }
+        Some(Watcher { watchers: self, client })
+    }
+
+    pub fn held(&self) -> usize {
+        self.lock().0
+    }
+}
+
+impl Drop for Watcher<'_> {
+    fn drop(&mut self) {
+        let mut held = self.watchers.lock();
+        held.0 = held.0.saturating_sub(1);
+        if let Some(c) = self.client {
+            if let Some(n) = held.1.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    held.1.remove(&c);
+                }
+            }
+        }
     }
 }
 

@@ -13,22 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hyper::body::Bytes;
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::model::{check_name, Customer, Function, FunctionRules, Invalid};
 use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
+use crate::routes::{self, FullTable, Routes, Since};
 use crate::store::Store;
-
-/// The route table document (`{"version": N, "routes": [...]}`), serialized once per change.
-#[derive(Debug)]
-pub struct RouteTable {
-    pub version: u64,
-    pub etag: String,
-    pub body: Bytes,
-}
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -85,11 +76,13 @@ struct State {
     published: HashSet<String>,
     /// Removed customers whose cluster is still served: name -> removal number.
     removing: HashMap<String, u64>,
-    routes: Arc<RouteTable>,
+    routes: Routes,
 }
 
 pub struct Control {
     state: Mutex<State>,
+    /// The route table's version, for the watchers to wait on.
+    route_version: watch::Sender<u64>,
     resources: watch::Sender<Arc<Resources>>,
     streams: Mutex<HashMap<u64, Arc<Mutex<Acks>>>>,
     next_stream: AtomicU64,
@@ -116,17 +109,23 @@ impl Control {
         }
         let keys = contents.functions.iter().map(|(name, (key, _))| (key.clone(), name.clone())).collect();
         let published = contents.customers.keys().cloned().collect();
-        let empty = Arc::new(RouteTable { version: contents.routes_version, etag: String::new(), body: Bytes::new() });
-        let state = State {
+        let routes = Routes::load(contents.routes_history, contents.routes_horizon, contents.route_log);
+        let version = routes.version();
+        let mut state = State {
             store,
             customers: contents.customers,
             functions: contents.functions,
             keys,
             published,
             removing: HashMap::new(),
-            routes: empty,
+            routes,
         };
+        // The log as the store's functions say (the same, unless a change was cut short).
+        let wanted = state.functions.values().map(|(key, f)| (key.clone(), crate::routes::route_json(f))).collect();
+        let edits = state.routes.reconcile(&wanted);
+        state.routes.apply(&mut state.store, edits)?;
         let control = Control {
+            route_version: watch::Sender::new(version),
             metrics: Metrics::default(),
             state: Mutex::new(state),
             resources: watch::Sender::new(Arc::new(resources)),
@@ -136,7 +135,8 @@ impl Control {
             rules,
             removal_delay,
         };
-        control.rebuild_routes(&mut lock(&control.state));
+        control.published_routes(&lock(&control.state));
+        control.gauges(&lock(&control.state));
         Ok(Arc::new(control))
     }
 
@@ -144,8 +144,19 @@ impl Control {
         self.resources.subscribe()
     }
 
-    pub fn routes(&self) -> Arc<RouteTable> {
-        lock(&self.state).routes.clone()
+    /// The whole route table.
+    pub fn routes(&self) -> Arc<FullTable> {
+        lock(&self.state).routes.full()
+    }
+
+    /// What a watcher at `cursor` is owed.
+    pub fn routes_since(&self, cursor: &str) -> Since {
+        lock(&self.state).routes.since(cursor)
+    }
+
+    /// The route table's version, changing with it.
+    pub fn route_version(&self) -> watch::Receiver<u64> {
+        self.route_version.subscribe()
     }
 
     /// Adds or replaces a customer; true when it is new.
@@ -173,15 +184,17 @@ impl Control {
         state.customers.remove(name);
         let gone: Vec<String> =
             state.functions.iter().filter(|(_, (_, f))| f.customer == name).map(|(n, _)| n.clone()).collect();
+        let was_published = state.published.remove(name);
+        let mut edits = Vec::new();
         for function in &gone {
-            if let Some((key, _)) = state.functions.remove(function) {
+            if let Some((key, f)) = state.functions.remove(function) {
+                if was_published {
+                    edits.push(routes::delete(&key, &f));
+                }
                 state.keys.remove(&key);
             }
         }
-        let was_published = state.published.remove(name);
-        if was_published && !gone.is_empty() {
-            self.rebuild_routes(&mut state);
-        }
+        self.publish(&mut state, edits);
         self.gauges(&state);
         let (control, name) = (self.clone(), name.to_string());
         let removal = self.removals.fetch_add(1, Ordering::Relaxed) + 1;
@@ -214,19 +227,20 @@ impl Control {
         }
         state.store.put_function(name, &key, &function).map_err(ApiError::Internal)?;
         let visible = state.published.contains(&function.customer);
+        let mut edits = Vec::new();
+        if visible {
+            edits.push(routes::put(&key, &function));
+        }
         let old = state.functions.insert(name.to_string(), (key.clone(), function));
         let created = old.is_none();
         if let Some((old_key, old_function)) = old {
             state.keys.remove(&old_key);
-            let was_visible = state.published.contains(&old_function.customer);
-            if was_visible && !visible {
-                self.rebuild_routes(&mut state);
+            if state.published.contains(&old_function.customer) && (old_key != key || !visible) {
+                edits.insert(0, routes::delete(&old_key, &old_function));
             }
         }
         state.keys.insert(key, name.to_string());
-        if visible {
-            self.rebuild_routes(&mut state);
-        }
+        self.publish(&mut state, edits);
         self.gauges(&state);
         Ok(created)
     }
@@ -240,7 +254,7 @@ impl Control {
         state.functions.remove(name);
         state.keys.remove(&key);
         if state.published.contains(&function.customer) {
-            self.rebuild_routes(&mut state);
+            self.publish(&mut state, vec![routes::delete(&key, &function)]);
         }
         self.gauges(&state);
         Ok(())
@@ -333,10 +347,13 @@ impl Control {
                 newly.push(customer);
             }
         }
-        // A new table only if it has new routes: every poller fetches it whole.
-        if state.functions.values().any(|(_, f)| newly.contains(&f.customer)) {
-            self.rebuild_routes(&mut state);
-        }
+        let edits: Vec<routes::Edit> = state
+            .functions
+            .values()
+            .filter(|(_, f)| newly.contains(&f.customer))
+            .map(|(key, f)| routes::put(key, f))
+            .collect();
+        self.publish(&mut state, edits);
         self.gauges(&state);
     }
 
@@ -354,40 +371,23 @@ impl Control {
         m.published.store(state.published.len() as u64, Ordering::Relaxed);
     }
 
-    /// Serializes the route table of the published customers' functions, under a new version.
-    fn rebuild_routes(&self, state: &mut State) {
-        #[derive(Serialize)]
-        struct Route<'a> {
-            #[serde(rename = "match")]
-            matches: &'a BTreeMap<String, String>,
-            cluster: &'a str,
-            host: &'a str,
+    /// Applies `edits` to the route table (logged in the store first) and wakes its watchers.
+    fn publish(&self, state: &mut State, edits: Vec<routes::Edit>) {
+        let State { routes, store, .. } = state;
+        match routes.apply(store, edits) {
+            Ok(Some(_)) => self.published_routes(state),
+            Ok(None) => {}
+            // The functions are stored: the next start reconciles the log with them.
+            Err(e) => eprintln!("edgewise-control: route changes not logged: {e}"),
         }
-        #[derive(Serialize)]
-        struct Table<'a> {
-            version: u64,
-            routes: Vec<Route<'a>>,
-        }
-        let version = state.routes.version + 1;
-        let routes = state
-            .functions
-            .values()
-            .filter(|(_, f)| state.published.contains(&f.customer))
-            .map(|(_, f)| Route { matches: &f.matches, cluster: &f.customer, host: &f.host })
-            .collect();
-        let body = match serde_json::to_vec(&Table { version, routes }) {
-            Ok(body) => body,
-            Err(e) => {
-                eprintln!("edgewise-control: route table not serialized: {e}");
-                return;
-            }
-        };
-        if let Err(e) = state.store.set_routes_version(version) {
-            eprintln!("edgewise-control: route table version {version} not stored: {e}");
-        }
-        self.metrics.routes_version.store(version, Ordering::Relaxed);
         self.gauges(state);
-        state.routes = Arc::new(RouteTable { version, etag: format!("\"{version}\""), body: Bytes::from(body) });
+    }
+
+    fn published_routes(&self, state: &State) {
+        let version = state.routes.version();
+        self.metrics.routes_version.store(version, Ordering::Relaxed);
+        self.metrics.routes.store(state.routes.count() as u64, Ordering::Relaxed);
+        self.route_version.send_replace(version);
     }
 }
 

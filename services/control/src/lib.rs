@@ -12,6 +12,7 @@ mod control;
 mod metrics;
 pub mod model;
 pub mod resources;
+pub mod routes;
 pub mod store;
 mod xds;
 
@@ -24,7 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use api::ROUTES_PATH;
+pub use api::{CURSOR, ROUTES_PATH};
 pub use control::Control;
 
 /// The environment variable that holds the admin token.
@@ -139,6 +140,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let api = Arc::new(api::Api {
         control: control.clone(),
         token: api::Api::token_digest(&options.token),
+        watchers: api::Watchers::new(http_gate.limits.max_connections / 2),
         gates: vec![http_gate.clone(), grpc_gate.clone()],
     });
     tokio::spawn(edgewise_service::serve_http(

@@ -11,8 +11,13 @@ pub struct Metrics {
     pub published: AtomicU64,
     pub functions: AtomicU64,
     pub routes_version: AtomicU64,
+    pub routes: AtomicU64,
     pub route_fetches: AtomicU64,
     pub route_not_modified: AtomicU64,
+    /// Route watches held now.
+    pub route_watchers: AtomicU64,
+    /// Route watches by how they ended: changes, timeout, gone, refused.
+    watches: [AtomicU64; 4],
     pub xds_streams: AtomicU64,
     /// Streams behind on their acknowledgements by more than the wait publication allows.
     pub xds_lagging: AtomicU64,
@@ -22,6 +27,14 @@ pub struct Metrics {
     xds: [[AtomicU64; 3]; 3],
     /// Per status class 2xx, 4xx, 5xx.
     api: [AtomicU64; 3],
+}
+
+#[derive(Clone, Copy)]
+pub enum Watch {
+    Changes = 0,
+    Timeout = 1,
+    Gone = 2,
+    Refused = 3,
 }
 
 #[derive(Clone, Copy)]
@@ -42,6 +55,12 @@ fn type_index(type_url: &str) -> usize {
 impl Metrics {
     pub fn xds(&self, type_url: &str, what: Xds) {
         if let Some(c) = self.xds.get(type_index(type_url)).and_then(|t| t.get(what as usize)) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn watch(&self, how: Watch) {
+        if let Some(c) = self.watches.get(how as usize) {
             c.fetch_add(1, Relaxed);
         }
     }
@@ -76,6 +95,7 @@ impl Metrics {
             "Version of the route table served.",
             &self.routes_version,
         );
+        gauge(&mut out, "edgewise_control_routes", "Routes in the table served.", &self.routes);
         gauge(&mut out, "edgewise_control_xds_streams", "Connected ADS streams (Envoys).", &self.xds_streams);
         gauge(
             &mut out,
@@ -98,6 +118,16 @@ impl Metrics {
             self.route_fetches.load(Relaxed),
             self.route_not_modified.load(Relaxed)
         );
+        gauge(&mut out, "edgewise_control_route_watchers", "Route watches held.", &self.route_watchers);
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_route_watches_total Route watches, by how they ended: changes sent, wait \
+             over (304), cursor gone (410), refused past the bounds (429).\n\
+             # TYPE edgewise_control_route_watches_total counter"
+        );
+        for (result, c) in ["changes", "timeout", "gone", "refused"].iter().zip(&self.watches) {
+            let _ = writeln!(out, "edgewise_control_route_watches_total{{result=\"{result}\"}} {}", c.load(Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP edgewise_control_xds_total xDS responses sent and the ACKs and NACKs they got, by type.\n\

@@ -31,7 +31,24 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS route_log (
+    version INTEGER PRIMARY KEY,
+    key     TEXT NOT NULL,
+    put     INTEGER NOT NULL,
+    json    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS route_log_key ON route_log(key, version);
 ";
+
+/// One entry of the route log: the route under `key` put (`json`: the route) or deleted
+/// (`json`: its match), as change number `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedChange {
+    pub version: u64,
+    pub key: String,
+    pub put: bool,
+    pub json: String,
+}
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -45,7 +62,11 @@ pub struct Contents {
     pub customers: BTreeMap<String, Customer>,
     /// name -> (route key, function)
     pub functions: BTreeMap<String, (String, Function)>,
-    pub routes_version: u64,
+    /// The route log's history id, made when the store was created.
+    pub routes_history: u64,
+    /// The log holds every change after this version (and, before it, the routes in force).
+    pub routes_horizon: u64,
+    pub route_log: Vec<LoggedChange>,
 }
 
 impl Store {
@@ -78,13 +99,74 @@ impl Store {
             let matches = serde_json::from_str(&matches).map_err(|e| format!("database: function {name}: {e}"))?;
             contents.functions.insert(name, (key, Function { matches, customer, host }));
         }
-        contents.routes_version = self
-            .db
-            .query_row("SELECT value FROM meta WHERE key = 'routes_version'", [], |r| r.get::<_, i64>(0))
-            .optional()
-            .map_err(db_error)?
-            .map_or(0, |v| v.max(0) as u64);
+        let meta = |key: &str| {
+            self.db
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(db_error)
+        };
+        // A store from before the route log: its table version is where the log begins.
+        let legacy = meta("routes_version")?.map_or(0, |v| v.max(0) as u64);
+        contents.routes_horizon = meta("routes_horizon")?.map_or(legacy, |v| v.max(0) as u64);
+        contents.routes_history = match meta("routes_history")? {
+            Some(h) => h as u64,
+            None => {
+                let history = new_history();
+                self.db
+                    .execute("INSERT INTO meta (key, value) VALUES ('routes_history', ?1)", [history as i64])
+                    .map_err(db_error)?;
+                history
+            }
+        };
+        let mut log =
+            self.db.prepare("SELECT version, key, put, json FROM route_log ORDER BY version").map_err(db_error)?;
+        let rows = log
+            .query_map([], |r| {
+                Ok(LoggedChange {
+                    version: r.get::<_, i64>(0)?.max(0) as u64,
+                    key: r.get(1)?,
+                    put: r.get::<_, i64>(2)? != 0,
+                    json: r.get(3)?,
+                })
+            })
+            .map_err(db_error)?;
+        for row in rows {
+            contents.route_log.push(row.map_err(db_error)?);
+        }
         Ok(contents)
+    }
+
+    /// Appends `changes` to the route log in one transaction, and moves its horizon from `from`
+    /// to `to`: behind the horizon only the routes in force stay (an entry superseded by a later
+    /// one for its key, or a deletion, goes).
+    pub fn append_routes(&mut self, changes: &[LoggedChange], from: u64, to: u64) -> Result<()> {
+        let int = |v: u64| i64::try_from(v).map_err(|e| e.to_string());
+        let tx = self.db.transaction().map_err(db_error)?;
+        {
+            let mut superseded =
+                tx.prepare("DELETE FROM route_log WHERE key = ?1 AND version <= ?2").map_err(db_error)?;
+            let mut insert = tx
+                .prepare("INSERT INTO route_log (version, key, put, json) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(db_error)?;
+            for c in changes {
+                superseded.execute(params![c.key, int(to)?]).map_err(db_error)?;
+                insert.execute(params![int(c.version)?, c.key, i64::from(c.put), c.json]).map_err(db_error)?;
+            }
+        }
+        if to > from {
+            tx.execute(
+                "DELETE FROM route_log WHERE version > ?1 AND version <= ?2 AND (put = 0 OR EXISTS
+                 (SELECT 1 FROM route_log later WHERE later.key = route_log.key AND later.version > route_log.version))",
+                params![int(from)?, int(to)?],
+            )
+            .map_err(db_error)?;
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('routes_horizon', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+            [int(to)?],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
     }
 
     pub fn put_customer(&mut self, name: &str, c: &Customer) -> Result<()> {
@@ -119,18 +201,6 @@ impl Store {
         self.db.execute("DELETE FROM functions WHERE name = ?1", [name]).map(drop).map_err(db_error)
     }
 
-    pub fn set_routes_version(&mut self, version: u64) -> Result<()> {
-        let version = i64::try_from(version).map_err(|e| e.to_string())?;
-        self.db
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ('routes_version', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = ?1",
-                [version],
-            )
-            .map(drop)
-            .map_err(db_error)
-    }
-
     /// Many customers and functions in one transaction (seeding a large installation; the
     /// benchmark's 10,000 customers and 100,000 functions). The caller has checked them.
     pub fn seed<'a>(
@@ -160,6 +230,18 @@ impl Store {
     }
 }
 
+/// A history id no other store has: the time and the process, hashed (63 bits: SQLite's
+/// integers are signed).
+fn new_history() -> u64 {
+    use sha2::{Digest, Sha256};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let seed = format!("{}.{}.{}", now.as_nanos(), std::process::id(), std::ptr::from_ref(&now) as usize);
+    let digest = Sha256::digest(seed.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    u64::from_be_bytes(bytes) >> 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +263,6 @@ mod tests {
             store.put_customer("a", &a).unwrap();
             store.put_customer("b", &a).unwrap();
             store.put_function("f1", "f", &f).unwrap();
-            store.set_routes_version(7).unwrap();
             let unknown = Function { customer: "nobody".into(), ..f.clone() };
             assert!(store.put_function("f2", "g", &unknown).unwrap_err().contains("FOREIGN KEY"));
             assert!(store.put_function("f3", "f", &f).unwrap_err().contains("UNIQUE"));
@@ -191,7 +272,8 @@ mod tests {
         assert_eq!(contents.customers.len(), 2);
         assert_eq!(contents.customers["a"], a);
         assert_eq!(contents.functions["f1"], ("f".to_string(), f));
-        assert_eq!(contents.routes_version, 7);
+        assert_eq!(contents.route_log, []);
+        assert_eq!(contents.routes_history, store.load().unwrap().routes_history, "the history id is kept");
         store.delete_customer("a").unwrap();
         let contents = store.load().unwrap();
         assert_eq!(contents.customers.keys().collect::<Vec<_>>(), ["b"]);

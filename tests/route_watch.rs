@@ -1,0 +1,180 @@
+//! The route watch of a real `edgewise-control` against its protocol (docs/serverless-control.md,
+//! "The route watch"): the whole table with its cursor; the changes after a cursor, in order,
+//! held until there is one or `wait` runs out (304); 410 for a cursor it cannot serve from (too
+//! old, ahead, of another store, garbage), and a watch that resumes across a restart; bounded
+//! watches (429 past them), and a watcher that never reads dropped at a timeout.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use edgewise::control::{self, ControlService};
+use edgewise::flood::{self, source};
+use edgewise::scenarios::serverless::Pki;
+use edgewise_control::{CURSOR, ROUTES_PATH};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_edgewise-control"))
+}
+
+const LABEL: &str = "0000000a-0000000b-000000000c";
+const HOST: &str = "hello.ns-42.knative.customer-a.example";
+
+async fn start(run: &Path, db: &str) -> (Pki, ControlService) {
+    let pki = Pki::install(run).unwrap();
+    let control = ControlService::start(binary(), run, &run.join(db), (0, 0), &[]).await.unwrap();
+    (pki, control)
+}
+
+/// A routes request: (status, cursor header, body).
+async fn routes(c: &ControlService, query: &str) -> (u16, String, String) {
+    let (status, fields, body) = c.exchange("GET", &format!("{ROUTES_PATH}{query}"), &[], "").await.unwrap();
+    let cursor = fields.iter().find(|(k, _)| k == CURSOR).map(|(_, v)| v.clone()).unwrap_or_default();
+    (status, cursor, body)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+#[tokio::test]
+async fn the_route_watch_sends_what_changed_after_a_cursor_and_resumes_across_a_restart() {
+    let run = tempfile::tempdir().unwrap();
+    let (pki, mut c) = start(run.path(), "control.db").await;
+
+    let (status, c0, body) = routes(&c, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["routes"], Value::Array(Vec::new()));
+    assert!(c0.contains('.'), "a cursor: {c0:?}");
+
+    // Changes after the cursor, in order, under a new cursor.
+    c.put_customer("customer-a", 9, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    c.put_function("hello", LABEL, "customer-a", HOST).await.unwrap();
+    let (status, c1, body) = routes(&c, &format!("?since={c0}")).await;
+    assert_eq!(status, 200, "{body}");
+    let put = &json(&body)["changes"];
+    assert_eq!(put.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(put[0]["put"]["host"], HOST);
+    assert_eq!(put[0]["put"]["cluster"], "customer-a");
+    assert_eq!(put[0]["put"]["match"], control::function_match(LABEL).unwrap());
+    assert_ne!(c1, c0);
+    // The whole table says the same, and names the same cursor.
+    let (_, full_cursor, full) = routes(&c, "").await;
+    assert_eq!(full_cursor, c1);
+    assert_eq!(json(&full)["routes"][0], put[0]["put"]);
+
+    // A watch held at the current cursor is answered as soon as a change comes.
+    let watch = {
+        let c1 = c1.clone();
+        let http = c.http;
+        tokio::spawn(async move {
+            let (status, fields, body) = edgewise::service::Service::exchange_on(
+                http,
+                "GET",
+                &format!("{ROUTES_PATH}?since={c1}&wait=20"),
+                &[],
+                "",
+            )
+            .await
+            .unwrap();
+            let cursor = fields.iter().find(|(k, _)| k == CURSOR).map(|(_, v)| v.clone()).unwrap_or_default();
+            (status, cursor, body, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!watch.is_finished(), "the watch waits for a change");
+    let deleted = Instant::now();
+    let (status, _) = c.call("DELETE", "/v1/functions/hello", None).await.unwrap();
+    assert_eq!(status, 200);
+    let (status, c2, body, answered) = watch.await.unwrap();
+    let latency = answered.duration_since(deleted);
+    eprintln!("a held watch answered {latency:?} after the change");
+    assert!(latency < Duration::from_millis(100), "answered {latency:?} after the change");
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["changes"][0]["delete"]["match"], control::function_match(LABEL).unwrap());
+
+    // No change within `wait`: 304, the same cursor.
+    let waited = Instant::now();
+    let (status, cursor, body) = routes(&c, &format!("?since={c2}&wait=1")).await;
+    assert_eq!((status, cursor.as_str(), body.as_str()), (304, c2.as_str(), ""));
+    assert!(waited.elapsed() >= Duration::from_millis(950), "answered after {:?}", waited.elapsed());
+
+    // A restart keeps the history: cursors from before it still work.
+    c.stop().await.unwrap();
+    c.start_again().await.unwrap();
+    c.ready(Duration::from_secs(10)).await.unwrap();
+    let (status, cursor, body) = routes(&c, &format!("?since={c1}")).await;
+    assert_eq!((status, cursor.as_str()), (200, c2.as_str()), "{body}");
+    assert!(json(&body)["changes"][0].get("delete").is_some(), "{body}");
+    assert_eq!(routes(&c, &format!("?since={c2}")).await.0, 304);
+
+    // Cursors it cannot serve from: 410, the whole table to fetch.
+    let (history, version) = c2.split_once('.').unwrap();
+    let ahead = format!("{history}.{}", version.parse::<u64>().unwrap() + 1);
+    let other = format!("{:x}.1", u64::from_str_radix(history, 16).unwrap() ^ 1);
+    for cursor in [ahead.as_str(), other.as_str(), "garbage", "", "%ff%00"] {
+        let (status, _, body) = routes(&c, &format!("?since={cursor}")).await;
+        assert_eq!(status, 410, "{cursor:?}: {body}");
+        assert_eq!(json(&body)["error"], "gone");
+    }
+    // Another store has another history.
+    let other_run = tempfile::tempdir().unwrap();
+    let (_, other) = start(other_run.path(), "other.db").await;
+    let (status, _, body) = routes(&other, &format!("?since={c1}")).await;
+    assert_eq!(status, 410, "{body}");
+    assert!(body.contains("another history"), "{body}");
+    assert_eq!(routes(&c, "?since=x&wait=soon").await.0, 400);
+
+    let metric = |result: &str| format!("edgewise_control_route_watches_total{{result=\"{result}\"}}");
+    assert!(c.metric(&metric("changes")).await.unwrap() >= 1.0);
+    assert!(c.metric(&metric("timeout")).await.unwrap() >= 1.0);
+    assert!(c.metric(&metric("gone")).await.unwrap() >= 5.0);
+}
+
+#[tokio::test]
+async fn route_watches_are_bounded_and_a_watcher_that_never_reads_is_dropped() {
+    let run = tempfile::tempdir().unwrap();
+    let (pki, c) = start(run.path(), "control.db").await;
+    let (_, cursor, _) = routes(&c, "").await;
+    let request = format!("GET {ROUTES_PATH}?since={cursor}&wait=30 HTTP/1.1\r\nhost: control\r\n\r\n");
+
+    // One address holds 8 watches at most; they never read what they are sent.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = flood::connect_from(source(2), c.http).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    let start = Instant::now();
+    while c.metric("edgewise_control_route_watchers").await.unwrap() != 8.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "8 watches not held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ninth = flood::connect_from(source(2), c.http).await.unwrap();
+    ninth.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(1), ninth.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 429") && answer.contains("too_many_watches"), "{answer}");
+    // Another address (a gateway) still watches.
+    let (status, _, _) = routes(&c, &format!("?since={cursor}&wait=1")).await;
+    assert_eq!(status, 304);
+    assert_eq!(c.metric("edgewise_control_route_watches_total{result=\"refused\"}").await.unwrap(), 1.0);
+
+    // A change answers them all; they never read it nor ask again: the service closes them at
+    // its header timeout (10 s), and holds nothing for them.
+    c.put_customer("customer-a", 9, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    c.put_function("hello", LABEL, "customer-a", HOST).await.unwrap();
+    let changed = Instant::now();
+    let mut closed = 0;
+    for s in &mut held {
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut all)).await;
+        assert!(read.is_ok(), "a watcher that never reads is still connected after 15 s");
+        assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"), "{all:?}");
+        closed += 1;
+    }
+    eprintln!("{closed} watchers that never read closed {:?} after the change", changed.elapsed());
+    assert_eq!(c.metric("edgewise_control_route_watchers").await.unwrap(), 0.0);
+}
