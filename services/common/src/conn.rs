@@ -98,3 +98,57 @@ impl tonic::transport::server::Connected for Conn {
         self.stream.connect_info()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::Limits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection through a gate with a 200 ms idle timeout, and its peer.
+    async fn pair() -> (Conn, TcpStream, Arc<Gate>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, addr) = listener.accept().await.unwrap();
+        let gate = Gate::new("test", Limits { idle_timeout: Duration::from_millis(200), ..Limits::default() });
+        let permit = gate.admit(addr.ip()).unwrap();
+        (Conn::new(stream, permit, gate.clone()), peer, gate)
+    }
+
+    #[tokio::test]
+    async fn a_connection_where_nothing_moves_is_closed_and_one_where_bytes_move_is_not() {
+        let (mut conn, mut peer, gate) = pair().await;
+        let mut buf = [0u8; 16];
+        // Bytes every 100 ms for 600 ms: never idle for 200 ms.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            peer.write_all(b"x").await.unwrap();
+            assert_eq!(conn.read(&mut buf).await.unwrap(), 1);
+        }
+        let start = Instant::now();
+        let error = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(190) && waited < Duration::from_millis(600), "{waited:?}");
+        assert_eq!(gate.open(), 1, "counted until dropped");
+        drop(conn);
+        assert_eq!(gate.open(), 0);
+        let mut out = String::new();
+        crate::gate::render("t", &[gate], &mut out);
+        assert!(out.contains("t_connections_closed_total{port=\"test\",reason=\"idle_timeout\"} 1\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_stalls_the_writes_until_the_idle_timeout() {
+        let (mut conn, _peer, _gate) = pair().await;
+        let chunk = vec![0u8; 1 << 20];
+        let start = Instant::now();
+        let error = loop {
+            if let Err(e) = conn.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    }
+}
