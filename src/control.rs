@@ -84,22 +84,6 @@ impl ControlService {
     }
 }
 
-/// envoy/serverless-xds.yaml with on-demand CDS instead of every cluster: no wildcard cluster
-/// subscription, and Envoy's on_demand filter fetching the cluster the serverless filter chose
-/// when Envoy does not have it yet (measured by `make bench`; docs/serverless-control.md).
-pub fn on_demand_cds(config: Config) -> Config {
-    config.replace("  cds_config:\n    ads: {}\n    resource_api_version: V3\n", "").replace(
-        "          - name: envoy.filters.http.router\n",
-        "          - name: envoy.filters.http.on_demand\n\
-         \x20           typed_config:\n\
-         \x20             \"@type\": type.googleapis.com/envoy.extensions.filters.http.on_demand.v3.OnDemand\n\
-         \x20             odcds:\n\
-         \x20               source: { ads: {}, resource_api_version: V3 }\n\
-         \x20               timeout: 5s\n\
-         \x20         - name: envoy.filters.http.router\n",
-    )
-}
-
 /// The `match` of a default-layout label.
 pub fn function_match(label: &str) -> Result<Value> {
     let parts: Vec<&str> = label.split('-').collect();

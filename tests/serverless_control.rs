@@ -36,21 +36,22 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    setup_with(|c| c).await
+    setup_with("serverless-xds").await
 }
 
-async fn setup_with(tweak: fn(Config) -> Config) -> Setup {
+/// The control service and an Envoy running `yaml` (envoy/<yaml>.yaml of the build under test).
+async fn setup_with(yaml: &str) -> Setup {
     let run = tempfile::tempdir().unwrap();
     let pki = Pki::install(run.path()).unwrap();
     let db = run.path().join("control.db");
     let control =
         ControlService::start(binary(), run.path(), &db, (0, 0), &["--removal-delay-ms", "1500"]).await.unwrap();
-    let config = Config::shipped("serverless-xds")
+    let config = Config::shipped(yaml)
         .run_dir(run.path())
         .port(ports::FRONT, 0)
         .port(control::GRPC_PORT, control.grpc)
         .port(control::HTTP_PORT, control.http);
-    let envoy = Envoy::start(&tweak(config)).await.unwrap();
+    let envoy = Envoy::start(&config).await.unwrap();
     let front = envoy.listener("serverless_https").await.unwrap();
     let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
     Setup { run, pki, control, envoy, front, client }
@@ -264,12 +265,12 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
     assert!(s.run.path().join("control.db").exists());
 }
 
-/// The same control service for Envoys that fetch clusters on demand (on-demand CDS, the
-/// alternative the benchmark measures): Envoy holds a customer's cluster only once a request
-/// needs it, a customer published needs no ACK, and a removed customer's cluster leaves.
+/// envoy/serverless-odcds.yaml, Envoys that fetch clusters on demand (on-demand CDS): Envoy holds
+/// a customer's cluster only once a request needs it, a customer published needs no ACK, and a
+/// removed customer's cluster leaves.
 #[tokio::test]
 async fn envoys_with_on_demand_cds_get_a_cluster_when_a_request_needs_it() {
-    let s = setup_with(control::on_demand_cds).await;
+    let s = setup_with("serverless-odcds").await;
     let (a, b) =
         (s.gateway("customer-a", &s.pki.customer_a_ca).await, s.gateway("customer-b", &s.pki.customer_b_ca).await);
     s.control
@@ -299,6 +300,34 @@ async fn envoys_with_on_demand_cds_get_a_cluster_when_a_request_needs_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(server_of(&s.get(A_HOST).await), "customer-a");
+}
+
+/// envoy/serverless-odcds.yaml is envoy/serverless-xds.yaml with clusters on demand and nothing
+/// else: no cluster subscription, and Envoy's on_demand filter right before the router.
+#[test]
+fn the_on_demand_file_is_serverless_xds_with_clusters_on_demand() {
+    for build in edgewise::envoy::Build::ALL {
+        let parse = |name: &str| -> serde_yaml::Value {
+            serde_yaml::from_str(&Config::shipped_as(name, build).yaml).unwrap()
+        };
+        let (mut xds, mut odcds) = (parse("serverless-xds"), parse("serverless-odcds"));
+        let cds = xds["dynamic_resources"].as_mapping_mut().unwrap().remove("cds_config");
+        assert!(cds.is_some(), "serverless-xds subscribes to every cluster");
+        let filters = |v: &mut serde_yaml::Value| -> Vec<serde_yaml::Value> {
+            let hcm = &mut v["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0];
+            hcm["typed_config"]["http_filters"].as_sequence().unwrap().clone()
+        };
+        let (with, without) = (filters(&mut odcds), filters(&mut xds));
+        let names: Vec<&str> = with.iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), without.len() + 1, "{build:?}: {names:?}");
+        assert_eq!(names[names.len() - 2..], ["envoy.filters.http.on_demand", "envoy.filters.http.router"]);
+        let on_demand = &with[with.len() - 2]["typed_config"]["odcds"];
+        assert_eq!(on_demand["source"]["ads"], serde_yaml::Value::Mapping(Default::default()));
+        assert_eq!(on_demand["timeout"], "5s");
+        let hcm = &mut odcds["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        hcm["http_filters"].as_sequence_mut().unwrap().remove(with.len() - 2);
+        assert!(odcds == xds, "{build:?}: serverless-odcds differs from serverless-xds beyond on-demand CDS");
+    }
 }
 
 /// The REST API on its own: the admin token, and clear JSON errors naming the field.

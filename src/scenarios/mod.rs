@@ -37,7 +37,7 @@ pub fn install_sds(scenario: &str, run_dir: &Path) -> Result<()> {
 /// `run_dir`, so that it can start or be validated.
 pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     match scenario {
-        "serverless" | "serverless-xds" => serverless::Pki::install(run_dir).map(drop),
+        "serverless" | "serverless-xds" | "serverless-odcds" => serverless::Pki::install(run_dir).map(drop),
         "cloud-connector" => cloud_connector::Pki::install(run_dir).map(drop),
         "tunnel-hub" | "tunnel-agent" => tunnel::Pki::install(run_dir).map(drop),
         "egress" => egress::install(run_dir).map(drop),
