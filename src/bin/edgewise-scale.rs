@@ -252,7 +252,7 @@ async fn main() -> Result<()> {
         ("10 clusters", 10, 100, false, false),
         ("all clusters", customers, functions, false, false),
         ("on-demand CDS", customers, functions, true, false),
-        ("all clusters, stats created at start", customers, functions, false, true),
+        ("all clusters (stats created at start)", customers, functions, false, true),
     ] {
         let (install, gateway) = Install::start(name, &work, c, f, on_demand, stats_at_start).await?;
         eprintln!("{name}: ready in {:.1} s", install.ready_s);
