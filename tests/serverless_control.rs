@@ -307,9 +307,8 @@ async fn envoys_with_on_demand_cds_get_a_cluster_when_a_request_needs_it() {
 #[test]
 fn the_on_demand_file_is_serverless_xds_with_clusters_on_demand() {
     for build in edgewise::envoy::Build::ALL {
-        let parse = |name: &str| -> serde_yaml::Value {
-            serde_yaml::from_str(&Config::shipped_as(name, build).yaml).unwrap()
-        };
+        let parse =
+            |name: &str| -> serde_yaml::Value { serde_yaml::from_str(&Config::shipped_as(name, build).yaml).unwrap() };
         let (mut xds, mut odcds) = (parse("serverless-xds"), parse("serverless-odcds"));
         let cds = xds["dynamic_resources"].as_mapping_mut().unwrap().remove("cds_config");
         assert!(cds.is_some(), "serverless-xds subscribes to every cluster");
