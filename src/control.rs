@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::certs::Ca;
-use crate::envoy::Config;
 use crate::service::Service;
 
 /// The admin token the tests and the demo give it.
