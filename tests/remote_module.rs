@@ -111,6 +111,20 @@ struct Run {
     replace: Vec<(&'static str, &'static str)>,
 }
 
+impl Downloads {
+    /// A run fetching `module`'s sha256 from this service, as shipped: guarded, no fast retries.
+    fn run(&self, module: &[u8]) -> Run {
+        Run {
+            sha256: sha256_hex(module),
+            port: self.server.port(),
+            ca_file: self.ca_file.clone(),
+            retries: None,
+            guard: true,
+            replace: vec![],
+        }
+    }
+}
+
 struct Gateway {
     envoy: Envoy,
     front: SocketAddr,
@@ -212,14 +226,7 @@ async fn the_module_is_fetched_before_envoy_serves_and_filters_every_request() {
     // The download takes 2 s: Envoy is not ready, and takes no request, before it has the module.
     let downloads = Downloads::start(s.run.path(), module.clone(), 0, Duration::from_secs(2)).await;
     let cache = tempfile::tempdir().unwrap();
-    let run = Run {
-        sha256: sha256_hex(&module),
-        port: downloads.server.port(),
-        ca_file: downloads.ca_file.clone(),
-        retries: None,
-        guard: true,
-        replace: vec![],
-    };
+    let run = downloads.run(&module);
     let gw = s.gateway(&run, cache.path()).await;
     assert!(gw.started_in >= Duration::from_secs(2), "ready after {:?}, before the module arrived", gw.started_in);
     assert_eq!(downloads.fetches(), 1);
@@ -357,14 +364,8 @@ async fn a_configuration_the_filter_refuses_is_found_only_after_the_fetch() {
     let s = Setup::new().await;
     let module = module();
     let downloads = Downloads::start(s.run.path(), module.clone(), 0, Duration::ZERO).await;
-    let run = Run {
-        sha256: sha256_hex(&module),
-        port: downloads.server.port(),
-        ca_file: downloads.ca_file.clone(),
-        retries: None,
-        guard: true,
-        replace: vec![("\"audiences\": [\"shop\"]", "\"audience\": [\"shop\"]")],
-    };
+    let run =
+        Run { replace: vec![("\"audiences\": [\"shop\"]", "\"audience\": [\"shop\"]")], ..downloads.run(&module) };
     let dir = tempfile::tempdir().unwrap();
     envoy::validate(&s.config(&run), dir.path()).expect("validate mode passes what it cannot check");
     assert_eq!(downloads.fetches(), 0, "validate mode fetches nothing");
@@ -388,15 +389,11 @@ async fn nack_on_cache_miss_keeps_a_static_envoy_from_ever_starting() {
     let module = module();
     let downloads = Downloads::start(s.run.path(), module.clone(), 0, Duration::ZERO).await;
     let run = Run {
-        sha256: sha256_hex(&module),
-        port: downloads.server.port(),
-        ca_file: downloads.ca_file.clone(),
-        retries: None,
-        guard: true,
         replace: vec![(
             "                do_not_close: true\n",
             "                do_not_close: true\n                nack_on_cache_miss: true\n",
         )],
+        ..downloads.run(&module)
     };
     let cache = tempfile::tempdir().unwrap();
     for _ in 0..2 {
