@@ -286,13 +286,14 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     // About 15 expected; the bound that matters is the upper one (three VMs fetching would make ~45).
     assert!((3..=17).contains(&fetches), "{fetches} fetches in 3 s at a 200 ms interval");
 
-    // Garbage and errors keep the last good table in force.
+    // Garbage (refused) and errors (failed) keep the last good table in force.
     let failed = &edgewise::envoy::stat("edgewise.serverless.management_fetch.failed");
-    for mode in [DocMode::Garbage, DocMode::Fail(500)] {
-        let before = s.envoy.stat(failed).await.unwrap();
+    let rejected = &edgewise::envoy::stat("edgewise.serverless.management_fetch.rejected");
+    for (mode, counter) in [(DocMode::Garbage, rejected), (DocMode::Fail(500), failed)] {
+        let before = s.envoy.stat(counter).await.unwrap();
         s.doc.mode(mode);
         s.envoy
-            .wait_stat("a failed fetch", Duration::from_secs(10), |st| st.get(failed).copied().unwrap_or(0) > before)
+            .wait_stat("a failed fetch", Duration::from_secs(10), |st| st.get(counter).copied().unwrap_or(0) > before)
             .await
             .unwrap();
         assert_eq!(s.get(NEW).await.status, 200, "{mode:?}");

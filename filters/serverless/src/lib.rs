@@ -1,26 +1,28 @@
 //! Filter `serverless`: decodes function hosts, rewrites Host to the function's Knative host and
 //! selects the customer's cluster. The decisions are `edgewise_core::serverless`'s; this crate
-//! reads `:authority`, polls the management service (`poller`) and applies what core decides.
+//! reads `:authority`, keeps the management service's routes (`watch`, `store`) and applies
+//! what core decides.
 
-mod poller;
+mod store;
+mod watch;
 
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use edgewise_core::generic::reply::{header_text, Reply};
-use edgewise_core::serverless::{Decision, Outcome, Router, Scratch};
-use edgewise_host::{lock, read, Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
+use edgewise_core::generic::reply::header_text;
+use edgewise_core::serverless::{Decision, ManagedRoutes, Outcome, Router, Scratch};
+use edgewise_host::{lock, Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
 use edgewise_host::{Setup, Stream};
 
-use poller::Poller;
+use watch::Watcher;
 
 pub struct Serverless {
-    router: RwLock<Router>,
+    router: Router,
     /// Matching space for host patterns, one per request in flight (no allocation per request).
     scratch: Mutex<Vec<Scratch>>,
     metrics: Metrics,
     /// Present when a management service is configured.
-    poller: Option<Poller>,
+    watcher: Option<Watcher>,
 }
 
 struct Metrics {
@@ -28,9 +30,13 @@ struct Metrics {
     fetch_ok: Counter,
     fetch_not_modified: Counter,
     fetch_failed: Counter,
+    fetch_rejected: Counter,
+    fetch_gone: Counter,
+    full_loads: Counter,
     table_version: Gauge,
     table_routes: Gauge,
     table_age_seconds: Gauge,
+    table_change_age_seconds: Gauge,
 }
 
 impl Metrics {
@@ -41,9 +47,13 @@ impl Metrics {
             fetch_ok: setup.counter(&format!("{p}.management_fetch.ok")),
             fetch_not_modified: setup.counter(&format!("{p}.management_fetch.not_modified")),
             fetch_failed: setup.counter(&format!("{p}.management_fetch.failed")),
+            fetch_rejected: setup.counter(&format!("{p}.management_fetch.rejected")),
+            fetch_gone: setup.counter(&format!("{p}.management_fetch.gone")),
+            full_loads: setup.counter(&format!("{p}.table.full_loads")),
             table_version: setup.gauge(&format!("{p}.table.version")),
             table_routes: setup.gauge(&format!("{p}.table.routes")),
             table_age_seconds: setup.gauge(&format!("{p}.table.age_seconds")),
+            table_change_age_seconds: setup.gauge(&format!("{p}.table.change_age_seconds")),
         }
     }
 
@@ -63,10 +73,10 @@ impl Filter for Serverless {
     fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError> {
         let router = Router::from_json(config)?;
         let metrics = Metrics::define(setup);
-        let share = !setup.shared_by_workers();
-        let poller = router.management.clone().map(|m| Poller::new(m, setup.instance(), share));
+        let shared = !setup.shared_by_workers();
+        let watcher = router.management.clone().map(|m| Watcher::new(m, setup.instance(), shared));
         let scratch = Mutex::new(vec![router.decoder.scratch()]);
-        Ok(Serverless { router: RwLock::new(router), scratch, metrics, poller })
+        Ok(Serverless { router, scratch, metrics, watcher })
     }
 
     fn on_request_headers<S: Stream>(&self, s: &mut S, _: &mut ()) -> Flow {
@@ -74,79 +84,55 @@ impl Filter for Serverless {
         let authority = s.request_header(":authority").map(|a| a.into_owned());
         let authority = match header_text(":authority", authority.as_deref()) {
             Ok(Some(authority)) => authority,
-            Ok(None) => return self.pass_through(s),
+            Ok(None) => {
+                s.remove_request_header(&self.router.cluster_header);
+                return Flow::Continue;
+            }
             Err(reply) => {
                 self.metrics.count(s, Outcome::MalformedHost);
                 return s.reply(&reply, &[]);
             }
         };
-        match self.route(s, authority) {
-            Some(flow) => flow,
-            None => {
-                // No table here yet: another worker may have loaded one since this one's last tick.
-                if let Some(poller) = &self.poller {
-                    poller.sync(s, self);
-                }
-                self.route(s, authority).unwrap_or_else(|| {
-                    self.metrics.count(s, Outcome::TableUnavailable);
-                    let detail = format!("the route table has not been loaded yet; cannot route {authority}");
-                    s.reply(&Reply::new(503, "route_table_unavailable", detail), &[])
-                })
-            }
-        }
-    }
-
-    fn tick_period(&self) -> Option<Duration> {
-        self.poller.as_ref().map(Poller::tick_period)
-    }
-
-    fn on_tick<B: Background>(&self, bg: &mut B) {
-        if let Some(poller) = &self.poller {
-            poller.on_tick(bg, self);
-        }
-    }
-
-    fn on_fetched<B: Background>(&self, bg: &mut B, id: u64, response: &Fetched) {
-        if let Some(poller) = &self.poller {
-            poller.on_fetched(bg, id, response, self);
-        }
-    }
-}
-
-impl Serverless {
-    /// Decides and applies; `None` when a management service is configured and no route table
-    /// has been loaded yet.
-    fn route(&self, s: &mut impl Stream, authority: &str) -> Option<Flow> {
-        let router = read(&self.router);
-        let mut scratch = lock(&self.scratch).pop().unwrap_or_else(|| router.decoder.scratch());
-        let decision = router.decide(authority, &mut scratch);
+        let mut scratch = lock(&self.scratch).pop().unwrap_or_else(|| self.router.decoder.scratch());
+        let view = self.watcher.as_ref().map(|w| w.store.view(&*s));
+        let decision = self.router.decide(authority, &mut scratch, view.as_ref().map(|v| v as &dyn ManagedRoutes));
         let flow = match decision {
             // Only the filter may choose the cluster: a value a client sent is removed (or, on a
             // routed request, overwritten).
             Decision::PassThrough => {
-                s.remove_request_header(&router.cluster_header);
-                Some(Flow::Continue)
+                s.remove_request_header(&self.router.cluster_header);
+                Flow::Continue
             }
             Decision::Route(target) => {
                 s.set_request_header("x-forwarded-host", authority.as_bytes());
-                s.set_request_header(&router.cluster_header, target.cluster.as_bytes());
+                s.set_request_header(&self.router.cluster_header, target.cluster.as_bytes());
                 s.set_request_header(":authority", target.host.as_bytes());
                 self.metrics.count(s, Outcome::Routed);
-                Some(Flow::Continue)
+                Flow::Continue
             }
-            Decision::Reject(Outcome::TableUnavailable, _) if self.poller.is_some() => None,
             Decision::Reject(outcome, reply) => {
                 self.metrics.count(s, outcome);
-                Some(s.reply(&reply, &[]))
+                s.reply(&reply, &[])
             }
         };
         lock(&self.scratch).push(scratch);
         flow
     }
 
-    fn pass_through(&self, s: &mut impl Stream) -> Flow {
-        s.remove_request_header(&read(&self.router).cluster_header);
-        Flow::Continue
+    fn tick_period(&self) -> Option<Duration> {
+        self.watcher.as_ref().map(Watcher::tick_period)
+    }
+
+    fn on_tick<B: Background>(&self, bg: &mut B) {
+        if let Some(w) = &self.watcher {
+            w.on_tick(bg, &self.router, &self.metrics);
+        }
+    }
+
+    fn on_fetched<B: Background>(&self, bg: &mut B, id: u64, response: &Fetched) {
+        if let Some(w) = &self.watcher {
+            w.on_fetched(bg, id, response, &self.router, &self.metrics);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ const CONFIG: &str = r#"{
   "domain": "serverless.example",
   "routes": [{ "match": { "project": "0000000a", "environment": "0000000b", "function": "000000000c" },
                "cluster": "customer-a", "host": "hello.ns.knative.a.example" }],
-  "management": { "cluster": "management", "poll_interval_ms": 1000 }
+  "management": { "cluster": "management", "poll_interval_ms": 1000, "max_answer_bytes": 1048576 }
 }"#;
 
 const POLLED: &str = "1111111a-2222222b-333333333c.serverless.example";
@@ -25,10 +25,26 @@ fn get<'a>(sl: &Serverless, host: &'a FakeHost, authority: &[u8]) -> (Flow, Fake
     (sl.on_request_headers(&mut s, &mut ()), s)
 }
 
+const B_ROUTE: &str = r#"{ "match": { "project": "1111111a", "environment": "2222222b", "function": "333333333c" },
+                          "cluster": "customer-b", "host": "fn.knative.b.example" }"#;
+const C_ROUTE: &str = r#"{ "match": { "project": "1111111a", "environment": "2222222b", "function": "00000000cc" },
+                          "cluster": "customer-c", "host": "fn.knative.c.example" }"#;
+const C: &str = "1111111a-2222222b-00000000cc.serverless.example";
+
+fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> Fetched {
+    let headers = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+    Fetched { status, headers, body: body.as_bytes().to_vec() }
+}
+
+/// A whole table from a service that does not watch.
 fn table() -> Fetched {
-    let doc = r#"{"version": 7, "routes": [{ "match": { "project": "1111111a", "environment": "2222222b",
-                  "function": "333333333c" }, "cluster": "customer-b", "host": "fn.knative.b.example" }]}"#;
-    Fetched { status: 200, headers: vec![("etag".into(), b"\"v7\"".to_vec())], body: doc.as_bytes().to_vec() }
+    answer(200, &[("etag", "\"v7\"")], &format!(r#"{{"version": 7, "routes": [{B_ROUTE}]}}"#))
+}
+
+fn routed(sl: &Serverless, host: &FakeHost, authority: &str) -> Option<String> {
+    let (flow, s) = get(sl, host, authority.as_bytes());
+    let cluster = s.header("x-edgewise-cluster").map(|c| String::from_utf8_lossy(c).into_owned());
+    (flow == Flow::Continue).then_some(cluster).flatten()
 }
 
 #[test]
@@ -55,7 +71,7 @@ fn hosts_are_routed_and_the_cluster_is_the_filters_alone() {
 }
 
 #[test]
-fn the_polled_table_routes_once_fetched_and_is_shared_only_between_copies() {
+fn a_table_from_a_service_that_does_not_watch_is_polled_and_shared_only_between_copies() {
     for shared_by_workers in [true, false] {
         let host = FakeHost::default();
         let sl = configure(&host, shared_by_workers);
@@ -64,28 +80,194 @@ fn the_polled_table_routes_once_fetched_and_is_shared_only_between_copies() {
 
         let mut bg = FakeBackground::new(&host);
         sl.on_tick(&mut bg);
-        assert_eq!(bg.calls, [("management".into(), "management".into(), "/v1/serverless/routes".into())]);
+        assert_eq!(bg.calls, [("management".into(), "management".into(), "/v1/serverless/routes?limit=10000".into())]);
         sl.on_fetched(&mut bg, 1, &table());
-        let (flow, s) = get(&sl, &host, POLLED.as_bytes());
-        assert_eq!(flow, Flow::Continue);
-        assert_eq!(s.header("x-edgewise-cluster"), Some(&b"customer-b"[..]));
+        assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"));
         assert_eq!(host.metric("edgewise.serverless.table.version"), 7);
         assert_eq!(host.metric("edgewise.serverless.management_fetch.ok"), 1);
 
-        // Proxy-wasm: another worker's copy installs the table from shared data; natively there
-        // is no other copy and nothing is stored.
+        // Proxy-wasm: another worker's copy reads the same table from shared data; natively
+        // there is no other copy and the table is in the filter.
         let other = configure(&host, shared_by_workers);
         let (flow, _) = get(&other, &host, POLLED.as_bytes());
         assert_eq!(flow == Flow::Continue, !shared_by_workers, "shared_by_workers: {shared_by_workers}");
 
-        // Within the interval no call; a failed fetch keeps the table in force.
+        // No cursor: polled again after the interval; a failed fetch keeps the table in force.
         sl.on_tick(&mut bg);
         assert_eq!(bg.calls.len(), 1);
         host.now_ms.set(1_000);
         sl.on_tick(&mut bg);
         assert_eq!(bg.calls.len(), 2);
         sl.on_fetched(&mut bg, 2, &Fetched::default());
-        assert_eq!(get(&sl, &host, POLLED.as_bytes()).0, Flow::Continue);
+        assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"));
         assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 1);
     }
+}
+
+/// Drives the watcher through the fake background: the path of every call, answered in turn.
+struct Service<'a> {
+    sl: &'a Serverless,
+    bg: FakeBackground<'a>,
+}
+
+impl<'a> Service<'a> {
+    fn new(sl: &'a Serverless, host: &'a FakeHost) -> Self {
+        Service { sl, bg: FakeBackground::new(host) }
+    }
+
+    /// The path of the call in flight, if one was made since the last answer.
+    fn asked(&self) -> Option<&str> {
+        self.bg.calls.last().map(|(_, _, path)| path.as_str())
+    }
+
+    fn answer(&mut self, r: Fetched) {
+        let id = self.bg.calls.len() as u64;
+        self.sl.on_fetched(&mut self.bg, id, &r);
+    }
+
+    fn tick_at(&mut self, ms: u64) {
+        self.bg.host.now_ms.set(ms);
+        self.sl.on_tick(&mut self.bg);
+    }
+}
+
+#[test]
+fn the_table_is_loaded_in_pages_then_watched_and_changes_apply_in_place() {
+    for shared_by_workers in [true, false] {
+        let host = FakeHost::default();
+        let sl = configure(&host, shared_by_workers);
+        let mut svc = Service::new(&sl, &host);
+        svc.tick_at(0);
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"));
+        svc.answer(answer(
+            200,
+            &[("x-edgewise-cursor", "h.5")],
+            &format!(r#"{{"version":5,"routes":[{B_ROUTE}],"next":"p2"}}"#),
+        ));
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000&after=p2"), "the next page at once");
+        assert_eq!(routed(&sl, &host, POLLED), None, "nothing in force before the last page");
+        svc.answer(answer(200, &[], &format!(r#"{{"version":6,"routes":[{C_ROUTE}]}}"#)));
+        assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"));
+        assert_eq!(routed(&sl, &host, C).as_deref(), Some("customer-c"));
+        assert_eq!(host.metric("edgewise.serverless.table.routes"), 2);
+        assert_eq!(host.metric("edgewise.serverless.table.full_loads"), 1);
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.5&wait=25"), "watching from the first page");
+
+        // Replaying what overlapped the load: C was put at 6 and is put again; a route deleted
+        // before a later page was read may be deleted again.
+        let gone_early =
+            r#"{"delete":{"match":{"project":"99999999","environment":"99999999","function":"9999999999"}}}"#;
+        svc.answer(answer(
+            200,
+            &[("x-edgewise-cursor", "h.7")],
+            &format!(r#"{{"version":7,"changes":[{{"put":{C_ROUTE}}},{gone_early}]}}"#),
+        ));
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.7&wait=25"));
+        let delete_b =
+            r#"{"delete":{"match":{"project":"1111111a","environment":"2222222b","function":"333333333c"}}}"#;
+        svc.answer(answer(200, &[("x-edgewise-cursor", "h.8")], &format!(r#"{{"version":8,"changes":[{delete_b}]}}"#)));
+        assert_eq!(routed(&sl, &host, POLLED), None, "deleted in place");
+        assert_eq!(get(&sl, &host, POLLED.as_bytes()).1.replied.map(|r| r.status), Some(404));
+        assert_eq!(
+            (host.metric("edgewise.serverless.table.routes"), host.metric("edgewise.serverless.table.version")),
+            (1, 8)
+        );
+
+        // Nothing changed in `wait`: the next watch leaves at once.
+        let calls = svc.bg.calls.len();
+        svc.tick_at(26_000);
+        svc.answer(answer(304, &[("x-edgewise-cursor", "h.8")], ""));
+        assert_eq!(svc.bg.calls.len(), calls + 1);
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.8&wait=25"));
+
+        // A 410: one full load, and the table stays in force meanwhile.
+        svc.answer(answer(410, &[], r#"{"error":"gone"}"#));
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"));
+        assert_eq!(routed(&sl, &host, C).as_deref(), Some("customer-c"));
+        svc.answer(answer(200, &[("x-edgewise-cursor", "h.9")], &format!(r#"{{"version":9,"routes":[{B_ROUTE}]}}"#)));
+        assert_eq!((routed(&sl, &host, C), routed(&sl, &host, POLLED).as_deref()), (None, Some("customer-b")));
+        assert_eq!(host.metric("edgewise.serverless.management_fetch.gone"), 1);
+        assert_eq!(host.metric("edgewise.serverless.table.full_loads"), 2);
+    }
+}
+
+#[test]
+fn hostile_answers_change_nothing_are_counted_and_lead_to_a_full_load_after_a_pause() {
+    let put_c = format!(r#"{{"put":{C_ROUTE}}}"#);
+    let delete_unknown =
+        r#"{"delete":{"match":{"project":"99999999","environment":"99999999","function":"9999999999"}}}"#;
+    let cases: Vec<(&str, Fetched)> = vec![
+        ("garbage", answer(200, &[("x-edgewise-cursor", "h.4")], "\u{0}\u{ff}garbage")),
+        ("truncated", answer(200, &[("x-edgewise-cursor", "h.4")], &format!(r#"{{"version":4,"changes":[{put_c}"#))),
+        ("no cursor", answer(200, &[], &format!(r#"{{"version":4,"changes":[{put_c}]}}"#))),
+        (
+            "a cursor not fit for a URL",
+            answer(200, &[("x-edgewise-cursor", "h 4\r\n")], &format!(r#"{{"version":4,"changes":[{put_c}]}}"#)),
+        ),
+        ("backwards", answer(200, &[("x-edgewise-cursor", "h.2")], &format!(r#"{{"version":2,"changes":[{put_c}]}}"#))),
+        (
+            "unknown delete",
+            answer(
+                200,
+                &[("x-edgewise-cursor", "h.4")],
+                &format!(r#"{{"version":4,"changes":[{put_c},{delete_unknown}]}}"#),
+            ),
+        ),
+        (
+            "over max_answer_bytes",
+            answer(
+                200,
+                &[("x-edgewise-cursor", "h.4")],
+                &format!(r#"{{"version":4,"changes":[{}]}}"#, vec![put_c.as_str(); 10_000].join(",")),
+            ),
+        ),
+    ];
+    for shared_by_workers in [true, false] {
+        for (what, hostile) in &cases {
+            let host = FakeHost::default();
+            let sl = configure(&host, shared_by_workers);
+            let mut svc = Service::new(&sl, &host);
+            svc.tick_at(0);
+            svc.answer(answer(
+                200,
+                &[("x-edgewise-cursor", "h.3")],
+                &format!(r#"{{"version":3,"routes":[{B_ROUTE}]}}"#),
+            ));
+            assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.3&wait=25"), "{what}");
+            let calls = svc.bg.calls.len();
+            svc.answer(hostile.clone());
+            assert_eq!(host.metric("edgewise.serverless.management_fetch.rejected"), 1, "{what}");
+            assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"), "{what}: the table stays");
+            assert_eq!(routed(&sl, &host, C), None, "{what}: nothing of the answer applied");
+            assert_eq!(host.metric("edgewise.serverless.table.version"), 3, "{what}");
+            assert_eq!(svc.bg.calls.len(), calls, "{what}: no call at once");
+            svc.tick_at(100);
+            assert_eq!(svc.bg.calls.len(), calls, "{what}: not before the back-off");
+            svc.tick_at(600);
+            assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"), "{what}: then the whole table");
+        }
+    }
+}
+
+#[test]
+fn a_service_that_fails_is_asked_again_later_and_later() {
+    let host = FakeHost::default();
+    let sl = configure(&host, false);
+    let mut svc = Service::new(&sl, &host);
+    let mut retries = Vec::new();
+    let mut now = 0;
+    svc.tick_at(now);
+    for _ in 0..8 {
+        let calls = svc.bg.calls.len();
+        svc.answer(answer(503, &[], "unavailable"));
+        while svc.bg.calls.len() == calls {
+            now += 250;
+            svc.tick_at(now);
+        }
+        retries.push(now);
+    }
+    let gaps: Vec<u64> = retries.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps, [1000, 2000, 4000, 8000, 10_000, 10_000, 10_000], "doubling up to max_backoff_ms");
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 8);
+    assert_eq!(get(&sl, &host, POLLED.as_bytes()).1.replied.map(|r| r.status), Some(503), "still no table");
 }

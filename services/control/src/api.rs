@@ -185,6 +185,19 @@ impl Api {
     async fn routes(&self, request: &Request<Incoming>) -> Reply {
         let metrics = &self.control.metrics;
         let query = Query::parse(request.uri().query().unwrap_or_default());
+        if let Some(limit) = &query.limit {
+            let Ok(limit) = limit.parse::<usize>() else {
+                return error(StatusCode::BAD_REQUEST, "invalid", "`limit` is a number of routes");
+            };
+            let (cursor, body) = match self.control.routes_page(query.after.as_deref(), limit) {
+                Ok(page) => page,
+                Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", why),
+            };
+            metrics.route_pages.fetch_add(1, Relaxed);
+            let mut r = with_cursor(Response::new(Full::new(body)), StatusCode::OK, &cursor);
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return r;
+        }
         let Some(since) = query.since else {
             let table = self.control.routes();
             if request.headers().get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == table.etag.as_bytes()) {
@@ -250,11 +263,14 @@ impl Api {
     }
 }
 
-/// A route watch's parameters: `since` (a cursor) and `wait` (seconds).
+/// The routes endpoint's parameters: a watch's `since` (a cursor) and `wait` (seconds), a page's
+/// `limit` and `after` (its token).
 #[derive(Default)]
 struct Query {
     since: Option<String>,
     wait: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
 }
 
 impl Query {
@@ -264,6 +280,8 @@ impl Query {
             match pair.split_once('=') {
                 Some(("since", v)) => q.since = Some(v.to_string()),
                 Some(("wait", v)) => q.wait = Some(v.to_string()),
+                Some(("limit", v)) => q.limit = Some(v.to_string()),
+                Some(("after", v)) => q.after = Some(v.to_string()),
                 _ => {}
             }
         }

@@ -149,6 +149,11 @@ impl Control {
         lock(&self.state).routes.full()
     }
 
+    /// A page of the table and the cursor to watch from (`Routes::page`).
+    pub fn routes_page(&self, after: Option<&str>, limit: usize) -> Result<(String, hyper::body::Bytes), String> {
+        lock(&self.state).routes.page(after, limit)
+    }
+
     /// What a watcher at `cursor` is owed.
     pub fn routes_since(&self, cursor: &str) -> Since {
         lock(&self.state).routes.since(cursor)

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub routes: AtomicU64,
     pub route_fetches: AtomicU64,
     pub route_not_modified: AtomicU64,
+    pub route_pages: AtomicU64,
     /// Route watches held now.
     pub route_watchers: AtomicU64,
     /// Route watches by how they ended: changes, timeout, gone, refused.
@@ -114,9 +115,13 @@ impl Metrics {
             "# HELP edgewise_control_route_fetches_total Route table requests, by result.\n\
              # TYPE edgewise_control_route_fetches_total counter\n\
              edgewise_control_route_fetches_total{{result=\"ok\"}} {}\n\
-             edgewise_control_route_fetches_total{{result=\"not_modified\"}} {}",
+             edgewise_control_route_fetches_total{{result=\"not_modified\"}} {}\n\
+             # HELP edgewise_control_route_pages_total Pages of the route table sent.\n\
+             # TYPE edgewise_control_route_pages_total counter\n\
+             edgewise_control_route_pages_total {}",
             self.route_fetches.load(Relaxed),
-            self.route_not_modified.load(Relaxed)
+            self.route_not_modified.load(Relaxed),
+            self.route_pages.load(Relaxed)
         );
         gauge(&mut out, "edgewise_control_route_watchers", "Route watches held.", &self.route_watchers);
         let _ = writeln!(

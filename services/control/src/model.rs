@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use edgewise_core::serverless::{HostDecoder, RouteSpec, RouteTable};
+use edgewise_core::generic::json::Field;
+use edgewise_core::serverless::{record_of, HostDecoder, RouteSpec};
 pub use edgewise_core::serverless::{DEFAULT_DOMAIN, DEFAULT_PATTERN};
 use serde::{Deserialize, Serialize};
 
@@ -168,7 +169,8 @@ impl FunctionRules {
             cluster: function.customer.clone(),
             host: function.host.clone(),
         };
-        RouteTable::compile(&self.decoder, vec![spec], "function", 0).map_err(|e| {
+        let at = Field::Root.key("function");
+        record_of(&self.decoder, &spec, &at.index(0)).map_err(|e| {
             // "`function[0].match` must name ..." -> field `match`, the reason.
             let text = e.to_string();
             let field = ["match", "host", "cluster"].into_iter().find(|f| text.contains(&format!("[0].{f}")));

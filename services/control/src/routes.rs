@@ -29,6 +29,8 @@ use crate::store::{LoggedChange, Store};
 pub const HISTORY: usize = 10_000;
 /// Changes sent in one answer at most; the client asks again from its new cursor.
 pub const MAX_CHANGES: usize = 1_000;
+/// Routes sent in one page at most.
+pub const MAX_PAGE: usize = 100_000;
 
 /// One route as the filter reads it: `{"match": {...}, "cluster": "...", "host": "..."}`.
 pub fn route_json(f: &Function) -> String {
@@ -221,6 +223,37 @@ impl Routes {
         }
     }
 
+    /// A page of the table: at most `limit` routes in key order after the page token `after`
+    /// (`{"version": N, "routes": [...], "next": "<token>"}`, no `next` on the last page), and
+    /// the cursor to watch from. Tokens are the hex of the last key sent.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Result<(String, Bytes), String> {
+        let after = match after {
+            None => None,
+            Some(token) => Some(unhex(token).ok_or_else(|| format!("{token:?} is not a page token of this service"))?),
+        };
+        let mut range = match &after {
+            None => self.table.range::<String, _>(..),
+            Some(key) => self.table.range::<String, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+        };
+        let mut body = format!("{{\"version\":{},\"routes\":[", self.version);
+        let mut last = None;
+        for (i, (key, route)) in range.by_ref().take(limit.clamp(1, MAX_PAGE)).enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(route);
+            last = Some(key);
+        }
+        body.push(']');
+        if let (Some(last), Some(_)) = (last, range.next()) {
+            body.push_str(",\"next\":\"");
+            body.extend(last.bytes().map(|b| format!("{b:02x}")));
+            body.push('"');
+        }
+        body.push_str("}\n");
+        Ok((self.cursor(), Bytes::from(body)))
+    }
+
     /// The whole table (`{"version": N, "routes": [...]}`), built once per version.
     pub fn full(&mut self) -> Arc<FullTable> {
         if let Some(full) = &self.full {
@@ -243,6 +276,15 @@ impl Routes {
         self.full = Some(full.clone());
         full
     }
+}
+
+/// A page token back to the key it names.
+fn unhex(token: &str) -> Option<String> {
+    if token.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..token.len()).step_by(2).map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok());
+    String::from_utf8(bytes.collect::<Option<Vec<u8>>>()?).ok()
 }
 
 #[cfg(test)]
@@ -321,6 +363,38 @@ mod tests {
                 _ => panic!("{cursor:?} is not gone"),
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pages_cover_the_table_once_in_key_order() {
+        let dir = scratch("pages");
+        let (mut store, mut routes) = open(&dir);
+        let edits = (0..25).map(|i| put(&format!("k{i:02}"), &function(&format!("f{i}"), "h.example"))).collect();
+        routes.apply(&mut store, edits).unwrap();
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (cursor, body) = routes.page(after.as_deref(), 10).unwrap();
+            assert_eq!(cursor, routes.cursor());
+            let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(page["version"], 25);
+            seen.extend(page["routes"].as_array().unwrap().iter().map(|r| r["match"]["function"].to_string()));
+            pages += 1;
+            match page.get("next").and_then(|n| n.as_str()) {
+                Some(next) => after = Some(next.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!((pages, seen.len()), (3, 25));
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 25, "each route once");
+        for bad in ["zz", "6", "ff"] {
+            assert!(routes.page(Some(bad), 10).is_err(), "{bad}");
+        }
+        let (_, last) = routes.page(Some("6b3234"), 10).unwrap(); // after "k24": nothing
+        assert_eq!(&last[..], b"{\"version\":25,\"routes\":[]}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

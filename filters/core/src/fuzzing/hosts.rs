@@ -91,7 +91,7 @@ pub fn authority(data: &[u8]) {
     let _ = policy.decide(raw);
     for router in routers {
         let mut scratch = router.decoder.scratch();
-        let _ = router.decide(raw, &mut scratch);
+        let _ = router.decide(raw, &mut scratch, None);
     }
 }
 

@@ -3,18 +3,22 @@
 //!
 //! The host is decoded by a pattern with named groups (regex syntax, `crate::generic::pattern`), compiled
 //! once at configure time. The values of the named groups, in pattern order, form the route key;
-//! routes name the same groups.
+//! routes name the same groups. Routes are kept as packed records in buckets (`table`); the
+//! management service's documents (whole-table pages and watch answers) are read by `protocol`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+pub mod protocol;
+pub mod table;
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 use crate::generic::authority;
 use crate::generic::config::ConfigError;
-use crate::generic::json::{self, Field, FromJson, Reader};
+use crate::generic::json::{self, Field, FromJson};
 use crate::generic::pattern::{self, Pattern};
 use crate::generic::reply::Reply;
+use table::{LocalTable, RouteRef};
 
 pub const DEFAULT_DOMAIN: &str = "serverless.gitlab.io";
 /// Project id, environment id and function id, as in the original proposal.
@@ -44,7 +48,7 @@ pub struct Config {
     /// Routes known at configure time.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
-    /// A management service the filter polls for the route table.
+    /// A management service the filter loads and watches the route table from.
     #[serde(default)]
     pub management: Option<Management>,
 }
@@ -62,7 +66,7 @@ pub struct RouteSpec {
     pub host: String,
 }
 
-/// Where the route table is polled from. The call goes through an Envoy cluster.
+/// Where the route table comes from. The calls go through an Envoy cluster.
 #[derive(Debug, Clone, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -72,10 +76,25 @@ pub struct Management {
     pub authority: String,
     #[serde(default = "default_mgmt_path")]
     pub path: String,
+    /// Between two fetches of the whole table, for a service that does not watch (its answers
+    /// carry no cursor); a service that watches answers as soon as something changes.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Longest time one call may take, on top of the `wait_seconds` of a watch.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// How long the service may hold a watch with nothing to send (1 to 30).
+    #[serde(default = "default_wait_seconds")]
+    pub wait_seconds: u64,
+    /// Routes asked for in one page of the whole table.
+    #[serde(default = "default_page_size")]
+    pub page_size: u64,
+    /// Longest wait between attempts after failures (the wait doubles from 250 ms).
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Largest answer taken; a larger one is refused and changes nothing.
+    #[serde(default = "default_max_answer_bytes")]
+    pub max_answer_bytes: u64,
 }
 
 fn default_domain() -> String {
@@ -99,12 +118,17 @@ fn default_poll_interval_ms() -> u64 {
 fn default_timeout_ms() -> u64 {
     5_000
 }
-
-/// Where a request goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub cluster: Arc<str>,
-    pub host: Box<str>,
+fn default_wait_seconds() -> u64 {
+    25
+}
+fn default_page_size() -> u64 {
+    10_000
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+fn default_max_answer_bytes() -> u64 {
+    64 << 20
 }
 
 /// Decodes hosts: the domain suffix check and the compiled pattern.
@@ -116,11 +140,14 @@ pub struct HostDecoder {
     groups: Vec<String>,
 }
 
-/// Per-VM scratch space, so that decoding a host allocates nothing.
+/// Per-request scratch space, reused, so that decoding a host and finding its route allocate
+/// nothing.
 #[derive(Debug)]
 pub struct Scratch {
     matching: pattern::Scratch,
-    key: String,
+    key: Vec<u8>,
+    /// The bucket of the key, when it comes from outside the filter (shared data).
+    bucket: Vec<u8>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -161,7 +188,7 @@ impl HostDecoder {
 
     pub fn scratch(&self) -> Scratch {
         let matching = self.pattern.as_ref().map(Pattern::scratch).unwrap_or_default();
-        Scratch { matching, key: String::with_capacity(64) }
+        Scratch { matching, key: Vec::with_capacity(64), bucket: Vec::new() }
     }
 
     /// Decodes an authority. Only the authority counts: callers must never pass
@@ -182,10 +209,10 @@ impl HostDecoder {
         }
         for i in 0..self.groups.len() {
             if i > 0 {
-                scratch.key.push('/');
+                scratch.key.push(b'/');
             }
             if let Some(value) = pattern.group(i, &scratch.matching).and_then(|(s, e)| prefix.get(s..e)) {
-                scratch.key.extend(value.chars().map(|c| c.to_ascii_lowercase()));
+                scratch.key.extend(value.bytes().map(|c| c.to_ascii_lowercase()));
             }
         }
         Decoded::Key
@@ -193,124 +220,117 @@ impl HostDecoder {
 
     /// Decodes with the matcher whatever the pattern (for the differential test).
     #[cfg(test)]
-    fn decode_with_pattern(&self, authority: &str) -> (Decoded, String) {
+    fn decode_with_pattern(&self, authority: &str) -> (Decoded, Vec<u8>) {
         let Ok(slow) = HostDecoder::with_pattern(self.domain.clone(), DEFAULT_PATTERN) else {
             panic!("the default pattern compiles");
         };
         assert_eq!(slow.groups, self.groups);
         let mut scratch = slow.scratch();
         let decoded = slow.decode(authority, &mut scratch);
-        (decoded, scratch.key)
+        let key = match decoded {
+            Decoded::Key => pack_default(&scratch.key).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        (decoded, key)
     }
 
     /// The route key of a route's `match`, built the same way as a decoded host's.
-    fn key_of(&self, matches: &BTreeMap<String, String>) -> Result<String, String> {
+    pub fn key_of(&self, matches: &BTreeMap<String, String>) -> Result<Vec<u8>, String> {
         if matches.len() != self.groups.len() || !self.groups.iter().all(|g| matches.contains_key(g)) {
             return Err(format!("must name exactly the pattern's groups {:?}", self.groups));
         }
-        let mut key = String::new();
+        let mut key = Vec::new();
         for (i, group) in self.groups.iter().enumerate() {
             if i > 0 {
-                key.push('/');
+                key.push(b'/');
             }
             let value = matches.get(group).map(String::as_str).unwrap_or_default();
             if value.is_empty() || value.contains('/') {
                 return Err(format!("group `{group}` has an invalid value {value:?}"));
             }
-            key.push_str(&value.to_ascii_lowercase());
+            key.extend(value.bytes().map(|c| c.to_ascii_lowercase()));
+        }
+        if self.pattern.is_none() {
+            return pack_default(&key)
+                .ok_or_else(|| "must be 8, 8 and 10 hex digits for project, environment and function".to_string());
         }
         Ok(key)
     }
 }
 
-/// `DEFAULT_PATTERN` without the matcher: 8 hex, `-`, 8 hex, `-`, 10 hex; the key is the three
-/// groups lowercased and joined by `/`, exactly as the pattern path builds it.
-fn decode_default(prefix: &str, key: &mut String) -> Decoded {
+/// `DEFAULT_PATTERN` without the matcher: 8 hex, `-`, 8 hex, `-`, 10 hex; the key is the 26
+/// digits packed two to a byte (13 bytes), as `pack_default` packs a route's.
+fn decode_default(prefix: &str, key: &mut Vec<u8>) -> Decoded {
     let b = prefix.as_bytes();
-    let hex = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_hexdigit));
-    if b.len() != 28 || b.get(8) != Some(&b'-') || b.get(17) != Some(&b'-') || !hex(0..8) || !hex(9..17) || !hex(18..28)
-    {
+    let (Some(p), Some(e), Some(f)) = (b.get(0..8), b.get(9..17), b.get(18..28)) else {
+        return Decoded::Malformed;
+    };
+    if b.len() != 28 || b.get(8) != Some(&b'-') || b.get(17) != Some(&b'-') {
         return Decoded::Malformed;
     }
-    for (i, c) in prefix.chars().enumerate() {
-        key.push(match i {
-            8 | 17 => '/',
-            _ => c.to_ascii_lowercase(),
-        });
-    }
-    Decoded::Key
-}
-
-/// A compiled route table: key -> target. Lookups cost the same whatever its size.
-#[derive(Debug, Default)]
-pub struct RouteTable {
-    pub version: u64,
-    routes: HashMap<Box<str>, Target>,
-}
-
-impl RouteTable {
-    #[inline(never)] // see `from_json`
-    pub fn compile(
-        decoder: &HostDecoder,
-        specs: Vec<RouteSpec>,
-        field: &str,
-        version: u64,
-    ) -> Result<Self, ConfigError> {
-        let mut builder = TableBuilder::new(decoder, field);
-        for spec in specs {
-            builder.add(spec)?;
-        }
-        Ok(builder.finish(version))
-    }
-
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
-    pub fn get(&self, key: &str) -> Option<&Target> {
-        self.routes.get(key)
+    if pack_hex([p, e, f].into_iter().flatten().copied(), key) {
+        Decoded::Key
+    } else {
+        key.clear();
+        Decoded::Malformed
     }
 }
 
-/// Compiles routes one at a time, so that a large table never exists twice in memory.
-struct TableBuilder<'a> {
-    decoder: &'a HostDecoder,
-    field: &'a str,
-    routes: HashMap<Box<str>, Target>,
-    /// Customer clusters are few: one shared string per cluster name.
-    clusters: HashMap<String, Arc<str>>,
+/// Packs hex digits two to a byte; false at the first that is not one.
+fn pack_hex(digits: impl Iterator<Item = u8>, out: &mut Vec<u8>) -> bool {
+    let mut high = None;
+    for d in digits {
+        let Some(n) = (d as char).to_digit(16) else {
+            return false;
+        };
+        match high.take() {
+            None => high = Some(n as u8),
+            Some(h) => out.push(h << 4 | n as u8),
+        }
+    }
+    if let Some(h) = high {
+        out.push(h << 4);
+    }
+    true
 }
 
-impl<'a> TableBuilder<'a> {
-    fn new(decoder: &'a HostDecoder, field: &'a str) -> Self {
-        TableBuilder { decoder, field, routes: HashMap::new(), clusters: HashMap::new() }
+/// The default layout's key (`project/environment/function`, 8, 8 and 10 hex digits) packed.
+fn pack_default(key: &[u8]) -> Option<Vec<u8>> {
+    let mut parts = key.split(|&b| b == b'/');
+    let (p, e, f) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || p.len() != 8 || e.len() != 8 || f.len() != 10 {
+        return None;
     }
+    let mut out = Vec::with_capacity(13);
+    pack_hex([p, e, f].into_iter().flatten().copied(), &mut out).then_some(out)
+}
 
-    fn add(&mut self, spec: RouteSpec) -> Result<(), ConfigError> {
-        let i = self.routes.len();
-        let at = |sub: &str| format!("{}[{i}].{sub}", self.field);
-        let key = self.decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(at("match"), e))?;
-        if spec.cluster.is_empty() {
-            return Err(ConfigError::field(at("cluster"), "must name an Envoy cluster"));
-        }
-        if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
-            return Err(ConfigError::field(at("host"), format!("{:?} is not a valid Host", spec.host)));
-        }
-        let cluster = self.clusters.entry(spec.cluster).or_insert_with_key(|c| Arc::from(c.as_str())).clone();
-        let target = Target { cluster, host: spec.host.into_boxed_str() };
-        if self.routes.insert(key.clone().into_boxed_str(), target).is_some() {
-            return Err(ConfigError::field(at("match"), format!("duplicates an earlier route ({key})")));
-        }
-        Ok(())
+/// Checks a route and packs it into its key and record (`table::encode`). `at` names the
+/// route in errors (`routes[3]`).
+pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let key = decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(format!("{at}.match"), e))?;
+    if spec.cluster.is_empty() {
+        return Err(ConfigError::field(format!("{at}.cluster"), "must name an Envoy cluster"));
     }
+    if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
+        return Err(ConfigError::field(format!("{at}.host"), format!("{:?} is not a valid Host", spec.host)));
+    }
+    let mut record = Vec::with_capacity(3 + key.len() + spec.cluster.len() + spec.host.len());
+    table::encode(&key, &spec.cluster, &spec.host, &mut record).map_err(|e| ConfigError::field(at.to_string(), e))?;
+    Ok((key, record))
+}
 
-    fn finish(mut self, version: u64) -> RouteTable {
-        self.routes.shrink_to_fit();
-        RouteTable { version, routes: self.routes }
+/// Where the routes of the management service are: the bucket of a key, copied into `into`.
+pub trait ManagedRoutes {
+    /// `false` while no table has been loaded.
+    fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool;
+}
+
+impl ManagedRoutes for LocalTable {
+    fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool {
+        into.clear();
+        into.extend_from_slice(LocalTable::bucket(self, key));
+        true
     }
 }
 
@@ -320,15 +340,14 @@ pub struct Router {
     pub decoder: HostDecoder,
     pub cluster_header: String,
     pub management: Option<Management>,
-    inline: RouteTable,
-    polled: Option<RouteTable>,
+    inline: LocalTable,
 }
 
 /// What the filter does with a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision<'a> {
     PassThrough,
-    Route(&'a Target),
+    Route(RouteRef<'a>),
     Reject(Outcome, Reply),
 }
 
@@ -371,57 +390,30 @@ impl Router {
             return Err(ConfigError::field("cluster_header", "must be a header name such as x-edgewise-cluster"));
         }
         if let Some(m) = &config.management {
-            if m.cluster.is_empty() {
-                return Err(ConfigError::field("management.cluster", "must name an Envoy cluster"));
-            }
-            if !m.path.starts_with('/') {
-                return Err(ConfigError::field("management.path", "must start with /"));
-            }
-            if m.poll_interval_ms < 100 {
-                return Err(ConfigError::field("management.poll_interval_ms", "must be at least 100"));
-            }
-            if m.timeout_ms == 0 {
-                return Err(ConfigError::field("management.timeout_ms", "must be positive"));
-            }
+            check_management(m)?;
         } else if config.routes.is_empty() {
             return Err(ConfigError::field("routes", "is empty and no `management` service is configured"));
         }
-        let inline = RouteTable::compile(&decoder, config.routes, "routes", 0)?;
-        Ok(Router { decoder, cluster_header: header, management: config.management, inline, polled: None })
-    }
-
-    /// Parses and compiles a management document (`{"version": N, "routes": [...]}`) route by
-    /// route, so that a large table never exists twice in memory; does not install it.
-    pub fn compile_table(&self, doc: &[u8]) -> Result<RouteTable, ConfigError> {
-        let (mut version, mut routes) = (None, None);
-        let mut r = Reader::new(doc);
-        r.object(&Field::Root, |r, key| {
-            let at = Field::Root.key(&key);
-            match &*key {
-                "version" => version = Some(r.u64(&at)?),
-                "routes" => {
-                    let mut builder = TableBuilder::new(&self.decoder, "routes");
-                    r.array(&at, |r, i| builder.add(<RouteSpec as FromJson>::from_json(r, &at.index(i))?))?;
-                    routes = Some(builder);
-                }
-                other => return Err(Field::Root.unknown(other, &["version", "routes"]).into()),
+        let mut inline = LocalTable::new(LocalTable::bits_for(config.routes.len()));
+        let routes = Field::Root.key("routes");
+        for (i, spec) in config.routes.iter().enumerate() {
+            let at = routes.index(i);
+            let (_, record) = record_of(&decoder, spec, &at)?;
+            if !inline.put(&record) {
+                return Err(ConfigError::field(format!("{at}.match"), "duplicates an earlier route"));
             }
-            Ok::<_, ConfigError>(())
-        })?;
-        r.end()?;
-        let version = version.ok_or_else(|| Field::Root.key("version").missing())?;
-        Ok(routes.ok_or_else(|| Field::Root.key("routes").missing())?.finish(version))
+        }
+        Ok(Router { decoder, cluster_header: header, management: config.management, inline })
     }
 
-    pub fn install(&mut self, table: RouteTable) {
-        self.polled = Some(table);
-    }
-
-    pub fn polled(&self) -> Option<&RouteTable> {
-        self.polled.as_ref()
-    }
-
-    pub fn decide<'a>(&'a self, authority: &str, scratch: &mut Scratch) -> Decision<'a> {
+    /// Decides what to do with a request for `authority`. The management service's routes, when
+    /// there is one, come first; then the routes of the configuration.
+    pub fn decide<'a>(
+        &'a self,
+        authority: &str,
+        scratch: &'a mut Scratch,
+        managed: Option<&dyn ManagedRoutes>,
+    ) -> Decision<'a> {
         match self.decoder.decode(authority, scratch) {
             Decoded::NotOurs => Decision::PassThrough,
             Decoded::Malformed => Decision::Reject(
@@ -433,11 +425,17 @@ impl Router {
                 ),
             ),
             Decoded::Key => {
-                let key = scratch.key.as_str();
-                if let Some(target) = self.polled.as_ref().and_then(|t| t.get(key)).or_else(|| self.inline.get(key)) {
-                    return Decision::Route(target);
+                let key = &scratch.key;
+                let loaded = managed.map(|m| m.bucket(key, &mut scratch.bucket));
+                if loaded == Some(true) {
+                    if let Some(route) = table::find(&scratch.bucket, key) {
+                        return Decision::Route(route);
+                    }
                 }
-                if self.management.is_some() && self.polled.is_none() {
+                if let Some(route) = self.inline.get(key) {
+                    return Decision::Route(route);
+                }
+                if loaded == Some(false) {
                     return Decision::Reject(
                         Outcome::TableUnavailable,
                         Reply::new(
@@ -456,6 +454,35 @@ impl Router {
     }
 }
 
+fn check_management(m: &Management) -> Result<(), ConfigError> {
+    let field = |name: &str, reason: &str| Err(ConfigError::field(format!("management.{name}"), reason));
+    if m.cluster.is_empty() {
+        return field("cluster", "must name an Envoy cluster");
+    }
+    if !m.path.starts_with('/') || m.path.contains(['?', '#']) {
+        return field("path", "must start with / and have no query");
+    }
+    if m.poll_interval_ms < 100 {
+        return field("poll_interval_ms", "must be at least 100");
+    }
+    if m.timeout_ms == 0 {
+        return field("timeout_ms", "must be positive");
+    }
+    if !(1..=30).contains(&m.wait_seconds) {
+        return field("wait_seconds", "must be 1 to 30");
+    }
+    if !(1..=100_000).contains(&m.page_size) {
+        return field("page_size", "must be 1 to 100000");
+    }
+    if m.max_backoff_ms < 250 {
+        return field("max_backoff_ms", "must be at least 250");
+    }
+    if m.max_answer_bytes < 1024 {
+        return field("max_answer_bytes", "must be at least 1024");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,8 +499,16 @@ mod tests {
         "cluster":"customer-a","host":"hello.ns-42.knative.example.com"}]}"#;
 
     fn decide(r: &Router, authority: &str) -> Result<(String, String), (u32, &'static str)> {
+        decide_with(r, None, authority)
+    }
+
+    fn decide_with(
+        r: &Router,
+        managed: Option<&LocalTable>,
+        authority: &str,
+    ) -> Result<(String, String), (u32, &'static str)> {
         let mut s = r.decoder.scratch();
-        match r.decide(authority, &mut s) {
+        match r.decide(authority, &mut s, managed.map(|m| m as &dyn ManagedRoutes)) {
             Decision::PassThrough => Err((0, "pass")),
             Decision::Route(t) => Ok((t.cluster.to_string(), t.host.to_string())),
             Decision::Reject(_, reply) => Err((reply.status, reply.error)),
@@ -562,23 +597,38 @@ mod tests {
         assert_eq!(decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"), Err((0, "pass")));
     }
 
+    /// Reads a whole-table document into a table, as the filter does with a page.
+    fn load(r: &Router, doc: &str) -> Result<(u64, LocalTable), String> {
+        let mut table = LocalTable::new(table::MANAGED_BITS);
+        let page = protocol::read_page(&r.decoder, doc.as_bytes(), |_, record| {
+            table.put(&record);
+        })
+        .map_err(|e| e.to_string())?;
+        Ok((page.version, table))
+    }
+
     #[test]
-    fn polled_table_wins_and_unknown_before_first_load_is_503() {
-        let mut r = router(r#"{"management":{"cluster":"mgmt"}}"#);
+    fn managed_routes_win_and_unknown_before_first_load_is_503() {
+        struct Unloaded;
+        impl ManagedRoutes for Unloaded {
+            fn bucket(&self, _: &[u8], _: &mut Vec<u8>) -> bool {
+                false
+            }
+        }
+        let r = router(ONE_ROUTE);
+        let a = "0000000a-0000000b-000000000c.serverless.gitlab.io";
+        let mut s = r.decoder.scratch();
+        let unloaded = r.decide("0000000a-0000000b-000000000d.serverless.gitlab.io", &mut s, Some(&Unloaded));
+        assert!(matches!(unloaded, Decision::Reject(Outcome::TableUnavailable, _)), "{unloaded:?}");
+        let inline = r.decide(a, &mut s, Some(&Unloaded));
+        assert!(matches!(inline, Decision::Route(t) if t.cluster == "customer-a"), "configured routes serve meanwhile");
+        let (version, t) = load(&r, r#"{"version":7,"routes":[{"match":{"project":"0000000A","environment":"0000000b","function":"000000000c"},"cluster":"b","host":"h.example"}]}"#).unwrap();
+        assert_eq!(version, 7);
+        assert_eq!(decide_with(&r, Some(&t), a), Ok(("b".into(), "h.example".into())));
         assert_eq!(
-            decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"),
-            Err((503, "route_table_unavailable"))
+            decide_with(&r, Some(&t), "0000000a-0000000b-000000000d.serverless.gitlab.io"),
+            Err((404, "unknown_function"))
         );
-        let t = r
-            .compile_table(br#"{"version":7,"routes":[{"match":{"project":"0000000A","environment":"0000000b","function":"000000000c"},"cluster":"b","host":"h.example"}]}"#)
-            .unwrap();
-        assert_eq!(t.version, 7);
-        r.install(t);
-        assert_eq!(
-            decide(&r, "0000000a-0000000b-000000000c.serverless.gitlab.io"),
-            Ok(("b".into(), "h.example".into()))
-        );
-        assert_eq!(decide(&r, "0000000a-0000000b-000000000d.serverless.gitlab.io"), Err((404, "unknown_function")));
     }
 
     #[test]
@@ -598,16 +648,20 @@ mod tests {
             (r#"{"management":{"cluster":"m","path":"x"}}"#, "`management.path`"),
             (r#"{"routes":[{"match":{"project":"0000000a"},"cluster":"c","host":"h"}]}"#, "`routes[0].match`"),
             (
-                r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"","host":"h"}]}"#,
+                r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"c","host":"h"}]}"#,
+                "`routes[0].match` must be 8, 8 and 10 hex digits",
+            ),
+            (
+                r#"{"routes":[{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"","host":"h"}]}"#,
                 "`routes[0].cluster`",
             ),
             (
-                r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"c","host":"h/x"}]}"#,
+                r#"{"routes":[{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"c","host":"h/x"}]}"#,
                 "`routes[0].host`",
             ),
             (
-                r#"{"routes":[{"match":{"project":"a","environment":"b","function":"c"},"cluster":"c","host":"h"},
-                              {"match":{"project":"A","environment":"b","function":"c"},"cluster":"c","host":"h"}]}"#,
+                r#"{"routes":[{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"c","host":"h"},
+                              {"match":{"project":"0000000A","environment":"0000000b","function":"000000000c"},"cluster":"c","host":"h"}]}"#,
                 "`routes[1].match` duplicates",
             ),
             (r#"{"routes":[{"match":{},"cluster":"c","host":"h","extra":1}]}"#, "unknown field `extra`"),
@@ -669,14 +723,21 @@ mod tests {
             ),
             (format!(r#"{{"version":1,"routes":[{good},{good}]}}"#), "`routes[1].match` duplicates"),
             (format!(r#"{{"version":1,"routes":[{good}]}} trailing"#), "trailing characters"),
+            (
+                format!(
+                    r#"{{"version":1,"routes":[{}]}}"#,
+                    good.replace(r#""c","host""#, &format!("{:?},\"host\"", "c".repeat(256)))
+                ),
+                "`routes[0]` the cluster name is longer than 255 bytes",
+            ),
             ("\u{feff}".to_string(), "expected a value"),
         ];
         for (doc, want) in cases {
-            let err = r.compile_table(doc.as_bytes()).unwrap_err().to_string();
+            let err = load(&r, &doc).err().unwrap_or_default();
             assert!(err.contains(want), "{doc}: got {err:?}, want {want:?}");
         }
-        assert!(r.compile_table(b"\xff\xfe").is_err());
-        assert_eq!(r.compile_table(format!(r#"{{"routes":[{good}],"version":3}}"#).as_bytes()).unwrap().len(), 1);
+        assert!(protocol::read_page(&r.decoder, b"\xff\xfe", |_, _| ()).is_err());
+        assert_eq!(load(&r, &format!(r#"{{"routes":[{good}],"version":3}}"#)).unwrap().1.len(), 1);
     }
 
     #[test]
@@ -696,11 +757,9 @@ mod tests {
             ));
         }
         doc.push_str("]}");
-        let table = r.compile_table(doc.as_bytes()).unwrap();
+        let (_, table) = load(&r, &doc).unwrap();
         assert_eq!(table.len(), 100_000);
-        let mut r = r;
-        r.install(table);
         let host = format!("{:08x}-{:08x}-{:010x}.serverless.gitlab.io", 99_999 % 977, 99_999 / 977, 99_999);
-        assert_eq!(decide(&r, &host), Ok(("c4".into(), "f99999.example".into())));
+        assert_eq!(decide_with(&r, Some(&table), &host), Ok(("c4".into(), "f99999.example".into())));
     }
 }

@@ -1,0 +1,252 @@
+//! Route tables as buckets of packed records.
+//!
+//! A route is one record, `[key len][key][cluster len][cluster][host len][host]` (lengths are
+//! one byte), and a bucket is its records one after another. The bucket of a key is FNV-1a of
+//! the key, so it is the same in every VM and both builds. The layout serves two homes with one
+//! format: natively the buckets live in the filter ([`LocalTable`]); on proxy-wasm each bucket
+//! is one shared-data entry, so an Envoy holds one table whatever its number of workers, and a
+//! request reads the one bucket it needs.
+//!
+//! Records come from our own encoder, but shared data is memory another VM wrote: decoding
+//! checks every length and never panics.
+
+/// Longest key, cluster name or host a record holds.
+pub const MAX_FIELD: usize = u8::MAX as usize;
+
+/// Bucket bits of the tables a management service fills (65,536 buckets: about 15 routes in a
+/// bucket at a million routes, one or none at a few thousand).
+pub const MANAGED_BITS: u32 = 16;
+
+/// A route found: where the request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteRef<'a> {
+    pub cluster: &'a str,
+    pub host: &'a str,
+}
+
+/// The bucket of `key` in a table of `2^bits` buckets (`bits` at most 32).
+pub fn bucket_of(key: &[u8], bits: u32) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV-1a spreads short keys poorly over its high bits: murmur3's finalizer mixes them.
+    h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> (64 - bits.clamp(1, 32))) as usize & ((1usize << bits) - 1)
+}
+
+/// Appends the record of a route to `out`.
+pub fn encode(key: &[u8], cluster: &str, host: &str, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    for (field, what) in [(key, "key"), (cluster.as_bytes(), "cluster"), (host.as_bytes(), "host")] {
+        let Ok(len) = u8::try_from(field.len()) else {
+            return Err(match what {
+                "key" => "the route key is longer than 255 bytes",
+                "cluster" => "the cluster name is longer than 255 bytes",
+                _ => "the host is longer than 255 bytes",
+            });
+        };
+        out.push(len);
+        out.extend_from_slice(field);
+    }
+    Ok(())
+}
+
+/// One record of a bucket.
+struct Record<'a> {
+    key: &'a [u8],
+    cluster: &'a [u8],
+    host: &'a [u8],
+    /// The whole record.
+    bytes: &'a [u8],
+}
+
+/// The records of a bucket, in order; stops at the first that does not decode.
+struct Records<'a>(&'a [u8]);
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Record<'a>;
+
+    fn next(&mut self) -> Option<Record<'a>> {
+        let all = self.0;
+        let mut rest = all;
+        let mut field = || {
+            let (&len, tail) = rest.split_first()?;
+            let (value, tail) = tail.split_at_checked(len as usize)?;
+            rest = tail;
+            Some(value)
+        };
+        let (key, cluster, host) = (field(), field(), field());
+        let (Some(key), Some(cluster), Some(host)) = (key, cluster, host) else {
+            self.0 = &[];
+            return None;
+        };
+        let (bytes, tail) = all.split_at(all.len() - rest.len());
+        self.0 = tail;
+        Some(Record { key, cluster, host, bytes })
+    }
+}
+
+/// The route of `key` in a bucket.
+pub fn find<'a>(bucket: &'a [u8], key: &[u8]) -> Option<RouteRef<'a>> {
+    let r = Records(bucket).find(|r| r.key == key)?;
+    Some(RouteRef { cluster: std::str::from_utf8(r.cluster).ok()?, host: std::str::from_utf8(r.host).ok()? })
+}
+
+/// The bucket with the route of `key` replaced by `record` (or removed, for `None`), and whether
+/// the key was there.
+pub fn edit(bucket: &[u8], key: &[u8], record: Option<&[u8]>) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(bucket.len() + record.map_or(0, <[u8]>::len));
+    let mut found = false;
+    for r in Records(bucket) {
+        if r.key == key {
+            found = true;
+        } else {
+            out.extend_from_slice(r.bytes);
+        }
+    }
+    out.extend_from_slice(record.unwrap_or_default());
+    (out, found)
+}
+
+/// The key of a record (as `encode` wrote it).
+pub fn record_key(record: &[u8]) -> &[u8] {
+    Records(record).next().map_or(&[], |r| r.key)
+}
+
+/// A table in the filter's own memory: `2^bits` buckets, each one allocation of exactly its size.
+#[derive(Debug)]
+pub struct LocalTable {
+    bits: u32,
+    buckets: Vec<Box<[u8]>>,
+    len: usize,
+}
+
+impl LocalTable {
+    pub fn new(bits: u32) -> Self {
+        LocalTable { bits, buckets: vec![Box::default(); 1 << bits], len: 0 }
+    }
+
+    /// Bits for a table of `n` routes: about eight routes a bucket, at most `MANAGED_BITS`.
+    pub fn bits_for(n: usize) -> u32 {
+        (n / 8).max(1).next_power_of_two().trailing_zeros().min(MANAGED_BITS)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bucket(&self, key: &[u8]) -> &[u8] {
+        self.buckets.get(bucket_of(key, self.bits)).map_or(&[], |b| &b[..])
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<RouteRef<'_>> {
+        find(self.bucket(key), key)
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        Records(self.bucket(key)).any(|r| r.key == key)
+    }
+
+    /// The bucket `key` is in with the edit made, to be installed by [`LocalTable::replace`]:
+    /// the work happens before, the swap under the writer's lock is a pointer.
+    pub fn edited(&self, key: &[u8], record: Option<&[u8]>) -> (usize, Box<[u8]>, bool) {
+        let (bucket, found) = edit(self.bucket(key), key, record);
+        (bucket_of(key, self.bits), bucket.into_boxed_slice(), found)
+    }
+
+    /// Installs an edited bucket; returns the one it replaced (to be dropped outside the lock).
+    pub fn replace(&mut self, (index, bucket, found): (usize, Box<[u8]>, bool), put: bool) -> Box<[u8]> {
+        match (found, put) {
+            (false, true) => self.len += 1,
+            (true, false) => self.len -= 1,
+            _ => {}
+        }
+        self.buckets.get_mut(index).map(|b| std::mem::replace(b, bucket)).unwrap_or_default()
+    }
+
+    /// Puts a route (a record of `encode`); true if its key was new.
+    pub fn put(&mut self, record: &[u8]) -> bool {
+        let edited = self.edited(record_key(record), Some(record));
+        let new = !edited.2;
+        self.replace(edited, true);
+        new
+    }
+
+    /// Removes the route of `key`; true if it was there.
+    pub fn remove(&mut self, key: &[u8]) -> bool {
+        let edited = self.edited(key, None);
+        let found = edited.2;
+        self.replace(edited, false);
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, cluster: &str, host: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(key.as_bytes(), cluster, host, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn buckets_find_put_replace_and_remove() {
+        let mut bucket = Vec::new();
+        for (k, c, h) in [("a", "c1", "a.example"), ("bb", "c2", "b.example"), ("c", "c1", "c.example")] {
+            bucket = edit(&bucket, k.as_bytes(), Some(&record(k, c, h))).0;
+        }
+        assert_eq!(find(&bucket, b"bb"), Some(RouteRef { cluster: "c2", host: "b.example" }));
+        assert_eq!(find(&bucket, b"b"), None);
+        let (replaced, found) = edit(&bucket, b"bb", Some(&record("bb", "c3", "b2.example")));
+        assert!(found);
+        assert_eq!(find(&replaced, b"bb"), Some(RouteRef { cluster: "c3", host: "b2.example" }));
+        assert_eq!(find(&replaced, b"a").map(|r| r.host), Some("a.example"));
+        let (removed, found) = edit(&replaced, b"a", None);
+        assert!(found);
+        assert_eq!((find(&removed, b"a"), find(&removed, b"c").map(|r| r.host)), (None, Some("c.example")));
+        assert!(!edit(&removed, b"zz", None).1);
+        assert_eq!(record_key(&record("key", "c", "h")), b"key");
+    }
+
+    #[test]
+    fn damaged_buckets_are_read_as_far_as_they_decode_and_never_panic() {
+        let good = record("a", "c", "h");
+        let mut bucket = good.clone();
+        bucket.extend_from_slice(&record("b", "c", "h2"));
+        for cut in 0..bucket.len() {
+            let damaged = &bucket[..cut];
+            let b = find(damaged, b"b");
+            assert_eq!(b.is_some(), cut == bucket.len(), "cut at {cut}");
+            assert_eq!(find(damaged, b"a").is_some(), cut >= good.len(), "cut at {cut}");
+        }
+        assert_eq!(find(&[0xff, 1, 2], b"a"), None);
+        let invalid_utf8 = [1, b'k', 1, 0xff, 1, b'h'];
+        assert_eq!(find(&invalid_utf8, b"k"), None);
+        assert!(encode(&[0; 256], "c", "h", &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn local_tables_count_and_spread() {
+        let mut t = LocalTable::new(4);
+        for i in 0..100 {
+            assert!(t.put(&record(&format!("k{i}"), "c", &format!("h{i}"))));
+        }
+        assert!(!t.put(&record("k7", "c", "h7-again")));
+        assert_eq!(t.len(), 100);
+        assert_eq!(t.get(b"k7").map(|r| r.host), Some("h7-again"));
+        assert!(t.remove(b"k7") && !t.remove(b"k7"));
+        assert_eq!((t.len(), t.get(b"k7")), (99, None));
+        let used = t.buckets.iter().filter(|b| !b.is_empty()).count();
+        assert_eq!(used, 16, "100 keys reach every one of 16 buckets");
+        assert_eq!((LocalTable::bits_for(0), LocalTable::bits_for(100), LocalTable::bits_for(10_000_000)), (0, 4, 16));
+        assert_eq!(bucket_of(b"anything", 0), 0);
+    }
+}

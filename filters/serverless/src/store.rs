@@ -1,0 +1,222 @@
+//! Where the management service's routes live, once per Envoy.
+//!
+//! Natively one filter serves every worker: the table is in its memory, and an edit swaps one
+//! bucket (built beforehand) under the write lock. On proxy-wasm every worker runs its own VM:
+//! the table is in shared data, one entry per bucket, and a request reads the one bucket its
+//! host needs. Two sets of entries alternate: a full load fills the idle one and then flips the
+//! generation, so requests see the old table or the new one, never half of one. The set left
+//! behind is emptied once every VM has moved on (they re-read the generation every tick).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::RwLock;
+
+use edgewise_core::serverless::table::{self, bucket_of, LocalTable, MANAGED_BITS};
+use edgewise_core::serverless::ManagedRoutes;
+use edgewise_host::shared::{get_u64, set_u64};
+use edgewise_host::{read, write, Host};
+
+pub enum Store {
+    Local(RwLock<Option<LocalTable>>),
+    Shared(Shared),
+}
+
+pub struct Shared {
+    /// `<namespace>.b`: a bucket's entry is `<prefix><set>.<index in hex>`.
+    prefix: String,
+    key_generation: String,
+    /// The generation this VM reads (0: none loaded yet), refreshed every tick.
+    generation: AtomicU64,
+}
+
+/// A full load in progress: the table it builds, away from the one in force.
+pub enum Staging {
+    Local(LocalTable),
+    Shared { generation: u64, routes: u64 },
+}
+
+impl Store {
+    pub fn new(namespace: &str, shared: bool) -> Store {
+        if !shared {
+            return Store::Local(RwLock::new(None));
+        }
+        Store::Shared(Shared {
+            prefix: format!("{namespace}.b"),
+            key_generation: format!("{namespace}.generation"),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The view a request looks its route up in.
+    pub fn view<'a, H: Host>(&'a self, host: &'a H) -> View<'a, H> {
+        View { store: self, host }
+    }
+
+    /// Re-reads which table is in force (proxy-wasm; each tick).
+    pub fn refresh(&self, host: &impl Host) {
+        if let Store::Shared(s) = self {
+            s.generation.store(get_u64(host, &s.key_generation).0, Relaxed);
+        }
+    }
+
+    pub fn loaded(&self, host: &impl Host) -> bool {
+        match self {
+            Store::Local(t) => read(t).is_some(),
+            Store::Shared(s) => s.current(host) > 0,
+        }
+    }
+
+    pub fn contains(&self, host: &impl Host, key: &[u8]) -> bool {
+        match self {
+            Store::Local(t) => read(t).as_ref().is_some_and(|t| t.contains(key)),
+            Store::Shared(s) => {
+                let mut bucket = Vec::new();
+                s.bucket(host, s.current(host), key, &mut bucket) && table::find(&bucket, key).is_some()
+            }
+        }
+    }
+
+    /// Puts (`Some(record)`) or deletes the route of `key` in the table in force; the change in
+    /// the number of routes.
+    pub fn edit(&self, host: &impl Host, key: &[u8], record: Option<&[u8]>) -> i64 {
+        let found = match self {
+            Store::Local(t) => {
+                let Some(edited) = read(t).as_ref().map(|t| t.edited(key, record)) else { return 0 };
+                let found = edited.2;
+                // Only this thread writes: the bucket built under the read lock is still current.
+                let old = write(t).as_mut().map(|t| t.replace(edited, record.is_some()));
+                drop(old);
+                found
+            }
+            Store::Shared(s) => s.edit(host, s.current(host), key, record),
+        };
+        match (found, record.is_some()) {
+            (false, true) => 1,
+            (true, false) => -1,
+            _ => 0,
+        }
+    }
+
+    pub fn stage(&self, host: &impl Host) -> Staging {
+        match self {
+            Store::Local(_) => Staging::Local(LocalTable::new(MANAGED_BITS)),
+            Store::Shared(s) => {
+                let generation = get_u64(host, &s.key_generation).0 + 1;
+                s.clear(host, generation);
+                Staging::Shared { generation, routes: 0 }
+            }
+        }
+    }
+
+    pub fn stage_put(&self, host: &impl Host, staging: &mut Staging, key: &[u8], record: &[u8]) {
+        match (self, staging) {
+            (_, Staging::Local(t)) => {
+                t.put(record);
+            }
+            (Store::Shared(s), Staging::Shared { generation, routes }) => {
+                if !s.edit(host, *generation, key, Some(record)) {
+                    *routes += 1;
+                }
+            }
+            (Store::Local(_), Staging::Shared { .. }) => {}
+        }
+    }
+
+    /// Puts the staged table in force; the number of its routes. On proxy-wasm the generation
+    /// left behind is returned, to be emptied later.
+    pub fn commit(&self, host: &impl Host, staging: Staging) -> (u64, Option<u64>) {
+        match (self, staging) {
+            (Store::Local(t), Staging::Local(table)) => {
+                let routes = table.len() as u64;
+                let old = write(t).replace(table);
+                drop(old); // outside the lock: freeing a large table takes milliseconds
+                (routes, None)
+            }
+            (Store::Shared(s), Staging::Shared { generation, routes }) => {
+                set_u64(host, &s.key_generation, generation);
+                s.generation.store(generation, Relaxed);
+                (routes, Some(generation - 1))
+            }
+            _ => (0, None),
+        }
+    }
+
+    /// Empties a generation's entries (proxy-wasm).
+    pub fn clear(&self, host: &impl Host, generation: u64) {
+        if let Store::Shared(s) = self {
+            s.clear(host, generation);
+        }
+    }
+}
+
+impl Shared {
+    fn current(&self, host: &impl Host) -> u64 {
+        match self.generation.load(Relaxed) {
+            // Not loaded as far as this VM knows: another may have loaded it since the last tick.
+            0 => {
+                let generation = get_u64(host, &self.key_generation).0;
+                self.generation.store(generation, Relaxed);
+                generation
+            }
+            generation => generation,
+        }
+    }
+
+    /// Writes the entry name of a bucket into `buf`, returning it as text.
+    fn entry<'b>(&self, buf: &'b mut [u8; 160], generation: u64, index: usize) -> Option<&'b str> {
+        let mut w = &mut buf[..];
+        write!(w, "{}{}.{index:x}", self.prefix, generation & 1).ok()?;
+        let len = 160 - w.len();
+        std::str::from_utf8(buf.get(..len)?).ok()
+    }
+
+    fn bucket(&self, host: &impl Host, generation: u64, key: &[u8], into: &mut Vec<u8>) -> bool {
+        if generation == 0 {
+            return false;
+        }
+        let mut buf = [0; 160];
+        let Some(entry) = self.entry(&mut buf, generation, bucket_of(key, MANAGED_BITS)) else { return false };
+        *into = host.shared_get(entry).0.unwrap_or_default();
+        true
+    }
+
+    /// Read, edit, write back if unchanged meanwhile; whether the key was there.
+    fn edit(&self, host: &impl Host, generation: u64, key: &[u8], record: Option<&[u8]>) -> bool {
+        let mut buf = [0; 160];
+        let Some(entry) = self.entry(&mut buf, generation, bucket_of(key, MANAGED_BITS)) else { return false };
+        for _ in 0..8 {
+            let (value, cas) = host.shared_get(entry);
+            let (bucket, found) = table::edit(&value.unwrap_or_default(), key, record);
+            if host.shared_set(entry, &bucket, cas) {
+                return found;
+            }
+        }
+        log::error!("serverless: shared route bucket {entry} kept changing under this edit");
+        false
+    }
+
+    fn clear(&self, host: &impl Host, generation: u64) {
+        let mut buf = [0; 160];
+        for index in 0..1usize << MANAGED_BITS {
+            let Some(entry) = self.entry(&mut buf, generation, index) else { return };
+            if host.shared_get(entry).0.is_some_and(|v| !v.is_empty()) {
+                host.shared_set(entry, &[], None);
+            }
+        }
+    }
+}
+
+/// The store as a request sees it.
+pub struct View<'a, H> {
+    store: &'a Store,
+    host: &'a H,
+}
+
+impl<H: Host> ManagedRoutes for View<'_, H> {
+    fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool {
+        match self.store {
+            Store::Local(t) => read(t).as_ref().is_some_and(|t| ManagedRoutes::bucket(t, key, into)),
+            Store::Shared(s) => s.bucket(self.host, s.current(self.host), key, into),
+        }
+    }
+}

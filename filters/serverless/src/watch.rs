@@ -1,0 +1,414 @@
+//! Loads the route table from the management service and watches it for changes, once per
+//! Envoy (docs/serverless-control.md, "The route watch").
+//!
+//! One copy of the filter at a time holds the lease in shared data and has the one call in
+//! flight; natively there is one copy. The state every copy needs (cursor, version, back-off)
+//! is in shared data too, so whichever copy takes the lease next carries on from it.
+//!
+//! - No table, or no cursor (a 410, an answer refused): the whole table, page by page, into a
+//!   staging table; it is put in force after the last page. A service whose answers carry no
+//!   cursor does not watch: its table is fetched again every `poll_interval_ms`, with
+//!   `If-None-Match`.
+//! - A cursor: a watch, held by the service until something changes; its changes are applied
+//!   in place and the next watch leaves at once.
+//!
+//! An answer that fails, does not read or does not fit (a version going backwards, a delete
+//! of a route not in the table, no cursor, too large) changes nothing: it is counted, the next
+//! attempt waits (250 ms doubling to `max_backoff_ms`) and, for an answer refused, loads the
+//! whole table again.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use edgewise_core::serverless::protocol::{read_changes, read_page};
+use edgewise_core::serverless::{Management, Router};
+use edgewise_host::shared::{get_u64, set_u64, update_u64};
+use edgewise_host::{lock, Background, Fetched, Host};
+
+use crate::store::{Staging, Store};
+use crate::Metrics;
+
+/// The cursor header of the management service's answers.
+pub const CURSOR: &str = "x-edgewise-cursor";
+/// How long the generation a full load replaced is kept for copies still reading it.
+const CLEAR_DELAY_MS: u64 = 5_000;
+/// A lease holds for at most 2^44 ms from the epoch; the owner is in the bits above.
+const UNTIL: u64 = (1 << 44) - 1;
+
+pub struct Watcher {
+    mgmt: Management,
+    keys: Keys,
+    pub store: Store,
+    owner: OnceLock<u64>,
+    local: Mutex<Local>,
+}
+
+/// Shared-data keys, namespaced by the filter instance.
+struct Keys {
+    copies: String,
+    lease: String,
+    cursor: String,
+    etag: String,
+    version: String,
+    catch_up: String,
+    failures: String,
+    routes: String,
+    checked: String,
+    changed: String,
+}
+
+/// What this copy has in flight.
+#[derive(Default)]
+struct Local {
+    in_flight: Option<(u64, Ask, u64)>,
+    load: Option<Load>,
+    /// A generation to empty, and when.
+    clear: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    Page,
+    Watch,
+}
+
+/// A full load in progress.
+struct Load {
+    staging: Staging,
+    /// The cursor and version of the first page: the watch starts there.
+    cursor: String,
+    etag: String,
+    version: u64,
+    /// The version of the last page: changes replayed up to it may delete what a later page
+    /// no longer had.
+    last: u64,
+    next: Option<String>,
+}
+
+/// After an answer.
+enum Then {
+    Now,
+    At(u64),
+    Failed,
+}
+
+impl Watcher {
+    pub fn new(mgmt: Management, namespace: &str, shared: bool) -> Self {
+        let ns = format!("edgewise.serverless.{namespace}");
+        let key = |k: &str| format!("{ns}.{k}");
+        Watcher {
+            keys: Keys {
+                copies: key("copies"),
+                lease: key("lease"),
+                cursor: key("cursor"),
+                etag: key("etag"),
+                version: key("version"),
+                catch_up: key("catch_up"),
+                failures: key("failures"),
+                routes: key("routes"),
+                checked: key("checked_ms"),
+                changed: key("changed_ms"),
+            },
+            store: Store::new(&ns, shared),
+            owner: OnceLock::new(),
+            local: Mutex::new(Local::default()),
+            mgmt,
+        }
+    }
+
+    /// Often enough to take over a lease on time and to see a new generation quickly.
+    pub fn tick_period(&self) -> Duration {
+        Duration::from_millis(250)
+    }
+
+    pub fn on_tick(&self, bg: &mut impl Background, router: &Router, m: &Metrics) {
+        self.store.refresh(bg);
+        let now = bg.now_ms();
+        let checked = get_u64(bg, &self.keys.checked).0;
+        if checked > 0 {
+            bg.set_gauge(m.table_age_seconds, now.saturating_sub(checked) / 1000);
+        }
+        let changed = get_u64(bg, &self.keys.changed).0;
+        if changed > 0 {
+            bg.set_gauge(m.table_change_age_seconds, now.saturating_sub(changed) / 1000);
+        }
+        let mut local = lock(&self.local);
+        if let Some((generation, due)) = local.clear {
+            if now >= due {
+                self.store.clear(bg, generation);
+                local.clear = None;
+            }
+        }
+        if local.in_flight.is_some() || !self.take_lease(bg, now) {
+            return;
+        }
+        self.next(bg, &mut local, router, m);
+    }
+
+    pub fn on_fetched(&self, bg: &mut impl Background, id: u64, response: &Fetched, router: &Router, m: &Metrics) {
+        let mut local = lock(&self.local);
+        let Some((_, ask, sent)) = local.in_flight.take_if(|(i, _, _)| *i == id) else {
+            return;
+        };
+        let now = bg.now_ms();
+        let then = if response.body.len() as u64 > self.mgmt.max_answer_bytes {
+            self.refused(bg, m, &format!("an answer of {} bytes", response.body.len()))
+        } else {
+            match ask {
+                Ask::Page => self.on_page(bg, &mut local, response, router, m),
+                Ask::Watch => self.on_watch(bg, response, now.saturating_sub(sent), router, m),
+            }
+        };
+        match then {
+            Then::Now => self.next(bg, &mut local, router, m),
+            Then::At(due) => self.release(bg, due),
+            Then::Failed => {
+                local.load = None;
+                let failures = update_u64(bg, &self.keys.failures, |f| Some(f + 1)).unwrap_or(1);
+                let delay = (250u64 << failures.min(10)).min(self.mgmt.max_backoff_ms);
+                self.release(bg, now + delay);
+            }
+        }
+    }
+
+    /// Sends the next call: a page of the whole table, or a watch.
+    fn next(&self, bg: &mut impl Background, local: &mut Local, router: &Router, m: &Metrics) {
+        let _ = router;
+        let mgmt = &self.mgmt;
+        let cursor = self.text(bg, &self.keys.cursor);
+        let (ask, path, timeout_ms, etag) = match &local.load {
+            None if !cursor.is_empty() && self.store.loaded(bg) => (
+                Ask::Watch,
+                format!("{}?since={cursor}&wait={}", mgmt.path, mgmt.wait_seconds),
+                mgmt.wait_seconds * 1000 + mgmt.timeout_ms,
+                String::new(),
+            ),
+            None => {
+                // A table in force and an ETag: a service that does not watch may answer 304.
+                let etag = if self.store.loaded(bg) { self.text(bg, &self.keys.etag) } else { String::new() };
+                (Ask::Page, format!("{}?limit={}", mgmt.path, mgmt.page_size), mgmt.timeout_ms, etag)
+            }
+            Some(load) => {
+                let after = load.next.as_deref().unwrap_or_default();
+                (
+                    Ask::Page,
+                    format!("{}?limit={}&after={after}", mgmt.path, mgmt.page_size),
+                    mgmt.timeout_ms,
+                    String::new(),
+                )
+            }
+        };
+        let now = bg.now_ms();
+        self.renew(bg, now + timeout_ms + 1000);
+        let headers = [("accept", "application/json"), ("if-none-match", etag.as_str())];
+        let headers = if etag.is_empty() { &headers[..1] } else { &headers[..] };
+        let timeout = Duration::from_millis(timeout_ms);
+        match bg.http_get(&mgmt.cluster, &mgmt.authority, &path, headers, timeout) {
+            Some(id) => local.in_flight = Some((id, ask, now)),
+            None => {
+                bg.increment(m.fetch_failed);
+                local.load = None;
+                self.release(bg, now + 1000);
+            }
+        }
+    }
+
+    fn on_page(&self, bg: &impl Host, local: &mut Local, r: &Fetched, router: &Router, m: &Metrics) -> Then {
+        let now = bg.now_ms();
+        match r.status {
+            304 if local.load.is_none() => {
+                bg.increment(m.fetch_not_modified);
+                set_u64(bg, &self.keys.checked, now);
+                set_u64(bg, &self.keys.failures, 0);
+                return Then::At(now + self.mgmt.poll_interval_ms);
+            }
+            200 => {}
+            status => return self.failed(bg, m, status),
+        }
+        let mut load = match local.load.take() {
+            Some(load) => load,
+            None => Load {
+                staging: self.store.stage(bg),
+                cursor: String::new(),
+                etag: r.header("etag").unwrap_or_default().to_owned(),
+                version: 0,
+                last: 0,
+                next: None,
+            },
+        };
+        let first = load.next.is_none();
+        let read = read_page(&router.decoder, &r.body, |key, record| {
+            self.store.stage_put(bg, &mut load.staging, &key, &record)
+        });
+        let page = match read {
+            Ok(page) => page,
+            Err(e) => return self.refused(bg, m, &format!("a page of the table that does not read ({e})")),
+        };
+        if first {
+            load.version = page.version;
+            load.cursor = match r.header(CURSOR) {
+                None => String::new(),
+                Some(c) if token(c) => c.to_owned(),
+                Some(c) => return self.refused(bg, m, &format!("the cursor {c:?}")),
+            };
+        } else if page.version < load.last {
+            return self.refused(bg, m, &format!("a page at version {} after one at {}", page.version, load.last));
+        }
+        load.last = page.version;
+        bg.increment(m.fetch_ok);
+        match page.next {
+            Some(next) if !token(&next) => self.refused(bg, m, &format!("the page token {next:?}")),
+            Some(next) => {
+                load.next = Some(next);
+                local.load = Some(load);
+                Then::Now
+            }
+            None => self.commit(bg, local, load, m),
+        }
+    }
+
+    /// Puts a fully loaded table in force.
+    fn commit(&self, bg: &impl Host, local: &mut Local, load: Load, m: &Metrics) -> Then {
+        let now = bg.now_ms();
+        let (routes, left) = self.store.commit(bg, load.staging);
+        if let Some(generation) = left {
+            local.clear = Some((generation, now + CLEAR_DELAY_MS));
+        }
+        let k = &self.keys;
+        for (key, value) in [(&k.routes, routes), (&k.version, load.version), (&k.catch_up, load.last)] {
+            set_u64(bg, key, value);
+        }
+        for (key, value) in [(&k.checked, now), (&k.changed, now), (&k.failures, 0)] {
+            set_u64(bg, key, value);
+        }
+        bg.shared_set(&k.cursor, load.cursor.as_bytes(), None);
+        bg.shared_set(&k.etag, load.etag.as_bytes(), None);
+        bg.increment(m.full_loads);
+        bg.set_gauge(m.table_version, load.version);
+        bg.set_gauge(m.table_routes, routes);
+        log::info!("serverless: route table version {} with {routes} routes is in force", load.version);
+        if load.cursor.is_empty() {
+            Then::At(now + self.mgmt.poll_interval_ms)
+        } else {
+            Then::Now
+        }
+    }
+
+    fn on_watch(&self, bg: &impl Host, r: &Fetched, took_ms: u64, router: &Router, m: &Metrics) -> Then {
+        let now = bg.now_ms();
+        match r.status {
+            200 => {}
+            304 => {
+                bg.increment(m.fetch_not_modified);
+                set_u64(bg, &self.keys.checked, now);
+                set_u64(bg, &self.keys.failures, 0);
+                // A service that answers at once instead of holding the watch is not asked in a loop.
+                return if took_ms * 2 < self.mgmt.wait_seconds * 1000 { Then::At(now + 1000) } else { Then::Now };
+            }
+            410 => {
+                bg.increment(m.fetch_gone);
+                log::info!(
+                    "serverless: the management service no longer serves from this cursor; loading the whole table"
+                );
+                self.forget_cursor(bg);
+                return Then::Now;
+            }
+            status => return self.failed(bg, m, status),
+        }
+        let changes = match read_changes(&router.decoder, &r.body) {
+            Ok(changes) => changes,
+            Err(e) => return self.refused(bg, m, &format!("changes that do not read ({e})")),
+        };
+        let cursor = match r.header(CURSOR) {
+            Some(c) if token(c) => c,
+            other => return self.refused(bg, m, &format!("changes with the cursor {other:?}")),
+        };
+        let version = get_u64(bg, &self.keys.version).0;
+        if changes.version <= version {
+            return self.refused(bg, m, &format!("version {} after version {version}", changes.version));
+        }
+        // Every delete must name a route in the table (as the changes before it leave it), but
+        // while replaying the changes a full load overlapped.
+        let strict = version >= get_u64(bg, &self.keys.catch_up).0;
+        let mut present: HashMap<&[u8], bool> = HashMap::new();
+        for c in &changes.changes {
+            let here = present.get(&c.key[..]).copied().unwrap_or_else(|| self.store.contains(bg, &c.key));
+            if c.record.is_none() && !here && strict {
+                return self.refused(bg, m, "a delete of a route not in the table");
+            }
+            present.insert(&c.key, c.record.is_some());
+        }
+        let mut delta = 0i64;
+        for c in &changes.changes {
+            delta += self.store.edit(bg, &c.key, c.record.as_deref());
+        }
+        let routes = update_u64(bg, &self.keys.routes, |n| Some(n.saturating_add_signed(delta))).unwrap_or(0);
+        set_u64(bg, &self.keys.version, changes.version);
+        bg.shared_set(&self.keys.cursor, cursor.as_bytes(), None);
+        for (key, value) in [(&self.keys.checked, now), (&self.keys.changed, now), (&self.keys.failures, 0)] {
+            set_u64(bg, key, value);
+        }
+        bg.increment(m.fetch_ok);
+        bg.set_gauge(m.table_version, changes.version);
+        bg.set_gauge(m.table_routes, routes);
+        Then::Now
+    }
+
+    fn failed(&self, bg: &impl Host, m: &Metrics, status: u16) -> Then {
+        log::warn!(
+            "serverless: management service {} answered {}; keeping the route table in force",
+            self.mgmt.cluster,
+            if status == 0 { "nothing (unreachable or timed out)".into() } else { status.to_string() }
+        );
+        bg.increment(m.fetch_failed);
+        Then::Failed
+    }
+
+    /// An answer refused: nothing changes, and the next attempt loads the whole table.
+    fn refused(&self, bg: &impl Host, m: &Metrics, what: &str) -> Then {
+        log::warn!(
+            "serverless: management service {} sent {what}; keeping the route table in force",
+            self.mgmt.cluster
+        );
+        bg.increment(m.fetch_rejected);
+        self.forget_cursor(bg);
+        Then::Failed
+    }
+
+    fn forget_cursor(&self, bg: &impl Host) {
+        bg.shared_set(&self.keys.cursor, &[], None);
+        bg.shared_set(&self.keys.etag, &[], None);
+    }
+
+    fn text(&self, host: &impl Host, key: &str) -> String {
+        host.shared_get(key).0.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default()
+    }
+
+    fn owner(&self, host: &impl Host) -> u64 {
+        *self.owner.get_or_init(|| update_u64(host, &self.keys.copies, |n| Some(n + 1)).unwrap_or(1) & 0xfffff)
+    }
+
+    /// Takes the lease if it is free (or already this copy's).
+    fn take_lease(&self, host: &impl Host, now: u64) -> bool {
+        let me = self.owner(host);
+        let lease = |owner: u64, until: u64| owner << 44 | until & UNTIL;
+        update_u64(host, &self.keys.lease, |v| (v >> 44 == me || now >= v & UNTIL).then_some(lease(me, now + 1000)))
+            .is_some()
+    }
+
+    fn renew(&self, host: &impl Host, until: u64) {
+        let me = self.owner(host);
+        update_u64(host, &self.keys.lease, |_| Some(me << 44 | until & UNTIL));
+    }
+
+    /// Gives the lease up; nobody takes it before `due`.
+    fn release(&self, host: &impl Host, due: u64) {
+        set_u64(host, &self.keys.lease, due & UNTIL);
+    }
+}
+
+/// Cursors and page tokens go into a query as they are: unreserved URL characters only.
+fn token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
