@@ -2,16 +2,17 @@
 //! customer clusters (mTLS gateway stand-ins with different CAs), a management service stand-in
 //! and a plain "www" site on the same listener.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgewise::certs::{Ca, Leaf, LeafSpec};
 use edgewise::client::{raw_get, raw_statuses, Client, Request};
 use edgewise::envoy::{Config, Envoy};
 use edgewise::scenarios::serverless::{self as sl, ports, Pki};
-use edgewise::server::{DocMode, Document, Listen, Server};
+use edgewise::server::{Answer, DocMode, Document, Handler, Listen, Server};
 
 const B_HOST: &str = "1111111a-2222222b-333333333c.serverless.gitlab.io";
 const B_KNATIVE: &str = "fn-b.ns-7.knative.customer-b.example";
@@ -35,6 +36,8 @@ struct Options {
     /// Gateway certificates (customer-a, customer-b); default: each issued by its own CA.
     gateways: Option<GatewayLeaves>,
     table: String,
+    /// The management service; default: the document `table` (a service that does not watch).
+    mgmt: Option<Handler>,
     tweak: fn(Config) -> Config,
 }
 
@@ -43,6 +46,7 @@ impl Default for Options {
         Options {
             gateways: None,
             table: sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]),
+            mgmt: None,
             tweak: |c| c,
         }
     }
@@ -62,7 +66,8 @@ async fn setup(opts: Options) -> Setup {
     let b = sl::gateway("customer-b", 0, &leaf_b, &pki.platform_ca).await.unwrap();
     let www = Server::echo("www", Listen::default()).await.unwrap();
     let doc = Document::new(opts.table);
-    let mgmt = Server::start("management", Listen::default(), doc.handler()).await.unwrap();
+    let handler = opts.mgmt.unwrap_or_else(|| doc.handler());
+    let mgmt = Server::start("management", Listen::default(), handler).await.unwrap();
     let config = Config::shipped("serverless")
         .run_dir(run.path())
         .port(ports::FRONT, 0)
@@ -313,6 +318,81 @@ async fn the_route_table_updates_without_restart_and_survives_management_outages
     }
     let age = s.envoy.stat(&edgewise::envoy::stat("edgewise.serverless.table.age_seconds")).await.unwrap();
     assert!(age < 60, "age {age}");
+}
+
+/// A management service that watches, scripted: every page is the table at version 1 (cursor
+/// `t.1`); every watch gets the next answer of the script, then 304.
+fn scripted(script: Vec<Answer>, pages: Arc<AtomicUsize>) -> Handler {
+    let script = Arc::new(Mutex::new(VecDeque::from(script)));
+    let with_cursor = |mut a: Answer, cursor: &str| {
+        a.headers.push(("x-edgewise-cursor".into(), cursor.into()));
+        a
+    };
+    let table = sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]);
+    Arc::new(move |seen| {
+        if !seen.path.contains("since=") {
+            pages.fetch_add(1, Ordering::SeqCst);
+            return with_cursor(Answer::json(200, table.clone()), "t.1");
+        }
+        let next = script.lock().ok().and_then(|mut s| s.pop_front());
+        next.unwrap_or_else(|| with_cursor(Answer::json(304, ""), "t.1"))
+    })
+}
+
+#[tokio::test]
+async fn hostile_watch_answers_change_nothing_are_counted_and_the_table_is_loaded_again() {
+    const NEW: &str = "4444444a-5555555b-666666666c.serverless.gitlab.io";
+    let put_new = r#"{"put":{"match":{"project":"4444444a","environment":"5555555b","function":"666666666c"},
+        "cluster":"customer-a","host":"new.knative.customer-a.example"}}"#;
+    let answer = |cursor: Option<&str>, body: String| {
+        let mut a = Answer::json(200, body);
+        a.headers.extend(cursor.map(|c| ("x-edgewise-cursor".to_string(), c.to_string())));
+        a
+    };
+    let unknown = r#"{"delete":{"match":{"project":"99999999","environment":"99999999","function":"9999999999"}}}"#;
+    let hostile = vec![
+        answer(Some("t.2"), "\u{0}garbage".into()),
+        answer(Some("t.2"), format!(r#"{{"version":2,"changes":[{put_new}"#)),
+        answer(Some("t.2"), format!(r#"{{"version":2,"changes":[{put_new},{unknown}]}}"#)),
+        answer(Some("t.0"), format!(r#"{{"version":0,"changes":[{put_new}]}}"#)),
+        answer(None, format!(r#"{{"version":2,"changes":[{put_new}]}}"#)),
+        answer(Some("t.2"), format!(r#"{{"version":2,"changes":[{}]}}"#, vec![put_new; 1000].join(","))),
+    ];
+    let count = hostile.len() as u64;
+    let mut script = hostile;
+    script.push(answer(Some("t.2"), format!(r#"{{"version":2,"changes":[{put_new}]}}"#)));
+    let pages = Arc::new(AtomicUsize::new(0));
+    let s = setup(Options {
+        mgmt: Some(scripted(script, pages.clone())),
+        tweak: |c| c.replace("\"poll_interval_ms\": 200,", "\"poll_interval_ms\": 200, \"max_answer_bytes\": 65536,"),
+        ..Options::default()
+    })
+    .await;
+    let rejected = &edgewise::envoy::stat("edgewise.serverless.management_fetch.rejected");
+    let version = &edgewise::envoy::stat("edgewise.serverless.table.version");
+    let mut last = 0;
+    loop {
+        let stats = s.envoy.stats().await.unwrap();
+        let now = stats.get(rejected).copied().unwrap_or(0);
+        if now > last {
+            // Each refused answer changed nothing: the table of version 1 is in force.
+            assert_eq!(s.get(B_HOST).await.status, 200, "after {now} refused answers");
+            assert_eq!(stats.get(version), Some(&1), "after {now} refused answers");
+            last = now;
+        }
+        if stats.get(version) == Some(&2) {
+            break;
+        }
+        assert!(now <= count, "{now} answers refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!(stats.get(rejected), Some(&count), "every hostile answer refused and counted");
+    let full_loads = stats.get(&edgewise::envoy::stat("edgewise.serverless.table.full_loads")).copied();
+    assert_eq!(full_loads, Some(count + 1), "after each refusal, one full load");
+    assert_eq!(pages.load(Ordering::SeqCst) as u64, count + 1);
+    let r = s.get(NEW).await;
+    assert_eq!((r.status, r.json()["host"].as_str()), (200, Some("new.knative.customer-a.example")));
 }
 
 #[tokio::test]

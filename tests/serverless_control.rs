@@ -41,6 +41,10 @@ async fn setup() -> Setup {
 
 /// The control service and an Envoy running `yaml` (envoy/<yaml>.yaml of the build under test).
 async fn setup_with(yaml: &str) -> Setup {
+    setup_tweaked(yaml, |c| c).await
+}
+
+async fn setup_tweaked(yaml: &str, tweak: fn(Config) -> Config) -> Setup {
     let run = tempfile::tempdir().unwrap();
     let pki = Pki::install(run.path()).unwrap();
     let db = run.path().join("control.db");
@@ -51,7 +55,7 @@ async fn setup_with(yaml: &str) -> Setup {
         .port(ports::FRONT, 0)
         .port(control::GRPC_PORT, control.grpc)
         .port(control::HTTP_PORT, control.http);
-    let envoy = Envoy::start(&config).await.unwrap();
+    let envoy = Envoy::start(&tweak(config)).await.unwrap();
     let front = envoy.listener("serverless_https").await.unwrap();
     let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
     Setup { run, pki, control, envoy, front, client }
@@ -263,6 +267,63 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
     eprintln!("customer-a across the control service's outage and restart: {ok} succeeded, {failed} failed");
     assert_eq!(failed, 0);
     assert!(s.run.path().join("control.db").exists());
+}
+
+/// The filter loads the table once and then watches it: a change reaches traffic with no poll
+/// (the poll interval here is ten minutes), a restart of the service resumes the watch from its
+/// cursor with no full load, and a service on another store (a cursor it cannot serve: 410) leads
+/// to exactly one full load.
+#[tokio::test]
+async fn route_changes_reach_traffic_through_the_watch_and_a_restart_resumes_it_without_a_full_load() {
+    let mut s =
+        setup_tweaked("serverless-xds", |c| c.replace("\"poll_interval_ms\": 1000", "\"poll_interval_ms\": 600000"))
+            .await;
+    let stat = |name: &str| edgewise::envoy::stat(&format!("edgewise.serverless.{name}"));
+    let (full_loads, gone) = (stat("table.full_loads"), stat("management_fetch.gone"));
+    let a = s.gateway("customer-a", &s.pki.customer_a_ca).await;
+    s.add("customer-a", &a).await;
+    s.settle().await;
+
+    // A function of a published customer: from the REST call to traffic.
+    let functions = ["00000001-0000000b-000000000c", "00000002-0000000b-000000000c", "00000003-0000000b-000000000c"];
+    async fn deploy(s: &Setup, label: &str) -> Instant {
+        let start = Instant::now();
+        s.control.put_function(&format!("f-{label}"), label, "customer-a", A_KNATIVE).await.unwrap();
+        start
+    }
+    let host = |label: &str| format!("{label}.serverless.gitlab.io");
+    let start = deploy(&s, functions[0]).await;
+    s.until(&host(functions[0]), "a new function", |r| r.status == 200).await;
+    let took = start.elapsed();
+    eprintln!("a new function reached traffic {took:?} after its REST call returned");
+    assert!(took < Duration::from_secs(10), "{took:?}: the watch, not the 600 s poll, brought it");
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!(stats.get(&full_loads), Some(&1), "one full load, then changes");
+
+    // The service restarts on its store: the watch resumes from its cursor.
+    assert!(s.control.stop().await.unwrap().success());
+    s.control.start_again().await.unwrap();
+    s.control.ready(Duration::from_secs(10)).await.unwrap();
+    deploy(&s, functions[1]).await;
+    s.until(&host(functions[1]), "a function deployed after the restart", |r| r.status == 200).await;
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!((stats.get(&full_loads), stats.get(&gone)), (Some(&1), Some(&0)), "no full load across the restart");
+
+    // A service on another store: its history is not the cursor's. One 410, one full load.
+    let (grpc, http) = (s.control.grpc, s.control.http);
+    assert!(s.control.stop().await.unwrap().success());
+    let other = s.run.path().join("other.db");
+    s.control = ControlService::start(binary(), s.run.path(), &other, (grpc, http), &[]).await.unwrap();
+    s.control
+        .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
+        .await
+        .unwrap();
+    deploy(&s, functions[2]).await;
+    s.until(&host(functions[2]), "a function of the other store", |r| r.status == 200).await;
+    s.until(&host(functions[0]), "a function only the first store had", |r| r.status == 404).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!((stats.get(&full_loads), stats.get(&gone)), (Some(&2), Some(&1)), "one 410, one full load");
 }
 
 /// envoy/serverless-odcds.yaml, Envoys that fetch clusters on demand (on-demand CDS): Envoy holds

@@ -4,8 +4,10 @@
 //! bucket (built beforehand) under the write lock. On proxy-wasm every worker runs its own VM:
 //! the table is in shared data, one entry per bucket, and a request reads the one bucket its
 //! host needs. Two sets of entries alternate: a full load fills the idle one and then flips the
-//! generation, so requests see the old table or the new one, never half of one. The set left
-//! behind is emptied once every VM has moved on (they re-read the generation every tick).
+//! generation, so requests see the old table or the new one, never half of one. A VM re-reads
+//! the generation every tick, and at once when a host is not found. The set left behind gets the
+//! changes made after the flip too, until it is emptied `SETTLE_MS` later, when every VM has
+//! moved on; the next full load waits for that.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -13,7 +15,7 @@ use std::sync::RwLock;
 
 use edgewise_core::serverless::table::{self, bucket_of, LocalTable, MANAGED_BITS};
 use edgewise_core::serverless::ManagedRoutes;
-use edgewise_host::shared::{get_u64, set_u64};
+use edgewise_host::shared::{get_u64, set_u64, update_u64};
 use edgewise_host::{read, write, Host};
 
 pub enum Store {
@@ -21,10 +23,16 @@ pub enum Store {
     Shared(Shared),
 }
 
+/// How long the generation a full load replaced stays, for VMs still reading it.
+pub const SETTLE_MS: u64 = 2_000;
+
 pub struct Shared {
     /// `<namespace>.b`: a bucket's entry is `<prefix><set>.<index in hex>`.
     prefix: String,
     key_generation: String,
+    /// The generation replaced by the last full load until it is emptied (0: none), and when.
+    key_left: String,
+    key_flipped: String,
     /// The generation this VM reads (0: none loaded yet), refreshed every tick.
     generation: AtomicU64,
 }
@@ -43,6 +51,8 @@ impl Store {
         Store::Shared(Shared {
             prefix: format!("{namespace}.b"),
             key_generation: format!("{namespace}.generation"),
+            key_left: format!("{namespace}.generation_left"),
+            key_flipped: format!("{namespace}.flipped_ms"),
             generation: AtomicU64::new(0),
         })
     }
@@ -52,11 +62,28 @@ impl Store {
         View { store: self, host }
     }
 
-    /// Re-reads which table is in force (proxy-wasm; each tick).
+    /// Re-reads which table is in force, and empties the one a full load left once it has
+    /// settled (proxy-wasm; each tick).
     pub fn refresh(&self, host: &impl Host) {
         if let Store::Shared(s) = self {
             s.generation.store(get_u64(host, &s.key_generation).0, Relaxed);
+            let left = get_u64(host, &s.key_left).0;
+            let due = get_u64(host, &s.key_flipped).0 + SETTLE_MS;
+            // The copy that swaps it to 0 empties it.
+            if left != 0
+                && host.now_ms() >= due
+                && update_u64(host, &s.key_left, |g| (g == left).then_some(0)).is_some()
+            {
+                s.clear(host, left);
+            }
         }
+    }
+
+    /// When a full load may start, if not now: the last one's leftover must settle first.
+    pub fn busy_until(&self, host: &impl Host) -> Option<u64> {
+        let Store::Shared(s) = self else { return None };
+        let due = get_u64(host, &s.key_flipped).0 + SETTLE_MS;
+        (get_u64(host, &s.key_left).0 != 0 && host.now_ms() < due).then_some(due)
     }
 
     pub fn loaded(&self, host: &impl Host) -> bool {
@@ -88,7 +115,13 @@ impl Store {
                 drop(old);
                 found
             }
-            Store::Shared(s) => s.edit(host, s.current(host), key, record),
+            Store::Shared(s) => {
+                let left = get_u64(host, &s.key_left).0;
+                if left != 0 {
+                    s.edit(host, left, key, record);
+                }
+                s.edit(host, s.current(host), key, record)
+            }
         };
         match (found, record.is_some()) {
             (false, true) => 1,
@@ -102,6 +135,10 @@ impl Store {
             Store::Local(_) => Staging::Local(LocalTable::new(MANAGED_BITS)),
             Store::Shared(s) => {
                 let generation = get_u64(host, &s.key_generation).0 + 1;
+                let left = get_u64(host, &s.key_left).0;
+                if left != 0 {
+                    set_u64(host, &s.key_left, 0);
+                }
                 s.clear(host, generation);
                 Staging::Shared { generation, routes: 0 }
             }
@@ -122,29 +159,23 @@ impl Store {
         }
     }
 
-    /// Puts the staged table in force; the number of its routes. On proxy-wasm the generation
-    /// left behind is returned, to be emptied later.
-    pub fn commit(&self, host: &impl Host, staging: Staging) -> (u64, Option<u64>) {
+    /// Puts the staged table in force; the number of its routes.
+    pub fn commit(&self, host: &impl Host, staging: Staging) -> u64 {
         match (self, staging) {
             (Store::Local(t), Staging::Local(table)) => {
                 let routes = table.len() as u64;
                 let old = write(t).replace(table);
                 drop(old); // outside the lock: freeing a large table takes milliseconds
-                (routes, None)
+                routes
             }
             (Store::Shared(s), Staging::Shared { generation, routes }) => {
                 set_u64(host, &s.key_generation, generation);
+                set_u64(host, &s.key_flipped, host.now_ms());
+                set_u64(host, &s.key_left, generation - 1);
                 s.generation.store(generation, Relaxed);
-                (routes, Some(generation - 1))
+                routes
             }
-            _ => (0, None),
-        }
-    }
-
-    /// Empties a generation's entries (proxy-wasm).
-    pub fn clear(&self, host: &impl Host, generation: u64) {
-        if let Store::Shared(s) = self {
-            s.clear(host, generation);
+            _ => 0,
         }
     }
 }
@@ -218,5 +249,11 @@ impl<H: Host> ManagedRoutes for View<'_, H> {
             Store::Local(t) => read(t).as_ref().is_some_and(|t| ManagedRoutes::bucket(t, key, into)),
             Store::Shared(s) => s.bucket(self.host, s.current(self.host), key, into),
         }
+    }
+
+    fn moved(&self) -> bool {
+        let Store::Shared(s) = self.store else { return false };
+        let generation = get_u64(self.host, &s.key_generation).0;
+        generation != s.generation.swap(generation, Relaxed)
     }
 }

@@ -2,7 +2,7 @@
 //! table polled from the management service.
 
 use edgewise_host::fake::{FakeBackground, FakeHost, FakeSetup, FakeStream};
-use edgewise_host::{Fetched, Filter, Flow};
+use edgewise_host::{Fetched, Filter, Flow, Host};
 
 use crate::Serverless;
 
@@ -189,6 +189,40 @@ fn the_table_is_loaded_in_pages_then_watched_and_changes_apply_in_place() {
         assert_eq!(host.metric("edgewise.serverless.management_fetch.gone"), 1);
         assert_eq!(host.metric("edgewise.serverless.table.full_loads"), 2);
     }
+}
+
+/// Proxy-wasm: a worker's copy that has not ticked since a full load replaced the table still
+/// sees the changes made after it, and the table of before is emptied once it has settled.
+#[test]
+fn a_copy_that_learns_of_a_new_table_late_still_sees_every_change() {
+    let host = FakeHost::default();
+    let sl = configure(&host, false);
+    let other = configure(&host, false);
+    let mut svc = Service::new(&sl, &host);
+    svc.tick_at(0);
+    svc.answer(answer(200, &[("x-edgewise-cursor", "h.1")], &format!(r#"{{"version":1,"routes":[{B_ROUTE}]}}"#)));
+    assert_eq!(routed(&other, &host, POLLED).as_deref(), Some("customer-b"), "the other copy reads generation 1");
+    svc.answer(answer(410, &[], ""));
+    svc.tick_at(2_500);
+    assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"));
+    svc.answer(answer(200, &[("x-edgewise-cursor", "h.2")], &format!(r#"{{"version":2,"routes":[{B_ROUTE}]}}"#)));
+    svc.answer(answer(
+        200,
+        &[("x-edgewise-cursor", "h.3")],
+        &format!(r#"{{"version":3,"changes":[{{"put":{C_ROUTE}}}]}}"#),
+    ));
+    let delete_b = r#"{"delete":{"match":{"project":"1111111a","environment":"2222222b","function":"333333333c"}}}"#;
+    svc.answer(answer(200, &[("x-edgewise-cursor", "h.4")], &format!(r#"{{"version":4,"changes":[{delete_b}]}}"#)));
+    assert_eq!(routed(&other, &host, C).as_deref(), Some("customer-c"), "a put after the flip");
+    assert_eq!(routed(&other, &host, POLLED), None, "a delete after the flip");
+    // Settled: the other copy ticks, the table of before is emptied.
+    host.now_ms.set(5_000);
+    other.on_tick(&mut FakeBackground::new(&host));
+    assert_eq!(routed(&other, &host, C).as_deref(), Some("customer-c"));
+    let left: usize = (0..1usize << 16)
+        .filter(|i| host.shared_get(&format!("edgewise.serverless.sl.b1.{i:x}")).0.is_some_and(|v| !v.is_empty()))
+        .count();
+    assert_eq!(left, 0, "generation 1's buckets are empty");
 }
 
 #[test]

@@ -31,8 +31,6 @@ use crate::Metrics;
 
 /// The cursor header of the management service's answers.
 pub const CURSOR: &str = "x-edgewise-cursor";
-/// How long the generation a full load replaced is kept for copies still reading it.
-const CLEAR_DELAY_MS: u64 = 5_000;
 /// A lease holds for at most 2^44 ms from the epoch; the owner is in the bits above.
 const UNTIL: u64 = (1 << 44) - 1;
 
@@ -63,8 +61,6 @@ struct Keys {
 struct Local {
     in_flight: Option<(u64, Ask, u64)>,
     load: Option<Load>,
-    /// A generation to empty, and when.
-    clear: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -134,12 +130,6 @@ impl Watcher {
             bg.set_gauge(m.table_change_age_seconds, now.saturating_sub(changed) / 1000);
         }
         let mut local = lock(&self.local);
-        if let Some((generation, due)) = local.clear {
-            if now >= due {
-                self.store.clear(bg, generation);
-                local.clear = None;
-            }
-        }
         if local.in_flight.is_some() || !self.take_lease(bg, now) {
             return;
         }
@@ -185,6 +175,9 @@ impl Watcher {
                 String::new(),
             ),
             None => {
+                if let Some(due) = self.store.busy_until(bg) {
+                    return self.release(bg, due);
+                }
                 // A table in force and an ETag: a service that does not watch may answer 304.
                 let etag = if self.store.loaded(bg) { self.text(bg, &self.keys.etag) } else { String::new() };
                 (Ask::Page, format!("{}?limit={}", mgmt.path, mgmt.page_size), mgmt.timeout_ms, etag)
@@ -264,17 +257,14 @@ impl Watcher {
                 local.load = Some(load);
                 Then::Now
             }
-            None => self.commit(bg, local, load, m),
+            None => self.commit(bg, load, m),
         }
     }
 
     /// Puts a fully loaded table in force.
-    fn commit(&self, bg: &impl Host, local: &mut Local, load: Load, m: &Metrics) -> Then {
+    fn commit(&self, bg: &impl Host, load: Load, m: &Metrics) -> Then {
         let now = bg.now_ms();
-        let (routes, left) = self.store.commit(bg, load.staging);
-        if let Some(generation) = left {
-            local.clear = Some((generation, now + CLEAR_DELAY_MS));
-        }
+        let routes = self.store.commit(bg, load.staging);
         let k = &self.keys;
         for (key, value) in [(&k.routes, routes), (&k.version, load.version), (&k.catch_up, load.last)] {
             set_u64(bg, key, value);

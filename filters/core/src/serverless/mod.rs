@@ -324,6 +324,12 @@ pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<
 pub trait ManagedRoutes {
     /// `false` while no table has been loaded.
     fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool;
+
+    /// Asked when a key is not found: true if the table in force has changed since the last
+    /// look (a copy may learn of a new table late), so that the lookup is worth repeating.
+    fn moved(&self) -> bool {
+        false
+    }
 }
 
 impl ManagedRoutes for LocalTable {
@@ -426,7 +432,12 @@ impl Router {
             ),
             Decoded::Key => {
                 let key = &scratch.key;
-                let loaded = managed.map(|m| m.bucket(key, &mut scratch.bucket));
+                let mut loaded = managed.map(|m| m.bucket(key, &mut scratch.bucket));
+                if let Some(m) =
+                    managed.filter(|m| loaded == Some(true) && table::find(&scratch.bucket, key).is_none() && m.moved())
+                {
+                    loaded = Some(m.bucket(key, &mut scratch.bucket));
+                }
                 if loaded == Some(true) {
                     if let Some(route) = table::find(&scratch.bucket, key) {
                         return Decision::Route(route);
