@@ -16,15 +16,22 @@ pub const DEMO_TOKEN: &str = "edgewise-demo-admin-token";
 /// The ports of envoy/serverless-xds.yaml.
 pub const GRPC_PORT: u16 = 18000;
 pub const HTTP_PORT: u16 = 19100;
+pub const ROUTES_PORT: u16 = 19200;
 
 pub struct ControlService(Service);
 
 impl ControlService {
     /// Starts `binary` on `db` with the platform client certificate the serverless PKI wrote
     /// under `run_dir` (its Secret-volume paths, so that a rotation is seen), on the given ports
-    /// (0: the OS picks), with `extra` arguments.
-    pub async fn start(binary: &Path, run_dir: &Path, db: &Path, ports: (u16, u16), extra: &[&str]) -> Result<Self> {
-        let certs = run_dir.join("serverless/certs/platform-client");
+    /// (gRPC, HTTP, routes; 0: the OS picks), with `extra` arguments. The xDS and route ports
+    /// take the Envoys' client certificates (mutual TLS).
+    pub async fn start(
+        binary: &Path,
+        run_dir: &Path,
+        db: &Path,
+        ports: (u16, u16, u16),
+        extra: &[&str],
+    ) -> Result<Self> {
         let xds = run_dir.join("serverless/certs");
         let mut args = vec![
             "--tls-cert".to_string(),
@@ -33,6 +40,22 @@ impl ControlService {
             xds.join("control-server/tls.key").display().to_string(),
             "--tls-client-ca".into(),
             xds.join("control-ca/ca.crt").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ControlService::start_plain(binary, run_dir, db, ports, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await
+    }
+
+    /// As `start`, without TLS on the xDS and route ports (a protocol test with plain clients).
+    pub async fn start_plain(
+        binary: &Path,
+        run_dir: &Path,
+        db: &Path,
+        ports: (u16, u16, u16),
+        extra: &[&str],
+    ) -> Result<Self> {
+        let certs = run_dir.join("serverless/certs/platform-client");
+        let mut args = vec![
             "--db".to_string(),
             db.display().to_string(),
             "--client-cert".into(),
@@ -43,9 +66,33 @@ impl ControlService {
         args.extend(extra.iter().map(|a| a.to_string()));
         let env = vec![(edgewise_control::TOKEN_ENV.to_string(), DEMO_TOKEN.to_string())];
         let log = run_dir.join("control.log");
-        let service = Service::start(binary, args, env, ports.0, ports.1, &log).await?;
+        let service = Service::start_with_routes(binary, args, env, (ports.0, ports.1, Some(ports.2)), &log).await?;
         service.ready(Duration::from_secs(10)).await?;
         Ok(ControlService(service))
+    }
+
+    /// The route port.
+    pub fn routes_port(&self) -> u16 {
+        self.0.routes.unwrap_or_default()
+    }
+
+    /// `GET <path>` on the route port over mutual TLS, as an Envoy of the serverless PKI's control
+    /// plane CA (`ca`, which issues the client certificate): (status, body).
+    pub async fn routes_get(&self, ca: &Ca, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let leaf = ca.issue(&crate::certs::LeafSpec::client("envoy", &[]))?;
+        let config = crate::tls::client(&[&ca.pem], Some(&leaf), &["http/1.1"])?;
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.routes_port())).await?;
+        let name = rustls::pki_types::ServerName::try_from(crate::scenarios::serverless::CONTROL_NAME)?;
+        let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: control\r\nconnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await?;
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+        let status = head.split_whitespace().nth(1).context("a status")?.parse()?;
+        Ok((status, body.to_string()))
     }
 
     /// A REST call with the admin token: (status, JSON body).

@@ -18,6 +18,8 @@ pub struct Service {
     child: Option<Child>,
     pub grpc: u16,
     pub http: u16,
+    /// A third port, `--routes` (edgewise-control's route table), when the service has one.
+    pub routes: Option<u16>,
     /// What the service printed on stderr, for failing tests.
     log: PathBuf,
 }
@@ -32,7 +34,18 @@ impl Service {
         http: u16,
         log: &Path,
     ) -> Result<Service> {
-        let mut s = Service { binary: binary.into(), args, env, child: None, grpc, http, log: log.into() };
+        Service::start_with_routes(binary, args, env, (grpc, http, None), log).await
+    }
+
+    /// As `start`, with a route port too when `ports.2` is given.
+    pub async fn start_with_routes(
+        binary: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        (grpc, http, routes): (u16, u16, Option<u16>),
+        log: &Path,
+    ) -> Result<Service> {
+        let mut s = Service { binary: binary.into(), args, env, child: None, grpc, http, routes, log: log.into() };
         s.spawn().await?;
         Ok(s)
     }
@@ -43,6 +56,7 @@ impl Service {
         let mut child = Command::new(&self.binary)
             .args(&self.args)
             .args(["--grpc", &format!("127.0.0.1:{}", self.grpc), "--http", &format!("127.0.0.1:{}", self.http)])
+            .args(self.routes.iter().flat_map(|p| ["--routes".to_string(), format!("127.0.0.1:{p}")]))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
@@ -61,6 +75,9 @@ impl Service {
         // Kept on restart.
         self.grpc = port("grpc=").with_context(|| format!("{name}: {line:?}; log: {}", self.log()))?;
         self.http = port("http=")?;
+        if self.routes.is_some() {
+            self.routes = Some(port("routes=")?);
+        }
         self.child = Some(child);
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! "The route watch"): the whole table with its cursor; the changes after a cursor, in order,
 //! held until there is one or `wait` runs out (304); 410 for a cursor it cannot serve from (too
 //! old, ahead, of another store, garbage), and a watch that resumes across a restart; bounded
-//! watches (429 past them), and a watcher that never reads dropped at a timeout.
+//! watches (429 past them), and a watcher that never reads dropped at a timeout. The route port
+//! is plain here (the service without TLS): this is the protocol's test; serverless_control.rs
+//! has the port's mutual TLS.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,13 +25,16 @@ const HOST: &str = "hello.ns-42.knative.customer-a.example";
 
 async fn start(run: &Path, db: &str) -> (Pki, ControlService) {
     let pki = Pki::install(run).unwrap();
-    let control = ControlService::start(binary(), run, &run.join(db), (0, 0), &[]).await.unwrap();
+    let control = ControlService::start_plain(binary(), run, &run.join(db), (0, 0, 0), &[]).await.unwrap();
     (pki, control)
 }
 
 /// A routes request: (status, cursor header, body).
 async fn routes(c: &ControlService, query: &str) -> (u16, String, String) {
-    let (status, fields, body) = c.exchange("GET", &format!("{ROUTES_PATH}{query}"), &[], "").await.unwrap();
+    let (status, fields, body) =
+        edgewise::service::Service::exchange_on(c.routes_port(), "GET", &format!("{ROUTES_PATH}{query}"), &[], "")
+            .await
+            .unwrap();
     let cursor = fields.iter().find(|(k, _)| k == CURSOR).map(|(_, v)| v.clone()).unwrap_or_default();
     (status, cursor, body)
 }
@@ -67,7 +72,7 @@ async fn the_route_watch_sends_what_changed_after_a_cursor_and_resumes_across_a_
     // A watch held at the current cursor is answered as soon as a change comes.
     let watch = {
         let c1 = c1.clone();
-        let http = c.http;
+        let http = c.routes_port();
         tokio::spawn(async move {
             let (status, fields, body) = edgewise::service::Service::exchange_on(
                 http,
@@ -142,7 +147,7 @@ async fn route_watches_are_bounded_and_a_watcher_that_never_reads_is_dropped() {
     // One address holds 8 watches at most; they never read what they are sent.
     let mut held = Vec::new();
     for _ in 0..8 {
-        let mut s = flood::connect_from(source(2), c.http).await.unwrap();
+        let mut s = flood::connect_from(source(2), c.routes_port()).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
         held.push(s);
     }
@@ -151,7 +156,7 @@ async fn route_watches_are_bounded_and_a_watcher_that_never_reads_is_dropped() {
         assert!(start.elapsed() < Duration::from_secs(5), "8 watches not held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut ninth = flood::connect_from(source(2), c.http).await.unwrap();
+    let mut ninth = flood::connect_from(source(2), c.routes_port()).await.unwrap();
     ninth.write_all(request.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(1), ninth.read(&mut answer)).await.unwrap().unwrap();

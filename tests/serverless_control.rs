@@ -49,12 +49,12 @@ async fn setup_tweaked(yaml: &str, tweak: fn(Config) -> Config) -> Setup {
     let pki = Pki::install(run.path()).unwrap();
     let db = run.path().join("control.db");
     let control =
-        ControlService::start(binary(), run.path(), &db, (0, 0), &["--removal-delay-ms", "1500"]).await.unwrap();
+        ControlService::start(binary(), run.path(), &db, (0, 0, 0), &["--removal-delay-ms", "1500"]).await.unwrap();
     let config = Config::shipped(yaml)
         .run_dir(run.path())
         .port(ports::FRONT, 0)
         .port(control::GRPC_PORT, control.grpc)
-        .port(control::HTTP_PORT, control.http);
+        .port(control::ROUTES_PORT, control.routes_port());
     let envoy = Envoy::start(&tweak(config)).await.unwrap();
     let front = envoy.listener("serverless_https").await.unwrap();
     let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST);
@@ -310,10 +310,10 @@ async fn route_changes_reach_traffic_through_the_watch_and_a_restart_resumes_it_
     assert_eq!((stats.get(&full_loads), stats.get(&gone)), (Some(&1), Some(&0)), "no full load across the restart");
 
     // A service on another store: its history is not the cursor's. One 410, one full load.
-    let (grpc, http) = (s.control.grpc, s.control.http);
+    let (grpc, http, routes) = (s.control.grpc, s.control.http, s.control.routes_port());
     assert!(s.control.stop().await.unwrap().success());
     let other = s.run.path().join("other.db");
-    s.control = ControlService::start(binary(), s.run.path(), &other, (grpc, http), &[]).await.unwrap();
+    s.control = ControlService::start(binary(), s.run.path(), &other, (grpc, http, routes), &[]).await.unwrap();
     s.control
         .put_customer("customer-a", a.port(), &[&s.pki.customer_a_ca], "ingress.customer-a.example")
         .await
@@ -395,7 +395,7 @@ fn the_on_demand_file_is_serverless_xds_with_clusters_on_demand() {
 async fn the_rest_api_requires_the_token_and_refuses_bad_input_with_the_field() {
     let run = tempfile::tempdir().unwrap();
     let pki = Pki::install(run.path()).unwrap();
-    let control = ControlService::start(binary(), run.path(), &run.path().join("c.db"), (0, 0), &[]).await.unwrap();
+    let control = ControlService::start(binary(), run.path(), &run.path().join("c.db"), (0, 0, 0), &[]).await.unwrap();
 
     let (status, body) = control.request("GET", "/v1/customers", &[], "").await.unwrap();
     assert_eq!(status, 401, "{body}");
@@ -515,16 +515,41 @@ async fn the_rest_api_requires_the_token_and_refuses_bad_input_with_the_field() 
     assert!(!h2(None).await, "a client without a certificate is refused");
     assert!(!h2(client_of(&pki.platform_ca)).await, "a client of another CA is refused");
 
-    // The route table the filters poll: JSON the filter compiles, 304 for the version it has.
-    let (status, table) = control.get(edgewise_control::ROUTES_PATH).await.unwrap();
-    assert_eq!(status, 200);
-    let table: serde_json::Value = serde_json::from_str(&table).unwrap();
-    assert_eq!(table["routes"][0]["cluster"], "customer-a");
-    let etag = format!("\"{}\"", table["version"]);
-    let (status, _) =
-        control.request("GET", edgewise_control::ROUTES_PATH, &[("if-none-match", &etag)], "").await.unwrap();
-    assert_eq!(status, 304);
-    assert_eq!(control.metric("edgewise_control_route_fetches_total{result=\"not_modified\"}").await.unwrap(), 1.0);
+    // The route port (the table names every customer and host) likewise; the admin port does
+    // not serve the table.
+    let port = control.routes_port();
+    let https = |leaf: Option<edgewise::certs::Leaf>, head: String| {
+        let config = edgewise::tls::client(&[&pki.control_ca.pem], leaf.as_ref(), &["http/1.1"]).unwrap();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from(sl::CONTROL_NAME).unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.ok()?;
+            let request = format!("GET {head} HTTP/1.1\r\nhost: control\r\nconnection: close\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.ok()?;
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await.ok()?;
+            Some(String::from_utf8_lossy(&answer).into_owned())
+        }
+    };
+    let routes = edgewise_control::ROUTES_PATH;
+    let table = https(client_of(&pki.control_ca), routes.to_string()).await.expect("served over mutual TLS");
+    assert!(table.starts_with("HTTP/1.1 200 "), "{table}");
+    let (head, body) = table.split_once("\r\n\r\n").unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(body).unwrap()["routes"][0]["cluster"], "customer-a");
+    let version = serde_json::from_str::<serde_json::Value>(body).unwrap()["version"].clone();
+    assert!(head.to_ascii_lowercase().contains(edgewise_control::CURSOR), "{head}");
+    let page = https(client_of(&pki.control_ca), format!("{routes}?limit=1")).await.unwrap();
+    assert!(page.starts_with("HTTP/1.1 200 ") && page.contains("\"routes\":[{"), "{page}");
+    assert!(https(None, routes.to_string()).await.is_none_or(|a| a.is_empty()), "a client without a certificate");
+    let other = https(client_of(&pki.platform_ca), routes.to_string()).await;
+    assert!(other.as_ref().is_none_or(|a| a.is_empty()), "a client of another CA: {other:?}");
+    let (status, on_admin) = control.get(routes).await.unwrap();
+    assert_eq!(status, 404, "{on_admin}");
+    assert!(on_admin.contains("route port"), "{on_admin}");
+    let elsewhere = https(client_of(&pki.control_ca), "/v1/customers".to_string()).await.unwrap();
+    assert!(elsewhere.starts_with("HTTP/1.1 404 "), "the route port serves the table only: {elsewhere}");
+    let _ = version;
     assert!(control.metric("edgewise_control_api_requests_total{status=\"4xx\"}").await.unwrap() >= 17.0);
 }
 

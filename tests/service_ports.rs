@@ -25,8 +25,10 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{rate_limit_response::Code, 
 use prost::Message;
 
 const FILES: u32 = 1024;
-/// The service's share of 1024 open files for one port: (1024 - 128 reserved) / 2.
-const PORT_LIMIT: usize = 448;
+/// A port's share of 1024 open files: (1024 - 128 reserved) / the service's ports.
+fn port_limit(ports: usize) -> usize {
+    (FILES as usize - 128) / ports
+}
 const PER_CLIENT: usize = 64;
 const ATTACK: usize = 1100;
 /// Customers whose clusters the ADS streams that never read are owed.
@@ -47,6 +49,14 @@ fn bin(name: &str) -> &'static Path {
 /// What the well-behaved client checks, each answered within a second.
 trait Probe {
     fn service(&self) -> &Service;
+    /// Its ports (edgewise-control: HTTP, gRPC and routes; edgewise-ratelimit: HTTP and gRPC).
+    fn ports(&self) -> usize {
+        if self.service().routes.is_some() {
+            3
+        } else {
+            2
+        }
+    }
     async fn probe(&mut self, during: &str);
 }
 
@@ -76,8 +86,13 @@ impl Probe for ControlSetup {
             .await
             .unwrap();
         assert_eq!(status, 200, "REST API during {during}");
-        let (status, body) =
-            within_a_second("the route table", during, self.control.get(edgewise_control::ROUTES_PATH)).await.unwrap();
+        let (status, body) = within_a_second(
+            "the route table",
+            during,
+            self.control.routes_get(&self.pki.control_ca, edgewise_control::ROUTES_PATH),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 200, "route table during {during}: {body}");
         // xDS: a new customer's cluster reaches the Envoy.
         let name = format!("probe-{}", self.probes);
@@ -99,12 +114,12 @@ async fn control_setup() -> ControlSetup {
     let pki = Pki::install(run.path()).unwrap();
     let binary = flood::with_open_files(run.path(), bin("control"), FILES).unwrap();
     let db = run.path().join("control.db");
-    let control = ControlService::start(&binary, run.path(), &db, (0, 0), &[]).await.unwrap();
+    let control = ControlService::start(&binary, run.path(), &db, (0, 0, 0), &[]).await.unwrap();
     let config = Config::shipped("serverless-xds")
         .run_dir(run.path())
         .port(ports::FRONT, 0)
         .port(control::GRPC_PORT, control.grpc)
-        .port(control::HTTP_PORT, control.http);
+        .port(control::ROUTES_PORT, control.routes_port());
     let envoy = Envoy::start(&config).await.unwrap();
     ControlSetup { run, pki, control, envoy, probes: 0 }
 }
@@ -264,7 +279,8 @@ async fn many_addresses_fill_the_port(p: &mut impl Probe, prefix: &str) {
         answers.extend(h.refused);
     }
     // The port's limit, less an Envoy's route table poller when it holds a connection.
-    assert!((PORT_LIMIT - 1..=PORT_LIMIT).contains(&held.len()), "connections the port holds: {}", held.len());
+    let limit = port_limit(p.ports());
+    assert!((limit - 1..=limit).contains(&held.len()), "connections the port holds: {}, its limit {limit}", held.len());
     assert_eq!(answers.len(), 12 * 40 - held.len());
     for a in &answers {
         assert!(a.starts_with("HTTP/1.1 503") && a.contains("overloaded"), "refusal at the limit: {a:?}");
@@ -359,7 +375,7 @@ async fn edgewise_control_holds_its_ports_against_hostile_clients() {
         .await
         .unwrap();
     loop {
-        let (_, table) = s.control.get(edgewise_control::ROUTES_PATH).await.unwrap();
+        let (_, table) = s.control.routes_get(&s.pki.control_ca, edgewise_control::ROUTES_PATH).await.unwrap();
         if table.contains("fn.probe.example") {
             break;
         }

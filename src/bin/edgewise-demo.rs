@@ -138,18 +138,19 @@ Ctrl-C stops everything."#,
 const XDS_FRONT: u16 = 10447;
 const XDS_ADMIN: u16 = 9908;
 const CONTROL_HTTP: u16 = 19101;
+const CONTROL_ROUTES: u16 = 19201;
 
 async fn start_serverless_xds(run: &std::path::Path, pki: &Pki) -> Result<(edgewise::control::ControlService, Envoy)> {
     let binary = std::env::current_exe()?.with_file_name("edgewise-control");
     let db = run.join("control.db");
-    let ports = (edgewise::control::GRPC_PORT, CONTROL_HTTP);
+    let ports = (edgewise::control::GRPC_PORT, CONTROL_HTTP, CONTROL_ROUTES);
     let control = edgewise::control::ControlService::start(&binary, run, &db, ports, &[]).await?;
     control.put_customer("customer-a", ports::CUSTOMER_A, &[&pki.customer_a_ca], "ingress.customer-a.example").await?;
     control.put_function("hello", "0000000a-0000000b-000000000c", "customer-a", sl::INLINE_KNATIVE_HOST).await?;
     let config = Config::shipped("serverless-xds")
         .port(ports::FRONT, XDS_FRONT)
         .port(9901, XDS_ADMIN)
-        .port(edgewise::control::HTTP_PORT, CONTROL_HTTP);
+        .port(edgewise::control::ROUTES_PORT, CONTROL_ROUTES);
     let envoy = Envoy::start_in(&config, run, Options { concurrency: 2, ..Options::default() })
         .await
         .context("starting envoy/serverless-xds.yaml")?;

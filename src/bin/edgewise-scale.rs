@@ -112,13 +112,13 @@ impl Install {
         let db = dir.join("control.db");
         seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
         let binary = std::env::current_exe()?.with_file_name("edgewise-control");
-        let control = ControlService::start(&binary, &dir, &db, (0, 0), &[]).await?;
+        let control = ControlService::start(&binary, &dir, &db, (0, 0, 0), &[]).await?;
         taskset(control.pid(), 1)?;
         let config = Config::shipped(if on_demand { "serverless-odcds" } else { "serverless-xds" })
             .run_dir(&dir)
             .port(ports::FRONT, 0)
             .port(control::GRPC_PORT, control.grpc)
-            .port(control::HTTP_PORT, control.http);
+            .port(control::ROUTES_PORT, control.routes_port());
         let config = if stats_at_start { config.replace(DEFERRED_STATS, "") } else { config };
         let started = Instant::now();
         let options = Options { concurrency: 1, log_level: "warning", cpu: Some(0), ..Options::default() };

@@ -8,6 +8,7 @@ mod gate;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +35,9 @@ const RESERVED_FILES: usize = 128;
 
 /// Raises the soft open-file limit to the hard one, logs both, and gives each of the service's
 /// two ports its share of what is left after the reserve: the gates for `http` and `grpc`.
-pub fn gates(name: &str, limits: Limits) -> (Arc<Gate>, Arc<Gate>) {
+pub fn gates<const N: usize>(name: &str, limits: Limits, ports: [&'static str; N]) -> [Arc<Gate>; N] {
     let files = raise_open_files(name);
-    let share = files.saturating_sub(RESERVED_FILES) / 2;
+    let share = files.saturating_sub(RESERVED_FILES) / N.max(1);
     let limits = limits.within(share);
     if limits.max_connections < share.min(Limits::default().max_connections) || files < 4096 {
         eprintln!(
@@ -44,7 +45,7 @@ pub fn gates(name: &str, limits: Limits) -> (Arc<Gate>, Arc<Gate>) {
             limits.max_connections, limits.max_per_client
         );
     }
-    (Gate::new("http", limits), Gate::new("grpc", limits))
+    ports.map(|port| Gate::new(port, limits))
 }
 
 /// The soft `RLIMIT_NOFILE` raised to the hard limit; the soft limit in force after.
@@ -105,8 +106,13 @@ async fn next(listener: &TcpListener, gate: &Arc<Gate>, stop: &mut watch::Receiv
 /// a refused connection is answered 503 (the port is full) or 429 (its address holds its
 /// share), a request head must arrive within the header timeout, a connection idle for the
 /// idle timeout is closed.
-pub async fn serve_http<H, F>(listener: TcpListener, gate: Arc<Gate>, handle: H, mut stop: watch::Receiver<bool>)
-where
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    tls: Option<TlsAcceptor>,
+    handle: H,
+    mut stop: watch::Receiver<bool>,
+) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
@@ -115,7 +121,7 @@ where
     while let Some(accepted) = next(&listener, &gate, &mut stop).await {
         match accepted {
             Accepted::In(conn) => {
-                let (handle, gate) = (handle.clone(), gate.clone());
+                let (handle, gate, tls) = (handle.clone(), gate.clone(), tls.clone());
                 let client = conn.peer().map(|a| Client(a.ip()));
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -125,11 +131,16 @@ where
                         let reply = handle(req);
                         async move { Ok::<_, std::convert::Infallible>(reply.await) }
                     });
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(limits.header_timeout)
-                        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
-                        .await;
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
+                    let served = match tls {
+                        None => http.serve_connection(hyper_util::rt::TokioIo::new(conn), service).await,
+                        Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(conn)).await {
+                            Ok(Ok(conn)) => http.serve_connection(hyper_util::rt::TokioIo::new(conn), service).await,
+                            // A failed or slow handshake: nothing to answer, the connection closes.
+                            _ => return,
+                        },
+                    };
                     if served.is_err_and(|e| e.is_timeout()) {
                         gate.closed(gate::Closed::HeaderTimeout);
                     }
@@ -138,6 +149,34 @@ where
             Accepted::Refused(stream, refusal) => refuse(stream, refusal, limits),
         }
     }
+}
+
+pub use tokio_rustls::TlsAcceptor;
+
+/// HTTPS that requires a client certificate of `client_ca` (PEM files).
+pub fn mutual_tls(cert: &Path, key: &Path, client_ca: &Path) -> Result<TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let shown = |p: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+    let chain: Vec<CertificateDer> =
+        CertificateDer::pem_file_iter(cert).and_then(Iterator::collect).map_err(|e| shown(cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| shown(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(client_ca).map_err(|e| shown(client_ca, &e))? {
+        roots.add(ca.map_err(|e| shown(client_ca, &e))?).map_err(|e| shown(client_ca, &e))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| shown(client_ca, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| shown(cert, &e))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Answers a refused HTTP connection and closes it, without waiting on the client: the answer

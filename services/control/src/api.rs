@@ -75,10 +75,23 @@ impl Api {
         Sha256::digest(token.as_bytes()).into()
     }
 
+    /// The admin port: the REST API, health, readiness and metrics.
     pub async fn handle(&self, request: Request<Incoming>) -> Reply {
         let reply = self.route(request).await;
         self.control.metrics.api(reply.status().as_u16());
         reply
+    }
+
+    /// The route port: the route table, its pages and its watch, and nothing else.
+    pub async fn handle_routes(&self, request: Request<Incoming>) -> Reply {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, ROUTES_PATH) => self.routes(&request).await,
+            (_, path) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("the route port serves {ROUTES_PATH} only, not {path}"),
+            ),
+        }
     }
 
     async fn route(&self, request: Request<Incoming>) -> Reply {
@@ -98,7 +111,13 @@ impl Api {
                 edgewise_service::render_connections("edgewise_control", &self.gates, &mut out);
                 return text(StatusCode::OK, out);
             }
-            (&Method::GET, ROUTES_PATH) => return self.routes(&request).await,
+            (_, ROUTES_PATH) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the route table is served on the route port (--routes), over mutual TLS",
+                )
+            }
             _ => {}
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();

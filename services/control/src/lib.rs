@@ -4,8 +4,10 @@
 //! over gRPC) and the serverless filter polls the route table, ordered so that a route never
 //! names a cluster Envoy does not have (see `control`).
 //!
-//! Two ports: gRPC for xDS, HTTP for the REST API (admin token), the route table, `/healthz`,
-//! `/readyz` and `/metrics`. SIGTERM or SIGINT stops it; everything acknowledged is on disk.
+//! Three ports: xDS (gRPC) and the route table (HTTP) for Envoys, both over mutual TLS since they
+//! name every customer and carry the platform's key; the admin port (HTTP) for the REST API
+//! (admin token), `/healthz`, `/readyz` and `/metrics`. SIGTERM or SIGINT stops it; everything
+//! acknowledged is on disk.
 
 mod api;
 mod control;
@@ -36,21 +38,22 @@ pub struct Options {
     pub db: PathBuf,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub routes: SocketAddr,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
     pub domain: String,
     pub pattern: String,
     pub removal_delay: Duration,
     pub token: String,
-    /// The xDS port's certificate, key and the CA of the Envoys' client certificates: mutual
-    /// TLS when given.
+    /// The certificate, key and the CA of the Envoys' client certificates of the xDS and route
+    /// ports: mutual TLS when given.
     pub tls: Option<[PathBuf; 3]>,
     /// Connections each port holds, in all and per client address.
     pub limits: edgewise_service::Limits,
 }
 
 const USAGE: &str = "usage: edgewise-control --db <file.db> --client-cert <pem> --client-key <pem> \
-     [--grpc 127.0.0.1:18000] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
+     [--grpc 127.0.0.1:18000] [--routes 127.0.0.1:19200] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
      [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>] \
      [--max-connections 4096] [--max-connections-per-client 64]; the admin token in $EDGEWISE_CONTROL_TOKEN";
 
@@ -60,6 +63,7 @@ impl Options {
         let (mut db, mut cert, mut key) = (None, None, None);
         let (mut tls_cert, mut tls_key, mut tls_ca) = (None, None, None);
         let (mut grpc, mut http) = ("127.0.0.1:18000".to_string(), "127.0.0.1:19100".to_string());
+        let mut routes = "127.0.0.1:19200".to_string();
         let mut domain = edgewise_core::serverless::DEFAULT_DOMAIN.to_string();
         let mut pattern = edgewise_core::serverless::DEFAULT_PATTERN.to_string();
         let mut removal_delay_ms = "5000".to_string();
@@ -72,6 +76,7 @@ impl Options {
                 "--client-key" => key = Some(value()?),
                 "--grpc" => grpc = value()?,
                 "--http" => http = value()?,
+                "--routes" => routes = value()?,
                 "--domain" => domain = value()?,
                 "--pattern" => pattern = value()?,
                 "--removal-delay-ms" => removal_delay_ms = value()?,
@@ -104,6 +109,7 @@ impl Options {
             db: required(db, "--db")?.into(),
             grpc: addr("--grpc", &grpc)?,
             http: addr("--http", &http)?,
+            routes: addr("--routes", &routes)?,
             client_cert: required(cert, "--client-cert")?.into(),
             client_key: required(key, "--client-key")?.into(),
             domain,
@@ -114,8 +120,8 @@ impl Options {
     }
 }
 
-/// Serves until SIGTERM or SIGINT. Prints `listening grpc=<addr> http=<addr>` once both ports
-/// are bound (port 0 picks one).
+/// Serves until SIGTERM or SIGINT. Prints `listening grpc=<addr> http=<addr> routes=<addr>` once
+/// the ports are bound (port 0 picks one).
 pub async fn run(options: Options) -> Result<(), String> {
     let rules = model::FunctionRules::new(&options.domain, &options.pattern).map_err(|e| format!("--pattern: {e}"))?;
     let store = store::Store::open(&options.db)?;
@@ -123,12 +129,19 @@ pub async fn run(options: Options) -> Result<(), String> {
     let (chain, key) = read_client_certificate(&options)?;
     control.set_platform_client(&chain, &key);
 
-    let (http_gate, grpc_gate) = edgewise_service::gates("edgewise-control", options.limits);
-    let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
-    let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
-    let (grpc_addr, http_addr) =
-        (grpc.local_addr().map_err(|e| e.to_string())?, http.local_addr().map_err(|e| e.to_string())?);
-    println!("listening grpc={grpc_addr} http={http_addr}");
+    let [http_gate, grpc_gate, routes_gate] =
+        edgewise_service::gates("edgewise-control", options.limits, ["http", "grpc", "routes"]);
+    let bind =
+        |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}")) };
+    let (grpc, http, routes) = (bind(options.grpc).await?, bind(options.http).await?, bind(options.routes).await?);
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
+    println!("listening grpc={} http={} routes={}", local(&grpc)?, local(&http)?, local(&routes)?);
+    let routes_tls = match &options.tls {
+        Some([cert, key, ca]) => {
+            Some(edgewise_service::mutual_tls(cert, key, ca).map_err(|e| format!("--tls-cert: {e}"))?)
+        }
+        None => None,
+    };
     let customers = control.customers(None).len();
     eprintln!(
         "edgewise-control: {customers} customers, {} functions, {}",
@@ -140,15 +153,27 @@ pub async fn run(options: Options) -> Result<(), String> {
     let api = Arc::new(api::Api {
         control: control.clone(),
         token: api::Api::token_digest(&options.token),
-        watchers: api::Watchers::new(http_gate.limits.max_connections / 2),
-        gates: vec![http_gate.clone(), grpc_gate.clone()],
+        watchers: api::Watchers::new(routes_gate.limits.max_connections / 2),
+        gates: vec![http_gate.clone(), grpc_gate.clone(), routes_gate.clone()],
     });
+    let admin = api.clone();
     tokio::spawn(edgewise_service::serve_http(
         http,
         http_gate,
+        None,
+        move |request| {
+            let api = admin.clone();
+            async move { api.handle(request).await }
+        },
+        stop.clone(),
+    ));
+    tokio::spawn(edgewise_service::serve_http(
+        routes,
+        routes_gate,
+        routes_tls,
         move |request| {
             let api = api.clone();
-            async move { api.handle(request).await }
+            async move { api.handle_routes(request).await }
         },
         stop.clone(),
     ));
@@ -166,7 +191,10 @@ pub async fn run(options: Options) -> Result<(), String> {
     if let Some(tls) = &options.tls {
         builder = builder.tls_config(xds_tls(tls)?).map_err(|e| format!("--tls-cert: {e}"))?;
     } else {
-        eprintln!("edgewise-control: xDS in plaintext (no --tls-cert): it carries the platform's private key");
+        eprintln!(
+            "edgewise-control: xDS and the route table in plaintext (no --tls-cert): they carry the platform's \
+             private key and name every customer"
+        );
     }
     let server = builder
         .add_service(

@@ -71,7 +71,7 @@ impl Options {
 /// are bound (port 0 picks one).
 pub async fn run(options: Options) -> Result<(), String> {
     let limiter = Arc::new(Limiter::new(&options.config).map_err(|e| e.to_string())?);
-    let (http_gate, grpc_gate) = edgewise_service::gates("edgewise-ratelimit", options.limits);
+    let [http_gate, grpc_gate] = edgewise_service::gates("edgewise-ratelimit", options.limits, ["http", "grpc"]);
     let grpc = TcpListener::bind(options.grpc).await.map_err(|e| format!("binding {}: {e}", options.grpc))?;
     let http = TcpListener::bind(options.http).await.map_err(|e| format!("binding {}: {e}", options.http))?;
     let (grpc_addr, http_addr) =
@@ -92,6 +92,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     tokio::spawn(edgewise_service::serve_http(
         http,
         http_gate,
+        None,
         move |request| std::future::ready(answer(&http_limiter, &gates[..], request.uri().path())),
         stop.clone(),
     ));
