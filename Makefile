@@ -125,6 +125,7 @@ bench: setup
 	$(CARGO) build --release --bins
 	$(CARGO) run --release --bin edgewise-bench
 	$(CARGO) run --release --bin edgewise-scale
+	$(CARGO) run --release --bin edgewise-fleet
 
 # Every scenario under a bounded load of valid, invalid and hostile requests while certificates
 # rotate and the issuer and management service flap -> bench/soak.md; fails on any unexpected

@@ -108,6 +108,8 @@ impl Client {
 
     async fn send_inner(&self, addr: SocketAddr, req: Request<'_>) -> Result<Response> {
         let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        // As a browser or curl: a request's TLS records are not held back behind a delayed ACK.
+        tcp.set_nodelay(true)?;
         match &self.tls {
             None => exchange(tcp, false, "http", req).await,
             Some(config) => {

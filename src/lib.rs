@@ -15,6 +15,7 @@ pub mod idp;
 pub mod native;
 pub mod oci;
 pub mod ratelimit;
+pub mod scale;
 pub mod scenarios;
 pub mod server;
 pub mod service;

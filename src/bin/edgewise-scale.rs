@@ -11,39 +11,19 @@
 
 use std::fmt::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use edgewise::certs::{Ca, LeafSpec};
+use anyhow::{bail, Result};
+use edgewise::certs::LeafSpec;
 use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Config, Envoy, Options};
+use edgewise::scale::{burst, env_usize, function, label, median, rss_mib, seed, taskset, DOMAIN, HOT_SAN};
 use edgewise::scenarios::serverless::{ports, Pki};
 use edgewise::server::{Listen, Server};
-use edgewise_control::model::{Customer, Function, FunctionRules};
-use edgewise_control::store::Store;
 
-const HOT_SAN: &str = "ingress.customer-hot.example";
 /// The shipped YAML's deferred creation of cluster stats, taken out for the comparison.
 const DEFERRED_STATS: &str = "deferred_stat_options:\n  enable_deferred_creation_stats: true\n";
-const DOMAIN: &str = "serverless.gitlab.io";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// The host label of function `i`.
-fn label(i: usize) -> String {
-    format!("{i:08x}-0000000b-{i:010x}")
-}
-
-fn function(i: usize, customer: &str) -> Function {
-    let l = label(i);
-    let parts: Vec<&str> = l.split('-').collect();
-    let matches = ["project", "environment", "function"].iter().zip(parts).map(|(k, v)| (k.to_string(), v.to_string()));
-    Function { matches: matches.collect(), customer: customer.into(), host: format!("f{i}.knative.{customer}.example") }
-}
 
 /// One installation: its PKI, edgewise-control on a seeded store, Envoy on the shipped YAML.
 struct Install {
@@ -56,36 +36,6 @@ struct Install {
     gateway: u16,
     customers: usize,
     functions: usize,
-}
-
-/// Seeds `customers` customers (the first 10 reachable at `gateway`, with the hot CA; the others
-/// with a CA each, at an address nothing listens on) and `functions` functions spread over them.
-fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<()> {
-    let rules = FunctionRules::new(DOMAIN, edgewise_control::model::DEFAULT_PATTERN).map_err(anyhow::Error::msg)?;
-    let started = Instant::now();
-    let mut all: Vec<(String, Customer)> = Vec::with_capacity(customers);
-    for c in 0..customers {
-        let hot = c < 10;
-        let (ca, address) = if hot {
-            (hot_ca.pem.clone(), format!("127.0.0.1:{gateway}"))
-        } else {
-            (Ca::new(&format!("customer {c} CA"))?.pem, "127.0.0.1:9".to_string())
-        };
-        let san = if hot { HOT_SAN.to_string() } else { format!("ingress.c{c}.example") };
-        all.push((format!("c{c:05}"), Customer { address, ca, san }));
-    }
-    let fns: Vec<(String, String, Function)> = (0..functions)
-        .map(|i| {
-            let f = function(i, &all[i % customers].0);
-            rules.key(&f).map(|key| (format!("f{i}"), key, f)).map_err(|e| anyhow::anyhow!("{e}"))
-        })
-        .collect::<Result<_>>()?;
-    let mut store = Store::open(db).map_err(anyhow::Error::msg)?;
-    store
-        .seed(all.iter().map(|(n, c)| (n.as_str(), c)), fns.iter().map(|(n, k, f)| (n.as_str(), k.as_str(), f)))
-        .map_err(anyhow::Error::msg)?;
-    eprintln!("seeded {customers} customers, {functions} functions in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(())
 }
 
 impl Install {
@@ -191,53 +141,6 @@ async fn clusters_of(install: &Install) -> usize {
     text.lines().filter(|l| l.contains("::cx_active::")).count()
 }
 
-fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {
-    if let Some(pid) = pid {
-        Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
-    }
-    Ok(())
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
-        .and_then(|v| v.split_whitespace().next().and_then(|kb| kb.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("parsing /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Ok(fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?)
-}
-
-/// One 1-second wrk burst (32 connections, HTTPS) at `host`: Envoy CPU per request, in µs.
-fn burst(install: &Install, host: &str) -> Result<f64> {
-    let before = cpu_ticks(install.envoy.pid())?;
-    let out = Command::new("taskset")
-        .args(["-c", "1", "wrk", "-t1", "-c32", "-d1s", "-H", &format!("Host: {host}")])
-        .arg(format!("https://{}/", install.front))
-        .output()
-        .context("running wrk")?;
-    let ticks = cpu_ticks(install.envoy.pid())? - before;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Non-2xx") {
-        bail!("wrk saw errors: {text}");
-    }
-    let requests: f64 = text
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
-        .with_context(|| format!("wrk: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok(ticks as f64 * 10_000.0 / requests.max(1.0))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let customers = env_usize("SCALE_CUSTOMERS", 10_000);
@@ -296,7 +199,7 @@ async fn main() -> Result<()> {
     let mut us: Vec<Vec<f64>> = vec![Vec::new(); installs.len()];
     for _ in 0..rotations {
         for (i, install) in installs.iter().enumerate() {
-            us[i].push(burst(install, &host)?);
+            us[i].push(burst(install.envoy.pid(), install.front, &host)?);
         }
     }
     let base = us[0].clone();

@@ -95,6 +95,9 @@ async fn next(listener: &TcpListener, gate: &Arc<Gate>, stop: &mut watch::Receiv
                 continue;
             }
         };
+        // Answers are small and latency counts (a watch's answer is the change reaching Envoy):
+        // no Nagle delay behind a peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         return Some(match gate.admit(peer.ip()) {
             Ok(permit) => Accepted::In(Conn::new(stream, permit, gate.clone())),
             Err(refusal) => Accepted::Refused(stream, refusal),

@@ -1,0 +1,392 @@
+//! `make bench`, serverless for fleets: edgewise-control with 100,000 customers and 1,000,000
+//! functions, Envoys on envoy/serverless-odcds.yaml (clusters on demand) of both builds, 100
+//! simulated watchers of the route table (plain HTTPS clients, not Envoys) and a steady stream of
+//! changes. Measured against the targets of the fleet issue:
+//! - change to traffic on both Envoys (p50, p99), and the bytes each watcher receives per change;
+//! - Envoy RSS added by the 1,000,000-route table (against the same Envoy fed 10 routes) per
+//!   build and `--concurrency`;
+//! - Envoy CPU per request with 1,000,000 routes against 10, in rotating wrk bursts;
+//! - edgewise-control's RSS and CPU per change;
+//! - Envoy start to serving (listener up; table in force; first request routed).
+//!
+//! Environment: FLEET_CUSTOMERS (100000), FLEET_FUNCTIONS (1000000), FLEET_WATCHERS (100),
+//! FLEET_CHANGES (200), FLEET_ROTATIONS (6), BENCH_OUT_FLEET (bench/results-fleet.md).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use edgewise::certs::LeafSpec;
+use edgewise::client::Client;
+use edgewise::control::{self, ControlService};
+use edgewise::envoy::{Build, Config, Envoy, Options};
+use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib, seed, taskset};
+use edgewise::scale::{DOMAIN, HOT_SAN};
+use edgewise::scenarios::serverless::{ports, Pki, CONTROL_NAME};
+use edgewise::server::{Listen, Server};
+use edgewise_control::{CURSOR, ROUTES_PATH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// One control plane: its PKI, the customers' gateway, edgewise-control on a seeded store.
+struct Plane {
+    dir: PathBuf,
+    pki: Pki,
+    _gateway: Server,
+    control: ControlService,
+    functions: usize,
+}
+
+impl Plane {
+    async fn start(work: &Path, name: &str, customers: usize, functions: usize) -> Result<Plane> {
+        let dir = work.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::install(&dir)?;
+        let leaf = pki.customer_a_ca.issue(&LeafSpec::server(&[HOT_SAN]))?;
+        let tls = edgewise::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
+        let gateway =
+            Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
+        let db = dir.join("control.db");
+        seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+        let binary = std::env::current_exe()?.with_file_name("edgewise-control");
+        let started = Instant::now();
+        let control = ControlService::start(&binary, &dir, &db, (0, 0, 0), &[]).await?;
+        eprintln!("{name}: edgewise-control ready in {:.1} s", started.elapsed().as_secs_f64());
+        taskset(control.pid(), 1)?;
+        Ok(Plane { dir, pki, _gateway: gateway, control, functions })
+    }
+
+    fn client(&self) -> Result<Client> {
+        Ok(self.pki.front_client(false)?.sni(&format!("x.{DOMAIN}")))
+    }
+}
+
+/// An Envoy of one build on a plane, and how long it took to serve.
+struct Gateway {
+    envoy: Envoy,
+    front: SocketAddr,
+    client: Client,
+    build: Build,
+    listener_s: f64,
+    table_s: f64,
+    routed_s: f64,
+}
+
+impl Gateway {
+    async fn start(plane: &Plane, build: Build, concurrency: u32) -> Result<Gateway> {
+        let config = Config::shipped_as("serverless-odcds", build)
+            .run_dir(&plane.dir)
+            .port(ports::FRONT, 0)
+            .port(control::GRPC_PORT, plane.control.grpc)
+            .port(control::ROUTES_PORT, plane.control.routes_port());
+        let started = Instant::now();
+        let options = Options {
+            concurrency,
+            log_level: "warning",
+            cpu: Some(0),
+            ready_within: Duration::from_secs(120),
+            ..Options::default()
+        };
+        let envoy = Envoy::start_with(&config, options).await?;
+        let front = envoy.listener("serverless_https").await?;
+        let listener_s = started.elapsed().as_secs_f64();
+        let routes = build.stat("edgewise.serverless.table.routes");
+        let want = plane.functions as u64;
+        envoy
+            .wait_stat("the route table in force", Duration::from_secs(600), |s| s.get(&routes) >= Some(&want))
+            .await?;
+        let table_s = started.elapsed().as_secs_f64();
+        let client = plane.client()?;
+        let g = Gateway { envoy, front, client, build, listener_s, table_s, routed_s: 0.0 };
+        g.until_ok(&host(0), Duration::from_secs(60)).await?;
+        Ok(Gateway { routed_s: started.elapsed().as_secs_f64(), ..g })
+    }
+
+    async fn until_ok(&self, host: &str, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.client.get(self.front, host, "/").await {
+                if r.status == 200 {
+                    return Ok(start.elapsed());
+                }
+            }
+            if start.elapsed() > limit {
+                bail!("{:?}: {host} did not answer within {limit:?}", self.build);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn rss(&self) -> f64 {
+        rss_mib(self.envoy.pid())
+    }
+}
+
+fn host(i: usize) -> String {
+    format!("{}.{DOMAIN}", label(i))
+}
+
+/// What the simulated watchers received, in all.
+#[derive(Default)]
+struct Received {
+    bytes: AtomicU64,
+    changes: AtomicU64,
+    answers: AtomicU64,
+    errors: AtomicU64,
+    /// When an answer with changes last came, in µs after `epoch`.
+    last_change_us: AtomicU64,
+    epoch: Option<Instant>,
+}
+
+/// A watcher: a client of the route port (mutual TLS, its own source address) that takes the
+/// cursor of a one-route page and then watches, counting what it receives.
+async fn watcher(
+    plane_port: u16,
+    (ca, leaf): (String, edgewise::certs::Leaf),
+    n: usize,
+    got: Arc<Received>,
+    stop: Arc<AtomicBool>,
+) {
+    let run = async {
+        let config = edgewise::tls::client(&[&ca], Some(&leaf), &["http/1.1"])?;
+        // Eight watches per address at most: a source address for every eight watchers.
+        let from = edgewise::flood::source(50 + (n / 8) as u8);
+        let tcp = edgewise::flood::connect_from(from, plane_port).await?;
+        let name = rustls::pki_types::ServerName::try_from(CONTROL_NAME)?;
+        let mut tls = BufReader::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?);
+        let (_, mut cursor, _) = exchange(&mut tls, &format!("{ROUTES_PATH}?limit=1")).await?;
+        while !stop.load(Relaxed) {
+            let (status, next, size) = exchange(&mut tls, &format!("{ROUTES_PATH}?since={cursor}&wait=25")).await?;
+            got.answers.fetch_add(1, Relaxed);
+            got.bytes.fetch_add(size.0 as u64, Relaxed);
+            got.changes.fetch_add(size.1 as u64, Relaxed);
+            if let (Some(epoch), true) = (got.epoch, size.1 > 0) {
+                got.last_change_us.fetch_max(epoch.elapsed().as_micros() as u64, Relaxed);
+            }
+            if status != 200 && status != 304 {
+                bail!("watch answered {status}");
+            }
+            cursor = next;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    if let Err(e) = run.await {
+        eprintln!("watcher {n}: {e:#}");
+        got.errors.fetch_add(1, Relaxed);
+    }
+}
+
+/// One request on a kept-alive connection: (status, cursor, (bytes received, changes in it)).
+async fn exchange<S>(conn: &mut BufReader<S>, path: &str) -> Result<(u16, String, (usize, usize))>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nhost: control\r\n\r\n").as_bytes()).await?;
+    let (mut status, mut cursor, mut length, mut bytes) = (0, String::new(), 0, 0);
+    loop {
+        let mut line = String::new();
+        bytes += conn.read_line(&mut line).await?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
+            status = rest.get(..3).unwrap_or_default().parse()?;
+        } else if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = v.trim().parse()?,
+                k if k == CURSOR => cursor = v.trim().to_string(),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body).await.context("body")?;
+    let body = String::from_utf8_lossy(&body);
+    let changes = body.matches("{\"put\":").count() + body.matches("{\"delete\":").count();
+    Ok((status, cursor, (bytes + length, changes)))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let customers = env_usize("FLEET_CUSTOMERS", 100_000);
+    let functions = env_usize("FLEET_FUNCTIONS", 1_000_000);
+    let watchers = env_usize("FLEET_WATCHERS", 100);
+    let changes = env_usize("FLEET_CHANGES", 200);
+    let rotations = env_usize("FLEET_ROTATIONS", 6);
+    let work = edgewise::repo_root().join("target/fleet");
+    taskset(Some(std::process::id()), 1)?;
+    let mut report = String::new();
+    let mut line = |s: String| {
+        eprintln!("{s}");
+        let _ = writeln!(report, "{s}");
+    };
+
+    let big = Plane::start(&work, "big", customers, functions).await?;
+    let small = Plane::start(&work, "small", 10, 10).await?;
+    let control_pid = big.control.pid().context("edgewise-control's pid")?;
+    line(format!(
+        "| edgewise-control RSS, {customers} customers and {functions} functions, started | {:.0} MiB |",
+        rss_mib(control_pid)
+    ));
+
+    // The route table's memory, per build and --concurrency: the same Envoy fed 1,000,000
+    // routes and 10, one after the other.
+    let mut kept = Vec::new();
+    for (build, concurrency) in
+        [(Build::Native, 1), (Build::Native, 8), (Build::Wasm, 1), (Build::Wasm, 2), (Build::Wasm, 4), (Build::Wasm, 8)]
+    {
+        let fed = Gateway::start(&big, build, concurrency).await?;
+        let bare = Gateway::start(&small, build, concurrency).await?;
+        let (with, without) = (fed.rss(), bare.rss());
+        line(format!(
+            "| {build:?}, --concurrency {concurrency}: Envoy RSS added by the {functions}-route table | {:.0} MiB ({:.0} against {:.0}; {:.0} bytes a route) |",
+            with - without,
+            with,
+            without,
+            (with - without) * 1048576.0 / functions as f64
+        ));
+        line(format!(
+            "| {build:?}, --concurrency {concurrency}: Envoy start to listener / table in force / first request routed | {:.2} s / {:.2} s / {:.2} s |",
+            fed.listener_s, fed.table_s, fed.routed_s
+        ));
+        if concurrency == 1 {
+            kept.push((fed, bare));
+        }
+    }
+    line(format!("| edgewise-control RSS after {} full loads | {:.0} MiB |", 6, rss_mib(control_pid)));
+
+    // CPU per request: 1,000,000 routes against 10, rotating 1-second bursts.
+    for (fed, bare) in &kept {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..rotations {
+            a.push(burst(fed.envoy.pid(), fed.front, &host(0))?);
+            b.push(burst(bare.envoy.pid(), bare.front, &host(0))?);
+        }
+        let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x / y).collect();
+        line(format!(
+            "| {:?}: Envoy CPU per request, {functions} routes against 10 (median of {rotations} rotating 1-s bursts) | {:.1} µs against {:.1} µs (ratio {:.2}, from {:.2} to {:.2}) |",
+            fed.build,
+            median(a),
+            median(b),
+            median(ratios.clone()),
+            ratios.iter().copied().fold(f64::MAX, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max)
+        ));
+    }
+    let gateways: Vec<&Gateway> = kept.iter().map(|(fed, _)| fed).collect();
+
+    // The watchers, then a steady stream of changes: a new function of a customer every 100 ms.
+    let epoch = Instant::now();
+    let got = Arc::new(Received { epoch: Some(epoch), ..Received::default() });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for n in 0..watchers {
+        let ca = &big.pki.control_ca;
+        let credentials = (ca.pem.clone(), ca.issue(&LeafSpec::client("watcher", &[]))?);
+        let (got, stop) = (got.clone(), stop.clone());
+        tasks.push(tokio::spawn(watcher(big.control.routes_port(), credentials, n, got, stop)));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (bytes0, changes0) = (got.bytes.load(Relaxed), got.changes.load(Relaxed));
+    let cpu0 = cpu_ticks(control_pid)?;
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); gateways.len()];
+    let mut rest = Vec::new();
+    let mut to_watchers = Vec::new();
+    let started = Instant::now();
+    for k in 0..changes {
+        let due = started + Duration::from_millis(100 * k as u64);
+        tokio::time::sleep_until(due.into()).await;
+        let i = functions + k;
+        let f = function(i, "c00000");
+        let t0 = Instant::now();
+        big.control.put_function(&format!("f{i}"), &label(i), "c00000", &f.host).await?;
+        rest.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let seen = futures_join(&gateways, &host(i)).await?;
+        let last = Duration::from_micros(got.last_change_us.load(Relaxed));
+        to_watchers.push((last.saturating_sub(t0 - epoch)).as_secs_f64() * 1000.0);
+        for (l, d) in latencies.iter_mut().zip(seen) {
+            l.push((t0.elapsed() - d).as_secs_f64() * 1000.0);
+        }
+    }
+    let cpu = cpu_ticks(control_pid)? - cpu0;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (bytes, received) = (got.bytes.load(Relaxed) - bytes0, got.changes.load(Relaxed) - changes0);
+    stop.store(true, Relaxed);
+    for (g, l) in gateways.iter().zip(&latencies) {
+        line(format!(
+            "| {:?}: change to traffic, from the REST call (p50 / p99 / max of {changes}, {watchers} watchers beside) | {:.1} / {:.1} / {:.1} ms |",
+            g.build,
+            quantile(l.clone(), 0.5),
+            quantile(l.clone(), 0.99),
+            l.iter().copied().fold(0.0, f64::max)
+        ));
+    }
+    line(format!(
+        "| change to the last of the {watchers} watchers, from the REST call (p50 / p99) | {:.1} / {:.1} ms |",
+        quantile(to_watchers.clone(), 0.5),
+        quantile(to_watchers, 0.99)
+    ));
+    line(format!(
+        "| the REST call itself (p50 / p99) | {:.1} / {:.1} ms |",
+        quantile(rest.clone(), 0.5),
+        quantile(rest, 0.99)
+    ));
+    line(format!(
+        "| bytes a watcher received per change | {:.0} bytes ({received} changes received by {watchers} watchers, {} errors) |",
+        bytes as f64 / received.max(1) as f64,
+        got.errors.load(Relaxed)
+    ));
+    line(format!(
+        "| edgewise-control CPU per change (REST, store, 2 Envoys and {watchers} watchers served) | {:.2} ms |",
+        cpu as f64 * 10.0 / changes as f64
+    ));
+    line(format!("| edgewise-control RSS at the end | {:.0} MiB |", rss_mib(control_pid)));
+    for t in tasks {
+        t.abort();
+    }
+    drop(small);
+
+    let out = std::env::var("BENCH_OUT_FLEET").unwrap_or_else(|_| "bench/results-fleet.md".into());
+    let text = format!(
+        "# Serverless for fleets\n\nProduced by `make bench` (`edgewise-fleet`): edgewise-control (SQLite) with {customers} \
+         customers and {functions} functions; Envoys on envoy/serverless-odcds.yaml (on CPU 0), edgewise-control, wrk \
+         and the watchers on CPU 1.\n\n| | |\n|---|---|\n{report}"
+    );
+    std::fs::write(edgewise::repo_root().join(out), text)?;
+    Ok(())
+}
+
+/// Requests `host` on every gateway until each answers 200; for each, how long ago (from now)
+/// it first did.
+async fn futures_join(gateways: &[&Gateway], host: &str) -> Result<Vec<Duration>> {
+    let mut waits = Vec::new();
+    for g in gateways {
+        let host = host.to_string();
+        let (client, front) = (g.client.clone(), g.front);
+        waits.push(tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                if let Ok(r) = client.get(front, &host, "/").await {
+                    if r.status == 200 {
+                        return Ok(Instant::now());
+                    }
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!("{host} not routed within 10 s");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    let mut ago = Vec::new();
+    for w in waits {
+        let at: Instant = w.await??;
+        ago.push(at.elapsed());
+    }
+    Ok(ago)
+}

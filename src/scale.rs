@@ -1,0 +1,119 @@
+//! What the scale benchmarks share (`edgewise-scale`, `edgewise-fleet`): a seeded
+//! edgewise-control store, function hosts, and measurements of a process (RSS, CPU) and of
+//! Envoy's CPU per request under wrk.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use edgewise_control::model::{Customer, Function, FunctionRules};
+use edgewise_control::store::Store;
+
+use crate::certs::Ca;
+
+pub const HOT_SAN: &str = "ingress.customer-hot.example";
+pub const DOMAIN: &str = "serverless.gitlab.io";
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The host label of function `i`.
+pub fn label(i: usize) -> String {
+    format!("{i:08x}-0000000b-{i:010x}")
+}
+
+pub fn function(i: usize, customer: &str) -> Function {
+    let l = label(i);
+    let parts: Vec<&str> = l.split('-').collect();
+    let matches = ["project", "environment", "function"].iter().zip(parts).map(|(k, v)| (k.to_string(), v.to_string()));
+    Function { matches: matches.collect(), customer: customer.into(), host: format!("f{i}.knative.{customer}.example") }
+}
+
+/// Seeds `customers` customers (the first 10 reachable at `gateway`, with the hot CA; the others
+/// with a CA each, at an address nothing listens on) and `functions` functions spread over them.
+pub fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<()> {
+    let rules = FunctionRules::new(DOMAIN, edgewise_control::model::DEFAULT_PATTERN).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let mut all: Vec<(String, Customer)> = Vec::with_capacity(customers);
+    for c in 0..customers {
+        let hot = c < 10;
+        let (ca, address) = if hot {
+            (hot_ca.pem.clone(), format!("127.0.0.1:{gateway}"))
+        } else {
+            (Ca::new(&format!("customer {c} CA"))?.pem, "127.0.0.1:9".to_string())
+        };
+        let san = if hot { HOT_SAN.to_string() } else { format!("ingress.c{c}.example") };
+        all.push((format!("c{c:05}"), Customer { address, ca, san }));
+    }
+    let fns: Vec<(String, String, Function)> = (0..functions)
+        .map(|i| {
+            let f = function(i, &all[i % customers].0);
+            rules.key(&f).map(|key| (format!("f{i}"), key, f)).map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<_>>()?;
+    let mut store = Store::open(db).map_err(anyhow::Error::msg)?;
+    store
+        .seed(all.iter().map(|(n, c)| (n.as_str(), c)), fns.iter().map(|(n, k, f)| (n.as_str(), k.as_str(), f)))
+        .map_err(anyhow::Error::msg)?;
+    eprintln!("seeded {customers} customers, {functions} functions in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {
+    if let Some(pid) = pid {
+        Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
+    }
+    Ok(())
+}
+
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
+        .and_then(|v| v.split_whitespace().next().and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// User and system CPU of a process, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("parsing /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Ok(fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?)
+}
+
+/// One 1-second wrk burst (32 connections, HTTPS, on CPU 1) at `host` through `front`: the CPU
+/// per request of process `pid` (Envoy), in µs.
+pub fn burst(pid: u32, front: SocketAddr, host: &str) -> Result<f64> {
+    let before = cpu_ticks(pid)?;
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c32", "-d1s", "-H", &format!("Host: {host}")])
+        .arg(format!("https://{front}/"))
+        .output()
+        .context("running wrk")?;
+    let ticks = cpu_ticks(pid)? - before;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") {
+        bail!("wrk saw errors: {text}");
+    }
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
+        .with_context(|| format!("wrk: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(ticks as f64 * 10_000.0 / requests.max(1.0))
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The value at fraction `q` (0.99: p99) of `v`.
+pub fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 * q).ceil() as usize).saturating_sub(1);
+    v.get(i.min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+}
