@@ -67,7 +67,7 @@ impl ControlService {
         let env = vec![(edgewise_control::TOKEN_ENV.to_string(), DEMO_TOKEN.to_string())];
         let log = run_dir.join("control.log");
         let service = Service::start_with_routes(binary, args, env, (ports.0, ports.1, Some(ports.2)), &log).await?;
-        service.ready(Duration::from_secs(10)).await?;
+        service.ready(Duration::from_secs(120)).await?;
         Ok(ControlService(service))
     }
 

@@ -65,7 +65,7 @@ impl Service {
             .with_context(|| format!("starting {}", self.binary.display()))?;
         let stdout = child.stdout.take().context("stdout")?;
         let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(10), BufReader::new(stdout).read_line(&mut line))
+        tokio::time::timeout(Duration::from_secs(120), BufReader::new(stdout).read_line(&mut line))
             .await
             .with_context(|| format!("{name} did not print its ports"))??;
         let port = |key: &str| -> Result<u16> {

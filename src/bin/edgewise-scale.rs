@@ -243,7 +243,7 @@ async fn main() -> Result<()> {
         };
         fetches.push(format!("{} / {} / {}", stat("ok"), stat("not_modified"), stat("failed")));
     }
-    row("the filter's route table polls: new / not modified / failed", fetches);
+    row("the filter's route table calls: pages and changes / not modified / failed", fetches);
 
     // The same tables in both: the difference is the clusters.
     let per_cluster_kib =
@@ -253,7 +253,7 @@ async fn main() -> Result<()> {
         report,
         "# Serverless at platform scale\n\n\
          Produced by `make bench` (`edgewise-scale`): envoy/serverless-xds.yaml (wasm build, `--concurrency 1` on CPU 0) fed by \
-         edgewise-control (delta xDS; the filter polls the route table every second), each customer its own CA. \
+         edgewise-control (delta xDS; the filter loads the route table in pages and watches it), each customer its own CA. \
          \"on-demand CDS\" is envoy/serverless-odcds.yaml: the same without the wildcard cluster subscription and with Envoy's on_demand filter, \
          which fetches a customer's cluster when a request first needs it; \"stats created at start\" is serverless-xds.yaml \
          without its deferred creation of cluster stats. The customers' gateway (an HTTP/2 mTLS echo), wrk and \
