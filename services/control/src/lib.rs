@@ -126,6 +126,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let rules = model::FunctionRules::new(&options.domain, &options.pattern).map_err(|e| format!("--pattern: {e}"))?;
     let store = store::Store::open(&options.db)?;
     let control = Control::open(store, rules, options.removal_delay)?;
+    edgewise_service::release_freed_memory();
     let (chain, key) = read_client_certificate(&options)?;
     control.set_platform_client(&chain, &key);
 
