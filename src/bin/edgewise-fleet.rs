@@ -94,16 +94,17 @@ impl Gateway {
         let envoy = Envoy::start_with(&config, options).await?;
         let front = envoy.listener("serverless_https").await?;
         let listener_s = started.elapsed().as_secs_f64();
+        let client = plane.client()?;
+        let g = Gateway { envoy, front, client, build, listener_s, table_s: 0.0, routed_s: 0.0 };
+        // Function 0 comes with the first page of the first load.
+        g.until_ok(&host(0), Duration::from_secs(60)).await?;
+        let routed_s = started.elapsed().as_secs_f64();
         let routes = build.stat("edgewise.serverless.table.routes");
         let want = plane.functions as u64;
-        envoy
+        g.envoy
             .wait_stat("the route table in force", Duration::from_secs(600), |s| s.get(&routes) >= Some(&want))
             .await?;
-        let table_s = started.elapsed().as_secs_f64();
-        let client = plane.client()?;
-        let g = Gateway { envoy, front, client, build, listener_s, table_s, routed_s: 0.0 };
-        g.until_ok(&host(0), Duration::from_secs(60)).await?;
-        Ok(Gateway { routed_s: started.elapsed().as_secs_f64(), ..g })
+        Ok(Gateway { routed_s, table_s: started.elapsed().as_secs_f64(), ..g })
     }
 
     async fn until_ok(&self, host: &str, limit: Duration) -> Result<Duration> {
@@ -251,8 +252,8 @@ async fn main() -> Result<()> {
             (with - without) * 1048576.0 / functions as f64
         ));
         line(format!(
-            "| {build:?}, --concurrency {concurrency}: Envoy start to listener / table in force / first request routed | {:.2} s / {:.2} s / {:.2} s |",
-            fed.listener_s, fed.table_s, fed.routed_s
+            "| {build:?}, --concurrency {concurrency}: Envoy start to listener / first function routed (first page) / whole table in force | {:.2} s / {:.2} s / {:.2} s |",
+            fed.listener_s, fed.routed_s, fed.table_s
         ));
         if concurrency == 1 {
             kept.push((fed, bare));

@@ -8,9 +8,13 @@
 //! the generation every tick, and at once when a host is not found. The set left behind gets the
 //! changes made after the flip too, until it is emptied `SETTLE_MS` later, when every VM has
 //! moved on; the next full load waits for that.
+//!
+//! The first load, with no table in force, fills the table in force page by page instead: what
+//! is loaded routes at once, and a host not loaded yet is answered 503 (the table is incomplete),
+//! not 404, until the last page.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
 use edgewise_core::serverless::table::{self, bucket_of, LocalTable, MANAGED_BITS};
@@ -19,7 +23,8 @@ use edgewise_host::shared::{get_u64, set_u64, update_u64};
 use edgewise_host::{read, write, Host};
 
 pub enum Store {
-    Local(RwLock<Option<LocalTable>>),
+    /// The table, and whether its first load is still going on.
+    Local(RwLock<Option<LocalTable>>, AtomicBool),
     Shared(Shared),
 }
 
@@ -33,26 +38,31 @@ pub struct Shared {
     /// The generation replaced by the last full load until it is emptied (0: none), and when.
     key_left: String,
     key_flipped: String,
+    /// 1 while the first load fills the table in force.
+    key_loading: String,
     /// The generation this VM reads (0: none loaded yet), refreshed every tick.
     generation: AtomicU64,
 }
 
-/// A full load in progress: the table it builds, away from the one in force.
+/// A full load in progress: the table it builds, away from the one in force, or (the first
+/// load) the table in force itself.
 pub enum Staging {
     Local(LocalTable),
     Shared { generation: u64, routes: u64 },
+    Live { routes: u64 },
 }
 
 impl Store {
     pub fn new(namespace: &str, shared: bool) -> Store {
         if !shared {
-            return Store::Local(RwLock::new(None));
+            return Store::Local(RwLock::new(None), AtomicBool::new(false));
         }
         Store::Shared(Shared {
             prefix: format!("{namespace}.b"),
             key_generation: format!("{namespace}.generation"),
             key_left: format!("{namespace}.generation_left"),
             key_flipped: format!("{namespace}.flipped_ms"),
+            key_loading: format!("{namespace}.loading"),
             generation: AtomicU64::new(0),
         })
     }
@@ -88,14 +98,14 @@ impl Store {
 
     pub fn loaded(&self, host: &impl Host) -> bool {
         match self {
-            Store::Local(t) => read(t).is_some(),
+            Store::Local(t, _) => read(t).is_some(),
             Store::Shared(s) => s.current(host) > 0,
         }
     }
 
     pub fn contains(&self, host: &impl Host, key: &[u8]) -> bool {
         match self {
-            Store::Local(t) => read(t).as_ref().is_some_and(|t| t.contains(key)),
+            Store::Local(t, _) => read(t).as_ref().is_some_and(|t| t.contains(key)),
             Store::Shared(s) => {
                 let mut bucket = Vec::new();
                 s.bucket(host, s.current(host), key, &mut bucket) && table::find(&bucket, key).is_some()
@@ -107,7 +117,7 @@ impl Store {
     /// the number of routes.
     pub fn edit(&self, host: &impl Host, key: &[u8], record: Option<&[u8]>) -> i64 {
         let found = match self {
-            Store::Local(t) => {
+            Store::Local(t, _) => {
                 let Some(edited) = read(t).as_ref().map(|t| t.edited(key, record)) else { return 0 };
                 let found = edited.2;
                 // Only this thread writes: the bucket built under the read lock is still current.
@@ -132,7 +142,22 @@ impl Store {
 
     pub fn stage(&self, host: &impl Host) -> Staging {
         match self {
-            Store::Local(_) => Staging::Local(LocalTable::new(MANAGED_BITS)),
+            Store::Local(t, loading) => {
+                let mut table = write(t);
+                if table.is_some() {
+                    return Staging::Local(LocalTable::new(MANAGED_BITS));
+                }
+                *table = Some(LocalTable::new(MANAGED_BITS));
+                loading.store(true, Relaxed);
+                Staging::Live { routes: 0 }
+            }
+            Store::Shared(s) if get_u64(host, &s.key_generation).0 == 0 => {
+                s.clear(host, 1);
+                set_u64(host, &s.key_loading, 1);
+                set_u64(host, &s.key_generation, 1);
+                s.generation.store(1, Relaxed);
+                Staging::Live { routes: 0 }
+            }
             Store::Shared(s) => {
                 let generation = get_u64(host, &s.key_generation).0 + 1;
                 let left = get_u64(host, &s.key_left).0;
@@ -155,20 +180,33 @@ impl Store {
                     *routes += 1;
                 }
             }
-            (Store::Local(_), Staging::Shared { .. }) => {}
+            (_, Staging::Live { routes }) => {
+                *routes = routes.saturating_add_signed(self.edit(host, key, Some(record)));
+            }
+            (Store::Local(..), Staging::Shared { .. }) => {}
         }
     }
 
     /// Puts the staged table in force; the number of its routes.
     pub fn commit(&self, host: &impl Host, staging: Staging) -> u64 {
         match (self, staging) {
-            (Store::Local(t), Staging::Local(table)) => {
+            (Store::Local(t, loading), Staging::Local(table)) => {
                 let routes = table.len() as u64;
                 let old = write(t).replace(table);
+                loading.store(false, Relaxed);
                 drop(old); // outside the lock: freeing a large table takes milliseconds
                 routes
             }
+            (Store::Local(_, loading), Staging::Live { routes }) => {
+                loading.store(false, Relaxed);
+                routes
+            }
+            (Store::Shared(s), Staging::Live { routes }) => {
+                set_u64(host, &s.key_loading, 0);
+                routes
+            }
             (Store::Shared(s), Staging::Shared { generation, routes }) => {
+                set_u64(host, &s.key_loading, 0);
                 set_u64(host, &s.key_generation, generation);
                 set_u64(host, &s.key_flipped, host.now_ms());
                 set_u64(host, &s.key_left, generation - 1);
@@ -246,7 +284,7 @@ pub struct View<'a, H> {
 impl<H: Host> ManagedRoutes for View<'_, H> {
     fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool {
         match self.store {
-            Store::Local(t) => read(t).as_ref().is_some_and(|t| ManagedRoutes::bucket(t, key, into)),
+            Store::Local(t, _) => read(t).as_ref().is_some_and(|t| ManagedRoutes::bucket(t, key, into)),
             Store::Shared(s) => s.bucket(self.host, s.current(self.host), key, into),
         }
     }
@@ -255,5 +293,12 @@ impl<H: Host> ManagedRoutes for View<'_, H> {
         let Store::Shared(s) = self.store else { return false };
         let generation = get_u64(self.host, &s.key_generation).0;
         generation != s.generation.swap(generation, Relaxed)
+    }
+
+    fn complete(&self) -> bool {
+        match self.store {
+            Store::Local(_, loading) => !loading.load(Relaxed),
+            Store::Shared(s) => get_u64(self.host, &s.key_loading).0 == 0,
+        }
     }
 }

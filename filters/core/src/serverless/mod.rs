@@ -320,7 +320,8 @@ pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<
     Ok((key, record))
 }
 
-/// Where the routes of the management service are: the bucket of a key, copied into `into`.
+/// Where the routes of the management service are: the bucket of a key (or as much of it as
+/// holds the key's record), copied into `into`.
 pub trait ManagedRoutes {
     /// `false` while no table has been loaded.
     fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool;
@@ -330,12 +331,19 @@ pub trait ManagedRoutes {
     fn moved(&self) -> bool {
         false
     }
+
+    /// Asked when a key is not found: false while the table is still being loaded for the first
+    /// time (the key may come with a later page).
+    fn complete(&self) -> bool {
+        true
+    }
 }
 
 impl ManagedRoutes for LocalTable {
+    /// Copies the key's record alone (the bucket stays where it is).
     fn bucket(&self, key: &[u8], into: &mut Vec<u8>) -> bool {
         into.clear();
-        into.extend_from_slice(LocalTable::bucket(self, key));
+        into.extend_from_slice(table::find_record(LocalTable::bucket(self, key), key).unwrap_or_default());
         true
     }
 }
@@ -446,7 +454,7 @@ impl Router {
                 if let Some(route) = self.inline.get(key) {
                     return Decision::Route(route);
                 }
-                if loaded == Some(false) {
+                if loaded == Some(false) || managed.is_some_and(|m| !m.complete()) {
                     return Decision::Reject(
                         Outcome::TableUnavailable,
                         Reply::new(

@@ -88,6 +88,11 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
+/// The record of `key` in a bucket, whole.
+pub fn find_record<'a>(bucket: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    Records(bucket).find(|r| r.key == key).map(|r| r.bytes)
+}
+
 /// The route of `key` in a bucket.
 pub fn find<'a>(bucket: &'a [u8], key: &[u8]) -> Option<RouteRef<'a>> {
     let r = Records(bucket).find(|r| r.key == key)?;
