@@ -94,8 +94,9 @@ pub fn route_table(doc: &[u8]) {
         if let Ok(changes) = protocol::read_changes(&router.decoder, doc) {
             let listed: serde_json::Value =
                 serde_json::from_slice(doc).unwrap_or_else(|e| panic!("{}: read, but serde_json says {e}", shown(doc)));
-            assert_eq!(Some(changes.version), listed["version"].as_u64(), "{}", shown(doc));
-            assert_eq!(Some(changes.changes.len()), listed["changes"].as_array().map(Vec::len), "{}", shown(doc));
+            let field = |name: &str| listed.get(name).cloned().unwrap_or_default();
+            assert_eq!(Some(changes.version), field("version").as_u64(), "{}", shown(doc));
+            assert_eq!(Some(changes.changes.len()), field("changes").as_array().map(Vec::len), "{}", shown(doc));
         }
         let mut table = LocalTable::new(4);
         let Ok(page) = protocol::read_page(&router.decoder, doc, |_, record| {
