@@ -177,12 +177,14 @@ fn the_control_statefulset_runs_edgewise_control_with_its_store_on_the_volume() 
     let ports = container_ports(container);
     assert_eq!(options.grpc.port() as u64, ports["grpc"]);
     assert_eq!(options.http.port() as u64, ports["http"]);
+    assert_eq!(options.routes.port() as u64, ports["routes"]);
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
 
     let service = yaml("service.yaml");
     let envoy = fs::read_to_string(edgewise::repo_root().join("envoy/serverless-xds.yaml")).unwrap();
-    for (port, cluster) in [("grpc", "- name: xds\n"), ("http", "- name: control\n")] {
+    // The Envoys' clusters name the Service's xDS and route ports; the admin port is not theirs.
+    for (port, cluster) in [("grpc", "- name: xds\n"), ("routes", "- name: control\n")] {
         let p = service["spec"]["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == port).unwrap();
         assert_eq!(p["targetPort"], port);
         let section = envoy.split(cluster).nth(1).unwrap();
