@@ -30,6 +30,8 @@ pub enum Store {
 
 /// How long the generation a full load replaced stays, for VMs still reading it.
 pub const SETTLE_MS: u64 = 2_000;
+/// Marks the generation left behind while a copy empties it.
+const EMPTYING: u64 = 1 << 63;
 
 pub struct Shared {
     /// `<namespace>.b`: a bucket's entry is `<prefix><set>.<index in hex>`.
@@ -79,21 +81,30 @@ impl Store {
             s.generation.store(get_u64(host, &s.key_generation).0, Relaxed);
             let left = get_u64(host, &s.key_left).0;
             let due = get_u64(host, &s.key_flipped).0 + SETTLE_MS;
-            // The copy that swaps it to 0 empties it.
+            // The copy that marks it being emptied empties it; a full load waits meanwhile (the
+            // set it would fill is this one).
             if left != 0
+                && left & EMPTYING == 0
                 && host.now_ms() >= due
-                && update_u64(host, &s.key_left, |g| (g == left).then_some(0)).is_some()
+                && update_u64(host, &s.key_left, |g| (g == left).then_some(left | EMPTYING)).is_some()
             {
                 s.clear(host, left);
+                set_u64(host, &s.key_left, 0);
             }
         }
     }
 
-    /// When a full load may start, if not now: the last one's leftover must settle first.
+    /// When a full load may start, if not now: the last one's leftover must settle and be
+    /// emptied first.
     pub fn busy_until(&self, host: &impl Host) -> Option<u64> {
         let Store::Shared(s) = self else { return None };
+        let now = host.now_ms();
+        let left = get_u64(host, &s.key_left).0;
+        if left & EMPTYING != 0 {
+            return Some(now + 100);
+        }
         let due = get_u64(host, &s.key_flipped).0 + SETTLE_MS;
-        (get_u64(host, &s.key_left).0 != 0 && host.now_ms() < due).then_some(due)
+        (left != 0 && now < due).then_some(due)
     }
 
     pub fn loaded(&self, host: &impl Host) -> bool {
@@ -140,32 +151,36 @@ impl Store {
         }
     }
 
-    pub fn stage(&self, host: &impl Host) -> Staging {
+    /// Starts a full load; `None` while another copy empties the set it would fill.
+    pub fn stage(&self, host: &impl Host) -> Option<Staging> {
         match self {
             Store::Local(t, loading) => {
                 let mut table = write(t);
                 if table.is_some() {
-                    return Staging::Local(LocalTable::new(MANAGED_BITS));
+                    return Some(Staging::Local(LocalTable::new(MANAGED_BITS)));
                 }
                 *table = Some(LocalTable::new(MANAGED_BITS));
                 loading.store(true, Relaxed);
-                Staging::Live { routes: 0 }
+                Some(Staging::Live { routes: 0 })
             }
             Store::Shared(s) if get_u64(host, &s.key_generation).0 == 0 => {
                 s.clear(host, 1);
                 set_u64(host, &s.key_loading, 1);
                 set_u64(host, &s.key_generation, 1);
                 s.generation.store(1, Relaxed);
-                Staging::Live { routes: 0 }
+                Some(Staging::Live { routes: 0 })
             }
             Store::Shared(s) => {
-                let generation = get_u64(host, &s.key_generation).0 + 1;
+                // The generation left behind is in the set this load fills: taken from the
+                // copies that would empty it, then emptied here.
                 let left = get_u64(host, &s.key_left).0;
-                if left != 0 {
-                    set_u64(host, &s.key_left, 0);
+                if left & EMPTYING != 0 || left != 0 && update_u64(host, &s.key_left, |g| (g == left).then_some(0)).is_none()
+                {
+                    return None;
                 }
+                let generation = get_u64(host, &s.key_generation).0 + 1;
                 s.clear(host, generation);
-                Staging::Shared { generation, routes: 0 }
+                Some(Staging::Shared { generation, routes: 0 })
             }
         }
     }

@@ -222,7 +222,11 @@ impl Watcher {
         let mut load = match local.load.take() {
             Some(load) => load,
             None => Load {
-                staging: self.store.stage(bg),
+                staging: match self.store.stage(bg) {
+                    Some(staging) => staging,
+                    // Another copy is emptying the set this load would fill: the first page again, shortly.
+                    None => return Then::At(now + 200),
+                },
                 cursor: String::new(),
                 etag: r.header("etag").unwrap_or_default().to_owned(),
                 version: 0,
