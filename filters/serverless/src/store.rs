@@ -174,7 +174,8 @@ impl Store {
                 // The generation left behind is in the set this load fills: taken from the
                 // copies that would empty it, then emptied here.
                 let left = get_u64(host, &s.key_left).0;
-                if left & EMPTYING != 0 || left != 0 && update_u64(host, &s.key_left, |g| (g == left).then_some(0)).is_none()
+                if left & EMPTYING != 0
+                    || left != 0 && update_u64(host, &s.key_left, |g| (g == left).then_some(0)).is_none()
                 {
                     return None;
                 }
