@@ -60,10 +60,12 @@ trait Probe {
     async fn probe(&mut self, during: &str);
 }
 
-async fn within_a_second<T>(what: &str, during: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(1), f).await {
+/// A probe's answer, which must come within two seconds whatever the attack (on two cores the
+/// attack's own clients share the CPU with the service and the probe).
+async fn within_two_seconds<T>(what: &str, during: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(2), f).await {
         Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within a second during {during}"),
+        Err(_) => panic!("{what}: no answer within two seconds during {during}"),
     }
 }
 
@@ -82,11 +84,12 @@ impl Probe for ControlSetup {
 
     async fn probe(&mut self, during: &str) {
         self.probes += 1;
-        let (status, _) = within_a_second("GET /v1/customers", during, self.control.call("GET", "/v1/customers", None))
-            .await
-            .unwrap();
+        let (status, _) =
+            within_two_seconds("GET /v1/customers", during, self.control.call("GET", "/v1/customers", None))
+                .await
+                .unwrap();
         assert_eq!(status, 200, "REST API during {during}");
-        let (status, body) = within_a_second(
+        let (status, body) = within_two_seconds(
             "the route table",
             during,
             self.control.routes_get(&self.pki.control_ca, edgewise_control::ROUTES_PATH),
@@ -97,7 +100,7 @@ impl Probe for ControlSetup {
         // xDS: a new customer's cluster reaches the Envoy.
         let name = format!("probe-{}", self.probes);
         let start = Instant::now();
-        within_a_second("PUT a customer", during, async {
+        within_two_seconds("PUT a customer", during, async {
             self.control.put_customer(&name, 9, &[&self.pki.customer_a_ca], "ingress.probe.example").await.unwrap();
             while !self.envoy.admin_get("/clusters").await.unwrap().lines().any(|l| l.starts_with(&format!("{name}::")))
             {
@@ -135,7 +138,7 @@ impl Probe for RlsSetup {
     }
 
     async fn probe(&mut self, during: &str) {
-        let (status, body) = within_a_second("/readyz", during, self.rls.get("/readyz")).await.unwrap();
+        let (status, body) = within_two_seconds("/readyz", during, self.rls.get("/readyz")).await.unwrap();
         assert_eq!(status, 200, "readiness during {during}: {body}");
         let request = RateLimitRequest {
             domain: "cloud-connector".into(),
@@ -148,7 +151,7 @@ impl Probe for RlsSetup {
             }],
             hits_addend: 1,
         };
-        let answer = within_a_second("ShouldRateLimit", during, async {
+        let answer = within_two_seconds("ShouldRateLimit", during, async {
             let mut grpc = Grpc::connect(source(1), self.rls.grpc, None).await.unwrap();
             grpc.call(RLS, &request.encode_to_vec()).await.unwrap()
         })
