@@ -62,6 +62,29 @@ pub fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: u
     Ok(())
 }
 
+/// A benchmark's control plane before its service starts: `work/name` made afresh, the
+/// serverless PKI in it, the customers' gateway (an HTTP/2 mTLS echo that keeps connections, so
+/// that bursts measure routing, not upstream handshakes) and a store seeded with `customers` and
+/// `functions` (`seed`). Returns the folder, the PKI, the gateway and the store's path.
+pub async fn seeded_plane(
+    work: &Path,
+    name: &str,
+    customers: usize,
+    functions: usize,
+) -> Result<(std::path::PathBuf, crate::scenarios::serverless::Pki, crate::server::Server, std::path::PathBuf)> {
+    use crate::server::{Listen, Server};
+    let dir = work.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = crate::scenarios::serverless::Pki::install(&dir)?;
+    let leaf = pki.customer_a_ca.issue(&crate::certs::LeafSpec::server(&[HOT_SAN]))?;
+    let tls = crate::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
+    let gateway = Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
+    let db = dir.join("control.db");
+    seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+    Ok((dir, pki, gateway, db))
+}
+
 pub fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {
     if let Some(pid) = pid {
         Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;

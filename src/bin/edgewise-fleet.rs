@@ -24,10 +24,10 @@ use edgewise::certs::LeafSpec;
 use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Build, Config, Envoy, Options};
-use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib, seed, taskset};
-use edgewise::scale::{DOMAIN, HOT_SAN};
+use edgewise::scale::DOMAIN;
+use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib, seeded_plane, taskset};
 use edgewise::scenarios::serverless::{ports, Pki, CONTROL_NAME};
-use edgewise::server::{Listen, Server};
+use edgewise::server::Server;
 use edgewise_control::{CURSOR, ROUTES_PATH};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -42,16 +42,7 @@ struct Plane {
 
 impl Plane {
     async fn start(work: &Path, name: &str, customers: usize, functions: usize) -> Result<Plane> {
-        let dir = work.join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let pki = Pki::install(&dir)?;
-        let leaf = pki.customer_a_ca.issue(&LeafSpec::server(&[HOT_SAN]))?;
-        let tls = edgewise::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
-        let gateway =
-            Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
-        let db = dir.join("control.db");
-        seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+        let (dir, pki, gateway, db) = seeded_plane(work, name, customers, functions).await?;
         let binary = std::env::current_exe()?.with_file_name("edgewise-control");
         let started = Instant::now();
         let control = ControlService::start(&binary, &dir, &db, (0, 0, 0), &[]).await?;

@@ -14,13 +14,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use edgewise::certs::LeafSpec;
 use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Config, Envoy, Options};
-use edgewise::scale::{burst, env_usize, function, label, median, rss_mib, seed, taskset, DOMAIN, HOT_SAN};
+use edgewise::scale::{burst, env_usize, function, label, median, rss_mib, seeded_plane, taskset, DOMAIN, HOT_SAN};
 use edgewise::scenarios::serverless::{ports, Pki};
-use edgewise::server::{Listen, Server};
+use edgewise::server::Server;
 
 /// The shipped YAML's deferred creation of cluster stats, taken out for the comparison.
 const DEFERRED_STATS: &str = "deferred_stat_options:\n  enable_deferred_creation_stats: true\n";
@@ -49,18 +48,7 @@ impl Install {
         on_demand: bool,
         stats_at_start: bool,
     ) -> Result<(Install, Server)> {
-        let dir = work.join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let pki = Pki::install(&dir)?;
-        let leaf = pki.customer_a_ca.issue(&LeafSpec::server(&[HOT_SAN]))?;
-        // The customers' gateway: keeps connections (HTTP/2), so that the bursts measure routing,
-        // not upstream handshakes.
-        let tls = edgewise::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
-        let gateway =
-            Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
-        let db = dir.join("control.db");
-        seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+        let (dir, pki, gateway, db) = seeded_plane(work, name, customers, functions).await?;
         let binary = std::env::current_exe()?.with_file_name("edgewise-control");
         let control = ControlService::start(&binary, &dir, &db, (0, 0, 0), &[]).await?;
         taskset(control.pid(), 1)?;
