@@ -140,8 +140,11 @@ impl Api {
         let control = &self.control;
         match (method, collection, name) {
             (Method::GET, "customers", name) => {
-                let list: Vec<Value> = control
-                    .customers(name.as_deref())
+                let customers = match control.customers(name.as_deref()) {
+                    Ok(customers) => customers,
+                    Err(e) => return e.into(),
+                };
+                let list: Vec<Value> = customers
                     .into_iter()
                     .map(|(n, c, published)| {
                         json!({ "name": n, "address": c.address, "san": c.san, "ca": c.ca, "published": published })
@@ -218,11 +221,13 @@ impl Api {
             return r;
         }
         let Some(since) = query.since else {
-            let table = self.control.routes();
-            if request.headers().get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == table.etag.as_bytes()) {
-                metrics.route_not_modified.fetch_add(1, Relaxed);
-                return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &table.cursor);
-            }
+            let table = match self.control.routes(request.headers().get(IF_NONE_MATCH).map(HeaderValue::as_bytes)) {
+                Ok(table) => table,
+                Err(cursor) => {
+                    metrics.route_not_modified.fetch_add(1, Relaxed);
+                    return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &cursor);
+                }
+            };
             metrics.route_fetches.fetch_add(1, Relaxed);
             let mut r = with_cursor(Response::new(Full::new(table.body.clone())), StatusCode::OK, &table.cursor);
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -8,13 +8,14 @@
 //! - a removed customer's functions leave the route table at once, and its cluster and CA leave
 //!   xDS `removal_delay` later, when every filter has polled the table without them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::functions::Functions;
 use crate::metrics::Metrics;
 use crate::model::{check_name, Customer, Function, FunctionRules, Invalid};
 use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
@@ -68,15 +69,21 @@ impl Acks {
 
 struct State {
     store: Store,
-    customers: BTreeMap<String, Customer>,
-    /// name -> (route key, function)
-    functions: BTreeMap<String, (String, Function)>,
-    /// route key -> function name
-    keys: HashMap<String, String>,
-    published: HashSet<String>,
+    /// The customers' names: the rest of them is in the xDS resources and the store.
+    customers: BTreeSet<String>,
+    functions: Functions,
+    /// Customers waiting for publication (every other customer is published): few, if any.
+    pending: HashSet<String>,
     /// Removed customers whose cluster is still served: name -> removal number.
     removing: HashMap<String, u64>,
     routes: Routes,
+}
+
+impl State {
+    /// Whether the routes of `customer` (a stored customer) are in the table.
+    fn visible(&self, customer: &str) -> bool {
+        self.pending.is_empty() || !self.pending.contains(customer)
+    }
 }
 
 pub struct Control {
@@ -107,22 +114,20 @@ impl Control {
             let address = customer.check().map_err(|e| format!("stored customer {name}: {e}"))?;
             resources.put_customer(name, customer, &address);
         }
-        let keys = contents.functions.iter().map(|(name, (key, _))| (key.clone(), name.clone())).collect();
-        let published = contents.customers.keys().cloned().collect();
-        let routes = Routes::load(contents.routes_history, contents.routes_horizon, contents.route_log);
+        let mut functions = Functions::new(rules.groups());
+        store.functions(|name, _, f| drop(functions.put(&name, &f)))?;
+        let routes = Routes::load(&contents);
         let version = routes.version();
+        // The log as the store's functions say (the same, unless a change was cut short).
+        let edits = functions.reconcile(|each| store.logged_routes(each), |_| true)?;
         let mut state = State {
             store,
-            customers: contents.customers,
-            functions: contents.functions,
-            keys,
-            published,
+            customers: contents.customers.into_keys().collect(),
+            functions,
+            pending: HashSet::new(),
             removing: HashMap::new(),
             routes,
         };
-        // The log as the store's functions say (the same, unless a change was cut short).
-        let wanted = state.functions.values().map(|(key, f)| (key.clone(), crate::routes::route_json(f))).collect();
-        let edits = state.routes.reconcile(&wanted);
         state.routes.apply(&mut state.store, edits)?;
         let control = Control {
             route_version: watch::Sender::new(version),
@@ -144,14 +149,35 @@ impl Control {
         self.resources.subscribe()
     }
 
-    /// The whole route table.
-    pub fn routes(&self) -> Arc<FullTable> {
-        lock(&self.state).routes.full()
+    /// The whole route table, or `Err(cursor)` when `etag` names its version.
+    pub fn routes(&self, etag: Option<&[u8]>) -> Result<FullTable, String> {
+        let state = lock(&self.state);
+        let version = state.routes.version();
+        let tag = format!("\"{version}\"");
+        if etag == Some(tag.as_bytes()) {
+            return Err(state.routes.cursor());
+        }
+        let mut body = format!("{{\"version\":{version},\"routes\":[");
+        state.functions.page(None, usize::MAX, |c| state.visible(c), &mut body);
+        body.push_str("]}");
+        Ok(FullTable { version, cursor: state.routes.cursor(), etag: tag, body: body.into() })
     }
 
-    /// A page of the table and the cursor to watch from (`Routes::page`).
+    /// A page of the table: at most `limit` routes after the page token `after`
+    /// (`{"version": N, "routes": [...], "next": "<token>"}`, no `next` on the last page), and
+    /// the cursor to watch from.
     pub fn routes_page(&self, after: Option<&str>, limit: usize) -> Result<(String, hyper::body::Bytes), String> {
-        lock(&self.state).routes.page(after, limit)
+        let after = after.map(routes::read_page_token).transpose()?;
+        let state = lock(&self.state);
+        let mut body = format!("{{\"version\":{},\"routes\":[", state.routes.version());
+        let visible = |c: &str| state.visible(c);
+        let next = state.functions.page(after, limit.clamp(1, routes::MAX_PAGE), visible, &mut body);
+        body.push(']');
+        if let Some(next) = next {
+            body.push_str(&format!(",\"next\":\"{}\"", routes::page_token(next)));
+        }
+        body.push_str("}\n");
+        Ok((state.routes.cursor(), body.into()))
     }
 
     /// What a watcher at `cursor` is owed.
@@ -170,7 +196,10 @@ impl Control {
         let address = customer.check()?;
         let mut state = lock(&self.state);
         state.store.put_customer(name, &customer).map_err(ApiError::Internal)?;
-        let created = state.customers.insert(name.to_string(), customer.clone()).is_none();
+        let created = state.customers.insert(name.to_string());
+        if created {
+            state.pending.insert(name.to_string());
+        }
         state.removing.remove(name);
         self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, &customer, &address));
         self.gauges(&state);
@@ -182,21 +211,18 @@ impl Control {
     /// Removes a customer and its functions; how many functions went with it.
     pub fn delete_customer(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
         let mut state = lock(&self.state);
-        if !state.customers.contains_key(name) {
+        if !state.customers.contains(name) {
             return Err(ApiError::NotFound(format!("no customer {name:?}")));
         }
         state.store.delete_customer(name).map_err(ApiError::Internal)?;
         state.customers.remove(name);
-        let gone: Vec<String> =
-            state.functions.iter().filter(|(_, (_, f))| f.customer == name).map(|(n, _)| n.clone()).collect();
-        let was_published = state.published.remove(name);
+        let gone = state.functions.of_customer(name);
+        let was_published = !state.pending.remove(name);
         let mut edits = Vec::new();
-        for function in &gone {
-            if let Some((key, f)) = state.functions.remove(function) {
-                if was_published {
-                    edits.push(routes::delete(&key, &f));
-                }
-                state.keys.remove(&key);
+        for (function, key, f) in &gone {
+            state.functions.remove(function);
+            if was_published {
+                edits.push(routes::delete(key, f));
             }
         }
         self.publish(&mut state, edits);
@@ -221,30 +247,31 @@ impl Control {
         check_name("name", name)?;
         let key = self.rules.key(&function)?;
         let mut state = lock(&self.state);
-        if !state.customers.contains_key(&function.customer) {
+        if !state.customers.contains(&function.customer) {
             return Err(ApiError::Invalid(Invalid {
                 field: "customer".into(),
                 reason: format!("{:?} is no customer", function.customer),
             }));
         }
-        if let Some(other) = state.keys.get(&key).filter(|other| *other != name) {
+        if let Some(other) = state.functions.owner_of(&key).filter(|other| *other != name) {
             return Err(ApiError::Conflict(format!("function {other:?} already has this match ({key})")));
         }
         state.store.put_function(name, &key, &function).map_err(ApiError::Internal)?;
-        let visible = state.published.contains(&function.customer);
-        let mut edits = Vec::new();
-        if visible {
-            edits.push(routes::put(&key, &function));
-        }
-        let old = state.functions.insert(name.to_string(), (key.clone(), function));
+        let visible = state.visible(&function.customer);
+        let old = state.functions.put(name, &function);
         let created = old.is_none();
+        let mut edits = Vec::new();
+        let mut unchanged = false;
         if let Some((old_key, old_function)) = old {
-            state.keys.remove(&old_key);
-            if state.published.contains(&old_function.customer) && (old_key != key || !visible) {
-                edits.insert(0, routes::delete(&old_key, &old_function));
+            let was_visible = state.visible(&old_function.customer);
+            unchanged = was_visible && visible && old_key == key && old_function == function;
+            if was_visible && (old_key != key || !visible) {
+                edits.push(routes::delete(&old_key, &old_function));
             }
         }
-        state.keys.insert(key, name.to_string());
+        if visible && !unchanged {
+            edits.push(routes::put(&key, &function));
+        }
         self.publish(&mut state, edits);
         self.gauges(&state);
         Ok(created)
@@ -252,36 +279,42 @@ impl Control {
 
     pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
         let mut state = lock(&self.state);
-        let Some((key, function)) = state.functions.get(name).cloned() else {
+        if state.functions.get(name).is_none() {
+            return Err(ApiError::NotFound(format!("no function {name:?}")));
+        }
+        state.store.delete_function(name).map_err(ApiError::Internal)?;
+        let Some((key, function)) = state.functions.remove(name) else {
             return Err(ApiError::NotFound(format!("no function {name:?}")));
         };
-        state.store.delete_function(name).map_err(ApiError::Internal)?;
-        state.functions.remove(name);
-        state.keys.remove(&key);
-        if state.published.contains(&function.customer) {
+        if state.visible(&function.customer) {
             self.publish(&mut state, vec![routes::delete(&key, &function)]);
         }
         self.gauges(&state);
         Ok(())
     }
 
-    /// (customer, published) of every customer, or of one.
-    pub fn customers(&self, only: Option<&str>) -> Vec<(String, Customer, bool)> {
+    /// (customer, published) of every customer, or of one, as stored.
+    pub fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer, bool)>, ApiError> {
         let state = lock(&self.state);
-        let published = |n: &str| state.published.contains(n);
-        match only {
-            Some(name) => {
-                state.customers.get(name).map(|c| (name.to_string(), c.clone(), published(name))).into_iter().collect()
-            }
-            None => state.customers.iter().map(|(n, c)| (n.clone(), c.clone(), published(n))).collect(),
-        }
+        let stored = state.store.customers(only).map_err(ApiError::Internal)?;
+        Ok(stored.into_iter().map(|(n, c)| (n.clone(), c, !state.pending.contains(&n))).collect())
+    }
+
+    /// How many customers and functions there are.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = lock(&self.state);
+        (state.customers.len(), state.functions.len())
     }
 
     pub fn functions(&self, only: Option<&str>) -> Vec<(String, Function)> {
         let state = lock(&self.state);
         match only {
-            Some(name) => state.functions.get(name).map(|(_, f)| (name.to_string(), f.clone())).into_iter().collect(),
-            None => state.functions.iter().map(|(n, (_, f))| (n.clone(), f.clone())).collect(),
+            Some(name) => state.functions.get(name).map(|f| (name.to_string(), f)).into_iter().collect(),
+            None => {
+                let mut all: Vec<(String, Function)> = state.functions.all().map(|(n, f)| (n.to_string(), f)).collect();
+                all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                all
+            }
         }
     }
 
@@ -320,7 +353,7 @@ impl Control {
     /// Publishes the customers every connected Envoy has (cluster and CA, current versions).
     pub fn gate(&self) {
         let mut state = lock(&self.state);
-        let pending: Vec<String> = state.customers.keys().filter(|c| !state.published.contains(*c)).cloned().collect();
+        let pending: Vec<String> = state.pending.iter().cloned().collect();
         if pending.is_empty() {
             return;
         }
@@ -348,15 +381,14 @@ impl Control {
                     || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
             });
             if everywhere {
-                state.published.insert(customer.clone());
+                state.pending.remove(&customer);
                 newly.push(customer);
             }
         }
-        let edits: Vec<routes::Edit> = state
-            .functions
-            .values()
-            .filter(|(_, f)| newly.contains(&f.customer))
-            .map(|(key, f)| routes::put(key, f))
+        let edits: Vec<routes::Edit> = newly
+            .iter()
+            .flat_map(|c| state.functions.of_customer(c))
+            .map(|(_, key, f)| routes::put(&key, &f))
             .collect();
         self.publish(&mut state, edits);
         self.gauges(&state);
@@ -365,7 +397,7 @@ impl Control {
     /// Whether a stored customer waits for publication.
     fn unpublished(&self) -> bool {
         let state = lock(&self.state);
-        state.customers.keys().any(|c| !state.published.contains(c))
+        !state.pending.is_empty()
     }
 
     /// The gauges of what the state holds.
@@ -373,7 +405,7 @@ impl Control {
         let m = &self.metrics;
         m.customers.store(state.customers.len() as u64, Ordering::Relaxed);
         m.functions.store(state.functions.len() as u64, Ordering::Relaxed);
-        m.published.store(state.published.len() as u64, Ordering::Relaxed);
+        m.published.store((state.customers.len() - state.pending.len()) as u64, Ordering::Relaxed);
     }
 
     /// Applies `edits` to the route table (logged in the store first) and wakes its watchers.
@@ -391,7 +423,10 @@ impl Control {
     fn published_routes(&self, state: &State) {
         let version = state.routes.version();
         self.metrics.routes_version.store(version, Ordering::Relaxed);
-        self.metrics.routes.store(state.routes.count() as u64, Ordering::Relaxed);
+        // The functions of customers not published yet are not in the table.
+        let waiting: usize = state.pending.iter().map(|c| state.functions.count_of(c)).sum();
+        let routes = state.functions.len() - waiting;
+        self.metrics.routes.store(routes as u64, Ordering::Relaxed);
         self.route_version.send_replace(version);
     }
 }

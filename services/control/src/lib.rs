@@ -11,6 +11,7 @@
 
 mod api;
 mod control;
+mod functions;
 mod metrics;
 pub mod model;
 pub mod resources;
@@ -143,12 +144,8 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
         None => None,
     };
-    let customers = control.customers(None).len();
-    eprintln!(
-        "edgewise-control: {customers} customers, {} functions, {}",
-        control.functions(None).len(),
-        options.db.display()
-    );
+    let (customers, functions) = control.counts();
+    eprintln!("edgewise-control: {customers} customers, {functions} functions, {}", options.db.display());
 
     let (stop_tx, stop) = watch::channel(false);
     let api = Arc::new(api::Api {

@@ -30,19 +30,25 @@ pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets
 pub const PLATFORM_CLIENT: &str = "platform-client";
 
 /// One resource as it is sent: its name, a version that changes exactly when its content does
-/// (so that a restarted control service sends nothing new to an Envoy that has it) and its body.
+/// (so that a restarted control service sends nothing new to an Envoy that has it) and its
+/// message, encoded (its type is the map's that holds it).
 #[derive(Debug, PartialEq)]
 pub struct Resource {
     pub name: String,
     pub version: String,
-    pub body: Any,
+    pub body: Box<[u8]>,
 }
 
 impl Resource {
-    fn new<M: Message + Name>(name: String, message: &M) -> Arc<Resource> {
-        let body = any(message);
-        let version = Sha256::digest(&body.value).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    fn new<M: Message>(name: String, message: &M) -> Arc<Resource> {
+        let body = message.encode_to_vec().into_boxed_slice();
+        let version = Sha256::digest(&body).iter().take(8).map(|b| format!("{b:02x}")).collect();
         Arc::new(Resource { name, version, body })
+    }
+
+    /// The resource as xDS carries it.
+    pub fn any(&self, type_url: &str) -> Any {
+        Any { type_url: type_url.to_string(), value: self.body.to_vec() }
     }
 }
 
@@ -222,7 +228,7 @@ mod tests {
         let c = Customer { address: "gw.example:443".into(), ca: "pem".into(), san: "ingress.a.example".into() };
         let mut r = Resources::default();
         r.put_customer("a", &c, &address);
-        let body = &r.clusters["a"].body;
+        let body = r.clusters["a"].any(CLUSTER);
         assert_eq!(body.type_url, CLUSTER);
         let cluster = Cluster::decode(body.value.as_slice()).unwrap();
         assert_eq!(
@@ -234,6 +240,7 @@ mod tests {
         let tls = UpstreamTlsContext::decode(tls.value.as_slice()).unwrap();
         let common = tls.common_tls_context.unwrap();
         assert_eq!(common.tls_certificate_sds_secret_configs[0].name, PLATFORM_CLIENT);
-        assert_eq!(r.secrets["a-ca"].body.type_url, SECRET);
+        let secret = Secret::decode(&r.secrets["a-ca"].body[..]).unwrap();
+        assert_eq!(secret.name, "a-ca");
     }
 }

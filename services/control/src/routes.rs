@@ -67,7 +67,7 @@ struct Change {
     json: Arc<str>,
 }
 
-/// The full table, serialized once per version when someone asks for it.
+/// The whole table at one version.
 #[derive(Debug)]
 pub struct FullTable {
     pub version: u64,
@@ -86,15 +86,14 @@ pub enum Since {
     Gone(String),
 }
 
+/// The route log: the table's version and the recent changes. The table itself is the
+/// functions of published customers (`Functions`), not kept twice.
 pub struct Routes {
     history: u64,
     version: u64,
-    /// key -> route JSON of the published routes.
-    table: BTreeMap<String, Arc<str>>,
     /// The changes after `horizon`, oldest first.
     recent: VecDeque<Change>,
     horizon: u64,
-    full: Option<Arc<FullTable>>,
 }
 
 fn change_json(put: bool, json: &str) -> Arc<str> {
@@ -102,71 +101,33 @@ fn change_json(put: bool, json: &str) -> Arc<str> {
 }
 
 impl Routes {
-    /// The table and history the store's route log holds.
-    pub fn load(history: u64, horizon: u64, log: Vec<LoggedChange>) -> Routes {
-        let mut routes =
-            Routes { history, version: horizon, table: BTreeMap::new(), recent: VecDeque::new(), horizon, full: None };
-        for entry in log {
-            routes.version = routes.version.max(entry.version);
-            if entry.put {
-                routes.table.insert(entry.key, Arc::from(entry.json.as_str()));
-            } else {
-                routes.table.remove(&entry.key);
-            }
-            if entry.version > horizon {
-                routes.recent.push_back(Change { version: entry.version, json: change_json(entry.put, &entry.json) });
-            }
+    /// The log as the store holds it: its history, horizon, last version and the changes after
+    /// the horizon.
+    pub fn load(contents: &crate::store::Contents) -> Routes {
+        let recent = contents
+            .recent
+            .iter()
+            .map(|entry| Change { version: entry.version, json: change_json(entry.put, &entry.json) })
+            .collect();
+        Routes {
+            history: contents.routes_history,
+            version: contents.routes_version,
+            recent,
+            horizon: contents.routes_horizon,
         }
-        routes
     }
 
     pub fn version(&self) -> u64 {
         self.version
     }
 
-    /// Routes in the table.
-    pub fn count(&self) -> usize {
-        self.table.len()
-    }
-
     pub fn cursor(&self) -> String {
         format!("{:x}.{}", self.history, self.version)
     }
 
-    /// The edits that make the table hold exactly `wanted` (key -> route JSON).
-    pub fn reconcile(&self, wanted: &BTreeMap<String, String>) -> Vec<Edit> {
-        let mut edits = Vec::new();
-        for (key, json) in &self.table {
-            if !wanted.contains_key(key) {
-                // The deleted route's match is in its route JSON: the delete names it alone.
-                let matches = serde_json::from_str::<serde_json::Value>(json)
-                    .ok()
-                    .and_then(|v| v.get("match").map(|m| serde_json::json!({ "match": m }).to_string()))
-                    .unwrap_or_default();
-                edits.push(Edit { key: key.clone(), put: false, json: matches });
-            }
-        }
-        for (key, route) in wanted {
-            if self.table.get(key).is_none_or(|have| **have != **route) {
-                edits.push(Edit { key: key.clone(), put: true, json: route.clone() });
-            }
-        }
-        edits
-    }
-
-    /// Applies `edits` (those that change nothing are dropped), each under the next version,
-    /// persisted first: the new version, or `None` when nothing changed.
+    /// Applies `edits` (each changes the table: the caller knows what it holds), each under the
+    /// next version, persisted first: the new version, or `None` when there was none.
     pub fn apply(&mut self, store: &mut Store, edits: Vec<Edit>) -> Result<Option<u64>, String> {
-        let edits: Vec<Edit> = edits
-            .into_iter()
-            .filter(|e| {
-                if e.put {
-                    self.table.get(&e.key).is_none_or(|r| **r != *e.json)
-                } else {
-                    self.table.contains_key(&e.key)
-                }
-            })
-            .collect();
         if edits.is_empty() {
             return Ok(None);
         }
@@ -174,23 +135,18 @@ impl Routes {
         let last = self.version + edits.len() as u64;
         let horizon = last.saturating_sub(HISTORY as u64).max(self.horizon);
         let logged: Vec<LoggedChange> = edits
-            .iter()
+            .into_iter()
             .zip(first..)
-            .map(|(e, version)| LoggedChange { version, key: e.key.clone(), put: e.put, json: e.json.clone() })
+            .map(|(e, version)| LoggedChange { version, key: e.key, put: e.put, json: e.json })
             .collect();
         store.append_routes(&logged, self.horizon, horizon)?;
-        for (e, version) in edits.into_iter().zip(first..) {
-            self.recent.push_back(Change { version, json: change_json(e.put, &e.json) });
-            if e.put {
-                self.table.insert(e.key, Arc::from(e.json));
-            } else {
-                self.table.remove(&e.key);
-            }
+        for c in logged {
+            self.recent.push_back(Change { version: c.version, json: change_json(c.put, &c.json) });
         }
         while self.recent.front().is_some_and(|c| c.version <= horizon) {
             self.recent.pop_front();
         }
-        (self.version, self.horizon, self.full) = (last, horizon, None);
+        (self.version, self.horizon) = (last, horizon);
         Ok(Some(last))
     }
 
@@ -222,69 +178,19 @@ impl Routes {
             changes: changes.into_iter().map(|c| c.json.clone()).collect(),
         }
     }
-
-    /// A page of the table: at most `limit` routes in key order after the page token `after`
-    /// (`{"version": N, "routes": [...], "next": "<token>"}`, no `next` on the last page), and
-    /// the cursor to watch from. Tokens are the hex of the last key sent.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> Result<(String, Bytes), String> {
-        let after = match after {
-            None => None,
-            Some(token) => Some(unhex(token).ok_or_else(|| format!("{token:?} is not a page token of this service"))?),
-        };
-        let mut range = match &after {
-            None => self.table.range::<String, _>(..),
-            Some(key) => self.table.range::<String, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
-        };
-        let mut body = format!("{{\"version\":{},\"routes\":[", self.version);
-        let mut last = None;
-        for (i, (key, route)) in range.by_ref().take(limit.clamp(1, MAX_PAGE)).enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(route);
-            last = Some(key);
-        }
-        body.push(']');
-        if let (Some(last), Some(_)) = (last, range.next()) {
-            body.push_str(",\"next\":\"");
-            body.extend(last.bytes().map(|b| format!("{b:02x}")));
-            body.push('"');
-        }
-        body.push_str("}\n");
-        Ok((self.cursor(), Bytes::from(body)))
-    }
-
-    /// The whole table (`{"version": N, "routes": [...]}`), built once per version.
-    pub fn full(&mut self) -> Arc<FullTable> {
-        if let Some(full) = &self.full {
-            return full.clone();
-        }
-        let mut body = format!("{{\"version\":{},\"routes\":[", self.version);
-        for (i, route) in self.table.values().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(route);
-        }
-        body.push_str("]}");
-        let full = Arc::new(FullTable {
-            version: self.version,
-            cursor: self.cursor(),
-            etag: format!("\"{}\"", self.version),
-            body: Bytes::from(body),
-        });
-        self.full = Some(full.clone());
-        full
-    }
 }
 
-/// A page token back to the key it names.
-fn unhex(token: &str) -> Option<String> {
-    if token.len() % 2 != 0 {
-        return None;
+/// A page token: the 16 hex digits of a position in the table's page order.
+pub fn page_token(position: u64) -> String {
+    format!("{position:016x}")
+}
+
+pub fn read_page_token(token: &str) -> Result<u64, String> {
+    let bad = || format!("{token:?} is not a page token of this service");
+    if token.len() != 16 {
+        return Err(bad());
     }
-    let bytes = (0..token.len()).step_by(2).map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok());
-    String::from_utf8(bytes.collect::<Option<Vec<u8>>>()?).ok()
+    u64::from_str_radix(token, 16).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -301,9 +207,15 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> (Store, Routes) {
         let store = Store::open(&dir.join("control.db")).unwrap();
-        let contents = store.load().unwrap();
-        let routes = Routes::load(contents.routes_history, contents.routes_horizon, contents.route_log);
+        let routes = Routes::load(&store.load().unwrap());
         (store, routes)
+    }
+
+    /// The route table the store's log ends with.
+    fn table(store: &Store) -> Vec<(String, String)> {
+        let mut table = Vec::new();
+        store.logged_routes(|key, json| table.push((key, json))).unwrap();
+        table
     }
 
     fn scratch(name: &str) -> std::path::PathBuf {
@@ -342,12 +254,12 @@ mod tests {
         );
         let at_two = routes.cursor();
         assert!(matches!(routes.since(&at_two), Since::Current));
-        assert_eq!(routes.apply(&mut store, vec![put("kb", &b)]).unwrap(), None, "a put that changes nothing");
+        assert_eq!(routes.apply(&mut store, vec![]).unwrap(), None, "no edit, no version");
         assert_eq!(routes.apply(&mut store, vec![delete("ka", &a)]).unwrap(), Some(3));
         assert_eq!(changes(routes.since(&at_two)).1, [r#"{"delete":{"match":{"function":"a"}}}"#]);
         assert_eq!(
-            &routes.full().body[..],
-            br#"{"version":3,"routes":[{"match":{"function":"b"},"cluster":"customer-a","host":"b.example"}]}"#
+            table(&store),
+            [("kb".to_string(), r#"{"match":{"function":"b"},"cluster":"customer-a","host":"b.example"}"#.to_string())]
         );
         let (history, _) = start.split_once('.').unwrap();
         let other = u64::from_str_radix(history, 16).unwrap() ^ 1;
@@ -363,38 +275,6 @@ mod tests {
                 _ => panic!("{cursor:?} is not gone"),
             }
         }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn pages_cover_the_table_once_in_key_order() {
-        let dir = scratch("pages");
-        let (mut store, mut routes) = open(&dir);
-        let edits = (0..25).map(|i| put(&format!("k{i:02}"), &function(&format!("f{i}"), "h.example"))).collect();
-        routes.apply(&mut store, edits).unwrap();
-        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
-        loop {
-            let (cursor, body) = routes.page(after.as_deref(), 10).unwrap();
-            assert_eq!(cursor, routes.cursor());
-            let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(page["version"], 25);
-            seen.extend(page["routes"].as_array().unwrap().iter().map(|r| r["match"]["function"].to_string()));
-            pages += 1;
-            match page.get("next").and_then(|n| n.as_str()) {
-                Some(next) => after = Some(next.to_string()),
-                None => break,
-            }
-        }
-        assert_eq!((pages, seen.len()), (3, 25));
-        let mut sorted = seen.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 25, "each route once");
-        for bad in ["zz", "6", "ff"] {
-            assert!(routes.page(Some(bad), 10).is_err(), "{bad}");
-        }
-        let (_, last) = routes.page(Some("6b3234"), 10).unwrap(); // after "k24": nothing
-        assert_eq!(&last[..], b"{\"version\":25,\"routes\":[]}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -417,21 +297,23 @@ mod tests {
                 .collect();
             routes.apply(&mut store, edits).unwrap();
         }
-        let (version, full, recent) = (routes.version(), routes.full().body.clone(), routes.cursor());
+        let (version, full, recent) = (routes.version(), table(&store), routes.cursor());
         let behind = format!("{}.{}", recent.split_once('.').unwrap().0, version - 2 * MAX_CHANGES as u64);
         let before = changes(routes.since(&behind));
         drop((store, routes));
 
-        let (store, mut routes) = open(&dir);
+        let (store, routes) = open(&dir);
         assert_eq!(routes.version(), version);
-        assert_eq!(routes.full().body, full, "the same table after the restart");
+        assert_eq!(table(&store), full, "the same table after the restart");
+        assert!(!full.is_empty() && full.len() <= 100);
         assert!(matches!(routes.since(&recent), Since::Current), "a cursor of before the restart is current");
         assert_eq!(changes(routes.since(&behind)), before, "and one behind it gets the same changes");
         assert_eq!(before.1.len(), MAX_CHANGES, "at most {MAX_CHANGES} changes an answer");
         assert!(matches!(routes.since(&format!("{}.1", recent.split_once('.').unwrap().0)), Since::Gone(_)));
-        let log = store.load().unwrap().route_log;
-        assert!(log.len() <= HISTORY + 100, "{} entries kept", log.len());
-        assert!(log.len() >= HISTORY, "{} entries kept", log.len());
+        let recent = store.load().unwrap().recent;
+        assert_eq!(recent.len(), HISTORY, "the changes after the horizon");
+        let kept: i64 = store.count_log_entries();
+        assert!(kept as usize <= HISTORY + 100, "{kept} entries kept");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

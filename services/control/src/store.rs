@@ -56,17 +56,19 @@ fn db_error(e: rusqlite::Error) -> String {
     format!("database: {e}")
 }
 
-/// What the store holds, read at start.
+/// What the store holds, read at start, but the functions and the route table, which are read
+/// one at a time (`functions`, `logged_routes`): a million of them is the size to plan for.
 #[derive(Debug, Default)]
 pub struct Contents {
     pub customers: BTreeMap<String, Customer>,
-    /// name -> (route key, function)
-    pub functions: BTreeMap<String, (String, Function)>,
     /// The route log's history id, made when the store was created.
     pub routes_history: u64,
     /// The log holds every change after this version (and, before it, the routes in force).
     pub routes_horizon: u64,
-    pub route_log: Vec<LoggedChange>,
+    /// The last change's version.
+    pub routes_version: u64,
+    /// The changes after the horizon, in order.
+    pub recent: Vec<LoggedChange>,
 }
 
 impl Store {
@@ -89,16 +91,6 @@ impl Store {
             let (name, customer) = row.map_err(db_error)?;
             contents.customers.insert(name, customer);
         }
-        let mut functions =
-            self.db.prepare("SELECT name, key, matches, customer, host FROM functions").map_err(db_error)?;
-        let rows = functions
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?)))
-            .map_err(db_error)?;
-        for row in rows {
-            let (name, key, matches, customer, host) = row.map_err(db_error)?;
-            let matches = serde_json::from_str(&matches).map_err(|e| format!("database: function {name}: {e}"))?;
-            contents.functions.insert(name, (key, Function { matches, customer, host }));
-        }
         let meta = |key: &str| {
             self.db
                 .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, i64>(0))
@@ -118,22 +110,53 @@ impl Store {
                 history
             }
         };
-        let mut log =
-            self.db.prepare("SELECT version, key, put, json FROM route_log ORDER BY version").map_err(db_error)?;
-        let rows = log
-            .query_map([], |r| {
-                Ok(LoggedChange {
-                    version: r.get::<_, i64>(0)?.max(0) as u64,
-                    key: r.get(1)?,
-                    put: r.get::<_, i64>(2)? != 0,
-                    json: r.get(3)?,
-                })
-            })
+        let last: Option<i64> =
+            self.db.query_row("SELECT MAX(version) FROM route_log", [], |r| r.get(0)).map_err(db_error)?;
+        contents.routes_version = last.map_or(0, |v| v.max(0) as u64).max(contents.routes_horizon);
+        let mut recent = self
+            .db
+            .prepare("SELECT version, key, put, json FROM route_log WHERE version > ?1 ORDER BY version")
             .map_err(db_error)?;
+        let horizon = i64::try_from(contents.routes_horizon).map_err(|e| e.to_string())?;
+        let rows = recent.query_map([horizon], logged).map_err(db_error)?;
         for row in rows {
-            contents.route_log.push(row.map_err(db_error)?);
+            contents.recent.push(row.map_err(db_error)?);
         }
         Ok(contents)
+    }
+
+    /// Every function, one at a time: (name, route key, function).
+    pub fn functions(&self, mut each: impl FnMut(String, String, Function)) -> Result<()> {
+        let mut functions =
+            self.db.prepare("SELECT name, key, matches, customer, host FROM functions").map_err(db_error)?;
+        let mut rows = functions.query([]).map_err(db_error)?;
+        while let Some(r) = rows.next().map_err(db_error)? {
+            let name: String = r.get(0).map_err(db_error)?;
+            let matches: String = r.get(2).map_err(db_error)?;
+            let matches = serde_json::from_str(&matches).map_err(|e| format!("database: function {name}: {e}"))?;
+            let function =
+                Function { matches, customer: r.get(3).map_err(db_error)?, host: r.get(4).map_err(db_error)? };
+            each(name, r.get(1).map_err(db_error)?, function);
+        }
+        Ok(())
+    }
+
+    /// The route table the log ends with, one route at a time: (route key, route JSON).
+    pub fn logged_routes(&self, mut each: impl FnMut(String, String)) -> Result<()> {
+        let mut log =
+            self.db.prepare("SELECT version, key, put, json FROM route_log ORDER BY key, version").map_err(db_error)?;
+        let mut last: Option<LoggedChange> = None;
+        for row in log.query_map([], logged).map_err(db_error)? {
+            let change = row.map_err(db_error)?;
+            if let Some(done) = last.take().filter(|l| l.key != change.key && l.put) {
+                each(done.key, done.json);
+            }
+            last = Some(change);
+        }
+        if let Some(done) = last.filter(|l| l.put) {
+            each(done.key, done.json);
+        }
+        Ok(())
     }
 
     /// Appends `changes` to the route log in one transaction, and moves its horizon from `from`
@@ -167,6 +190,16 @@ impl Store {
         )
         .map_err(db_error)?;
         tx.commit().map_err(db_error)
+    }
+
+    /// The stored customers, or the one named.
+    pub fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer)>> {
+        let sql = "SELECT name, address, ca, san FROM customers WHERE ?1 IS NULL OR name = ?1 ORDER BY name";
+        let mut query = self.db.prepare_cached(sql).map_err(db_error)?;
+        let rows = query
+            .query_map([only], |r| Ok((r.get(0)?, Customer { address: r.get(1)?, ca: r.get(2)?, san: r.get(3)? })))
+            .map_err(db_error)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_error)
     }
 
     pub fn put_customer(&mut self, name: &str, c: &Customer) -> Result<()> {
@@ -230,6 +263,23 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Entries in the route log (the tests' measure of what it keeps).
+    #[cfg(test)]
+    pub fn count_log_entries(&self) -> i64 {
+        self.db.query_row("SELECT COUNT(*) FROM route_log", [], |r| r.get(0)).unwrap_or(-1)
+    }
+}
+
+fn logged(r: &rusqlite::Row<'_>) -> rusqlite::Result<LoggedChange> {
+    Ok(LoggedChange {
+        version: r.get::<_, i64>(0)?.max(0) as u64,
+        key: r.get(1)?,
+        put: r.get::<_, i64>(2)? != 0,
+        json: r.get(3)?,
+    })
+}
+
 /// A history id no other store has: the time and the process, hashed (63 bits: SQLite's
 /// integers are signed).
 fn new_history() -> u64 {
@@ -271,13 +321,17 @@ mod tests {
         let contents = store.load().unwrap();
         assert_eq!(contents.customers.len(), 2);
         assert_eq!(contents.customers["a"], a);
-        assert_eq!(contents.functions["f1"], ("f".to_string(), f));
-        assert_eq!(contents.route_log, []);
+        let mut functions = Vec::new();
+        store.functions(|name, key, f| functions.push((name, key, f))).unwrap();
+        assert_eq!(functions, [("f1".to_string(), "f".to_string(), f)]);
+        assert_eq!((contents.recent, contents.routes_version), (vec![], 0));
         assert_eq!(contents.routes_history, store.load().unwrap().routes_history, "the history id is kept");
         store.delete_customer("a").unwrap();
         let contents = store.load().unwrap();
         assert_eq!(contents.customers.keys().collect::<Vec<_>>(), ["b"]);
-        assert!(contents.functions.is_empty());
+        let mut functions = 0;
+        store.functions(|_, _, _| functions += 1).unwrap();
+        assert_eq!(functions, 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -303,7 +303,7 @@ impl Stream {
                     .map(|r| XdsResource {
                         name: r.name.clone(),
                         version: r.version.clone(),
-                        resource: Some(r.body.clone()),
+                        resource: Some(r.any(type_url)),
                         ..Default::default()
                     })
                     .collect(),
@@ -347,7 +347,7 @@ fn batches(changed: &[Arc<Resource>]) -> Vec<&[Arc<Resource>]> {
     let mut pieces = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, r) in changed.iter().enumerate() {
-        let size = r.body.value.len() + r.name.len() + r.version.len();
+        let size = r.body.len() + r.name.len() + r.version.len();
         if i > start && (i - start >= BATCH || bytes + size > BATCH_BYTES) {
             pieces.push(changed.get(start..i).unwrap_or_default());
             (start, bytes) = (i, 0);
