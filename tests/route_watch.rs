@@ -137,6 +137,58 @@ async fn the_route_watch_sends_what_changed_after_a_cursor_and_resumes_across_a_
     assert!(c.metric(&metric("gone")).await.unwrap() >= 5.0);
 }
 
+/// Pages cover the table once, and a page token names a position that a restart keeps (as
+/// would another replica on the same store): paging goes on where it was.
+#[tokio::test]
+async fn pages_cover_the_table_once_and_a_token_outlives_a_restart() {
+    let run = tempfile::tempdir().unwrap();
+    let (pki, mut c) = start(run.path(), "control.db").await;
+    c.put_customer("customer-a", 9, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    for i in 0..25 {
+        c.put_function(&format!("f{i}"), &format!("{i:08x}-0000000b-000000000c"), "customer-a", HOST).await.unwrap();
+    }
+    let page = |body: &str| {
+        let v = json(body);
+        let projects: Vec<String> =
+            v["routes"].as_array().unwrap().iter().map(|r| r["match"]["project"].as_str().unwrap().into()).collect();
+        (projects, v["next"].as_str().map(str::to_string))
+    };
+    let (mut seen, mut after, mut tokens) = (Vec::new(), String::new(), Vec::new());
+    loop {
+        let (status, cursor, body) = routes(&c, &format!("?limit=10{after}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(cursor.ends_with(".25"), "{cursor}");
+        let (projects, next) = page(&body);
+        assert!(projects.len() <= 10, "{body}");
+        seen.extend(projects);
+        match next {
+            Some(token) => {
+                assert!(token.bytes().all(|b| b.is_ascii_alphanumeric()), "{token:?}");
+                after = format!("&after={token}");
+                tokens.push(token);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(tokens.len(), 2);
+    seen.sort();
+    let all: Vec<String> = (0..25).map(|i| format!("{i:08x}")).collect();
+    assert_eq!(seen, all, "every route once");
+
+    let (_, _, before) = routes(&c, &format!("?limit=10&after={}", tokens[0])).await;
+    c.stop().await.unwrap();
+    c.start_again().await.unwrap();
+    c.ready(Duration::from_secs(10)).await.unwrap();
+    let (status, _, after_restart) = routes(&c, &format!("?limit=10&after={}", tokens[0])).await;
+    assert_eq!((status, page(&after_restart)), (200, page(&before)), "the same page after a restart");
+
+    for bad in ["zz", "6b3234", "%ff%00", "0123456789abcdefg", ""] {
+        let (status, _, body) = routes(&c, &format!("?limit=10&after={bad}")).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+    assert_eq!(routes(&c, "?limit=ten").await.0, 400);
+}
+
 #[tokio::test]
 async fn route_watches_are_bounded_and_a_watcher_that_never_reads_is_dropped() {
     let run = tempfile::tempdir().unwrap();

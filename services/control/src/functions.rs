@@ -49,6 +49,17 @@ fn hash(bytes: impl Iterator<Item = u8>) -> u64 {
     h ^ (h >> 33)
 }
 
+/// `s` as a JSON string, as serde_json writes it.
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+}
+
 /// The route key of match values: lowercased, as the filter looks hosts up.
 fn key_hash(key: &str) -> u64 {
     hash(key.bytes().map(|b| b.to_ascii_lowercase()))
@@ -57,6 +68,8 @@ fn key_hash(key: &str) -> u64 {
 pub struct Functions {
     /// The pattern's group names, in order.
     groups: Vec<String>,
+    /// The groups' indexes in the order of their names (the order of a route's `match`).
+    sorted_groups: Vec<usize>,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
     by_name: BTreeSet<(u64, u32)>,
@@ -69,6 +82,11 @@ impl Functions {
     pub fn new(groups: &[String]) -> Functions {
         Functions {
             groups: groups.to_vec(),
+            sorted_groups: {
+                let mut order: Vec<usize> = (0..groups.len()).collect();
+                order.sort_by_key(|&i| groups.get(i));
+                order
+            },
             slots: Vec::new(),
             free: Vec::new(),
             by_name: BTreeSet::new(),
@@ -221,7 +239,29 @@ impl Functions {
 
     /// One route as the filter reads it: `{"match": {...}, "cluster": "...", "host": "..."}`.
     fn route_json(&self, slot: &Slot) -> String {
-        crate::routes::route_json(&self.function(slot))
+        let mut out = String::new();
+        self.write_route(slot, &mut out);
+        out
+    }
+
+    /// `routes::route_json` of the slot's function, byte for byte (the match's names in sorted
+    /// order, strings escaped as serde_json does), written straight from the slot: a page of
+    /// the table is built without making its functions.
+    fn write_route(&self, slot: &Slot, out: &mut String) {
+        out.push_str("{\"match\":{");
+        for (n, &g) in self.sorted_groups.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            push_json_str(out, self.groups.get(g).map_or("", String::as_str));
+            out.push(':');
+            push_json_str(out, slot.values().split('/').nth(g).unwrap_or_default());
+        }
+        out.push_str("},\"cluster\":");
+        push_json_str(out, &slot.customer);
+        out.push_str(",\"host\":");
+        push_json_str(out, slot.host());
+        out.push('}');
     }
 
     /// At most `limit` routes (of customers `visible` lets through) after the page token
@@ -249,7 +289,7 @@ impl Functions {
             if sent > 0 {
                 out.push(',');
             }
-            out.push_str(&self.route_json(slot));
+            self.write_route(slot, out);
             (sent, last) = (sent + 1, Some(h));
         }
         None
@@ -336,6 +376,28 @@ mod tests {
             let routes: Vec<serde_json::Value> = serde_json::from_str(&format!("[{first},{rest}]")).unwrap();
             let news = usize::from(rest.contains("ffffffff")) + usize::from(rest.contains("eeeeeeee"));
             assert_eq!(routes.len(), 200 + news);
+        }
+    }
+
+    #[test]
+    fn a_route_is_written_as_serde_json_writes_it() {
+        let groups: Vec<String> = ["project", "environment", "function"].map(String::from).to_vec();
+        let mut fns = Functions::new(&groups);
+        for (i, host) in ["h.example", "quote\".example", "back\\slash", "tab\t\u{1}", "ünïcode/é"].iter().enumerate()
+        {
+            let f = Function {
+                matches: BTreeMap::from([
+                    ("project".into(), format!("{i:08X}")),
+                    ("environment".into(), "0000000b".into()),
+                    ("function".into(), "000000000c".into()),
+                ]),
+                customer: "customer-a".into(),
+                host: host.to_string(),
+            };
+            fns.put(&format!("f{i}"), &f);
+            let index = fns.by_name(&format!("f{i}")).unwrap();
+            let slot = fns.slot(index).unwrap();
+            assert_eq!(fns.route_json(slot), crate::routes::route_json(&f), "{host:?}");
         }
     }
 
