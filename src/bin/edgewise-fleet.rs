@@ -10,7 +10,8 @@
 //! - Envoy start to serving (listener up; table in force; first request routed).
 //!
 //! Environment: FLEET_CUSTOMERS (100000), FLEET_FUNCTIONS (1000000), FLEET_WATCHERS (100),
-//! FLEET_CHANGES (200), FLEET_ROTATIONS (6), BENCH_OUT_FLEET (bench/results-fleet.md).
+//! FLEET_CHANGES (200), FLEET_ROTATIONS (6), BENCH_OUT_FLEET (bench/results-fleet.md);
+//! FLEET_PRELOAD: a library the big plane's Envoys preload (bench/heap-history/).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ struct Plane {
     functions: usize,
     /// The host of the first route of the table's first page: the first load brings it first.
     first_page_host: String,
+    /// A library its Envoys preload (`FLEET_PRELOAD`, for the big plane: bench/heap-history/).
+    preload: Option<String>,
 }
 
 impl Plane {
@@ -55,7 +58,7 @@ impl Plane {
         let m = &page["routes"][0]["match"];
         let label = ["project", "environment", "function"].map(|g| m[g].as_str().unwrap_or_default().to_string());
         let first_page_host = format!("{}.{DOMAIN}", label.join("-"));
-        Ok(Plane { dir, pki, _gateway: gateway, control, functions, first_page_host })
+        Ok(Plane { dir, pki, _gateway: gateway, control, functions, first_page_host, preload: None })
     }
 
     fn client(&self) -> Result<Client> {
@@ -87,6 +90,7 @@ impl Gateway {
             log_level: "warning",
             cpu: Some(0),
             ready_within: Duration::from_secs(120),
+            env: plane.preload.iter().map(|p| ("LD_PRELOAD".to_string(), p.clone())).collect(),
             ..Options::default()
         };
         let envoy = Envoy::start_with(&config, options).await?;
@@ -288,7 +292,10 @@ async fn main() -> Result<()> {
         let _ = writeln!(report, "{s}");
     };
 
-    let big = Plane::start(&work, "big", customers, functions).await?;
+    let big = Plane {
+        preload: std::env::var("FLEET_PRELOAD").ok(),
+        ..Plane::start(&work, "big", customers, functions).await?
+    };
     let small = Plane::start(&work, "small", 10, 10).await?;
     let control_pid = big.control.pid().context("edgewise-control's pid")?;
     line(format!(
