@@ -22,26 +22,10 @@ static void ballast(void) {
     }
 }
 
-static void churn(void) {
-    unsigned long long x = 0x9e3779b97f4a7c15ULL;
-    for (int r = 0; r < 1000000; r++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        int b = (int)(x & (BUCKETS - 1));
-        unsigned char *p = malloc(len[b] + 60);
-        if (!p) return;
-        if (bucket[b]) {
-            memcpy(p, bucket[b], len[b]);
-            free(bucket[b]);
-        }
-        memset(p + len[b], 1, 60);
-        bucket[b] = p;
-        len[b] += 60;
-    }
-}
-
-static void doubling(void) {
+/* 1,000,000 records of 60 bytes put into buckets chosen at random. A bucket too small for the
+ * next record is made anew (malloc, copy, free the old): at the exact size (`grow` 0, the
+ * filter's put) or at twice its capacity, from 64 bytes (`grow` 1, as a vector grows). */
+static void put_records(int grow) {
     static size_t cap[BUCKETS];
     unsigned long long x = 0x9e3779b97f4a7c15ULL;
     for (int r = 0; r < 1000000; r++) {
@@ -50,8 +34,11 @@ static void doubling(void) {
         x ^= x << 17;
         int b = (int)(x & (BUCKETS - 1));
         if (len[b] + 60 > cap[b]) {
-            size_t n = cap[b] ? cap[b] * 2 : 64;
-            while (n < len[b] + 60) n *= 2;
+            size_t n = len[b] + 60;
+            if (grow) {
+                n = cap[b] ? cap[b] * 2 : 64;
+                while (n < len[b] + 60) n *= 2;
+            }
             unsigned char *p = malloc(n);
             if (!p) return;
             if (bucket[b]) {
@@ -81,11 +68,11 @@ __attribute__((constructor)) static void heap_history(void) {
     if (!mode || !strcmp(mode, "ballast")) {
         ballast();
     } else if (!strcmp(mode, "churn")) {
-        churn();
+        put_records(0);
     } else if (!strcmp(mode, "doubling")) {
-        doubling();
+        put_records(1);
     } else if (!strcmp(mode, "compact")) {
-        churn();
+        put_records(0);
         compact();
     }
 }

@@ -279,15 +279,14 @@ impl Control {
 
     pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
         let mut state = lock(&self.state);
-        if state.functions.get(name).is_none() {
+        if !state.functions.contains(name) {
             return Err(ApiError::NotFound(format!("no function {name:?}")));
         }
         state.store.delete_function(name).map_err(ApiError::Internal)?;
-        let Some((key, function)) = state.functions.remove(name) else {
-            return Err(ApiError::NotFound(format!("no function {name:?}")));
-        };
-        if state.visible(&function.customer) {
-            self.publish(&mut state, vec![routes::delete(&key, &function)]);
+        if let Some((key, function)) = state.functions.remove(name) {
+            if state.visible(&function.customer) {
+                self.publish(&mut state, vec![routes::delete(&key, &function)]);
+            }
         }
         self.gauges(&state);
         Ok(())

@@ -120,6 +120,10 @@ impl Functions {
         }
     }
 
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name(name).is_some()
+    }
+
     pub fn get(&self, name: &str) -> Option<Function> {
         self.by_name(name).and_then(|i| self.slot(i)).map(|s| self.function(s))
     }
