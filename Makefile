@@ -47,7 +47,8 @@ oci-tools:
 redis:
 	@command -v redis-server >/dev/null || tools/apt-install redis-server
 
-# valgrind's memcheck for the memory-safety check of libedgewise.so (tests/memcheck.rs).
+# valgrind: memcheck for the memory-safety check of libedgewise.so (tests/memcheck.rs), callgrind
+# for make bench's instructions per request.
 valgrind:
 	@command -v valgrind >/dev/null || tools/apt-install valgrind
 
@@ -124,6 +125,7 @@ bench: setup
 	@command -v wrk >/dev/null || tools/apt-install wrk
 	$(CARGO) build --release --bins
 	$(CARGO) run --release --bin edgewise-bench
+	$(CARGO) run --release --bin edgewise-instructions
 	$(CARGO) run --release --bin edgewise-scale
 	$(CARGO) run --release --bin edgewise-fleet
 

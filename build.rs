@@ -1,7 +1,8 @@
 //! Builds the filters, so that `cargo test` always runs Envoy with fresh ones: every filter crate
 //! under filters/ for wasm32-wasip1 with the `filters` profile, trimmed (see `trim`) into
 //! target/filters/<name>.wasm, and the dynamic module holding all of them (`filters/native`, the
-//! `native` profile) into target/filters/libedgewise.so.
+//! `native` profile) into target/filters/libedgewise.so; beside it, bench/noop-module (a module
+//! whose hooks do nothing, the floor `make bench` measures against).
 
 use std::env;
 use std::fs;
@@ -17,10 +18,13 @@ fn main() {
     let out = target_dir.join("filters");
 
     println!("cargo:rerun-if-changed=filters");
+    println!("cargo:rerun-if-changed=bench/noop-module");
     println!("cargo:rerun-if-changed=Cargo.lock");
     println!("cargo:rerun-if-changed=Cargo.toml");
     println!("cargo:rerun-if-env-changed=EDGEWISE_SKIP_FILTERS");
     println!("cargo:rustc-env=EDGEWISE_FILTERS_DIR={}", out.display());
+    let native_dir = target_dir.join("native");
+    println!("cargo:rustc-env=EDGEWISE_NOOP_MODULE={}", native_dir.join("native").join(NOOP).display());
     if env::var_os("EDGEWISE_SKIP_FILTERS").is_some() {
         return;
     }
@@ -50,9 +54,8 @@ fn main() {
     }
 
     // The dynamic module, every filter in one library.
-    let native_dir = target_dir.join("native");
     let status = cargo(&root, &native_dir)
-        .args(["--profile", "native", "-p", "edgewise-native"])
+        .args(["--profile", "native", "-p", "edgewise-native", "-p", "edgewise-noop-module"])
         .status()
         .expect("running cargo for the native module");
     if !status.success() {
@@ -67,6 +70,7 @@ fn main() {
 }
 
 const NATIVE: &str = "libedgewise.so";
+const NOOP: &str = "libedgewise_noop.so";
 
 /// A nested `cargo build` into its own target dir (so that it does not wait on the lock of the
 /// build running this script), free of the outer build's settings, which are for the harness.

@@ -3,6 +3,8 @@
 //!
 //! Used by the tests in `tests/` and by the `edgewise-demo` binary behind `make run`.
 
+pub mod bench;
+pub mod callgrind;
 pub mod certs;
 pub mod client;
 pub mod control;
@@ -31,6 +33,11 @@ pub fn repo_root() -> PathBuf {
 /// Where build.rs puts the freshly built `.wasm` modules.
 pub fn filters_dir() -> PathBuf {
     PathBuf::from(env!("EDGEWISE_FILTERS_DIR"))
+}
+
+/// bench/noop-module's library: a dynamic module whose hooks do nothing (built by build.rs).
+pub fn noop_module() -> PathBuf {
+    PathBuf::from(env!("EDGEWISE_NOOP_MODULE"))
 }
 
 /// Installs the process-wide rustls crypto provider (ring). Safe to call repeatedly.

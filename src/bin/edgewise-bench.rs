@@ -11,38 +11,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use edgewise::envoy::{Config, Envoy, Options};
-use edgewise::ratelimit::{RateLimitService, Redis};
-use edgewise::server::{Document, Listen, Server};
-
-const SERVERLESS_HOST: &str = "0000000a-0000000b-000000000c.serverless.gitlab.io";
-const EGRESS_HOST: &str = "api.github.com.egress.local";
-
-struct Bench {
-    name: &'static str,
-    what: &'static str,
-    /// The Host wrk sends, and the path.
-    host: &'static str,
-    path: &'static str,
-    filters: String,
-    /// Bearer tokens wrk sends, one per request in turn (none: no Authorization header).
-    tokens: Tokens,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tokens {
-    None,
-    /// The same token on every request (a cache hit after the first).
-    One,
-    /// A new token on every request (a cache miss, signature verified every time).
-    Fresh,
-    /// 1,000 tokens of 1,000 organizations in turn (cache hits after the first round): what a
-    /// shared counter per organization sees from a busy gateway.
-    Many,
-}
+use edgewise::bench::*;
+use edgewise::envoy::{Envoy, Options};
 
 #[derive(Default, Clone)]
 struct Sample {
@@ -62,461 +35,6 @@ struct Sample {
     /// RSS with `--concurrency 2` (measured in the first round only).
     rss2_mib: Option<f64>,
     ready_s: f64,
-}
-
-fn wasm_filter(name: &str, config: &str) -> String {
-    let file = edgewise::filters_dir().join(format!("{name}.wasm"));
-    format!(
-        r#"          - name: edgewise.{name}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {name}
-                root_id: {name}
-                vm_config:
-                  vm_id: {name}
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: {file} }} }}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: '{config}'
-"#,
-        file = file.display()
-    )
-}
-
-/// The same filter in libedgewise.so (the native build), with the same configuration.
-fn native_filter(name: &str, config: &str) -> String {
-    let file = edgewise::filters_dir().join("libedgewise.so");
-    format!(
-        r#"          - name: edgewise.{name}
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config:
-                module: {{ local: {{ filename: {file} }} }}
-                do_not_close: true
-                metrics_namespace: edgewise
-              filter_name: {name}
-              filter_config:
-                "@type": type.googleapis.com/google.protobuf.StringValue
-                value: '{config}'
-"#,
-        file = file.display()
-    )
-}
-
-/// The native variant of a wasm configuration (`wasm_filter`'s output).
-fn native(wasm: &str) -> String {
-    let name = wasm.split("name: edgewise.").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default();
-    let config = wasm.split("value: '").nth(1).and_then(|r| r.rsplit_once('\'')).map(|(c, _)| c).unwrap_or_default();
-    native_filter(name, config)
-}
-
-/// The serverless filter's routes: `n` of them, the benchmarked host among them.
-fn serverless_routes(n: u64) -> String {
-    let mut routes = Vec::with_capacity(n as usize);
-    routes.push(r#"{"match":{"project":"0000000a","environment":"0000000b","function":"000000000c"},"cluster":"upstream","host":"hello.ns-42.knative.example"}"#.to_string());
-    for i in 1..n {
-        routes.push(format!(
-            r#"{{"match":{{"project":"{:08x}","environment":"{:08x}","function":"{:010x}"}},"cluster":"upstream","host":"f{i}.knative.example"}}"#,
-            i % 1000 + 0x1000,
-            i / 1000,
-            i
-        ));
-    }
-    routes.join(",")
-}
-
-fn serverless_config(n: u64) -> String {
-    format!(r#"{{"routes":[{}]}}"#, serverless_routes(n))
-}
-
-/// The same host rewrite as the serverless filter, in Envoy's Lua filter (10 routes).
-fn lua_serverless() -> String {
-    let mut table = String::from(r#"["0000000a/0000000b/000000000c"] = {"upstream", "hello.ns-42.knative.example"},"#);
-    for i in 1..10u64 {
-        let _ =
-            write!(table, r#"["{:08x}/{:08x}/{:010x}"] = {{"upstream", "f{i}.knative.example"}},"#, i + 0x1000, 0, i);
-    }
-    format!(
-        r#"          - name: envoy.filters.http.lua
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  local suffix = ".serverless.gitlab.io"
-                  local routes = {{ {table} }}
-                  function envoy_on_request(h)
-                    local headers = h:headers()
-                    headers:remove("x-edgewise-cluster")
-                    local authority = headers:get(":authority")
-                    if authority == nil then return end
-                    local host = string.lower(authority):gsub(":%d+$", ""):gsub("%.$", "")
-                    if host:sub(-#suffix) ~= suffix then return end
-                    local p, e, f = host:sub(1, -#suffix - 1):match("^(%x%x%x%x%x%x%x%x)%-(%x%x%x%x%x%x%x%x)%-(%x%x%x%x%x%x%x%x%x%x)$")
-                    if p == nil then
-                      h:respond({{[":status"] = "404", ["content-type"] = "application/json"}}, '{{"error":"malformed_host"}}')
-                      return
-                    end
-                    local t = routes[p .. "/" .. e .. "/" .. f]
-                    if t == nil then
-                      h:respond({{[":status"] = "404", ["content-type"] = "application/json"}}, '{{"error":"unknown_function"}}')
-                      return
-                    end
-                    headers:replace("x-forwarded-host", authority)
-                    headers:replace("x-edgewise-cluster", t[1])
-                    headers:replace(":authority", t[2])
-                  end
-"#
-    )
-}
-
-/// The egress rewrite and allowlist check in Envoy's Lua filter (exact names only).
-fn lua_egress() -> String {
-    r#"          - name: envoy.filters.http.lua
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-              default_source_code:
-                inline_string: |
-                  local suffix = ".egress.local"
-                  local allow = { ["api.github.com"] = true, ["hooks.slack.com"] = true, ["example.com"] = true }
-                  function envoy_on_request(h)
-                    local headers = h:headers()
-                    local host = string.lower(headers:get(":authority") or ""):gsub(":%d+$", ""):gsub("%.$", "")
-                    if host:sub(-#suffix) ~= suffix then
-                      h:respond({[":status"] = "403", ["content-type"] = "application/json"}, '{"error":"not_egress_host"}')
-                      return
-                    end
-                    local dest = host:sub(1, -#suffix - 1)
-                    if not allow[dest] then
-                      h:respond({[":status"] = "403", ["content-type"] = "application/json"}, '{"error":"destination_not_allowed"}')
-                      return
-                    end
-                    headers:replace(":authority", dest)
-                    headers:replace("x-edgewise-egress-destination", dest)
-                  end
-"#
-    .to_string()
-}
-
-const ISSUER: &str = "https://gitlab.com";
-const CC_HOST: &str = "cloud.gitlab.com";
-
-/// cloud-connector as deployed: a feature with a scope, a rate limit that is never reached,
-/// identity headers and the HMAC signature; keys from the issuer stand-in of the bench process.
-/// With `global`, it also sets the descriptor headers of Envoy's ratelimit filter.
-fn cloud_connector(lean: bool, global: bool) -> String {
-    let (limit, authenticity) = if lean {
-        ("", "")
-    } else {
-        (
-            r#","rate_limit":{"requests":1000000,"per":"second"}"#,
-            r#","authenticity":{"secret":"a-benchmark-secret-of-at-least-32-bytes"}"#,
-        )
-    };
-    let headers = if global {
-        r#","headers":{"feature":"x-edgewise-feature","rate_limit_key":"x-edgewise-ratelimit-key"}"#
-    } else {
-        ""
-    };
-    wasm_filter(
-        "cloud-connector",
-        &format!(
-            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"features":[{{"name":"code_suggestions","prefix":"/","scopes":["code_suggestions"],"cluster":"upstream"{limit}}}],"cluster_header":"x-edgewise-cluster"{authenticity}{headers}}}"#
-        ),
-    )
-}
-
-/// Envoy's ratelimit filter as envoy/cloud-connector.yaml has it in global mode: every request
-/// the filter let through is checked by edgewise-ratelimit (the route's rate_limits, front.yaml).
-const GLOBAL_RATE_LIMIT: &str = r#"          - name: envoy.filters.http.ratelimit
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
-              domain: cloud-connector
-              failure_mode_deny: false
-              timeout: 0.1s
-              rate_limit_service:
-                transport_api_version: V3
-                grpc_service:
-                  envoy_grpc: { cluster_name: rate_limit_service }
-"#;
-
-/// mesh-identity at the gateway: the same key, inline (its only key source).
-fn mesh_identity(jwks: &str) -> String {
-    wasm_filter(
-        "mesh-identity",
-        &format!(r#"{{"role":"gateway","jwks":{jwks},"issuers":["{ISSUER}"],"audiences":["gitlab-ai-gateway"]}}"#),
-    )
-}
-
-/// tunnel-auth as on the hub, the bench's upstream standing in for a tunnel (its cluster id is
-/// `upstream`, which the front's route selects by the header).
-fn tunnel_auth() -> String {
-    wasm_filter(
-        "tunnel-auth",
-        &format!(
-            r#"{{"issuers":[{{"issuer":"{ISSUER}","cluster":"issuer","jwks_path":"/jwks"}}],"audiences":["gitlab-ai-gateway"],"allow":{{"instance-0-0":["upstream"]}},"cluster_header":"x-edgewise-cluster"}}"#
-        ),
-    )
-}
-
-/// Envoy's native JWT filter with the same key, optionally with its verified-token cache.
-fn jwt_authn(jwks: &str, cache: bool) -> String {
-    let cache = if cache { "\n                  jwt_cache_config: { jwt_cache_size: 1000 }" } else { "" };
-    format!(
-        r#"          - name: envoy.filters.http.jwt_authn
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-              providers:
-                gitlab:
-                  issuer: {ISSUER}
-                  audiences: [gitlab-ai-gateway]
-                  local_jwks: {{ inline_string: '{jwks}' }}
-                  forward: true{cache}
-              rules:
-              - match: {{ prefix: / }}
-                requires: {{ provider_name: gitlab }}
-"#
-    )
-}
-
-fn benches(jwks: &str) -> Vec<Bench> {
-    let serverless = |n| wasm_filter("serverless", &serverless_config(n));
-    let egress = wasm_filter(
-        "egress",
-        r#"{"allow":["api.github.com","*.googleapis.com","hooks.slack.com","example.com:8443"]}"#,
-    );
-    let egress_native = native(&egress);
-    vec![
-        Bench {
-            name: "baseline",
-            what: "no filter",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: String::new(),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "serverless-10",
-            what: "serverless.wasm, 10 routes",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: serverless(10),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "serverless-100k",
-            what: "serverless.wasm, 100,000 routes from the management service",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: wasm_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "wasm-floor",
-            what: "serverless.wasm passing through a Host outside its domain: the fixed cost of any wasm filter",
-            host: "www.example.com",
-            path: "/",
-            filters: serverless(10),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "lua-serverless",
-            what: "Lua, the serverless rewrite, 10 routes",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: lua_serverless(),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "egress",
-            what: "egress.wasm, 4 allowlist entries",
-            host: EGRESS_HOST,
-            path: "/",
-            filters: egress,
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "lua-egress",
-            what: "Lua, the egress rewrite, 3 names",
-            host: EGRESS_HOST,
-            path: "/",
-            filters: lua_egress(),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "cc-hit",
-            what: "cloud-connector.wasm, RS256, the same token (cache hit)",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(false, false),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "cc-hit-lean",
-            what: "cloud-connector.wasm, cache hit, no rate limit and no signature",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(true, false),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "cc-hit-global",
-            what: "cc-hit and the fleet-wide check (Envoy's ratelimit filter, edgewise-ratelimit on Redis): one organization, one counter",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(false, true) + GLOBAL_RATE_LIMIT,
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "cc-many",
-            what: "cloud-connector.wasm, 1,000 organizations' tokens in turn (cache hits)",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(false, true),
-            tokens: Tokens::Many,
-        },
-        Bench {
-            name: "cc-many-global",
-            what: "cc-many and the fleet-wide check: 1,000 counters",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(false, true) + GLOBAL_RATE_LIMIT,
-            tokens: Tokens::Many,
-        },
-        Bench {
-            name: "cc-miss",
-            what: "cloud-connector.wasm, RS256, a new token per request",
-            host: CC_HOST,
-            path: "/",
-            filters: cloud_connector(false, false),
-            tokens: Tokens::Fresh,
-        },
-        Bench {
-            name: "mesh-identity",
-            what: "mesh-identity.wasm, gateway role, RS256 verified on every request (it has no token cache)",
-            host: CC_HOST,
-            path: "/",
-            filters: mesh_identity(jwks),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "tunnel-auth",
-            what: "tunnel-auth.wasm, RS256 token (cache hit), tunnel selected from the path",
-            host: "hub.example",
-            path: "/clusters/upstream/api/v1/namespaces",
-            filters: tunnel_auth(),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "native-floor",
-            what:
-                "libedgewise.so serverless passing through a Host outside its domain: the fixed cost of a native filter",
-            host: "www.example.com",
-            path: "/",
-            filters: native(&serverless(10)),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "serverless-10-native",
-            what: "libedgewise.so serverless, 10 routes",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: native(&serverless(10)),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "serverless-100k-native",
-            what: "libedgewise.so serverless, 100,000 routes from the management service",
-            host: SERVERLESS_HOST,
-            path: "/",
-            filters: native_filter("serverless", r#"{"management":{"cluster":"management","poll_interval_ms":10000}}"#),
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "egress-native",
-            what: "libedgewise.so egress, 4 allowlist entries",
-            host: EGRESS_HOST,
-            path: "/",
-            filters: egress_native,
-            tokens: Tokens::None,
-        },
-        Bench {
-            name: "cc-hit-native",
-            what: "libedgewise.so cloud-connector, RS256, the same token (cache hit)",
-            host: CC_HOST,
-            path: "/",
-            filters: native(&cloud_connector(false, false)),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "cc-many-native",
-            what: "libedgewise.so cloud-connector, 1,000 organizations' tokens in turn (cache hits)",
-            host: CC_HOST,
-            path: "/",
-            filters: native(&cloud_connector(false, true)),
-            tokens: Tokens::Many,
-        },
-        Bench {
-            name: "cc-many-global-native",
-            what: "cc-many-native and the fleet-wide check: 1,000 counters",
-            host: CC_HOST,
-            path: "/",
-            filters: native(&cloud_connector(false, true)) + GLOBAL_RATE_LIMIT,
-            tokens: Tokens::Many,
-        },
-        Bench {
-            name: "cc-miss-native",
-            what: "libedgewise.so cloud-connector, RS256 (ring), a new token per request",
-            host: CC_HOST,
-            path: "/",
-            filters: native(&cloud_connector(false, false)),
-            tokens: Tokens::Fresh,
-        },
-        Bench {
-            name: "tunnel-auth-native",
-            what: "libedgewise.so tunnel-auth, RS256 token (cache hit)",
-            host: "hub.example",
-            path: "/clusters/upstream/api/v1/namespaces",
-            filters: native(&tunnel_auth()),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "jwt_authn-cache",
-            what: "native jwt_authn, RS256, jwt_cache_config, the same token",
-            host: CC_HOST,
-            path: "/",
-            filters: jwt_authn(jwks, true),
-            tokens: Tokens::One,
-        },
-        Bench {
-            name: "jwt_authn",
-            what: "native jwt_authn, RS256, no cache, a new token per request",
-            host: CC_HOST,
-            path: "/",
-            filters: jwt_authn(jwks, false),
-            tokens: Tokens::Fresh,
-        },
-    ]
-}
-
-/// The ports of what the bench process runs beside the front Envoys.
-#[derive(Clone, Copy)]
-struct Ports {
-    upstream: u16,
-    management: u16,
-    issuer: u16,
-    ratelimit: u16,
-}
-
-fn front_config(bench: &Bench, ports: Ports) -> Config {
-    let template = std::fs::read_to_string(edgewise::repo_root().join("bench/front.yaml")).unwrap_or_default();
-    let yaml = template.replace("          # FILTERS\n", &bench.filters);
-    Config { name: format!("bench-{}", bench.name), yaml }
-        .port(18000, ports.upstream)
-        .port(18001, ports.management)
-        .port(18002, ports.issuer)
-        .port(18003, ports.ratelimit)
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -687,6 +205,9 @@ const HEAD_TO_HEAD: &[(&str, &str)] = &[
     ("egress-native", "lua-egress"),
     ("cc-hit-native", "jwt_authn-cache"),
     ("cc-miss-native", "jwt_authn"),
+    ("cc-hit-native", "stock-chain"),
+    ("cc-hit-lean-native", "jwt_authn-cache"),
+    ("native-floor", "noop-module"),
     ("cc-many-global", "cc-many"),
     ("cc-many-global-native", "cc-many-native"),
     ("cc-hit-global", "cc-hit"),
@@ -866,26 +387,7 @@ async fn main() -> Result<()> {
     let fresh: usize =
         std::env::var("BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000 * (seconds as usize + 1));
     let started = Instant::now();
-    let tokens: Vec<String> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..2)
-            .map(|w| {
-                let idp = &idp;
-                scope.spawn(move || {
-                    (0..fresh / 2 + 1)
-                        .map(|i| {
-                            let mut claims = serde_json::json!({
-                                "aud": "gitlab-ai-gateway", "sub": format!("instance-{w}-{i}"), "gitlab_realm": "saas",
-                                "scopes": ["code_suggestions", "duo_chat"], "exp": edgewise::idp::now() + 7200,
-                            });
-                            claims["jti"] = format!("{w}-{i}").into();
-                            idp.token(claims)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
-    });
+    let tokens = sign_tokens(&idp, fresh);
     eprintln!("signed {} tokens in {:.1} s", tokens.len(), started.elapsed().as_secs_f64());
     let one_token = work.join("one-token.txt");
     let fresh_tokens = work.join("fresh-tokens.txt");
@@ -896,35 +398,14 @@ async fn main() -> Result<()> {
     for path in [&one_token, &fresh_tokens, &many_tokens] {
         std::fs::write(path.with_extension("lua"), TOKENS_LUA)?;
     }
-    let benches: Vec<Bench> = benches(&jwks)
+    let benches: Vec<Bench> = benches(&jwks, &edgewise::noop_module())
         .into_iter()
         .filter(|b| b.name == "baseline" || only.split(',').any(|o| b.name.contains(o)))
         .collect();
 
-    let upstream_yaml = std::fs::read_to_string(edgewise::repo_root().join("bench/upstream.yaml"))?;
-    let upstream = Envoy::start_with(
-        &Config { name: "bench-upstream".into(), yaml: upstream_yaml },
-        Options { concurrency: 1, log_level: "warning", cpu: Some(1), ..Options::default() },
-    )
-    .await?;
-    let upstream_port = upstream.listener("upstream").await?.port();
-    let table = Document::new(format!(r#"{{"version":1,"routes":[{}]}}"#, serverless_routes(100_000)));
-    let management = Server::start("management", Listen::default(), table.handler()).await?;
-    let keys = Document::new(jwks.clone());
-    let issuer = Server::start("issuer", Listen::default(), keys.handler()).await?;
-    // The fleet-wide check: Redis and edgewise-ratelimit (built beside this binary), with a
-    // limit the bench never reaches, on CPU 1 with wrk and the upstream.
-    let redis = Redis::start_any(&work.join("redis")).await?;
-    let limits = work.join("limits.json");
-    std::fs::write(&limits, r#"{"limits":{"code_suggestions":{"requests":4000000000,"per":"hour"}}}"#)?;
-    let binary = std::env::current_exe()?.with_file_name("edgewise-ratelimit");
-    let rls = RateLimitService::start(&binary, &limits, &redis.url(), 0, 0, &work.join("ratelimit.log")).await?;
-    rls.ready(Duration::from_secs(10)).await?;
-    for pid in [rls.pid(), redis.pid()].into_iter().flatten() {
-        Command::new("taskset").args(["-pc", "1", &pid.to_string()]).output()?;
-    }
-    let ports =
-        Ports { upstream: upstream_port, management: management.port(), issuer: issuer.port(), ratelimit: rls.grpc };
+    let services =
+        Services::start(&work, &jwks, &std::env::current_exe()?.with_file_name("edgewise-ratelimit")).await?;
+    let ports = services.ports;
     let reference_bench = Bench {
         name: "reference",
         what: "",
@@ -942,7 +423,7 @@ async fn main() -> Result<()> {
         reference: reference.listener("bench").await?,
         reference_pid: reference.pid(),
         ports,
-        ratelimit_pids: [rls.pid(), redis.pid()].into_iter().flatten().collect(),
+        ratelimit_pids: services.ratelimit_pids(),
         one_token,
         fresh_tokens,
         many_tokens,
@@ -1079,6 +560,14 @@ async fn main() -> Result<()> {
         "native cloud-connector, new token per request, adds at most 3x jwt_authn without cache (ratio ≤ 3.0)",
         ratio("cc-miss-native", "jwt_authn", 3.0),
     );
+    check(
+        "native cloud-connector, cached token, adds no more than the stock chain (ratio ≤ 1.0)",
+        ratio("cc-hit-native", "stock-chain", 1.0),
+    );
+    check(
+        "native cloud-connector without rate limit and signature adds no more than jwt_authn with its cache (ratio ≤ 1.0)",
+        ratio("cc-hit-lean-native", "jwt_authn-cache", 1.0),
+    );
     for (i, b) in benches.iter().enumerate() {
         if b.filters.contains("wasm.v3.Wasm")
             && !b.name.ends_with("-miss")
@@ -1156,6 +645,6 @@ async fn main() -> Result<()> {
     let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "bench/results.md".into());
     std::fs::write(edgewise::repo_root().join(out), &report)?;
     println!("{report}");
-    drop(upstream);
+    drop(services);
     Ok(())
 }

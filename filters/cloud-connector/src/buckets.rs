@@ -15,8 +15,18 @@ use edgewise_host::{lock, Host};
 const CAS_ATTEMPTS: usize = 8;
 
 pub enum Buckets {
-    InMemory { slots: Vec<Mutex<Option<Bucket>>>, idle_ms: u64 },
-    Shared { prefix: String, slots: u32, idle_ms: u64 },
+    /// An organization's bucket is one for every worker, or its limit would be multiplied by
+    /// their number: a lock per slot, so two workers meet only on the same organization (or on
+    /// slots its fingerprint probes).
+    InMemory {
+        slots: Vec<Mutex<Option<Bucket>>>,
+        idle_ms: u64,
+    },
+    Shared {
+        prefix: String,
+        slots: u32,
+        idle_ms: u64,
+    },
 }
 
 thread_local! {

@@ -21,6 +21,7 @@ use edgewise_core::cloud_connector::{
 };
 use edgewise_core::generic::reply::{header_text, Reply};
 use edgewise_host::jwks::Keys;
+use edgewise_host::per_thread::PerThread;
 use edgewise_host::{lock, Background, ConfigError, Counter, Fetched, Filter, Flow, Hooks, Host, Setup, Stream, Waker};
 
 use buckets::Buckets;
@@ -28,11 +29,19 @@ use buckets::Buckets;
 pub struct CloudConnector {
     gw: Gateway,
     keys: Keys,
-    cache: Mutex<TokenCache>,
+    /// Each worker's verified tokens and forwarding space: no lock between workers, no
+    /// allocation per request once warm (a worker verifies a token once).
+    work: PerThread<Work>,
     buckets: Buckets,
     waiters: Mutex<Vec<Waiter>>,
     /// Per feature (and a last row for "no feature"), one counter per outcome.
     requests: Vec<[Counter; Outcome::ALL.len()]>,
+}
+
+#[derive(Clone)]
+struct Work {
+    cache: TokenCache,
+    forwarded: Forwarded,
 }
 
 /// A request paused until its issuer's keys arrive, or until its wait is over.
@@ -62,7 +71,7 @@ impl Filter for CloudConnector {
             .collect();
         Ok(CloudConnector {
             keys: Keys::new(setup, "cloud_connector", gw.issuers(), &gw.jwks),
-            cache: Mutex::new(TokenCache::new(gw.token_cache_size)),
+            work: PerThread::new(Work { cache: TokenCache::new(gw.token_cache_size), forwarded: Forwarded::default() }),
             buckets: Buckets::new(setup.shared_by_workers(), setup.instance(), gw.slots, gw.idle_ms),
             waiters: Mutex::new(Vec::new()),
             requests,
@@ -99,11 +108,11 @@ impl Filter for CloudConnector {
 enum Apply<'a> {
     Health,
     Public,
+    /// The request's forwarding space is filled in.
     Forward {
         feature: &'a Feature,
         index: usize,
         id: Arc<Identity>,
-        forwarded: Forwarded,
     },
     Deny {
         feature: Option<usize>,
@@ -121,17 +130,40 @@ enum Apply<'a> {
 impl CloudConnector {
     /// Decides the request and applies the decision.
     fn handle<S: Stream>(&self, s: &mut S, may_wait: bool) -> Flow {
-        let now_ms = s.now_ms();
-        match self.decide(s, now_ms, may_wait) {
+        self.work.with(|work| {
+            let now_ms = s.now_ms();
+            let mut may_wait = may_wait;
+            loop {
+                let apply = match self.decide(s, now_ms, may_wait, work) {
+                    // Without a waker the request cannot wait: decided again, not waiting.
+                    Apply::Wait { issuer, wake } => match s.waker() {
+                        Some(waker) => {
+                            let deadline_ms = now_ms + self.gw.jwks.wait_ms;
+                            lock(&self.waiters).push(Waiter { waker, issuer, wake, deadline_ms });
+                            return Flow::Stop;
+                        }
+                        None => {
+                            may_wait = false;
+                            continue;
+                        }
+                    },
+                    apply => apply,
+                };
+                return self.apply(s, apply, &work.forwarded, now_ms);
+            }
+        })
+    }
+
+    fn apply<S: Stream>(&self, s: &mut S, apply: Apply, forwarded: &Forwarded, now_ms: u64) -> Flow {
+        match apply {
             Apply::Health => self.health(s, now_ms),
             Apply::Public => {
                 s.remove_request_header(&self.gw.cluster_header);
                 Flow::Continue
             }
-            Apply::Forward { feature, index, id, forwarded } => {
-                let (remove, set) = self.gw.forward_headers(feature, &id, &forwarded);
-                let set: Vec<(&str, &[u8])> = set.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-                s.edit_request_headers(&remove, &set);
+            Apply::Forward { feature, index, id } => {
+                let (remove, set) = self.gw.forward_headers(feature, &id, forwarded);
+                s.edit_request_headers(remove, set.as_slice());
                 self.count(s, Some(index), Outcome::Allowed);
                 self.log_state(s, Some(index), Outcome::Allowed, Some(&id));
                 Flow::Continue
@@ -143,19 +175,13 @@ impl CloudConnector {
                 let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 s.reply(&reply, &headers)
             }
-            Apply::Wait { issuer, wake } => match s.waker() {
-                Some(waker) => {
-                    let deadline_ms = now_ms + self.gw.jwks.wait_ms;
-                    lock(&self.waiters).push(Waiter { waker, issuer, wake, deadline_ms });
-                    Flow::Stop
-                }
-                None => self.handle(s, false),
-            },
+            // Decided again without waiting (`handle`).
+            Apply::Wait { .. } => Flow::Stop,
         }
     }
 
     /// Reads what the gateway interprets (as text: any other bytes are a 400) and decides.
-    fn decide<S: Stream>(&self, s: &S, now_ms: u64, may_wait: bool) -> Apply<'_> {
+    fn decide<S: Stream>(&self, s: &S, now_ms: u64, may_wait: bool, work: &mut Work) -> Apply<'_> {
         let h = &self.gw.headers;
         let (path, method) = (s.request_header(":path"), s.request_header(":method"));
         let (authorization, instance_id, realm) =
@@ -187,14 +213,15 @@ impl CloudConnector {
                 return Apply::Deny { feature, denial, id: None, reply, headers: vec![] };
             }
         };
-        let mut state = Ctx { cc: self, host: s };
+        let Work { cache, forwarded } = work;
+        let mut state = Ctx { cc: self, host: s, cache };
         match self.gw.decide(&req, &mut state, now_ms, may_wait) {
             Decision::Health => Apply::Health,
             Decision::Public => Apply::Public,
             Decision::Forward { feature: index, id } => match self.gw.features.get(index) {
                 Some(feature) => {
-                    let forwarded = self.gw.forwarded(feature, &id, &req, now_ms);
-                    Apply::Forward { feature, index, id, forwarded }
+                    self.gw.forward(feature, &id, &req, now_ms, forwarded);
+                    Apply::Forward { feature, index, id }
                 }
                 None => {
                     let (reply, headers) = Denial::NotFound.reply(req.path, None);
@@ -271,14 +298,19 @@ impl CloudConnector {
 struct Ctx<'a, H: Host> {
     cc: &'a CloudConnector,
     host: &'a H,
+    cache: &'a mut TokenCache,
 }
 
 impl<H: Host> State for Ctx<'_, H> {
     fn authenticate(&mut self, gw: &Gateway, token: &str, now_ms: u64) -> Result<Arc<Identity>, Denial> {
-        let attempt = || gw.authenticate(token, &self.cc.keys.keyring(), &mut lock(&self.cc.cache), now_ms / 1000);
-        match attempt() {
+        let keys = &self.cc.keys;
+        // A statement of its own: the keyring's read guard must be gone before `sync` writes.
+        let first = gw.authenticate(token, &keys.keyring(), self.cache, now_ms / 1000);
+        match first {
             // No keys here yet: another worker may have fetched them since the last tick.
-            Err(Denial::KeysUnavailable { issuer }) if self.cc.keys.sync(self.host, issuer) => attempt(),
+            Err(Denial::KeysUnavailable { issuer }) if keys.sync(self.host, issuer) => {
+                gw.authenticate(token, &keys.keyring(), self.cache, now_ms / 1000)
+            }
             result => result,
         }
     }

@@ -162,3 +162,34 @@ fn a_paused_request_gets_503_when_its_wait_is_over_without_keys() {
     assert_eq!(s.replied.map(|r| r.status), Some(503));
     assert_eq!(host.metric("edgewise.cloud_connector.jwks.gitlab_com.fetch.failed"), 1);
 }
+
+#[global_allocator]
+static ALLOCATOR: edgewise_host::fake::CountingAllocator = edgewise_host::fake::CountingAllocator;
+
+/// Once its token is cached, an allowed request allocates nothing: the token's lookup, the
+/// scope, the organization's bucket, the identity headers and the signature.
+#[test]
+fn a_request_with_a_cached_token_allocates_nothing() {
+    let host = FakeHost::default();
+    host.now_ms.set(NOW_S * 1000);
+    let config = CONFIG
+        .replace(r#""requests": 10, "per": "minute", "burst": 2"#, r#""requests": 1000000, "per": "minute""#)
+        .replace(
+            r#""public_paths""#,
+            r#""authenticity": { "secret": "a-test-secret-of-at-least-32-bytes-long" }, "public_paths""#,
+        );
+    let mut setup = FakeSetup { host: &host, instance: "cc".into(), shared_by_workers: false };
+    let cc = CloudConnector::configure(config.as_bytes(), &mut setup).unwrap();
+    fetch_keys(&cc, &host);
+    let bearer = format!("Bearer {}", token());
+    let counted: Vec<u64> = (0..3)
+        .map(|_| {
+            let mut s = request(&host, "/ai/v2/code/completions", bearer.as_bytes());
+            let (flow, n) = edgewise_host::fake::allocations(|| cc.on_request_headers(&mut s, &mut ()));
+            assert_eq!(flow, Flow::Continue, "{:?}", s.replied);
+            assert!(s.header("x-edgewise-signature").is_some(), "signed: {:?}", s.request);
+            n
+        })
+        .collect();
+    assert_eq!(counted[2], 0, "allocations per request: {counted:?}");
+}

@@ -7,7 +7,7 @@
 //! is checked after DNS by Envoy's RBAC filter on the upstream address (see envoy/egress.yaml);
 //! this module only says whether a destination may resolve to a private address.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
 use serde::Deserialize;
 
@@ -88,14 +88,28 @@ impl Entry {
 /// A lowercase DNS name of letters, digits and hyphens whose last label is not numeric (so it
 /// cannot be read as an IPv4 address by a resolver).
 fn is_dns_name(name: &str) -> bool {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    name.len() <= 253 && name.split('.').all(label_ok) && !name.rsplit('.').next().is_some_and(looks_numeric)
+    if name.len() > 253 {
+        return false;
+    }
+    // One pass over the bytes: every label 1..=63 of [a-z0-9-], not starting or ending with '-'.
+    let mut label = 0;
+    let mut last = b'.';
+    for &b in name.as_bytes() {
+        match b {
+            b'.' if label == 0 || last == b'-' => return false,
+            b'.' => label = 0,
+            b'-' if label == 0 => return false,
+            b'a'..=b'z' | b'0'..=b'9' | b'-' if label < 63 => label += 1,
+            _ => return false,
+        }
+        last = b;
+    }
+    label > 0 && last != b'-' && !looks_numeric(last_label(name))
+}
+
+/// What follows the last dot (all of `host` without one).
+fn last_label(host: &str) -> &str {
+    authority::rfind_byte(host, b'.').and_then(|dot| host.get(dot + 1..)).unwrap_or(host)
 }
 
 /// `127`, `0x7f`, `0177`: what inet_aton would accept as part of an address.
@@ -109,12 +123,10 @@ fn looks_numeric(label: &str) -> bool {
 
 /// An IP literal in any spelling a resolver might accept: dotted quads, the numeric shorthands
 /// (`127.1`, `2130706433`, `0x7f.1`) and IPv6 with or without brackets.
+/// A dotted quad, or any numeric form, ends in a numeric label; IPv6 needs a colon.
 fn ip_literal(host: &str) -> bool {
     let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
-    unbracketed.parse::<Ipv6Addr>().is_ok()
-        || host.parse::<Ipv4Addr>().is_ok()
-        || (!host.is_empty() && host.split('.').all(looks_numeric))
-        || host.rsplit('.').next().is_some_and(looks_numeric)
+    looks_numeric(last_label(host)) || (host.contains(':') && unbracketed.parse::<Ipv6Addr>().is_ok())
 }
 
 /// Names that are loopback by definition (RFC 6761), whatever DNS says.
@@ -158,11 +170,63 @@ impl Denial {
     }
 }
 
+/// The new `:authority` of an allowed request, `FOO` or `FOO:port` (the port when not 443),
+/// lowercase, on the stack: a DNS name has at most 253 bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NewAuthority {
+    bytes: [u8; 260],
+    len: usize,
+}
+
+impl NewAuthority {
+    /// `host` in lowercase; None when it is too long to be a DNS name.
+    fn lowercase(host: &str) -> Option<Self> {
+        if host.len() > 253 {
+            return None;
+        }
+        let mut new = NewAuthority { bytes: [0; 260], len: 0 };
+        new.push(host.as_bytes());
+        if let Some(name) = new.bytes.get_mut(..new.len) {
+            name.make_ascii_lowercase();
+        }
+        Some(new)
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if let Some(room) = self.bytes.get_mut(self.len..self.len + bytes.len()) {
+            room.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    fn with_port(mut self, port: u16) -> Self {
+        if port != 443 {
+            let mut digits = [0u8; 6];
+            let mut free: &mut [u8] = &mut digits;
+            let _ = std::io::Write::write_fmt(&mut free, format_args!(":{port}"));
+            let written = 6 - free.len();
+            self.push(digits.get(..written).unwrap_or_default());
+        }
+        self
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Lowercased ASCII of a `&str` and ASCII digits: always UTF-8.
+        std::str::from_utf8(self.bytes.get(..self.len).unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for NewAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
 /// An allowed request: where it goes and which allowlist entry let it through.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Allowed<'a> {
-    /// The new `:authority`: `FOO`, or `FOO:port` when the port is not 443.
-    pub authority: String,
+    /// The new `:authority`.
+    pub authority: NewAuthority,
     /// Index of the entry, for per-destination metrics (bounded by the allowlist).
     pub entry: usize,
     pub label: &'a str,
@@ -172,6 +236,8 @@ pub struct Allowed<'a> {
     pub marker: &'a str,
 }
 
+// The allowed variant carries the new authority on the stack, by design (no allocation).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision<'a> {
     Allow(Allowed<'a>),
@@ -237,22 +303,29 @@ impl Policy {
             );
         };
         let port = port.unwrap_or(443);
-        let dest: std::borrow::Cow<str> = if destination.bytes().any(|b| b.is_ascii_uppercase()) {
-            destination.to_ascii_lowercase().into()
-        } else {
-            destination.into()
+        let Some(lower) = NewAuthority::lowercase(destination) else {
+            return deny(
+                Denial::InvalidDestination,
+                403,
+                "destination_not_allowed",
+                format!(
+                    "{} is not a valid DNS name",
+                    if port == 443 { destination.to_string() } else { format!("{destination}:{port}") }
+                ),
+            );
         };
-        let dest = dest.as_ref();
-        let shown = if port == 443 { dest.to_string() } else { format!("{dest}:{port}") };
+        let dest = lower.as_str();
+        // How a refusal names the destination (made only for one).
+        let shown = || lower.with_port(port).as_str().to_string();
         if ip_literal(dest) {
             // Only an exact allowlist entry that may be private lets an IP literal through.
             return match self.entries.iter().position(|e| e.private_ok && e.matches(dest, port)) {
-                Some(i) => self.allow(i, shown),
+                Some(i) => self.allow(i, lower.with_port(port)),
                 None => deny(
                     Denial::IpLiteral,
                     403,
                     "destination_not_allowed",
-                    format!("{shown}: IP addresses are not allowed as egress destinations"),
+                    format!("{}: IP addresses are not allowed as egress destinations", shown()),
                 ),
             };
         }
@@ -261,28 +334,28 @@ impl Policy {
                 Denial::InvalidDestination,
                 403,
                 "destination_not_allowed",
-                format!("{shown} is not a valid DNS name"),
+                format!("{} is not a valid DNS name", shown()),
             );
         }
         let entry = self.entries.iter().position(|e| e.matches(dest, port));
         match entry {
             Some(i) if loopback_name(dest) && !self.entries.get(i).is_some_and(|e| e.private_ok) => {
-                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
+                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{} is a loopback name", shown()))
             }
-            Some(i) => self.allow(i, shown),
+            Some(i) => self.allow(i, lower.with_port(port)),
             None if loopback_name(dest) => {
-                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{shown} is a loopback name"))
+                deny(Denial::LoopbackName, 403, "destination_not_allowed", format!("{} is a loopback name", shown()))
             }
             None => deny(
                 Denial::NotAllowed,
                 403,
                 "destination_not_allowed",
-                format!("{shown} is not on the egress allowlist"),
+                format!("{} is not on the egress allowlist", shown()),
             ),
         }
     }
 
-    fn allow(&self, i: usize, authority: String) -> Decision<'_> {
+    fn allow(&self, i: usize, authority: NewAuthority) -> Decision<'_> {
         match self.entries.get(i) {
             Some(e) => Decision::Allow(Allowed {
                 authority,
@@ -291,7 +364,7 @@ impl Policy {
                 private_ok: e.private_ok,
                 marker: &e.marker,
             }),
-            None => deny(Denial::NotAllowed, 403, "destination_not_allowed", authority),
+            None => deny(Denial::NotAllowed, 403, "destination_not_allowed", authority.as_str().to_string()),
         }
     }
 }
@@ -303,6 +376,131 @@ fn deny<'a>(denial: Denial, status: u32, error: &'static str, detail: String) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ip_literal` decides as the spelled-out check it replaced: every parse a resolver might
+    /// accept, tried in turn.
+    #[test]
+    fn ip_literal_agrees_with_trying_every_parse() {
+        fn every_parse(host: &str) -> bool {
+            let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
+            unbracketed.parse::<Ipv6Addr>().is_ok()
+                || host.parse::<std::net::Ipv4Addr>().is_ok()
+                || (!host.is_empty() && host.split('.').all(looks_numeric))
+                || host.rsplit('.').next().is_some_and(looks_numeric)
+        }
+        let mut hosts: Vec<String> = [
+            "",
+            ".",
+            "a.",
+            "127.0.0.1",
+            "127.1",
+            "2130706433",
+            "0x7f.1",
+            "0X7F.0.0.1",
+            "0177.0.0.1",
+            "::1",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "fe80::1%25eth0",
+            "::",
+            "1::",
+            "[1.2.3.4]",
+            "1.2.3.4.",
+            "api.github.com",
+            "a.b.c.123",
+            "a.0x1f",
+            "1e100.net",
+            "dead:beef",
+            "[dead:beef::]",
+            "x:1",
+            "0x",
+            "a..b",
+            "1.2.3.4:5",
+        ]
+        .map(String::from)
+        .to_vec();
+        // And every short string over the characters that matter.
+        let alphabet = ['0', '1', 'x', 'f', '.', ':', '[', ']', 'a'];
+        for len in 1..=4 {
+            for mut n in 0..alphabet.len().pow(len) {
+                let mut s = String::new();
+                for _ in 0..len {
+                    s.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                hosts.push(s);
+            }
+        }
+        for host in &hosts {
+            assert_eq!(ip_literal(host), every_parse(host), "{host:?}");
+        }
+    }
+
+    /// `is_dns_name` decides as the label-by-label check it replaced.
+    #[test]
+    fn is_dns_name_agrees_with_checking_each_label() {
+        fn each_label(name: &str) -> bool {
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            };
+            name.len() <= 253 && name.split('.').all(label_ok) && !name.rsplit('.').next().is_some_and(looks_numeric)
+        }
+        let mut names: Vec<String> = [
+            "",
+            ".",
+            "a",
+            "a.",
+            ".a",
+            "a..b",
+            "a-b.c",
+            "-a.b",
+            "a-.b",
+            "a.b-",
+            "ab.0x1f",
+            "a.123",
+            "api.github.com",
+            "xn--bcher-kva.example",
+            "A.b",
+            "a_b.c",
+            "a.b.c.d.e",
+        ]
+        .map(String::from)
+        .to_vec();
+        names.push(format!("{}.com", "a".repeat(63)));
+        names.push(format!("{}.com", "a".repeat(64)));
+        names.push(["a"; 127].join("."));
+        names.push(["a"; 128].join("."));
+        let alphabet = ['a', '0', '-', '.', 'x', 'B'];
+        for len in 1..=5 {
+            for mut n in 0..alphabet.len().pow(len) {
+                let mut s = String::new();
+                for _ in 0..len {
+                    s.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                names.push(s);
+            }
+        }
+        for name in &names {
+            assert_eq!(is_dns_name(name), each_label(name), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn the_new_authority_is_the_lowercase_destination_and_a_port_other_than_443() {
+        let new = |host: &str, port| NewAuthority::lowercase(host).map(|a| a.with_port(port).as_str().to_string());
+        assert_eq!(new("API.GitHub.com", 443).as_deref(), Some("api.github.com"));
+        assert_eq!(new("example.com", 8443).as_deref(), Some("example.com:8443"));
+        assert_eq!(new("example.com", 0).as_deref(), Some("example.com:0"));
+        assert_eq!(new("example.com", 65535).as_deref(), Some("example.com:65535"));
+        let longest = "a".repeat(253);
+        assert_eq!(new(&longest, 65535), Some(format!("{longest}:65535")));
+        assert_eq!(new(&"a".repeat(254), 443), None, "longer than a DNS name");
+    }
 
     /// The derived reader reads every document as the serde derive (the JSON Schema's source) does.
     #[test]
@@ -333,7 +531,7 @@ mod tests {
             Decision::Allow(a) => {
                 let want = if a.private_ok { format!("private:{}", a.label) } else { a.label.to_string() };
                 assert_eq!(a.marker, want, "{authority}");
-                Ok((a.authority, a.label.to_string(), a.private_ok))
+                Ok((a.authority.as_str().to_string(), a.label.to_string(), a.private_ok))
             }
             Decision::Deny(d, reply) => {
                 assert_eq!(reply.status, 403);

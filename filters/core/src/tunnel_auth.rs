@@ -6,6 +6,7 @@
 //! cluster: the filter sets the tunnel-selection header itself (whatever the client sent is
 //! overwritten) and strips the prefix, so the agent's kubectl proxy sees a plain API path.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -105,11 +106,11 @@ impl Outcome {
 
 /// The decision on one request.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Send it through `cluster`'s tunnel with this path.
+pub enum Decision<'a> {
+    /// Send it through `cluster`'s tunnel with this path (both read from the request's path).
     Forward {
-        cluster: String,
-        path: String,
+        cluster: &'a str,
+        path: Cow<'a, str>,
     },
     Deny {
         outcome: Outcome,
@@ -176,14 +177,19 @@ impl Hub {
     }
 
     /// `(cluster id, path for the cluster)` of `/<prefix>/<id>/<rest>`.
-    pub fn target<'a>(&self, path: &'a str) -> Option<(&'a str, String)> {
+    pub fn target<'a>(&self, path: &'a str) -> Option<(&'a str, Cow<'a, str>)> {
         let rest = path.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (id, tail) = rest.split_at(end);
         if !is_cluster_id(id) {
             return None;
         }
-        Some((id, if tail.starts_with('/') { tail.to_string() } else { format!("/{tail}") }))
+        let tail = match tail {
+            "" => Cow::Borrowed("/"),
+            _ if tail.starts_with('/') => Cow::Borrowed(tail),
+            _ => Cow::Owned(format!("/{tail}")),
+        };
+        Some((id, tail))
     }
 
     pub fn may_reach(&self, id: &Identity, cluster: &str) -> bool {
@@ -192,14 +198,14 @@ impl Hub {
     }
 
     /// Decides a request from its path and `Authorization` header.
-    pub fn decide(
+    pub fn decide<'a>(
         &self,
-        path: &str,
+        path: &'a str,
         authorization: Option<&str>,
         keys: &Keyring,
         cache: &mut TokenCache,
         now: u64,
-    ) -> Decision {
+    ) -> Decision<'a> {
         let deny = |outcome, status, error, detail: String, www| Decision::Deny {
             outcome,
             reply: Reply::new(status, error, detail),
@@ -242,7 +248,7 @@ impl Hub {
             let detail = format!("{} may not reach cluster {cluster}", id.instance_id);
             return deny(Outcome::Forbidden, 403, "forbidden", detail, None);
         }
-        Decision::Forward { cluster: cluster.to_string(), path: rest }
+        Decision::Forward { cluster, path: rest }
     }
 }
 
@@ -329,14 +335,14 @@ mod tests {
     fn callers_reach_only_their_clusters() {
         let (hub, ring) = hub();
         let mut cache = TokenCache::new(10);
-        let mut decide = |path: &str, token: &str| {
+        let mut decide = |path: &'static str, token: &str| {
             let auth = format!("Bearer {token}");
             hub.decide(path, Some(&auth), &ring, &mut cache, NOW)
         };
         let alice = user("alice", json!(["cluster-a"]));
         assert_eq!(
             decide("/clusters/cluster-a/api", &alice),
-            Decision::Forward { cluster: "cluster-a".into(), path: "/api".into() }
+            Decision::Forward { cluster: "cluster-a", path: "/api".into() }
         );
         assert!(matches!(
             decide("/clusters/cluster-b/api", &alice),

@@ -71,7 +71,7 @@ impl Filter for Egress {
         };
         match decided {
             Ok((authority, marker, entry)) => {
-                s.set_request_header(":authority", authority.as_bytes());
+                s.set_request_header(":authority", authority.as_str().as_bytes());
                 s.set_request_header(DEST_HEADER, marker.as_bytes());
                 if let Some(d) = self.destinations.get(entry) {
                     s.increment(d.requests);

@@ -1,12 +1,74 @@
 //! A host in memory, for testing filters without Envoy: a request's headers, what the filter
 //! replied, the metrics it counted, its shared data, and the calls its background made.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::{Background, Counter, Gauge, Histogram, Host, Setup, Stream, Waker};
+
+thread_local! {
+    /// Inside the fake host's own code (its allocations are not the filter's).
+    static HOST_SIDE: Cell<u32> = const { Cell::new(0) };
+    /// Inside [`allocations`], and how many allocations it saw.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static COUNTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs the fake host's side of a call: what it allocates is not counted against the filter.
+fn host_side<T>(f: impl FnOnce() -> T) -> T {
+    HOST_SIDE.with(|d| d.set(d.get() + 1));
+    let value = f();
+    HOST_SIDE.with(|d| d.set(d.get() - 1));
+    value
+}
+
+/// The system allocator, counting what filter code allocates inside [`allocations`] on the
+/// calling thread. A test binary that checks a path allocates nothing installs it:
+/// `#[global_allocator] static A: CountingAllocator = CountingAllocator;`
+pub struct CountingAllocator;
+
+impl CountingAllocator {
+    fn note(&self) {
+        // `try_with`: the thread-locals are gone while a thread exits.
+        let filter_side = HOST_SIDE.try_with(|d| d.get() == 0).unwrap_or(false);
+        if filter_side && COUNTING.try_with(Cell::get).unwrap_or(false) {
+            let _ = COUNTED.try_with(|c| c.set(c.get() + 1));
+        }
+    }
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; counting touches only
+// thread-locals with constant initializers, which do not allocate.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.note();
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.note();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        self.note();
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+/// Runs `f` and counts the allocations (and reallocations) the filter code in it made on this
+/// thread, the fake host's own left out (with [`CountingAllocator`] installed; 0 otherwise).
+pub fn allocations<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    COUNTED.with(|c| c.set(0));
+    COUNTING.with(|c| c.set(true));
+    let value = f();
+    COUNTING.with(|c| c.set(false));
+    (value, COUNTED.with(Cell::get))
+}
 
 /// Shared data, metrics and a clock: what every context sees.
 #[derive(Default)]
@@ -39,36 +101,44 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn now_ms(&self) -> u64 {
-        self.now_ms.get()
+        host_side(|| self.now_ms.get())
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        match self.shared.borrow().get(key) {
+        host_side(|| match self.shared.borrow().get(key) {
             Some((v, cas)) => (Some(v.clone()), Some(*cas)),
             None => (None, None),
-        }
+        })
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        let mut shared = self.shared.borrow_mut();
-        let entry = shared.entry(key.to_string()).or_insert((Vec::new(), 0));
-        if cas.is_some_and(|c| c != entry.1) && entry.1 != 0 {
-            return false;
-        }
-        *entry = (value.to_vec(), entry.1 + 1);
-        true
+        host_side(|| {
+            let mut shared = self.shared.borrow_mut();
+            let entry = shared.entry(key.to_string()).or_insert((Vec::new(), 0));
+            if cas.is_some_and(|c| c != entry.1) && entry.1 != 0 {
+                return false;
+            }
+            *entry = (value.to_vec(), entry.1 + 1);
+            true
+        })
     }
 
     fn increment(&self, counter: Counter) {
-        self.update(counter.0, |v| *v += 1);
+        host_side(|| {
+            self.update(counter.0, |v| *v += 1);
+        })
     }
 
     fn set_gauge(&self, gauge: Gauge, value: u64) {
-        self.update(gauge.0, |v| *v = value);
+        host_side(|| {
+            self.update(gauge.0, |v| *v = value);
+        })
     }
 
     fn record(&self, histogram: Histogram, value: u64) {
-        self.update(histogram.0, |v| *v = value);
+        host_side(|| {
+            self.update(histogram.0, |v| *v = value);
+        })
     }
 }
 
@@ -165,39 +235,47 @@ on_fake_host!(FakeBackground<'_>);
 
 impl Stream for FakeStream<'_> {
     fn request_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        self.header(name).map(Cow::Borrowed)
+        host_side(|| self.header(name).map(Cow::Borrowed))
     }
 
     fn set_request_header(&mut self, name: &str, value: &[u8]) {
-        self.remove_request_header(name);
-        if !value.is_empty() {
-            self.request.push((name.to_string(), value.to_vec()));
-        }
+        host_side(|| {
+            self.remove_request_header(name);
+            if !value.is_empty() {
+                self.request.push((name.to_string(), value.to_vec()));
+            }
+        })
     }
 
     fn remove_request_header(&mut self, name: &str) {
-        self.request.retain(|(k, _)| k != name);
+        host_side(|| {
+            self.request.retain(|(k, _)| k != name);
+        })
     }
 
     fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        self.response.iter().find(|(k, _)| k == name).map(|(_, v)| Cow::Borrowed(v.as_slice()))
+        host_side(|| self.response.iter().find(|(k, _)| k == name).map(|(_, v)| Cow::Borrowed(v.as_slice())))
     }
 
     fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.replied = Some(Replied { status, headers, body: body.to_vec() });
+        host_side(|| {
+            let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            self.replied = Some(Replied { status, headers, body: body.to_vec() });
+        })
     }
 
     fn log_field(&mut self, name: &str, value: &str) {
-        self.log.push((name.to_string(), value.to_string()));
+        host_side(|| {
+            self.log.push((name.to_string(), value.to_string()));
+        })
     }
 
-    fn peer_uri_san(&self) -> Option<String> {
-        self.peer_uri_san.clone()
+    fn peer_uri_san(&self) -> Option<Cow<'_, str>> {
+        host_side(|| self.peer_uri_san.as_deref().map(Cow::Borrowed))
     }
 
     fn waker(&mut self) -> Option<Waker> {
-        self.waker
+        host_side(|| self.waker)
     }
 }
 

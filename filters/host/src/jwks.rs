@@ -47,7 +47,10 @@ enum Stage {
 pub struct Keys {
     issuers: Vec<Issuer>,
     cfg: JwksConfig,
+    /// Read by every request of every worker; written only when a fetch installs keys, so
+    /// requests never wait on each other.
     keyring: RwLock<Keyring>,
+    /// The fetch state: the background's, never taken by a request that finds its keys.
     slots: Mutex<Vec<Slot>>,
 }
 

@@ -15,6 +15,7 @@
 
 pub mod fake;
 pub mod jwks;
+pub mod per_thread;
 pub mod phase;
 pub mod shared;
 
@@ -81,12 +82,12 @@ pub trait Stream: Host {
 
     /// Removes the headers in `remove`, then sets those in `set` (replacing their values): the
     /// whole rewrite of a forwarded request, which proxy-wasm applies in one host call.
-    fn edit_request_headers(&mut self, remove: &[&str], set: &[(&str, &[u8])]) {
+    fn edit_request_headers<R: AsRef<str>, K: AsRef<str>, V: AsRef<[u8]>>(&mut self, remove: &[R], set: &[(K, V)]) {
         for name in remove {
-            self.remove_request_header(name);
+            self.remove_request_header(name.as_ref());
         }
         for (name, value) in set {
-            self.set_request_header(name, value);
+            self.set_request_header(name.as_ref(), value.as_ref());
         }
     }
 
@@ -101,7 +102,7 @@ pub trait Stream: Host {
     fn log_field(&mut self, name: &str, value: &str);
 
     /// The first URI SAN of the downstream peer's certificate (a SPIFFE ID), if it sent one.
-    fn peer_uri_san(&self) -> Option<String>;
+    fn peer_uri_san(&self) -> Option<Cow<'_, str>>;
 
     /// A handle to resume this request from the background once the filter returns
     /// [`Flow::Stop`] without replying.

@@ -109,6 +109,22 @@ impl<'a> NativeStream<'a> {
         NativeStream { envoy, config, waker, asked_waker: false, rerouted: false, reply: None }
     }
 
+    fn has_header(&self, kind: HeaderType, name: &str) -> bool {
+        let (mut value, mut count) = (EnvoyBuffer::NULL, 0);
+        // SAFETY: the stream handle is valid in this hook; the name is read during the call.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_header(
+                self.envoy,
+                kind,
+                buf(name.as_bytes()),
+                &mut value,
+                0,
+                &mut count,
+            )
+        };
+        found && count > 0
+    }
+
     /// A header's value; repeated, its values joined by ", " (as proxy-wasm does, and as HTTP
     /// combines field lines), so that both builds read the same.
     fn header(&self, kind: HeaderType, name: &str) -> Option<Cow<'_, [u8]>> {
@@ -209,17 +225,22 @@ impl Stream for NativeStream<'_> {
         };
     }
 
+    /// Removing a header that is not there would change nothing, yet the route would be
+    /// matched again: looked up first.
     fn remove_request_header(&mut self, name: &str) {
-        self.rerouted = true;
-        // SAFETY: as above; a NULL value removes.
-        unsafe {
-            envoy_dynamic_module_callback_http_set_header(
-                self.envoy,
-                HeaderType::REQUEST_HEADER,
-                buf(name.as_bytes()),
-                ModuleBuffer::NULL,
-            )
-        };
+        if self.has_header(HeaderType::REQUEST_HEADER, name) {
+            self.set_request_header(name, &[]);
+        }
+    }
+
+    /// Every removal and every value set: the route is matched again once, after the hook.
+    fn edit_request_headers<R: AsRef<str>, K: AsRef<str>, V: AsRef<[u8]>>(&mut self, remove: &[R], set: &[(K, V)]) {
+        for name in remove {
+            self.set_request_header(name.as_ref(), &[]);
+        }
+        for (name, value) in set {
+            self.set_request_header(name.as_ref(), value.as_ref());
+        }
     }
 
     fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>> {
@@ -236,26 +257,39 @@ impl Stream for NativeStream<'_> {
     }
 
     fn log_field(&mut self, name: &str, value: &str) {
-        let key = format!("edgewise.{name}");
+        const PREFIX: &[u8] = b"edgewise.";
+        // The key on the stack: the names are the filters' own, and short.
+        let mut stack = [0u8; 96];
+        let owned;
+        let key: &[u8] = match stack.get_mut(..PREFIX.len() + name.len()) {
+            Some(room) => {
+                let (prefix, rest) = room.split_at_mut(PREFIX.len());
+                prefix.copy_from_slice(PREFIX);
+                rest.copy_from_slice(name.as_bytes());
+                room
+            }
+            None => {
+                owned = format!("edgewise.{name}");
+                owned.as_bytes()
+            }
+        };
         // SAFETY: the stream handle is valid in this hook; the buffers are read during the call.
         let set = unsafe {
-            envoy_dynamic_module_callback_http_set_filter_state_bytes(
-                self.envoy,
-                buf(key.as_bytes()),
-                buf(value.as_bytes()),
-            )
+            envoy_dynamic_module_callback_http_set_filter_state_bytes(self.envoy, buf(key), buf(value.as_bytes()))
         };
         // It fails when another filter made the key read-only: the access log then shows that
         // filter's value. Said once, not per request.
         static SAID: AtomicBool = AtomicBool::new(false);
         if !set && !SAID.swap(true, Ordering::Relaxed) {
+            let key = String::from_utf8_lossy(key);
             log::warn!("edgewise: filter state {key} could not be set (read-only?): the access log will not show it");
         }
     }
 
-    fn peer_uri_san(&self) -> Option<String> {
+    fn peer_uri_san(&self) -> Option<Cow<'_, str>> {
         let mut value = EnvoyBuffer::NULL;
-        // SAFETY: the stream handle is valid in this hook; the value is copied at once.
+        // SAFETY: the stream handle is valid in this hook, and the value (the connection's) for
+        // as long as the stream is borrowed.
         let found = unsafe {
             envoy_dynamic_module_callback_http_filter_get_attribute_string(
                 self.envoy,
@@ -264,7 +298,7 @@ impl Stream for NativeStream<'_> {
             )
         };
         // SAFETY: as above.
-        found.then(|| String::from_utf8_lossy(unsafe { value.as_bytes() }).into_owned()).filter(|s| !s.is_empty())
+        found.then(|| String::from_utf8_lossy(unsafe { value.as_bytes() })).filter(|s| !s.is_empty())
     }
 
     fn waker(&mut self) -> Option<Waker> {

@@ -17,6 +17,7 @@ mod abi;
 mod host;
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,8 @@ impl Ptr {
 trait Erased: Send + Sync {
     fn name(&self) -> &'static str;
     fn new_state(&self) -> Box<dyn Any>;
+    /// Makes `state` a new stream's, if it is this filter's kind; false otherwise.
+    fn reset_state(&self, state: &mut dyn Any) -> bool;
     fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow;
     fn response_headers(&self, s: &mut NativeStream, state: &mut dyn Any);
     fn resume(&self, s: &mut NativeStream) -> Flow;
@@ -64,6 +67,9 @@ impl<F: Filter> Erased for F {
     }
     fn new_state(&self) -> Box<dyn Any> {
         Box::new(F::PerStream::default())
+    }
+    fn reset_state(&self, state: &mut dyn Any) -> bool {
+        state.downcast_mut::<F::PerStream>().map(|s| *s = F::PerStream::default()).is_some()
     }
     fn request_headers(&self, s: &mut NativeStream, state: &mut dyn Any) -> Flow {
         match state.downcast_mut::<F::PerStream>() {
@@ -202,14 +208,34 @@ impl Drop for Ticker {
     }
 }
 
-/// One request: the module's object behind Envoy's stream.
+/// One request: the module's object behind Envoy's stream. When the stream ends it goes back to
+/// its worker's pool (`POOL`), so that a new stream allocates nothing.
 struct StreamObj {
-    config: Arc<Config>,
+    /// Envoy destroys a filter configuration only after every stream of it (each of its C++
+    /// filters holds the configuration), so a stream borrows it without a count of its own,
+    /// which would be an atomic on a cache line every worker shares.
+    config: *const Config,
     state: Box<dyn Any>,
     /// Its scheduler's id in the config's wakers, once the filter asked for one (deleted with
     /// the stream, whatever happened in between, a panic included).
     waker: Option<u64>,
     phase: Phase,
+}
+
+impl StreamObj {
+    fn config(&self) -> &Config {
+        // SAFETY: see the field: alive while the stream is.
+        unsafe { &*self.config }
+    }
+}
+
+/// The most stream objects a worker keeps for its next streams (the rest are freed).
+const POOL_MAX: usize = 256;
+
+thread_local! {
+    // Boxes, not objects: Envoy holds the box's address as the stream's handle.
+    #[allow(clippy::vec_box)]
+    static POOL: RefCell<Vec<Box<StreamObj>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The stream object of a hook.
@@ -259,9 +285,11 @@ fn decide_request(
     hook: &str,
     body: impl FnOnce(&mut NativeStream, &Config, &mut dyn Any) -> Flow,
 ) -> Apply {
-    let config = obj.config.clone();
-    let mut stream = NativeStream::new(envoy, &config, obj.waker);
-    let flow = guarded(hook, None, || Some(body(&mut stream, &config, obj.state.as_mut())));
+    // SAFETY: see `StreamObj::config`; read through the pointer, not `obj`, whose state the
+    // body borrows.
+    let config: &Config = unsafe { &*obj.config };
+    let mut stream = NativeStream::new(envoy, config, obj.waker);
+    let flow = guarded(hook, None, || Some(body(&mut stream, config, obj.state.as_mut())));
     obj.waker = stream.waker;
     let decided = match flow {
         Some(flow) => Decided::of(flow, stream.reply.is_some(), stream.asked_waker),
@@ -521,19 +549,29 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     _envoy: EnvoyFilter,
 ) -> ModuleFilter {
     guarded("filter_new", std::ptr::null(), || {
-        let config = config.cast::<Config>();
-        if config.is_null() {
-            return std::ptr::null();
-        }
+        let config_ptr = config.cast::<Config>();
         // SAFETY: made by Arc::into_raw in config_new and alive until config_destroy, which
-        // Envoy calls only after every stream of the config is gone; a new strong reference.
-        let config = unsafe {
-            Arc::increment_strong_count(config);
-            Arc::from_raw(config)
+        // Envoy calls only after every stream of the config is gone.
+        let Some(config) = (unsafe { config_ptr.as_ref() }) else { return std::ptr::null() };
+        let pooled = POOL.with(|pool| pool.try_borrow_mut().ok().and_then(|mut pool| pool.pop()));
+        let obj = match pooled {
+            Some(mut obj) => {
+                if !config.filter.reset_state(obj.state.as_mut()) {
+                    obj.state = config.filter.new_state();
+                }
+                obj.config = config_ptr;
+                obj.waker = None;
+                obj.phase = Phase::Undecided;
+                obj
+            }
+            None => Box::new(StreamObj {
+                config: config_ptr,
+                state: config.filter.new_state(),
+                waker: None,
+                phase: Phase::Undecided,
+            }),
         };
-        let state = config.filter.new_state();
-        let obj = StreamObj { config, state, waker: None, phase: Phase::Undecided };
-        Box::into_raw(Box::new(obj)).cast_const().cast()
+        Box::into_raw(obj).cast_const().cast()
     })
 }
 
@@ -550,7 +588,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             internal_error().send(envoy);
             return RequestHeadersStatus::STOP_ITERATION;
         };
-        if let Some(pending) = &obj.config.pending_header {
+        if let Some(pending) = &obj.config().pending_header {
             // SAFETY: the stream handle is valid in this hook; the name is read during the call,
             // and a NULL value removes the header (absent: nothing to do).
             unsafe {
@@ -632,8 +670,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     guarded("response_headers", (), || {
         // SAFETY: see stream_obj; nothing here calls back into Envoy in a way that re-enters.
         let Some(obj) = (unsafe { stream_obj(module) }) else { return };
-        let config = obj.config.clone();
-        let mut stream = NativeStream::new(envoy, &config, obj.waker);
+        // SAFETY: see `StreamObj::config`; read through the pointer, not `obj`.
+        let config: &Config = unsafe { &*obj.config };
+        let mut stream = NativeStream::new(envoy, config, obj.waker);
         config.filter.response_headers(&mut stream, obj.state.as_mut());
         obj.waker = stream.waker;
         if stream.reply.is_some() {
@@ -682,8 +721,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModuleFilt
         // any call that may end the stream).
         let obj = unsafe { Box::from_raw(module as *mut StreamObj) };
         if let Some(id) = obj.waker {
-            obj.config.forget_waker(id);
+            obj.config().forget_waker(id);
         }
+        POOL.with(|pool| {
+            if let Ok(mut pool) = pool.try_borrow_mut() {
+                if pool.len() < POOL_MAX {
+                    pool.push(obj);
+                }
+            }
+        });
     })
 }
 

@@ -130,22 +130,25 @@ impl Stream for WasmStream {
     }
 
     /// Many edits as one read and one write of the whole map: each host call costs a VM exit.
-    fn edit_request_headers(&mut self, remove: &[&str], set: &[(&str, &[u8])]) {
+    fn edit_request_headers<R: AsRef<str>, K: AsRef<str>, V: AsRef<[u8]>>(&mut self, remove: &[R], set: &[(K, V)]) {
         if remove.len() + set.len() <= 2 {
             for name in remove {
-                self.remove_request_header(name);
+                self.remove_request_header(name.as_ref());
             }
             for (name, value) in set {
-                self.set_request_header(name, value);
+                self.set_request_header(name.as_ref(), value.as_ref());
             }
             return;
         }
         let current = abi::headers(abi::REQUEST_HEADERS);
-        let replaced =
-            |k: &[u8]| remove.iter().any(|r| r.as_bytes() == k) || set.iter().any(|(s, _)| s.as_bytes() == k);
+        let replaced = |k: &[u8]| {
+            remove.iter().any(|r| r.as_ref().as_bytes() == k) || set.iter().any(|(s, _)| s.as_ref().as_bytes() == k)
+        };
         let mut out: Vec<(&[u8], &[u8])> = Vec::with_capacity(current.len() + set.len());
         out.extend(current.iter().filter(|(k, _)| !replaced(k)).map(|(k, v)| (k.as_slice(), v.as_slice())));
-        out.extend(set.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.as_bytes(), *v)));
+        out.extend(
+            set.iter().filter(|(_, v)| !v.as_ref().is_empty()).map(|(k, v)| (k.as_ref().as_bytes(), v.as_ref())),
+        );
         if !abi::set_headers(abi::REQUEST_HEADERS, &out) {
             log::warn!("replacing the request headers failed");
         }
@@ -167,8 +170,10 @@ impl Stream for WasmStream {
         abi::set_property(name, value.as_bytes());
     }
 
-    fn peer_uri_san(&self) -> Option<String> {
-        abi::property(&["connection", "uri_san_peer_certificate"]).and_then(|v| String::from_utf8(v).ok())
+    fn peer_uri_san(&self) -> Option<Cow<'_, str>> {
+        abi::property(&["connection", "uri_san_peer_certificate"])
+            .and_then(|v| String::from_utf8(v).ok())
+            .map(Cow::Owned)
     }
 
     fn waker(&mut self) -> Option<Waker> {

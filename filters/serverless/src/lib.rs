@@ -6,23 +6,32 @@
 mod store;
 mod watch;
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use edgewise_core::generic::reply::header_text;
 use edgewise_core::serverless::{Decision, ManagedRoutes, Outcome, Router, Scratch};
-use edgewise_host::{lock, Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
+use edgewise_host::per_thread::PerThread;
+use edgewise_host::{Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
 use edgewise_host::{Setup, Stream};
 
 use watch::Watcher;
 
 pub struct Serverless {
     router: Router,
-    /// Matching space for host patterns, one per request in flight (no allocation per request).
-    scratch: Mutex<Vec<Scratch>>,
+    /// Each worker's space for a request (no allocation per request, no lock between workers).
+    work: PerThread<Work>,
     metrics: Metrics,
     /// Present when a management service is configured.
     watcher: Option<Watcher>,
+}
+
+#[derive(Clone)]
+struct Work {
+    /// Matching space for host patterns and the route's key and bucket.
+    scratch: Scratch,
+    /// A copy of `:authority`: natively the value is Envoy's own, and the writes of a routed
+    /// request would invalidate it.
+    authority: Vec<u8>,
 }
 
 struct Metrics {
@@ -65,24 +74,12 @@ impl Metrics {
     }
 }
 
-impl Filter for Serverless {
-    const NAME: &'static str = "serverless";
-    const HOOKS: Hooks = Hooks { response_headers: false, background: true };
-    type PerStream = ();
-
-    fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError> {
-        let router = Router::from_json(config)?;
-        let metrics = Metrics::define(setup);
-        let shared = !setup.shared_by_workers();
-        let watcher = router.management.clone().map(|m| Watcher::new(m, setup.instance(), shared));
-        let scratch = Mutex::new(vec![router.decoder.scratch()]);
-        Ok(Serverless { router, scratch, metrics, watcher })
-    }
-
-    fn on_request_headers<S: Stream>(&self, s: &mut S, _: &mut ()) -> Flow {
-        // A copy: natively the value is Envoy's own, and the writes below would invalidate it.
-        let authority = s.request_header(":authority").map(|a| a.into_owned());
-        let authority = match header_text(":authority", authority.as_deref()) {
+impl Serverless {
+    fn route<S: Stream>(&self, s: &mut S, work: &mut Work) -> Flow {
+        let Work { scratch, authority } = work;
+        authority.clear();
+        let present = s.request_header(":authority").map(|a| authority.extend_from_slice(&a)).is_some();
+        let authority = match header_text(":authority", present.then_some(authority.as_slice())) {
             Ok(Some(authority)) => authority,
             Ok(None) => {
                 s.remove_request_header(&self.router.cluster_header);
@@ -93,10 +90,8 @@ impl Filter for Serverless {
                 return s.reply(&reply, &[]);
             }
         };
-        let mut scratch = lock(&self.scratch).pop().unwrap_or_else(|| self.router.decoder.scratch());
         let view = self.watcher.as_ref().map(|w| w.store.view(&*s));
-        let decision = self.router.decide(authority, &mut scratch, view.as_ref().map(|v| v as &dyn ManagedRoutes));
-        let flow = match decision {
+        match self.router.decide(authority, scratch, view.as_ref().map(|v| v as &dyn ManagedRoutes)) {
             // Only the filter may choose the cluster: a value a client sent is removed (or, on a
             // routed request, overwritten).
             Decision::PassThrough => {
@@ -114,9 +109,26 @@ impl Filter for Serverless {
                 self.metrics.count(s, outcome);
                 s.reply(&reply, &[])
             }
-        };
-        lock(&self.scratch).push(scratch);
-        flow
+        }
+    }
+}
+
+impl Filter for Serverless {
+    const NAME: &'static str = "serverless";
+    const HOOKS: Hooks = Hooks { response_headers: false, background: true };
+    type PerStream = ();
+
+    fn configure(config: &[u8], setup: &mut dyn Setup) -> Result<Self, ConfigError> {
+        let router = Router::from_json(config)?;
+        let metrics = Metrics::define(setup);
+        let shared = !setup.shared_by_workers();
+        let watcher = router.management.clone().map(|m| Watcher::new(m, setup.instance(), shared));
+        let work = PerThread::new(Work { scratch: router.decoder.scratch(), authority: Vec::with_capacity(256) });
+        Ok(Serverless { router, work, metrics, watcher })
+    }
+
+    fn on_request_headers<S: Stream>(&self, s: &mut S, _: &mut ()) -> Flow {
+        self.work.with(|work| self.route(s, work))
     }
 
     fn tick_period(&self) -> Option<Duration> {

@@ -23,7 +23,8 @@ use edgewise_host::shared::{get_u64, set_u64, update_u64};
 use edgewise_host::{read, write, Host};
 
 pub enum Store {
-    /// The table, and whether its first load is still going on.
+    /// The table, and whether its first load is still going on. A lock every worker takes, for
+    /// reading: the watch writes only to apply a change, so requests never wait on each other.
     Local(RwLock<Option<LocalTable>>, AtomicBool),
     Shared(Shared),
 }

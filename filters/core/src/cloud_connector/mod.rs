@@ -17,6 +17,7 @@ use sha2::Sha256;
 use crate::generic::auth::{AuthError, JwksConfig, Verifier};
 pub use crate::generic::auth::{Identity, Issuer, IssuerKeys, Keyring, TokenCache, MAX_SCOPES};
 use crate::generic::config::ConfigError;
+use crate::generic::edits::Edits;
 use crate::generic::reply::Reply;
 use config::HeadersConfig;
 use limiter::{Limit, Verdict};
@@ -40,6 +41,23 @@ pub struct Gateway {
     pub health_path: String,
     pub public_paths: Vec<String>,
     pub forward_authorization: bool,
+    /// What a forwarded request loses first ([`Gateway::forward_headers`]).
+    pub(crate) forward_remove: Vec<String>,
+}
+
+/// The most (name, value) pairs [`Gateway::forward_headers`] sets: path, cluster, the four
+/// identity headers, signature, feature, rate-limit key and Authorization.
+pub const FORWARD_EDITS: usize = 10;
+
+/// Every header the gateway owns, removed from what the client sent before they are set from
+/// the verified identity, and every Authorization it sent (the verified one may come back).
+pub(crate) fn forward_remove(h: &HeadersConfig, cluster_header: &str) -> Vec<String> {
+    let mut remove: Vec<String> =
+        [&h.instance_id, &h.realm, &h.scopes, &h.issuer, &h.signature].into_iter().cloned().collect();
+    remove.push(cluster_header.to_string());
+    remove.extend(h.feature.iter().chain(&h.rate_limit_key).chain(&h.strip).cloned());
+    remove.push("authorization".into());
+    remove
 }
 
 #[derive(Debug)]
@@ -212,13 +230,24 @@ impl Gateway {
 
     /// The path the backend sees: the prefix rewritten, the rest (and query) kept.
     pub fn rewrite(&self, feature: &Feature, path: &str) -> Option<String> {
-        let rewrite = feature.rewrite_prefix.as_deref()?;
+        let mut out = String::new();
+        self.rewrite_into(feature, path, &mut out).then_some(out)
+    }
+
+    /// [`Gateway::rewrite`] into `out`; false (and `out` left alone) when the feature keeps paths.
+    fn rewrite_into(&self, feature: &Feature, path: &str, out: &mut String) -> bool {
+        let Some(rewrite) = feature.rewrite_prefix.as_deref() else { return false };
         let rest = path.get(feature.prefix.len()..).unwrap_or_default();
-        Some(match (rewrite, rest.starts_with('/')) {
-            ("", true) => rest.to_string(),
-            ("", false) => format!("/{rest}"),
-            _ => format!("{rewrite}{rest}"),
-        })
+        out.clear();
+        if rewrite.is_empty() {
+            if !rest.starts_with('/') {
+                out.push('/');
+            }
+        } else {
+            out.push_str(rewrite);
+        }
+        out.push_str(rest);
+        true
     }
 
     /// The token from an `Authorization` header value.
@@ -269,7 +298,10 @@ impl Gateway {
 
     /// The authenticity header value, if a secret is configured (see [`signature`]).
     pub fn sign(&self, unix_s: u64, method: &str, path: &str, instance_id: &str) -> Option<String> {
-        self.mac.as_ref().map(|mac| sign_with(mac.clone(), unix_s, method, path, instance_id))
+        let mut out = String::new();
+        let mac = self.mac.as_ref()?;
+        sign_into(mac.clone(), unix_s, method, path, instance_id, &mut out);
+        Some(out)
     }
 }
 
@@ -277,25 +309,27 @@ impl Gateway {
 /// over the path as the backend receives it (query included).
 pub fn signature(secret: &[u8], unix_s: u64, method: &str, path: &str, instance_id: &str) -> String {
     // HMAC accepts keys of any length; the error arm cannot happen.
-    let Ok(mac) = Hmac::<Sha256>::new_from_slice(secret) else { return String::new() };
-    sign_with(mac, unix_s, method, path, instance_id)
+    let mut out = String::new();
+    if let Ok(mac) = Hmac::<Sha256>::new_from_slice(secret) {
+        sign_into(mac, unix_s, method, path, instance_id, &mut out);
+    }
+    out
 }
 
-fn sign_with(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, instance_id: &str) -> String {
-    let t = unix_s.to_string();
-    for part in ["v1", &t, method, path, instance_id] {
+/// [`signature`] written into `out` (cleared first), with the MAC prepared from the secret.
+fn sign_into(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, instance_id: &str, out: &mut String) {
+    out.clear();
+    let _ = write!(out, "t={unix_s}");
+    let t = out.get(2..).unwrap_or_default();
+    for part in ["v1", t, method, path, instance_id] {
         mac.update(part.as_bytes());
         mac.update(b"\n");
     }
     let tag = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(t.len() + 6 + 64);
-    out.push_str("t=");
-    out.push_str(&t);
     out.push_str(",v1=");
     for b in tag {
         let _ = write!(out, "{b:02x}");
     }
-    out
 }
 
 /// The headers of a request the gateway reads, as text (`reply::header_text` refused any that
@@ -323,14 +357,34 @@ pub trait State {
     fn take(&mut self, limit: &Limit, feature: usize, key: &str, now_ms: u64) -> Verdict;
 }
 
-/// See [`Gateway::forwarded`].
-#[derive(Debug)]
+/// What a forwarded request carries that depends on the request itself ([`Gateway::forward`]),
+/// written in place: a worker reuses one, so forwarding allocates nothing once warm.
+#[derive(Debug, Default, Clone)]
 pub struct Forwarded {
-    pub path: Option<String>,
-    pub signature: Option<String>,
+    path: String,
+    rewritten: bool,
+    signature: String,
+    signed: bool,
+    authorization: String,
+    forwards_authorization: bool,
+}
+
+impl Forwarded {
+    /// The path the backend sees, when the feature rewrites it.
+    pub fn path(&self) -> Option<&str> {
+        self.rewritten.then_some(self.path.as_str())
+    }
+
+    /// The authenticity signature, when a secret is configured.
+    pub fn signature(&self) -> Option<&str> {
+        self.signed.then_some(self.signature.as_str())
+    }
+
     /// The Authorization value that was verified, when it is forwarded: the backend never sees
     /// another one a client added (a second Authorization header).
-    pub authorization: Option<String>,
+    pub fn authorization(&self) -> Option<&str> {
+        self.forwards_authorization.then_some(self.authorization.as_str())
+    }
 }
 
 /// What wakes a paused request (besides its deadline, `jwks.wait_ms` after it was paused).
@@ -402,13 +456,21 @@ impl Gateway {
         Decision::Forward { feature: index, id }
     }
 
-    /// What a forwarded request carries that depends on the request itself: the path the
-    /// backend sees (when the feature rewrites it) and the authenticity signature over it.
-    pub fn forwarded(&self, feature: &Feature, id: &Identity, req: &Request, now_ms: u64) -> Forwarded {
-        let path = self.rewrite(feature, req.path);
-        let signature = self.sign(now_ms / 1000, req.method, path.as_deref().unwrap_or(req.path), &id.instance_id);
-        let authorization = self.forward_authorization.then(|| req.authorization.unwrap_or_default().to_string());
-        Forwarded { path, signature, authorization }
+    /// What a forwarded request carries that depends on the request itself, into `out`: the
+    /// path the backend sees (when the feature rewrites it) and the authenticity signature over it.
+    pub fn forward(&self, feature: &Feature, id: &Identity, req: &Request, now_ms: u64, out: &mut Forwarded) {
+        let Forwarded { path, rewritten, signature, signed, authorization, forwards_authorization } = out;
+        *rewritten = self.rewrite_into(feature, req.path, path);
+        let backend_path = if *rewritten { path.as_str() } else { req.path };
+        *signed = self.mac.as_ref().is_some_and(|mac| {
+            sign_into(mac.clone(), now_ms / 1000, req.method, backend_path, &id.instance_id, signature);
+            true
+        });
+        *forwards_authorization = self.forward_authorization;
+        authorization.clear();
+        if self.forward_authorization {
+            authorization.push_str(req.authorization.unwrap_or_default());
+        }
     }
 
     /// The forwarded request's header edits: every header the gateway owns is removed from what
@@ -419,40 +481,33 @@ impl Gateway {
         feature: &'a Feature,
         id: &'a Identity,
         fw: &'a Forwarded,
-    ) -> (Vec<&'a str>, Vec<(&'a str, &'a str)>) {
+    ) -> (&'a [String], Edits<'a, FORWARD_EDITS>) {
         let h = &self.headers;
         let issuer = self.issuers().get(id.issuer).map_or("", |i| i.issuer.as_str());
-        let mut remove: Vec<&str> = Vec::with_capacity(8 + h.strip.len());
-        remove.extend([h.instance_id.as_str(), &h.realm, &h.scopes, &h.issuer, &h.signature, &self.cluster_header]);
-        remove.extend(h.feature.as_deref());
-        remove.extend(h.rate_limit_key.as_deref());
-        remove.extend(h.strip.iter().map(String::as_str));
-        // Every Authorization the client sent goes; the one that was verified may come back.
-        remove.push("authorization");
-        let mut set: Vec<(&str, &str)> = Vec::with_capacity(9);
-        if let Some(path) = &fw.path {
-            set.push((":path", path));
+        let mut set = Edits::default();
+        if let Some(path) = fw.path() {
+            set.push(":path", path.as_bytes());
         }
-        set.push((&self.cluster_header, &feature.cluster));
-        set.push((&h.instance_id, &id.instance_id));
+        set.push(&self.cluster_header, feature.cluster.as_bytes());
+        set.push(&h.instance_id, id.instance_id.as_bytes());
         if let Some(realm) = &id.realm {
-            set.push((&h.realm, realm));
+            set.push(&h.realm, realm.as_bytes());
         }
-        set.push((&h.scopes, &id.scopes));
-        set.push((&h.issuer, issuer));
-        if let Some(sig) = &fw.signature {
-            set.push((&h.signature, sig));
+        set.push(&h.scopes, id.scopes.as_bytes());
+        set.push(&h.issuer, issuer.as_bytes());
+        if let Some(sig) = fw.signature() {
+            set.push(&h.signature, sig.as_bytes());
         }
         if let Some(name) = &h.feature {
-            set.push((name, &feature.name));
+            set.push(name, feature.name.as_bytes());
         }
         if let Some(name) = &h.rate_limit_key {
-            set.push((name, &id.rate_key));
+            set.push(name, id.rate_key.as_bytes());
         }
-        if let Some(authorization) = &fw.authorization {
-            set.push(("authorization", authorization));
+        if let Some(authorization) = fw.authorization() {
+            set.push("authorization", authorization.as_bytes());
         }
-        (remove, set)
+        (&self.forward_remove, set)
     }
 
     /// `{"status":"ok"|"unavailable","issuers":{"<name>":{"keys":n,"age_seconds":s}}}` and its

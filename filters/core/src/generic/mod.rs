@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod authority;
 pub mod config;
+pub mod edits;
 pub mod json;
 pub mod jwt;
 pub mod pattern;

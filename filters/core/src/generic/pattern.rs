@@ -65,7 +65,7 @@ enum Inst {
 }
 
 /// Per-VM matching space, so that a match allocates nothing.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Scratch {
     /// One bit per (instruction, position) already explored.
     visited: Vec<u64>,

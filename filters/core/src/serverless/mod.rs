@@ -142,7 +142,7 @@ pub struct HostDecoder {
 
 /// Per-request scratch space, reused, so that decoding a host and finding its route allocate
 /// nothing.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scratch {
     matching: pattern::Scratch,
     key: Vec<u8>,

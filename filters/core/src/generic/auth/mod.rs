@@ -266,6 +266,13 @@ pub struct TokenCache<T = Identity> {
     capacity: usize,
 }
 
+// Entries are shared, not copied: no `T: Clone` needed.
+impl<T> Clone for TokenCache<T> {
+    fn clone(&self) -> Self {
+        TokenCache { map: self.map.clone(), capacity: self.capacity }
+    }
+}
+
 pub fn default_token_cache_size() -> usize {
     10_000
 }
