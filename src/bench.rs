@@ -68,7 +68,19 @@ pub fn wasm_filter(name: &str, config: &str) -> String {
 
 /// The same filter in libedgewise.so (the native build), with the same configuration.
 pub fn native_filter(name: &str, config: &str) -> String {
-    let file = crate::filters_dir().join("libedgewise.so");
+    dynamic_module(name, &crate::filters_dir().join("libedgewise.so"), Some(config))
+}
+
+/// A filter of a dynamic module: `filter_name` and its configuration (a string), if any.
+fn dynamic_module(name: &str, file: &Path, config: Option<&str>) -> String {
+    let config = config.map_or(String::new(), |config| {
+        format!(
+            r#"              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: '{config}'
+"#
+        )
+    });
     format!(
         r#"          - name: edgewise.{name}
             typed_config:
@@ -78,10 +90,7 @@ pub fn native_filter(name: &str, config: &str) -> String {
                 do_not_close: true
                 metrics_namespace: edgewise
               filter_name: {name}
-              filter_config:
-                "@type": type.googleapis.com/google.protobuf.StringValue
-                value: '{config}'
-"#,
+{config}"#,
         file = file.display()
     )
 }
@@ -323,22 +332,12 @@ pub fn stock_chain(jwks: &str) -> String {
 }
 
 /// A dynamic module whose hooks do nothing (bench/noop-module), loaded like libedgewise.so.
-pub fn noop_module(file: &std::path::Path) -> String {
-    format!(
-        r#"          - name: edgewise.noop
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config:
-                module: {{ local: {{ filename: {file} }} }}
-                do_not_close: true
-              filter_name: noop
-"#,
-        file = file.display()
-    )
+pub fn noop_module(file: &Path) -> String {
+    dynamic_module("noop", file, None)
 }
 
 /// Every configuration `make bench` measures; `noop` is bench/noop-module's library.
-pub fn benches(jwks: &str, noop: &std::path::Path) -> Vec<Bench> {
+pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
     let serverless = |n| wasm_filter("serverless", &serverless_config(n));
     let egress = wasm_filter(
         "egress",

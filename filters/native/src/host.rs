@@ -110,49 +110,40 @@ impl<'a> NativeStream<'a> {
     }
 
     fn has_header(&self, kind: HeaderType, name: &str) -> bool {
-        let (mut value, mut count) = (EnvoyBuffer::NULL, 0);
-        // SAFETY: the stream handle is valid in this hook; the name is read during the call.
+        let mut count = 0;
+        self.value_at(kind, name, 0, &mut count).is_some() && count > 0
+    }
+
+    /// The `index`-th value of a header, and in `count` how many it has.
+    fn value_at(&self, kind: HeaderType, name: &str, index: usize, count: &mut usize) -> Option<&[u8]> {
+        let mut value = EnvoyBuffer::NULL;
+        // SAFETY: the stream handle is valid in this hook; the value stays valid until the
+        // header map changes, which needs `&mut self` and so ends the borrow returned here.
         let found = unsafe {
             envoy_dynamic_module_callback_http_get_header(
                 self.envoy,
                 kind,
                 buf(name.as_bytes()),
                 &mut value,
-                0,
-                &mut count,
+                index,
+                count,
             )
         };
-        found && count > 0
+        // SAFETY: as above.
+        found.then(|| unsafe { value.as_bytes() })
     }
 
     /// A header's value; repeated, its values joined by ", " (as proxy-wasm does, and as HTTP
     /// combines field lines), so that both builds read the same.
     fn header(&self, kind: HeaderType, name: &str) -> Option<Cow<'_, [u8]>> {
-        let value_at = |index: usize, count: &mut usize| {
-            let mut value = EnvoyBuffer::NULL;
-            // SAFETY: the stream handle is valid in this hook; the value stays valid until the
-            // header map changes, which needs `&mut self` and so ends the borrow returned here.
-            let found = unsafe {
-                envoy_dynamic_module_callback_http_get_header(
-                    self.envoy,
-                    kind,
-                    buf(name.as_bytes()),
-                    &mut value,
-                    index,
-                    count,
-                )
-            };
-            // SAFETY: as above.
-            found.then(|| unsafe { value.as_bytes() })
-        };
         let mut count = 0;
-        let first = value_at(0, &mut count).filter(|_| count > 0)?;
+        let first = self.value_at(kind, name, 0, &mut count).filter(|_| count > 0)?;
         if count == 1 {
             return Some(Cow::Borrowed(first));
         }
         let mut joined = first.to_vec();
         for index in 1..count {
-            if let Some(value) = value_at(index, &mut 0) {
+            if let Some(value) = self.value_at(kind, name, index, &mut 0) {
                 joined.extend_from_slice(b", ");
                 joined.extend_from_slice(value);
             }
