@@ -133,30 +133,29 @@ impl Profile {
     /// Instructions per unit between two dumps of the same process: `(later - earlier) / units`,
     /// for the total and per function (self and inclusive).
     pub fn per_unit(earlier: &Profile, later: &Profile, units: f64) -> PerUnit {
-        let diff = |a: &HashMap<Function, u64>, b: &HashMap<Function, u64>| {
-            let mut out: HashMap<Function, f64> = HashMap::new();
-            for (f, v) in b {
-                *out.entry(f.clone()).or_default() += *v as f64 / units;
-            }
-            for (f, v) in a {
-                *out.entry(f.clone()).or_default() -= *v as f64 / units;
-            }
-            out
-        };
-        let mut calls: HashMap<String, f64> = HashMap::new();
-        for (f, v) in &later.calls {
-            *calls.entry(f.clone()).or_default() += *v as f64 / units;
-        }
-        for (f, v) in &earlier.calls {
-            *calls.entry(f.clone()).or_default() -= *v as f64 / units;
-        }
         PerUnit {
             total: (later.total as f64 - earlier.total as f64) / units,
-            self_: diff(&earlier.self_, &later.self_),
-            inclusive: diff(&earlier.inclusive, &later.inclusive),
-            calls,
+            self_: difference(&earlier.self_, &later.self_, units),
+            inclusive: difference(&earlier.inclusive, &later.inclusive, units),
+            calls: difference(&earlier.calls, &later.calls, units),
         }
     }
+}
+
+/// `(later - earlier) / units`, key by key.
+fn difference<K: Clone + Eq + std::hash::Hash>(
+    earlier: &HashMap<K, u64>,
+    later: &HashMap<K, u64>,
+    units: f64,
+) -> HashMap<K, f64> {
+    let mut out: HashMap<K, f64> = HashMap::new();
+    for (k, v) in later {
+        *out.entry(k.clone()).or_default() += *v as f64 / units;
+    }
+    for (k, v) in earlier {
+        *out.entry(k.clone()).or_default() -= *v as f64 / units;
+    }
+    out
 }
 
 /// Instructions per request: the total and per function.
