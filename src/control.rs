@@ -1,5 +1,5 @@
 //! The serverless management service, run for the tests, the demo and the benchmark: the
-//! `edgewise-control` binary on a SQLite file, serving the platform's client certificate of the
+//! `edgewise-control` binary on a SQLite file (or replicas on etcd), serving the platform's client certificate of the
 //! scenario's PKI, and a client for its REST API.
 
 use std::path::Path;
@@ -32,18 +32,25 @@ impl ControlService {
         ports: (u16, u16, u16),
         extra: &[&str],
     ) -> Result<Self> {
-        let xds = run_dir.join("serverless/certs");
-        let mut args = vec![
-            "--tls-cert".to_string(),
-            xds.join("control-server/tls.crt").display().to_string(),
-            "--tls-key".into(),
-            xds.join("control-server/tls.key").display().to_string(),
-            "--tls-client-ca".into(),
-            xds.join("control-ca/ca.crt").display().to_string(),
-        ];
+        let mut args = xds_tls(run_dir);
         args.extend(extra.iter().map(|a| a.to_string()));
         ControlService::start_plain(binary, run_dir, db, ports, &args.iter().map(String::as_str).collect::<Vec<_>>())
             .await
+    }
+
+    /// As `start_plain`, a replica on the etcd cluster at `endpoints` (`--etcd`), logging to
+    /// `control-<name>.log` (`xds_tls` gives the arguments of `start`'s mutual TLS).
+    pub async fn start_replica(
+        binary: &Path,
+        run_dir: &Path,
+        endpoints: &str,
+        name: &str,
+        ports: (u16, u16, u16),
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut args = vec!["--etcd".to_string(), endpoints.to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ControlService::launch(binary, run_dir, args, ports, &format!("control-{name}.log")).await
     }
 
     /// As `start`, without TLS on the xDS and route ports (a protocol test with plain clients).
@@ -54,18 +61,25 @@ impl ControlService {
         ports: (u16, u16, u16),
         extra: &[&str],
     ) -> Result<Self> {
-        let certs = run_dir.join("serverless/certs/platform-client");
-        let mut args = vec![
-            "--db".to_string(),
-            db.display().to_string(),
-            "--client-cert".into(),
-            certs.join("tls.crt").display().to_string(),
-            "--client-key".into(),
-            certs.join("tls.key").display().to_string(),
-        ];
+        let mut args = vec!["--db".to_string(), db.display().to_string()];
         args.extend(extra.iter().map(|a| a.to_string()));
+        ControlService::launch(binary, run_dir, args, ports, "control.log").await
+    }
+
+    async fn launch(
+        binary: &Path,
+        run_dir: &Path,
+        mut args: Vec<String>,
+        ports: (u16, u16, u16),
+        log: &str,
+    ) -> Result<Self> {
+        let certs = run_dir.join("serverless/certs/platform-client");
+        for (flag, file) in [("--client-cert", "tls.crt"), ("--client-key", "tls.key")] {
+            args.push(flag.into());
+            args.push(certs.join(file).display().to_string());
+        }
         let env = vec![(edgewise_control::TOKEN_ENV.to_string(), DEMO_TOKEN.to_string())];
-        let log = run_dir.join("control.log");
+        let log = run_dir.join(log);
         let service = Service::start_with_routes(binary, args, env, (ports.0, ports.1, Some(ports.2)), &log).await?;
         service.ready(Duration::from_secs(120)).await?;
         Ok(ControlService(service))
@@ -128,6 +142,21 @@ impl ControlService {
     pub async fn delete_customer(&self, name: &str) -> Result<Value> {
         self.expect("DELETE", &format!("/v1/customers/{name}"), None).await
     }
+}
+
+/// The xDS and route ports' mutual TLS: the serverless PKI's control-plane certificates.
+pub fn xds_tls(run_dir: &Path) -> Vec<String> {
+    let xds = run_dir.join("serverless/certs");
+    let mut args = Vec::new();
+    for (flag, file) in [
+        ("--tls-cert", "control-server/tls.crt"),
+        ("--tls-key", "control-server/tls.key"),
+        ("--tls-client-ca", "control-ca/ca.crt"),
+    ] {
+        args.push(flag.to_string());
+        args.push(xds.join(file).display().to_string());
+    }
+    args
 }
 
 /// The `match` of a default-layout label.

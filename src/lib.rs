@@ -10,6 +10,7 @@ pub mod client;
 pub mod control;
 pub mod dns;
 pub mod envoy;
+pub mod etcd;
 pub mod flood;
 pub mod h2raw;
 pub mod hostile;

@@ -107,7 +107,13 @@ impl Service {
         Ok(tokio::time::timeout(Duration::from_secs(10), child.wait()).await.context("no exit after SIGTERM")??)
     }
 
-    /// Starts it again (after `stop`), on the same ports.
+    /// SIGKILL (a crash: nothing is flushed or closed), then waits for the exit.
+    pub async fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("not running")?;
+        child.kill().await.context("kill -9")
+    }
+
+    /// Starts it again (after `stop` or `kill`), on the same ports.
     pub async fn start_again(&mut self) -> Result<()> {
         self.spawn().await
     }

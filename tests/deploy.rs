@@ -169,7 +169,8 @@ fn the_control_statefulset_runs_edgewise_control_with_its_store_on_the_volume() 
     let mounts: Vec<&str> =
         container["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
     let under_a_mount = |p: &std::path::Path| mounts.iter().any(|m| p.starts_with(m));
-    assert!(under_a_mount(&options.db), "{:?} is not on a volume", options.db);
+    let edgewise_control::StoreOption::Sqlite(db) = &options.store else { panic!("the StatefulSet runs on SQLite") };
+    assert!(under_a_mount(db), "{db:?} is not on a volume");
     assert_eq!(set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "data");
     for file in [&options.client_cert, &options.client_key].into_iter().chain(options.tls.iter().flatten()) {
         assert!(under_a_mount(file), "{file:?} is not on a mounted Secret");
@@ -191,4 +192,67 @@ fn the_control_statefulset_runs_edgewise_control_with_its_store_on_the_volume() 
         let section = section.split("\n  - name:").next().unwrap();
         assert!(section.contains(&format!("port_value: {}", p["port"].as_u64().unwrap())), "{cluster}'s port");
     }
+}
+
+/// deploy/control/ha: three replicas on etcd, one per node, at most one down at a time, with
+/// mutual TLS to etcd from a mounted Secret; the same ports and probes as the StatefulSet, and a
+/// headless Service (the Envoys' STRICT_DNS clusters must see every replica).
+#[test]
+fn the_control_deployment_runs_three_replicas_on_etcd_one_per_node() {
+    let dir = edgewise::repo_root().join("deploy/control/ha");
+    let yaml = |name: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(&fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let deployment = yaml("deployment.yaml");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let anti = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(anti["labelSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert!(pod["volumes"].as_sequence().unwrap().iter().all(|v| v.get("persistentVolumeClaim").is_none()));
+
+    let container = &pod["containers"][0];
+    let env = container["env"].as_sequence().unwrap();
+    let endpoints = env.iter().find(|e| e["name"] == "ETCD_ENDPOINTS").expect("the endpoints from the Secret");
+    assert_eq!(endpoints["valueFrom"]["secretKeyRef"]["name"], "edgewise-control-etcd");
+    // Kubernetes expands $(ETCD_ENDPOINTS) in the arguments; the binary's own parser takes them.
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().replace("$(ETCD_ENDPOINTS)", "https://etcd-0.etcd:2379,https://etcd-1.etcd:2379"))
+        .collect();
+    std::env::set_var(edgewise_control::TOKEN_ENV, "a-token-long-enough-for-the-parser");
+    let options = edgewise_control::Options::from_args(args).unwrap();
+    let edgewise_control::StoreOption::Etcd(etcd) = &options.store else { panic!("the Deployment runs on etcd") };
+    assert_eq!(etcd.endpoints.len(), 2);
+    assert!(etcd.ca.is_some() && etcd.identity.is_some(), "mutual TLS to etcd");
+    let mounts: Vec<&str> =
+        container["volumeMounts"].as_sequence().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
+    let (cert, key) = etcd.identity.clone().unwrap();
+    for file in [etcd.ca.clone().unwrap(), cert, key, options.client_cert.clone(), options.client_key.clone()] {
+        assert!(mounts.iter().any(|m| file.starts_with(m)), "{file:?} is not on a mounted Secret");
+    }
+    let secrets: Vec<&str> =
+        pod["volumes"].as_sequence().unwrap().iter().filter_map(|v| v["secret"]["secretName"].as_str()).collect();
+    assert!(secrets.contains(&"edgewise-control-etcd"), "{secrets:?}");
+
+    // The same ports and probes as the one-replica StatefulSet.
+    let set: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(dir.join("../statefulset.yaml")).unwrap()).unwrap();
+    let single = &set["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container_ports(container), container_ports(single));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(container[probe], single[probe], "{probe}");
+    }
+
+    let pdb = yaml("pdb.yaml");
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    assert_eq!(pdb["spec"]["selector"], deployment["spec"]["selector"]);
+    let service = yaml("service.yaml");
+    assert_eq!(service["spec"]["clusterIP"], "None", "headless: every replica resolves");
+    let ports = |s: &serde_yaml::Value| s["spec"]["ports"].clone();
+    let single_service: serde_yaml::Value =
+        serde_yaml::from_str(&fs::read_to_string(dir.join("../service.yaml")).unwrap()).unwrap();
+    assert_eq!(ports(&service), ports(&single_service));
 }

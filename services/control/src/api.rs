@@ -66,6 +66,7 @@ impl From<ApiError> for Reply {
             ApiError::NotFound(d) => error(StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => error(StatusCode::CONFLICT, "conflict", d),
             ApiError::Internal(d) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", d),
+            ApiError::Unavailable(d) => error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", d),
         }
     }
 }
@@ -82,10 +83,18 @@ impl Api {
         reply
     }
 
-    /// The route port: the route table, its pages and its watch, and nothing else.
+    /// The route port: the route table, its pages and its watch, and its readiness (the
+    /// Envoys' health check: a replica cut off from the shared store fails it).
     pub async fn handle_routes(&self, request: Request<Incoming>) -> Reply {
         match (request.method(), request.uri().path()) {
             (&Method::GET, ROUTES_PATH) => self.routes(&request).await,
+            (&Method::GET, "/readyz") => match self.control.stale() {
+                Some(since) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("etcd unreachable for {} s: what this replica holds may be stale\n", since.as_secs()),
+                ),
+                None => text(StatusCode::OK, "ready\n".into()),
+            },
             (_, path) => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -100,10 +109,15 @@ impl Api {
         match (&method, path.as_str()) {
             (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/readyz") => {
+                if let Some(since) = self.control.stale() {
+                    let why =
+                        format!("etcd unreachable for {} s: what this replica holds may be stale\n", since.as_secs());
+                    return text(StatusCode::SERVICE_UNAVAILABLE, why);
+                }
                 return match edgewise_service::readiness(&self.gates) {
                     Ok(()) => text(StatusCode::OK, "ready\n".into()),
                     Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why + "\n"),
-                }
+                };
             }
             (&Method::GET, "/metrics") => {
                 self.control.metrics.route_watchers.store(self.watchers.held() as u64, Relaxed);
@@ -140,7 +154,7 @@ impl Api {
         let control = &self.control;
         match (method, collection, name) {
             (Method::GET, "customers", name) => {
-                let customers = match control.customers(name.as_deref()) {
+                let customers = match control.customers(name.as_deref()).await {
                     Ok(customers) => customers,
                     Err(e) => return e.into(),
                 };
@@ -173,18 +187,18 @@ impl Api {
                 }
             }
             (Method::PUT, "customers", Some(name)) => match parse::<Customer>(&body) {
-                Ok(customer) => created(control.put_customer(&name, customer), &name),
+                Ok(customer) => created(control.put_customer(&name, customer).await, &name),
                 Err(refused) => refused.into(),
             },
             (Method::PUT, "functions", Some(name)) => match parse::<Function>(&body) {
-                Ok(function) => created(control.put_function(&name, function), &name),
+                Ok(function) => created(control.put_function(&name, function).await, &name),
                 Err(refused) => refused.into(),
             },
-            (Method::DELETE, "customers", Some(name)) => match control.delete_customer(&name) {
+            (Method::DELETE, "customers", Some(name)) => match control.delete_customer(&name).await {
                 Ok(functions) => reply(StatusCode::OK, json!({ "deleted": name, "functions_deleted": functions })),
                 Err(e) => e.into(),
             },
-            (Method::DELETE, "functions", Some(name)) => match control.delete_function(&name) {
+            (Method::DELETE, "functions", Some(name)) => match control.delete_function(&name).await {
                 Ok(()) => reply(StatusCode::OK, json!({ "deleted": name })),
                 Err(e) => e.into(),
             },
@@ -206,6 +220,13 @@ impl Api {
     /// seconds (at most 30) pass (304), or 410 when the cursor cannot be served from.
     async fn routes(&self, request: &Request<Incoming>) -> Reply {
         let metrics = &self.control.metrics;
+        if let Some(since) = self.control.stale() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unreachable",
+                format!("etcd unreachable for {} s: this replica's routes may be stale; ask another", since.as_secs()),
+            );
+        }
         let query = Query::parse(request.uri().query().unwrap_or_default());
         if let Some(limit) = &query.limit {
             let Ok(limit) = limit.parse::<usize>() else {

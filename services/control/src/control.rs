@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::etcd::{Change, Shared};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
-use crate::model::{check_name, Customer, Function, FunctionRules, Invalid};
+use crate::model::{check_name, Address, Customer, Function, FunctionRules, Invalid};
 use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
-use crate::routes::{self, FullTable, Routes, Since};
+use crate::routes::{self, FullTable, Log, Routes, Since};
 use crate::store::Store;
 
 #[derive(Debug)]
@@ -28,6 +29,8 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     Internal(String),
+    /// The shared store cannot be reached: nothing was changed.
+    Unavailable(String),
 }
 
 impl From<Invalid> for ApiError {
@@ -68,7 +71,10 @@ impl Acks {
 }
 
 struct State {
-    store: Store,
+    /// The local store; `None` with the shared one (etcd), whose revisions number the routes.
+    store: Option<Store>,
+    /// With the shared store: the revision being applied.
+    revision: u64,
     /// The customers' names: the rest of them is in the xDS resources and the store.
     customers: BTreeSet<String>,
     functions: Functions,
@@ -98,10 +104,19 @@ pub struct Control {
     pub metrics: Metrics,
     rules: FunctionRules,
     removal_delay: Duration,
+    /// The shared store, when the replicas share one (etcd).
+    shared: Option<Arc<Shared>>,
+    /// The platform's client certificate chain and key, as last set.
+    platform_client: Mutex<Option<(String, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The local store (every write path but the shared store's has one).
+fn local(state: &mut State) -> Result<&mut Store, ApiError> {
+    state.store.as_mut().ok_or_else(|| ApiError::Internal("no local store".into()))
 }
 
 impl Control {
@@ -117,20 +132,32 @@ impl Control {
         let mut functions = Functions::new(rules.groups());
         store.functions(|name, _, f| drop(functions.put(&name, &f)))?;
         let routes = Routes::load(&contents);
-        let version = routes.version();
         // The log as the store's functions say (the same, unless a change was cut short).
         let edits = functions.reconcile(|each| store.logged_routes(each), |_| true)?;
         let mut state = State {
-            store,
+            store: Some(store),
+            revision: 0,
             customers: contents.customers.into_keys().collect(),
             functions,
             pending: HashSet::new(),
             removing: HashMap::new(),
             routes,
         };
-        state.routes.apply(&mut state.store, edits)?;
+        if let Some(store) = &mut state.store {
+            state.routes.apply(Log::Store(store), edits)?;
+        }
+        Ok(Control::new(state, resources, rules, removal_delay, None))
+    }
+
+    fn new(
+        state: State,
+        resources: Resources,
+        rules: FunctionRules,
+        removal_delay: Duration,
+        shared: Option<Arc<Shared>>,
+    ) -> Arc<Control> {
         let control = Control {
-            route_version: watch::Sender::new(version),
+            route_version: watch::Sender::new(state.routes.version()),
             metrics: Metrics::default(),
             state: Mutex::new(state),
             resources: watch::Sender::new(Arc::new(resources)),
@@ -139,10 +166,152 @@ impl Control {
             removals: AtomicU64::new(0),
             rules,
             removal_delay,
+            shared,
+            platform_client: Mutex::new(None),
         };
         control.published_routes(&lock(&control.state));
         control.gauges(&lock(&control.state));
-        Ok(Arc::new(control))
+        Arc::new(control)
+    }
+
+    /// A replica of the shared store: loads its snapshot and follows its changes (spawned).
+    /// The route table's history is etcd's cluster id, its versions etcd's revisions: the same
+    /// on every replica.
+    pub async fn open_shared(
+        shared: Arc<Shared>,
+        rules: FunctionRules,
+        removal_delay: Duration,
+    ) -> Result<Arc<Control>, String> {
+        let snapshot = shared.snapshot().await?;
+        let revision = snapshot.revision as u64;
+        let state = State {
+            store: None,
+            revision,
+            customers: BTreeSet::new(),
+            functions: Functions::new(rules.groups()),
+            pending: HashSet::new(),
+            removing: HashMap::new(),
+            routes: Routes::at(shared.cluster, revision),
+        };
+        let control = Control::new(state, Resources::default(), rules, removal_delay, Some(shared.clone()));
+        {
+            let mut state = lock(&control.state);
+            control.load(&mut state, snapshot.changes);
+        }
+        control.published_routes(&lock(&control.state));
+        control.gauges(&lock(&control.state));
+        let follower = control.clone();
+        tokio::spawn(shared.clone().keep_alive());
+        tokio::spawn(async move {
+            let mut from = snapshot.revision;
+            loop {
+                let why = shared.follow(from, |revision, changes| follower.apply(revision as u64, changes)).await;
+                eprintln!("edgewise-control: etcd: {why}");
+                // Compacted past what this replica holds: start again from a snapshot (watchers
+                // behind it fetch the whole table).
+                match shared.snapshot().await {
+                    Ok(snapshot) => {
+                        follower.reload(snapshot.revision as u64, snapshot.changes);
+                        from = snapshot.revision;
+                    }
+                    Err(e) => {
+                        eprintln!("edgewise-control: etcd: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(control)
+    }
+
+    /// The snapshot's contents into an empty state: no route change is logged (the table at
+    /// the snapshot's revision is where the log starts).
+    fn load(self: &Arc<Self>, state: &mut State, changes: Vec<Change>) {
+        let mut published = HashSet::new();
+        for change in changes {
+            match change {
+                Change::Customer(name, Some(customer)) => {
+                    if let Ok(address) = customer.check() {
+                        state.customers.insert(name.clone());
+                        state.pending.insert(name.clone());
+                        self.resources.send_modify(|r| Arc::make_mut(r).put_customer(&name, &customer, &address));
+                    }
+                }
+                Change::Function(name, Some((_, function))) => drop(state.functions.put(&name, &function)),
+                Change::Published(name) => drop(published.insert(name)),
+                Change::Customer(_, None) | Change::Function(_, None) => {}
+            }
+        }
+        state.pending.retain(|c| !published.contains(c));
+    }
+
+    fn reload(self: &Arc<Self>, revision: u64, changes: Vec<Change>) {
+        let mut state = lock(&self.state);
+        let history = self.shared.as_ref().map_or(0, |s| s.cluster);
+        state.customers.clear();
+        state.functions = Functions::new(self.rules.groups());
+        state.pending.clear();
+        state.routes = Routes::at(history, revision);
+        state.revision = revision;
+        self.resources.send_replace(Arc::new(Resources::default()));
+        self.set_platform_client_again();
+        self.load(&mut state, changes);
+        self.published_routes(&state);
+        self.gauges(&state);
+    }
+
+    /// One revision of the shared store, applied as the local store's writes are.
+    fn apply(self: &Arc<Self>, revision: u64, changes: Vec<Change>) {
+        let Some(shared) = &self.shared else { return };
+        let mut state = lock(&self.state);
+        state.revision = revision;
+        for change in changes {
+            match change {
+                Change::Customer(name, Some(customer)) => match customer.check() {
+                    Ok(address) => {
+                        shared.forget(&name);
+                        self.customer_stored(&mut state, &name, &customer, &address);
+                    }
+                    Err(e) => eprintln!("edgewise-control: etcd: customer {name:?} refused: {}", e.reason),
+                },
+                Change::Customer(name, None) => {
+                    shared.forget(&name);
+                    if state.customers.contains(&name) {
+                        self.customer_gone(&mut state, &name);
+                    }
+                }
+                Change::Function(name, Some((key, function))) => {
+                    if state.customers.contains(&function.customer) {
+                        self.function_stored(&mut state, &name, &key, &function);
+                    }
+                }
+                Change::Function(name, None) => self.function_gone(&mut state, &name),
+                Change::Published(name) => {
+                    if state.pending.remove(&name) {
+                        let edits =
+                            state.functions.of_customer(&name).iter().map(|(_, k, f)| routes::put(k, f)).collect();
+                        self.publish(&mut state, edits);
+                    }
+                }
+            }
+        }
+        self.gauges(&state);
+        drop(state);
+        self.gate();
+    }
+
+    /// Waits until this replica has applied `revision` (a write of its own), so that what the
+    /// API answered is what a read of it sees.
+    async fn caught_up(&self, revision: i64) {
+        if let Some(shared) = &self.shared {
+            shared.caught_up(revision).await;
+        }
+    }
+
+    /// How long the shared store has been out of reach, past the bound after which this
+    /// replica stops serving what it holds.
+    pub fn stale(&self) -> Option<Duration> {
+        self.shared.as_ref().and_then(|s| s.stale())
     }
 
     pub fn resources(&self) -> watch::Receiver<Arc<Resources>> {
@@ -191,30 +360,52 @@ impl Control {
     }
 
     /// Adds or replaces a customer; true when it is new.
-    pub fn put_customer(&self, name: &str, customer: Customer) -> Result<bool, ApiError> {
+    pub async fn put_customer(&self, name: &str, customer: Customer) -> Result<bool, ApiError> {
         check_name("name", name)?;
         let address = customer.check()?;
-        let mut state = lock(&self.state);
-        state.store.put_customer(name, &customer).map_err(ApiError::Internal)?;
-        let created = state.customers.insert(name.to_string());
-        if created {
-            state.pending.insert(name.to_string());
+        if let Some(shared) = &self.shared {
+            let (created, revision) = shared.put_customer(name, &customer).await?;
+            self.caught_up(revision).await;
+            return Ok(created);
         }
-        state.removing.remove(name);
-        self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, &customer, &address));
-        self.gauges(&state);
+        let mut state = lock(&self.state);
+        local(&mut state)?.put_customer(name, &customer).map_err(ApiError::Internal)?;
+        let created = self.customer_stored(&mut state, name, &customer, &address);
         drop(state);
         self.gate();
         Ok(created)
     }
 
+    fn customer_stored(&self, state: &mut State, name: &str, customer: &Customer, address: &Address) -> bool {
+        let created = state.customers.insert(name.to_string());
+        if created {
+            state.pending.insert(name.to_string());
+        }
+        state.removing.remove(name);
+        self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, customer, address));
+        self.gauges(state);
+        created
+    }
+
     /// Removes a customer and its functions; how many functions went with it.
-    pub fn delete_customer(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
+    pub async fn delete_customer(self: &Arc<Self>, name: &str) -> Result<usize, ApiError> {
+        if let Some(shared) = &self.shared {
+            let functions = lock(&self.state).functions.count_of(name);
+            let revision = shared.delete_customer(name).await?;
+            self.caught_up(revision).await;
+            return Ok(functions);
+        }
         let mut state = lock(&self.state);
         if !state.customers.contains(name) {
             return Err(ApiError::NotFound(format!("no customer {name:?}")));
         }
-        state.store.delete_customer(name).map_err(ApiError::Internal)?;
+        local(&mut state)?.delete_customer(name).map_err(ApiError::Internal)?;
+        Ok(self.customer_gone(&mut state, name))
+    }
+
+    /// A customer gone from the store: its routes leave the table now, its cluster and CA
+    /// `removal_delay` later. How many functions went with it.
+    fn customer_gone(self: &Arc<Self>, state: &mut State, name: &str) -> usize {
         state.customers.remove(name);
         let gone = state.functions.of_customer(name);
         let was_published = !state.pending.remove(name);
@@ -225,12 +416,11 @@ impl Control {
                 edits.push(routes::delete(key, f));
             }
         }
-        self.publish(&mut state, edits);
-        self.gauges(&state);
+        self.publish(state, edits);
+        self.gauges(state);
         let (control, name) = (self.clone(), name.to_string());
         let removal = self.removals.fetch_add(1, Ordering::Relaxed) + 1;
         state.removing.insert(name.clone(), removal);
-        drop(state);
         tokio::spawn(async move {
             tokio::time::sleep(control.removal_delay).await;
             // Unless it came back (and maybe went again) meanwhile.
@@ -240,12 +430,17 @@ impl Control {
                 control.resources.send_modify(|r| Arc::make_mut(r).remove_customer(&name));
             }
         });
-        Ok(gone.len())
+        gone.len()
     }
 
-    pub fn put_function(&self, name: &str, function: Function) -> Result<bool, ApiError> {
+    pub async fn put_function(&self, name: &str, function: Function) -> Result<bool, ApiError> {
         check_name("name", name)?;
         let key = self.rules.key(&function)?;
+        if let Some(shared) = &self.shared {
+            let (created, revision) = shared.put_function(name, &key, &function).await?;
+            self.caught_up(revision).await;
+            return Ok(created);
+        }
         let mut state = lock(&self.state);
         if !state.customers.contains(&function.customer) {
             return Err(ApiError::Invalid(Invalid {
@@ -256,46 +451,62 @@ impl Control {
         if let Some(other) = state.functions.owner_of(&key).filter(|other| *other != name) {
             return Err(ApiError::Conflict(format!("function {other:?} already has this match ({key})")));
         }
-        state.store.put_function(name, &key, &function).map_err(ApiError::Internal)?;
+        local(&mut state)?.put_function(name, &key, &function).map_err(ApiError::Internal)?;
+        Ok(self.function_stored(&mut state, name, &key, &function))
+    }
+
+    fn function_stored(&self, state: &mut State, name: &str, key: &str, function: &Function) -> bool {
         let visible = state.visible(&function.customer);
-        let old = state.functions.put(name, &function);
+        let old = state.functions.put(name, function);
         let created = old.is_none();
         let mut edits = Vec::new();
         let mut unchanged = false;
         if let Some((old_key, old_function)) = old {
             let was_visible = state.visible(&old_function.customer);
-            unchanged = was_visible && visible && old_key == key && old_function == function;
+            unchanged = was_visible && visible && old_key == key && old_function == *function;
             if was_visible && (old_key != key || !visible) {
                 edits.push(routes::delete(&old_key, &old_function));
             }
         }
         if visible && !unchanged {
-            edits.push(routes::put(&key, &function));
+            edits.push(routes::put(key, function));
         }
-        self.publish(&mut state, edits);
-        self.gauges(&state);
-        Ok(created)
+        self.publish(state, edits);
+        self.gauges(state);
+        created
     }
 
-    pub fn delete_function(&self, name: &str) -> Result<(), ApiError> {
+    pub async fn delete_function(&self, name: &str) -> Result<(), ApiError> {
+        if let Some(shared) = &self.shared {
+            let revision = shared.delete_function(name).await?;
+            self.caught_up(revision).await;
+            return Ok(());
+        }
         let mut state = lock(&self.state);
         if !state.functions.contains(name) {
             return Err(ApiError::NotFound(format!("no function {name:?}")));
         }
-        state.store.delete_function(name).map_err(ApiError::Internal)?;
-        if let Some((key, function)) = state.functions.remove(name) {
-            if state.visible(&function.customer) {
-                self.publish(&mut state, vec![routes::delete(&key, &function)]);
-            }
-        }
-        self.gauges(&state);
+        local(&mut state)?.delete_function(name).map_err(ApiError::Internal)?;
+        self.function_gone(&mut state, name);
         Ok(())
     }
 
+    fn function_gone(&self, state: &mut State, name: &str) {
+        if let Some((key, function)) = state.functions.remove(name) {
+            if state.visible(&function.customer) {
+                self.publish(state, vec![routes::delete(&key, &function)]);
+            }
+        }
+        self.gauges(state);
+    }
+
     /// (customer, published) of every customer, or of one, as stored.
-    pub fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer, bool)>, ApiError> {
+    pub async fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer, bool)>, ApiError> {
+        let stored = match &self.shared {
+            Some(shared) => shared.customers(only).await?,
+            None => local(&mut lock(&self.state))?.customers(only).map_err(ApiError::Internal)?,
+        };
         let state = lock(&self.state);
-        let stored = state.store.customers(only).map_err(ApiError::Internal)?;
         Ok(stored.into_iter().map(|(n, c)| (n.clone(), c, !state.pending.contains(&n))).collect())
     }
 
@@ -318,7 +529,14 @@ impl Control {
     }
 
     pub fn set_platform_client(&self, chain: &str, key: &str) {
+        *lock(&self.platform_client) = Some((chain.to_string(), key.to_string()));
         self.resources.send_modify(|r| Arc::make_mut(r).put_platform_client(chain, key));
+    }
+
+    fn set_platform_client_again(&self) {
+        if let Some((chain, key)) = lock(&self.platform_client).clone() {
+            self.resources.send_modify(|r| Arc::make_mut(r).put_platform_client(&chain, &key));
+        }
     }
 
     /// A new ADS stream from `client`: its id and what it acknowledges; or, when `client`
@@ -380,9 +598,28 @@ impl Control {
                     || (acks.has(CLUSTER, &customer, &cluster.version) && acks.has(SECRET, &ca.name, &ca.version))
             });
             if everywhere {
-                state.pending.remove(&customer);
-                newly.push(customer);
+                newly.push((customer, format!("{}/{}", cluster.version, ca.version)));
             }
+        }
+        if let Some(shared) = &self.shared {
+            // Across replicas: this replica says so in the store; the customer is published
+            // once every live replica has.
+            let everywhere = shared.acknowledged_everywhere(newly.clone());
+            drop(state);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                for (customer, versions) in newly {
+                    shared.acknowledge(&customer, &versions).await;
+                }
+                for customer in everywhere {
+                    shared.publish(&customer).await;
+                }
+            });
+            return;
+        }
+        let newly: Vec<String> = newly.into_iter().map(|(c, _)| c).collect();
+        for customer in &newly {
+            state.pending.remove(customer);
         }
         let edits: Vec<routes::Edit> = newly
             .iter()
@@ -409,8 +646,12 @@ impl Control {
 
     /// Applies `edits` to the route table (logged in the store first) and wakes its watchers.
     fn publish(&self, state: &mut State, edits: Vec<routes::Edit>) {
-        let State { routes, store, .. } = state;
-        match routes.apply(store, edits) {
+        let State { routes, store, revision, .. } = state;
+        let log = match store {
+            Some(store) => Log::Store(store),
+            None => Log::Revision(*revision),
+        };
+        match routes.apply(log, edits) {
             Ok(Some(_)) => self.published_routes(state),
             Ok(None) => {}
             // The functions are stored: the next start reconciles the log with them.

@@ -11,6 +11,7 @@
 
 mod api;
 mod control;
+pub mod etcd;
 mod functions;
 mod metrics;
 pub mod model;
@@ -36,7 +37,8 @@ pub const TOKEN_ENV: &str = "EDGEWISE_CONTROL_TOKEN";
 const MIN_TOKEN: usize = 16;
 
 pub struct Options {
-    pub db: PathBuf,
+    /// The local store (one replica), or the shared one (etcd, any number of replicas).
+    pub store: StoreOption,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub routes: SocketAddr,
@@ -53,7 +55,13 @@ pub struct Options {
     pub limits: edgewise_service::Limits,
 }
 
-const USAGE: &str = "usage: edgewise-control --db <file.db> --client-cert <pem> --client-key <pem> \
+pub enum StoreOption {
+    Sqlite(PathBuf),
+    Etcd(etcd::EtcdOptions),
+}
+
+const USAGE: &str = "usage: edgewise-control (--db <file.db> | --etcd <url>,... [--etcd-prefix /edgewise/] \
+     [--etcd-ca <pem>] [--etcd-cert <pem> --etcd-key <pem>] [--etcd-stale-ms 10000]) --client-cert <pem> --client-key <pem> \
      [--grpc 127.0.0.1:18000] [--routes 127.0.0.1:19200] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
      [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>] \
      [--max-connections 4096] [--max-connections-per-client 64]; the admin token in $EDGEWISE_CONTROL_TOKEN";
@@ -62,6 +70,9 @@ impl Options {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         let mut args = args.into_iter();
         let (mut db, mut cert, mut key) = (None, None, None);
+        let (mut etcd, mut etcd_prefix, mut etcd_ca, mut etcd_cert, mut etcd_key) =
+            (None, "/edgewise/".to_string(), None, None, None);
+        let mut stale_ms = etcd::STALE_AFTER.as_millis().to_string();
         let (mut tls_cert, mut tls_key, mut tls_ca) = (None, None, None);
         let (mut grpc, mut http) = ("127.0.0.1:18000".to_string(), "127.0.0.1:19100".to_string());
         let mut routes = "127.0.0.1:19200".to_string();
@@ -73,6 +84,12 @@ impl Options {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
             match flag.as_str() {
                 "--db" => db = Some(value()?),
+                "--etcd" => etcd = Some(value()?),
+                "--etcd-prefix" => etcd_prefix = value()?,
+                "--etcd-ca" => etcd_ca = Some(value()?),
+                "--etcd-cert" => etcd_cert = Some(value()?),
+                "--etcd-key" => etcd_key = Some(value()?),
+                "--etcd-stale-ms" => stale_ms = value()?,
                 "--client-cert" => cert = Some(value()?),
                 "--client-key" => key = Some(value()?),
                 "--grpc" => grpc = value()?,
@@ -104,10 +121,38 @@ impl Options {
             (None, None, None) => None,
             _ => return Err(format!("--tls-cert, --tls-key and --tls-client-ca go together; {USAGE}")),
         };
+        let store = match (db, etcd) {
+            (Some(db), None) => StoreOption::Sqlite(db.into()),
+            (None, Some(urls)) => {
+                let endpoints: Vec<String> =
+                    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+                if endpoints.is_empty() {
+                    return Err(format!("--etcd {urls:?}: names no endpoint; {USAGE}"));
+                }
+                if !etcd_prefix.starts_with('/') || !etcd_prefix.ends_with('/') {
+                    return Err(format!("--etcd-prefix {etcd_prefix:?}: must begin and end with '/'"));
+                }
+                let identity = match (etcd_cert, etcd_key) {
+                    (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                    (None, None) => None,
+                    _ => return Err(format!("--etcd-cert and --etcd-key go together; {USAGE}")),
+                };
+                let stale_ms: u64 = stale_ms.parse().map_err(|e| format!("--etcd-stale-ms {stale_ms:?}: {e}"))?;
+                StoreOption::Etcd(etcd::EtcdOptions {
+                    stale_after: Duration::from_millis(stale_ms.max(1000)),
+                    endpoints,
+                    prefix: etcd_prefix,
+                    ca: etcd_ca.map(PathBuf::from),
+                    identity,
+                })
+            }
+            (Some(_), Some(_)) => return Err(format!("--db and --etcd are exclusive: one store; {USAGE}")),
+            (None, None) => return Err(format!("--db or --etcd is required; {USAGE}")),
+        };
         Ok(Options {
             tls,
             limits,
-            db: required(db, "--db")?.into(),
+            store,
             grpc: addr("--grpc", &grpc)?,
             http: addr("--http", &http)?,
             routes: addr("--routes", &routes)?,
@@ -125,8 +170,17 @@ impl Options {
 /// the ports are bound (port 0 picks one).
 pub async fn run(options: Options) -> Result<(), String> {
     let rules = model::FunctionRules::new(&options.domain, &options.pattern).map_err(|e| format!("--pattern: {e}"))?;
-    let store = store::Store::open(&options.db)?;
-    let control = Control::open(store, rules, options.removal_delay)?;
+    let (control, store_name) = match &options.store {
+        StoreOption::Sqlite(db) => {
+            let store = store::Store::open(db)?;
+            (Control::open(store, rules, options.removal_delay)?, db.display().to_string())
+        }
+        StoreOption::Etcd(etcd) => {
+            let shared = etcd::Shared::connect(etcd).await?;
+            let name = format!("etcd {} (replica {})", etcd.endpoints.join(","), shared.replica);
+            (Control::open_shared(shared, rules, options.removal_delay).await?, name)
+        }
+    };
     edgewise_service::release_freed_memory();
     let (chain, key) = read_client_certificate(&options)?;
     control.set_platform_client(&chain, &key);
@@ -145,7 +199,7 @@ pub async fn run(options: Options) -> Result<(), String> {
         None => None,
     };
     let (customers, functions) = control.counts();
-    eprintln!("edgewise-control: {customers} customers, {functions} functions, {}", options.db.display());
+    eprintln!("edgewise-control: {customers} customers, {functions} functions, {store_name}");
 
     let (stop_tx, stop) = watch::channel(false);
     let api = Arc::new(api::Api {

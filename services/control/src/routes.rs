@@ -25,6 +25,14 @@ pub fn delete(key: &str, f: &Function) -> Edit {
 }
 use crate::store::{LoggedChange, Store};
 
+/// Where the route changes are numbered and kept.
+pub enum Log<'a> {
+    /// The local store: each change takes the next version and is logged in it.
+    Store(&'a mut Store),
+    /// The shared store: the changes of one revision take its number; etcd keeps the history.
+    Revision(u64),
+}
+
 /// Changes kept for watchers, in memory and in the store; a cursor older than these is gone.
 pub const HISTORY: usize = 10_000;
 /// Changes sent in one answer at most; the client asks again from its new cursor.
@@ -94,6 +102,9 @@ pub struct Routes {
     /// The changes after `horizon`, oldest first.
     recent: VecDeque<Change>,
     horizon: u64,
+    /// Versions are the shared store's revisions: a cursor ahead of this replica is of one
+    /// that has applied more, and waits here until this one has.
+    shared: bool,
 }
 
 fn change_json(put: bool, json: &str) -> Arc<str> {
@@ -114,7 +125,13 @@ impl Routes {
             version: contents.routes_version,
             recent,
             horizon: contents.routes_horizon,
+            shared: false,
         }
+    }
+
+    /// An empty log at `version` of the shared store, whose history is `history`.
+    pub fn at(history: u64, version: u64) -> Routes {
+        Routes { history, version, recent: VecDeque::new(), horizon: version, shared: true }
     }
 
     pub fn version(&self) -> u64 {
@@ -127,10 +144,14 @@ impl Routes {
 
     /// Applies `edits` (each changes the table: the caller knows what it holds), each under the
     /// next version, persisted first: the new version, or `None` when there was none.
-    pub fn apply(&mut self, store: &mut Store, edits: Vec<Edit>) -> Result<Option<u64>, String> {
+    pub fn apply(&mut self, log: Log<'_>, edits: Vec<Edit>) -> Result<Option<u64>, String> {
         if edits.is_empty() {
             return Ok(None);
         }
+        let store = match log {
+            Log::Store(store) => store,
+            Log::Revision(revision) => return Ok(self.apply_at(revision, edits)),
+        };
         let first = self.version + 1;
         let last = self.version + edits.len() as u64;
         let horizon = last.saturating_sub(HISTORY as u64).max(self.horizon);
@@ -150,6 +171,28 @@ impl Routes {
         Ok(Some(last))
     }
 
+    /// The changes of one revision of the shared store (several calls for one revision come
+    /// under one lock: a watcher never sees part of it).
+    fn apply_at(&mut self, revision: u64, edits: Vec<Edit>) -> Option<u64> {
+        if revision < self.version {
+            return None;
+        }
+        for e in edits {
+            self.recent.push_back(Change { version: revision, json: change_json(e.put, &e.json) });
+        }
+        while self.recent.len() > HISTORY {
+            if let Some(gone) = self.recent.pop_front() {
+                self.horizon = gone.version;
+            }
+        }
+        // The horizon's own version must be whole: drop the rest of it.
+        while self.recent.front().is_some_and(|c| c.version <= self.horizon) {
+            self.recent.pop_front();
+        }
+        self.version = revision;
+        Some(revision)
+    }
+
     /// What a watcher holding `cursor` is owed.
     pub fn since(&self, cursor: &str) -> Since {
         let parsed =
@@ -159,6 +202,9 @@ impl Routes {
         };
         if history != self.history {
             return Since::Gone("the cursor is of another history (another store)".into());
+        }
+        if version > self.version && self.shared {
+            return Since::Current;
         }
         if version > self.version {
             return Since::Gone(format!("version {version} is ahead of this service's {}", self.version));
@@ -170,7 +216,15 @@ impl Routes {
             return Since::Current;
         }
         let start = self.recent.partition_point(|c| c.version <= version);
-        let changes: Vec<&Change> = self.recent.range(start..).take(MAX_CHANGES).collect();
+        let mut changes: Vec<&Change> = self.recent.range(start..).take(MAX_CHANGES).collect();
+        // A version's changes go whole: the cursor after them names it.
+        let mut more = self.recent.range(start + changes.len()..);
+        while let Some(next) = more.next().filter(|n| changes.last().is_some_and(|l| l.version == n.version)) {
+            changes.push(next);
+        }
+        if changes.is_empty() {
+            return Since::Current;
+        }
         let last = changes.last().map_or(version, |c| c.version);
         Since::Changes {
             cursor: format!("{:x}.{last}", self.history),
@@ -242,7 +296,7 @@ mod tests {
         let (mut store, mut routes) = open(&dir);
         let start = routes.cursor();
         let (a, b) = (function("a", "a.example"), function("b", "b.example"));
-        assert_eq!(routes.apply(&mut store, vec![put("ka", &a), put("kb", &b)]).unwrap(), Some(2));
+        assert_eq!(routes.apply(Log::Store(&mut store), vec![put("ka", &a), put("kb", &b)]).unwrap(), Some(2));
         let (version, sent) = changes(routes.since(&start));
         assert_eq!(version, 2);
         assert_eq!(
@@ -254,8 +308,8 @@ mod tests {
         );
         let at_two = routes.cursor();
         assert!(matches!(routes.since(&at_two), Since::Current));
-        assert_eq!(routes.apply(&mut store, vec![]).unwrap(), None, "no edit, no version");
-        assert_eq!(routes.apply(&mut store, vec![delete("ka", &a)]).unwrap(), Some(3));
+        assert_eq!(routes.apply(Log::Store(&mut store), vec![]).unwrap(), None, "no edit, no version");
+        assert_eq!(routes.apply(Log::Store(&mut store), vec![delete("ka", &a)]).unwrap(), Some(3));
         assert_eq!(changes(routes.since(&at_two)).1, [r#"{"delete":{"match":{"function":"a"}}}"#]);
         assert_eq!(
             table(&store),
@@ -295,7 +349,7 @@ mod tests {
                     }
                 })
                 .collect();
-            routes.apply(&mut store, edits).unwrap();
+            routes.apply(Log::Store(&mut store), edits).unwrap();
         }
         let (version, full, recent) = (routes.version(), table(&store), routes.cursor());
         let behind = format!("{}.{}", recent.split_once('.').unwrap().0, version - 2 * MAX_CHANGES as u64);
@@ -315,5 +369,34 @@ mod tests {
         let kept: i64 = store.count_log_entries();
         assert!(kept as usize <= HISTORY + 100, "{kept} entries kept");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn on_the_shared_store_a_revision_s_changes_go_whole_and_a_cursor_ahead_waits() {
+        let mut routes = Routes::at(0xab, 100);
+        let f = |i: usize| function(&format!("f{i}"), "h.example");
+        // One revision with more changes than an answer holds (a customer deleted), then one more.
+        let many: Vec<Edit> = (0..MAX_CHANGES + 5).map(|i| delete(&format!("k{i}"), &f(i))).collect();
+        assert_eq!(routes.apply(Log::Revision(105), many).unwrap(), Some(105));
+        assert_eq!(routes.apply(Log::Revision(109), vec![put("k0", &f(0))]).unwrap(), Some(109));
+        assert_eq!(routes.apply(Log::Revision(107), vec![put("k1", &f(1))]).unwrap(), None, "an older revision");
+        let (version, sent) = changes(routes.since("ab.100"));
+        assert_eq!((version, sent.len()), (105, MAX_CHANGES + 5), "revision 105 whole, and not 109");
+        let (version, sent) = changes(routes.since("ab.105"));
+        assert_eq!((version, sent.len()), (109, 1));
+        // Between two revisions, nothing changed after it but 109.
+        assert_eq!(changes(routes.since("ab.107")).0, 109);
+        assert!(matches!(routes.since("ab.109"), Since::Current));
+        // Ahead: another replica has applied more; this one is current until it catches up.
+        assert!(matches!(routes.since("ab.120"), Since::Current));
+        assert!(matches!(routes.since("ab.99"), Since::Gone(_)), "before the log began");
+        assert!(matches!(routes.since("ac.105"), Since::Gone(_)), "another etcd cluster");
+        // The log keeps the last HISTORY changes, whole revisions only.
+        for revision in 110..110 + HISTORY as u64 {
+            routes.apply(Log::Revision(revision), vec![put("k", &f(2))]).unwrap();
+        }
+        assert!(matches!(routes.since("ab.105"), Since::Gone(_)), "behind the horizon (109)");
+        assert_eq!(changes(routes.since("ab.109")).0, 109 + MAX_CHANGES as u64, "an answer at most");
+        assert_eq!(changes(routes.since(&format!("ab.{}", 110 + HISTORY as u64 - 2))).1.len(), 1);
     }
 }

@@ -282,7 +282,7 @@ fn logged(r: &rusqlite::Row<'_>) -> rusqlite::Result<LoggedChange> {
 
 /// A history id no other store has: the time and the process, hashed (63 bits: SQLite's
 /// integers are signed).
-fn new_history() -> u64 {
+pub fn new_history() -> u64 {
     use sha2::{Digest, Sha256};
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let seed = format!("{}.{}.{}", now.as_nanos(), std::process::id(), std::ptr::from_ref(&now) as usize);
