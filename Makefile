@@ -133,6 +133,7 @@ bench: setup
 	$(CARGO) run --release --bin edgewise-instructions
 	$(CARGO) run --release --bin edgewise-scale
 	$(CARGO) run --release --bin edgewise-fleet
+	$(CARGO) run --release --bin edgewise-ha
 
 # Every scenario under a bounded load of valid, invalid and hostile requests while certificates
 # rotate and the issuer and management service flap -> bench/soak.md; fails on any unexpected

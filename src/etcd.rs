@@ -134,6 +134,8 @@ impl EtcdCluster {
             .arg(state)
             .arg("--initial-cluster-token")
             .arg("edgewise-test")
+            // Room for a benchmark's million functions (the default quota is 2 GiB).
+            .args(["--quota-backend-bytes", "8589934592"])
             // Elections in a loaded 2-core VM: patient enough not to flap.
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(Stdio::null())
@@ -185,6 +187,42 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> String {
         let scheme = self.scheme();
         self.members.iter().map(|m| format!("{scheme}://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
+    }
+
+    /// A request to etcd's JSON gateway (`/v3/...`, plain clusters only) on the first member
+    /// that answers: the answer.
+    async fn gateway(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let mut last = None;
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            match crate::service::Service::exchange_on(m.client, "POST", path, &[], &body.to_string()).await {
+                Ok((200, _, text)) => return Ok(serde_json::from_str(&text)?),
+                Ok((status, _, text)) => last = Some(anyhow::anyhow!("{path}: {status} {text}")),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no etcd member runs")))
+    }
+
+    /// Puts `value` under `key`, whatever bytes they are (a hostile or broken writer).
+    pub async fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        self.gateway("/v3/kv/put", serde_json::json!({ "key": b64(key), "value": b64(value) })).await.map(drop)
+    }
+
+    /// Compacts the history up to the current revision: the revision.
+    pub async fn compact(&self) -> Result<i64> {
+        let status = self.gateway("/v3/kv/range", serde_json::json!({ "key": "AA==" })).await?;
+        let revision: i64 = status["header"]["revision"].as_str().context("a revision")?.parse()?;
+        self.gateway("/v3/kv/compaction", serde_json::json!({ "revision": revision.to_string(), "physical": true }))
+            .await?;
+        Ok(revision)
+    }
+
+    /// The size of member `i`'s database file.
+    pub fn db_bytes(&self, i: usize) -> u64 {
+        let path = self.dir.join(&self.members[i].name).join("member/snap/db");
+        std::fs::metadata(path).map_or(0, |m| m.len())
     }
 
     /// Kills member `i` (SIGKILL).

@@ -32,11 +32,13 @@ pub fn function(i: usize, customer: &str) -> Function {
     Function { matches: matches.collect(), customer: customer.into(), host: format!("f{i}.knative.{customer}.example") }
 }
 
-/// Seeds `customers` customers (the first 10 reachable at `gateway`, with the hot CA; the others
-/// with a CA each, at an address nothing listens on) and `functions` functions spread over them.
-pub fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<()> {
+/// A seeded store's contents: customers, and functions with their route keys.
+pub type Seed = (Vec<(String, Customer)>, Vec<(String, String, Function)>);
+
+/// `customers` customers (the first 10 reachable at `gateway`, with the hot CA; the others with a
+/// CA each, at an address nothing listens on) and `functions` functions spread over them.
+pub fn seed_data(hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<Seed> {
     let rules = FunctionRules::new(DOMAIN, edgewise_control::model::DEFAULT_PATTERN).map_err(anyhow::Error::msg)?;
-    let started = Instant::now();
     let mut all: Vec<(String, Customer)> = Vec::with_capacity(customers);
     for c in 0..customers {
         let hot = c < 10;
@@ -54,6 +56,13 @@ pub fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: u
             rules.key(&f).map(|key| (format!("f{i}"), key, f)).map_err(|e| anyhow::anyhow!("{e}"))
         })
         .collect::<Result<_>>()?;
+    Ok((all, fns))
+}
+
+/// Seeds the SQLite store `db` with `seed_data`.
+pub fn seed(db: &Path, hot_ca: &Ca, gateway: u16, customers: usize, functions: usize) -> Result<()> {
+    let started = Instant::now();
+    let (all, fns) = seed_data(hot_ca, gateway, customers, functions)?;
     let mut store = Store::open(db).map_err(anyhow::Error::msg)?;
     store
         .seed(all.iter().map(|(n, c)| (n.as_str(), c)), fns.iter().map(|(n, k, f)| (n.as_str(), k.as_str(), f)))
@@ -72,6 +81,18 @@ pub async fn seeded_plane(
     customers: usize,
     functions: usize,
 ) -> Result<(std::path::PathBuf, crate::scenarios::serverless::Pki, crate::server::Server, std::path::PathBuf)> {
+    let (dir, pki, gateway) = plane(work, name).await?;
+    let db = dir.join("control.db");
+    seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
+    Ok((dir, pki, gateway, db))
+}
+
+/// A benchmark's control plane before its store is seeded: `work/name` made afresh, the
+/// serverless PKI in it, and the customers' gateway (`seeded_plane`).
+pub async fn plane(
+    work: &Path,
+    name: &str,
+) -> Result<(std::path::PathBuf, crate::scenarios::serverless::Pki, crate::server::Server)> {
     use crate::server::{Listen, Server};
     let dir = work.join(name);
     let _ = std::fs::remove_dir_all(&dir);
@@ -80,9 +101,7 @@ pub async fn seeded_plane(
     let leaf = pki.customer_a_ca.issue(&crate::certs::LeafSpec::server(&[HOT_SAN]))?;
     let tls = crate::tls::server(&leaf, &[&pki.platform_ca.pem], &["h2", "http/1.1"])?;
     let gateway = Server::echo("gateway", Listen { tls: Some(tls), close_each: false, ..Listen::default() }).await?;
-    let db = dir.join("control.db");
-    seed(&db, &pki.customer_a_ca, gateway.port(), customers, functions)?;
-    Ok((dir, pki, gateway, db))
+    Ok((dir, pki, gateway))
 }
 
 pub fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {

@@ -164,8 +164,39 @@ async fn three_replicas_on_etcd_share_every_change_and_survive_losing_a_replica_
     // Their matches are free again.
     let (status, body) = put_function(&r0, "f0", 0, "customer-a", &format!("f0.{HOST}")).await;
     assert_eq!(status, 201, "{body}");
-    let before_kill = converged(&[&r0, &r1, &r2], &hosts(1)).await;
+    converged(&[&r0, &r1, &r2], &hosts(1)).await;
     let _ = cursor;
+
+    // Whatever another writer leaves under the prefix (bytes that are not JSON, not UTF-8, keys
+    // of no collection, a function under a generation that is not its customer's, a publication
+    // of no customer, a customer whose CA is no certificate): skipped, and nothing else changes.
+    let orphan = json!({ "key": "x", "generation": 1, "function": { "match": control::function_match(&label(40)).unwrap(), "customer": "customer-a", "host": "orphan.example" } });
+    let bad_customer = json!({ "address": "127.0.0.1:9", "ca": "not a certificate", "san": "x.example" });
+    for (key, value) in [
+        (&b"/edgewise/functions/junk"[..], &b"\xff\x00 not json"[..]),
+        (b"/edgewise/customers/bad", b"{"),
+        (b"/edgewise/customers/no-ca", bad_customer.to_string().as_bytes()),
+        (b"/edgewise/acks/no-slash", b""),
+        (b"/edgewise/\xff\xfe", b"x"),
+        (b"/edgewise/nothing", b"x"),
+        (b"/edgewise/published/ghost", b""),
+        (b"/edgewise/functions/orphan", orphan.to_string().as_bytes()),
+        (b"/edgewise/functions/00/orphan", orphan.to_string().as_bytes()),
+    ] {
+        etcd.put_raw(key, value).await.unwrap();
+    }
+    let (status, body) = put_function(&r0, "f9", 9, "customer-a", &format!("f9.{HOST}")).await;
+    assert_eq!(status, 201, "{body}");
+    let mut with_f9 = hosts(1);
+    with_f9.push(format!("f9.{HOST}"));
+    converged(&[&r0, &r1, &r2], &with_f9).await;
+    let (status, listed) = r1.call("GET", "/v1/customers", None).await.unwrap();
+    let names: Vec<&str> = listed["customers"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!((status, names), (200, vec!["customer-a"]), "{listed}");
+    assert_eq!(r2.call("GET", "/v1/functions/orphan", None).await.unwrap().0, 404);
+    let (status, body) = r2.call("DELETE", "/v1/functions/f9", None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let before_kill = converged(&[&r0, &r1, &r2], &hosts(1)).await;
 
     // kill -9 a replica: the others go on taking and serving changes.
     r0.kill().await.unwrap();
@@ -192,6 +223,16 @@ async fn three_replicas_on_etcd_share_every_change_and_survive_losing_a_replica_
         missed["changes"].as_array().unwrap().iter().filter_map(|c| c["put"]["host"].as_str()).collect();
     assert_eq!(missed, [format!("f1.{HOST}"), format!("f2.{HOST}")], "{body}");
 
+    // etcd compacted: a replica starting now loads the store at its current revision (the
+    // history it would replay is gone); a cursor older than that is refused there (410: the
+    // filter loads the table once), while the running replicas still serve it from memory.
+    etcd.compact().await.unwrap();
+    let mut r3 = start("r3").await;
+    assert_eq!(table(&r3).await.0, hosts(3), "the same table (at a later version: the store's)");
+    assert_eq!(routes(&r3, &format!("?since={before_kill}")).await.0, 410);
+    assert_eq!(routes(&r1, &format!("?since={before_kill}")).await.0, 200);
+    r3.kill().await.unwrap();
+
     // Idle past the staleness bound (3 s here): a replica that reaches etcd stays ready.
     tokio::time::sleep(Duration::from_secs(4)).await;
     for r in [&r0, &r1, &r2] {
@@ -203,6 +244,8 @@ async fn three_replicas_on_etcd_share_every_change_and_survive_losing_a_replica_
     etcd.kill(1).await;
     etcd.kill(2).await;
     assert_eq!(table(&r1).await.0, hosts(3), "the table held is served");
+    let (status, body) = r1.call("GET", "/v1/customers/customer-a", None).await.unwrap();
+    assert_eq!((status, body["published"].as_bool()), (200, Some(true)), "reads are served from memory: {body}");
     let (status, body) = put_function(&r1, "f3", 3, "customer-a", &format!("f3.{HOST}")).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("store_unavailable")), "{body}");
     let start = Instant::now();
@@ -227,6 +270,13 @@ fn ingress_host(i: usize) -> String {
 
 fn knative_host(i: usize) -> String {
     format!("f{i}.ns-1.knative.customer-a.example")
+}
+
+/// The function the writer moves from host to host.
+const MOVING: usize = 0xffff;
+
+fn moving_host(i: usize) -> String {
+    format!("moving-{i}.ns-1.knative.customer-a.example")
 }
 
 /// The replicas' xDS streams: which replica holds the Envoy's ADS stream.
@@ -287,10 +337,20 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
             response.status == 200 && response.json()["host"] == knative_host(i)
         }
     };
+    // Until the customer is published (every replica's Envoys hold its cluster), the function
+    // is unknown (404; 503 route_table_unavailable while the filter's first load runs), never
+    // routed to a cluster the Envoy lacks (503 unknown_cluster): the publication rule across
+    // replicas.
     let start = Instant::now();
-    while !serves(0).await {
+    loop {
+        let response = client.get(front, &ingress_host(0), "/").await.unwrap();
+        if response.status == 200 && response.json()["host"] == knative_host(0) {
+            break;
+        }
+        let loading = response.status == 503 && response.text().contains("route_table_unavailable");
+        assert!(response.status == 404 || loading, "before publication: {} {}", response.status, response.text());
         assert!(start.elapsed() < Duration::from_secs(30), "f0 never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (full_loads, gone) =
         (stat("edgewise.serverless.table.full_loads"), stat("edgewise.serverless.management_fetch.gone"));
@@ -298,7 +358,9 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
     let loads_before = before.get(&full_loads).copied().unwrap_or(0);
     assert!(loads_before >= 1, "the table was loaded once at start");
 
-    // Traffic, and a writer deploying a function every 100 ms on the replicas in turn.
+    // Traffic, and a writer deploying a function every 100 ms on the replicas in turn, and
+    // moving one function (`MOVING`) to a new Knative host each time: in the end it must be
+    // served at the last host acknowledged (no change lost, applied twice or out of order).
     let load = Load::start(&client, front, &ingress_host(0), 4, 200);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -306,6 +368,7 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
         let ports: Vec<u16> = replicas.iter().map(|r| r.http).collect();
         tokio::spawn(async move {
             let (mut acknowledged, mut refused) = (Vec::new(), Vec::new());
+            let mut moved = None;
             let mut i = 1;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let port = ports[i % ports.len()];
@@ -324,10 +387,24 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
                     Ok((status, _, body)) => refused.push((port, format!("f{i}: {status} {body}"))),
                     Err(e) => refused.push((port, format!("f{i}: {e}"))),
                 }
+                let body = json!({ "match": control::function_match(&label(MOVING)).unwrap(), "customer": "customer-a", "host": moving_host(i) });
+                let answer = edgewise::service::Service::exchange_on(
+                    port,
+                    "PUT",
+                    "/v1/functions/moving",
+                    &[("authorization", &auth)],
+                    &body.to_string(),
+                )
+                .await;
+                match answer {
+                    Ok((200 | 201, _, _)) => moved = Some(i),
+                    Ok((status, _, body)) => refused.push((port, format!("moving {i}: {status} {body}"))),
+                    Err(e) => refused.push((port, format!("moving {i}: {e}"))),
+                }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (acknowledged, refused, i - 1)
+            (acknowledged, refused, moved, i - 1)
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -338,16 +415,22 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
     replicas[victim].kill().await.unwrap();
     let others: Vec<usize> = (0..3).filter(|k| *k != victim).collect();
     let killed = Instant::now();
-    loop {
+    let heir = loop {
         let held = streams(&others.iter().map(|k| &replicas[*k]).collect::<Vec<_>>()).await;
-        if held.iter().any(|n| *n >= 1.0) {
+        if let Some(k) = held.iter().position(|n| *n >= 1.0) {
             eprintln!("the ADS stream moved to another replica {:?} after the kill", killed.elapsed());
-            break;
+            break others[k];
         }
         assert!(killed.elapsed() < Duration::from_secs(15), "no other replica took the ADS stream: {held:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The Envoy said what it holds; the same versions on every replica: nothing was sent again.
+    for kind in ["cluster", "secret"] {
+        let series = format!("edgewise_control_xds_resources_total{{type=\"{kind}\"}}");
+        let sent = replicas[heir].metric(&series).await.unwrap();
+        assert_eq!(sent, 0.0, "{kind}s sent again by the replica that took the stream");
+    }
 
     // An etcd member, then both back.
     etcd.kill(1).await;
@@ -358,7 +441,7 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (acknowledged, refused, tried) = writer.await.unwrap();
+    let (acknowledged, refused, moved, tried) = writer.await.unwrap();
     let (ok, failed) = load.stop().await;
     eprintln!("{ok} requests, {failed} failed; {} of {tried} changes acknowledged", acknowledged.len());
     assert_eq!(failed, 0, "no request fails");
@@ -377,6 +460,17 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let last = moving_host(moved.expect("a move acknowledged"));
+    let start = Instant::now();
+    loop {
+        let response = client.get(front, &ingress_host(MOVING), "/").await.unwrap();
+        if response.status == 200 && response.json()["host"] == last.as_str() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the moving function is not at {last}: {}", response.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The same table on every replica (their route ports, over mutual TLS as Envoy reads it),
     // holding every acknowledged function once. Writes answered 503 during the etcd election
     // may still have committed: they are served like the others.

@@ -154,7 +154,7 @@ impl Api {
         let control = &self.control;
         match (method, collection, name) {
             (Method::GET, "customers", name) => {
-                let customers = match control.customers(name.as_deref()).await {
+                let customers = match control.customers(name.as_deref()) {
                     Ok(customers) => customers,
                     Err(e) => return e.into(),
                 };

@@ -82,6 +82,9 @@ struct State {
     pending: HashSet<String>,
     /// Removed customers whose cluster is still served: name -> removal number.
     removing: HashMap<String, u64>,
+    /// With the shared store: every customer as stored, so that reads are served from what the
+    /// replica holds, etcd reachable or not (the local store reads its file).
+    details: HashMap<String, Customer>,
     routes: Routes,
 }
 
@@ -141,6 +144,7 @@ impl Control {
             functions,
             pending: HashSet::new(),
             removing: HashMap::new(),
+            details: HashMap::new(),
             routes,
         };
         if let Some(store) = &mut state.store {
@@ -182,37 +186,25 @@ impl Control {
         rules: FunctionRules,
         removal_delay: Duration,
     ) -> Result<Arc<Control>, String> {
-        let snapshot = shared.snapshot().await?;
-        let revision = snapshot.revision as u64;
-        let state = State {
-            store: None,
-            revision,
-            customers: BTreeSet::new(),
-            functions: Functions::new(rules.groups()),
-            pending: HashSet::new(),
-            removing: HashMap::new(),
-            routes: Routes::at(shared.cluster, revision),
-        };
-        let control = Control::new(state, Resources::default(), rules, removal_delay, Some(shared.clone()));
-        {
-            let mut state = lock(&control.state);
-            control.load(&mut state, snapshot.changes);
-        }
-        control.published_routes(&lock(&control.state));
-        control.gauges(&lock(&control.state));
-        let follower = control.clone();
+        // The lease lives while the snapshot loads (a million functions outlast its TTL).
         tokio::spawn(shared.clone().keep_alive());
+        let (state, resources, now) = Control::snapshot(&shared, &rules).await?;
+        let from = state.revision;
+        let control = Control::new(state, resources, rules, removal_delay, Some(shared.clone()));
+        let follower = control.clone();
+        let replaying = shared.clone();
         tokio::spawn(async move {
-            let mut from = snapshot.revision;
+            let mut from = from;
             loop {
-                let why = shared.follow(from, |revision, changes| follower.apply(revision as u64, changes)).await;
+                let why =
+                    shared.follow(from as i64, |revision, changes| follower.apply(revision as u64, changes)).await;
                 eprintln!("edgewise-control: etcd: {why}");
                 // Compacted past what this replica holds: start again from a snapshot (watchers
                 // behind it fetch the whole table).
-                match shared.snapshot().await {
-                    Ok(snapshot) => {
-                        follower.reload(snapshot.revision as u64, snapshot.changes);
-                        from = snapshot.revision;
+                match Control::snapshot(&shared, &follower.rules).await {
+                    Ok((state, resources, _)) => {
+                        from = state.revision;
+                        follower.reload(state, resources);
                     }
                     Err(e) => {
                         eprintln!("edgewise-control: etcd: {e}");
@@ -221,43 +213,58 @@ impl Control {
                 }
             }
         });
+        // Serving once the replay has caught up with the store as it was at the start.
+        while !replaying.caught_up_within(now, Duration::from_secs(10)).await {
+            eprintln!("edgewise-control: etcd: still replaying the changes up to revision {now}");
+        }
         Ok(control)
     }
 
-    /// The snapshot's contents into an empty state: no route change is logged (the table at
-    /// the snapshot's revision is where the log starts).
-    fn load(self: &Arc<Self>, state: &mut State, changes: Vec<Change>) {
+    /// The shared store's contents as a state of their own, its route log empty at their
+    /// revision (the table at that revision is where it starts).
+    async fn snapshot(shared: &Shared, rules: &FunctionRules) -> Result<(State, Resources, i64), String> {
+        let empty = |revision: u64| State {
+            store: None,
+            revision,
+            customers: BTreeSet::new(),
+            functions: Functions::new(rules.groups()),
+            pending: HashSet::new(),
+            removing: HashMap::new(),
+            details: HashMap::new(),
+            routes: Routes::at(shared.cluster, revision),
+        };
+        let (mut state, mut resources) = (empty(0), Resources::default());
         let mut published = HashSet::new();
-        for change in changes {
-            match change {
-                Change::Customer(name, Some(customer)) => {
+        let (revision, now) = shared
+            .snapshot(|change| match change {
+                None => (state, resources, published) = (empty(0), Resources::default(), HashSet::new()),
+                Some(Change::Customer(name, Some(customer))) => {
                     if let Ok(address) = customer.check() {
                         state.customers.insert(name.clone());
                         state.pending.insert(name.clone());
-                        self.resources.send_modify(|r| Arc::make_mut(r).put_customer(&name, &customer, &address));
+                        state.details.insert(name.clone(), customer.clone());
+                        resources.put_customer(&name, &customer, &address);
                     }
                 }
-                Change::Function(name, Some((_, function))) => drop(state.functions.put(&name, &function)),
-                Change::Published(name) => drop(published.insert(name)),
-                Change::Customer(_, None) | Change::Function(_, None) => {}
-            }
-        }
+                Some(Change::Function(name, Some((_, function)))) => drop(state.functions.put(&name, &function)),
+                Some(Change::Published(name)) => drop(published.insert(name)),
+                Some(Change::Customer(_, None) | Change::Function(_, None)) => {}
+            })
+            .await?;
+        let revision = revision as u64;
         state.pending.retain(|c| !published.contains(c));
+        state.revision = revision;
+        state.routes = Routes::at(shared.cluster, revision);
+        Ok((state, resources, now))
     }
 
-    fn reload(self: &Arc<Self>, revision: u64, changes: Vec<Change>) {
-        let mut state = lock(&self.state);
-        let history = self.shared.as_ref().map_or(0, |s| s.cluster);
-        state.customers.clear();
-        state.functions = Functions::new(self.rules.groups());
-        state.pending.clear();
-        state.routes = Routes::at(history, revision);
-        state.revision = revision;
-        self.resources.send_replace(Arc::new(Resources::default()));
+    fn reload(self: &Arc<Self>, state: State, resources: Resources) {
+        let mut held = lock(&self.state);
+        *held = state;
+        self.resources.send_replace(Arc::new(resources));
         self.set_platform_client_again();
-        self.load(&mut state, changes);
-        self.published_routes(&state);
-        self.gauges(&state);
+        self.published_routes(&held);
+        self.gauges(&held);
     }
 
     /// One revision of the shared store, applied as the local store's writes are.
@@ -381,6 +388,9 @@ impl Control {
         if created {
             state.pending.insert(name.to_string());
         }
+        if state.store.is_none() {
+            state.details.insert(name.to_string(), customer.clone());
+        }
         state.removing.remove(name);
         self.resources.send_modify(|r| Arc::make_mut(r).put_customer(name, customer, address));
         self.gauges(state);
@@ -407,6 +417,7 @@ impl Control {
     /// `removal_delay` later. How many functions went with it.
     fn customer_gone(self: &Arc<Self>, state: &mut State, name: &str) -> usize {
         state.customers.remove(name);
+        state.details.remove(name);
         let gone = state.functions.of_customer(name);
         let was_published = !state.pending.remove(name);
         let mut edits = Vec::new();
@@ -501,12 +512,21 @@ impl Control {
     }
 
     /// (customer, published) of every customer, or of one, as stored.
-    pub async fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer, bool)>, ApiError> {
-        let stored = match &self.shared {
-            Some(shared) => shared.customers(only).await?,
-            None => local(&mut lock(&self.state))?.customers(only).map_err(ApiError::Internal)?,
+    pub fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer, bool)>, ApiError> {
+        let mut state = lock(&self.state);
+        let stored = match state.store.as_mut() {
+            Some(store) => store.customers(only).map_err(ApiError::Internal)?,
+            None => {
+                let mut held: Vec<(String, Customer)> = state
+                    .details
+                    .iter()
+                    .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+                    .map(|(name, c)| (name.clone(), c.clone()))
+                    .collect();
+                held.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                held
+            }
         };
-        let state = lock(&self.state);
         Ok(stored.into_iter().map(|(n, c)| (n.clone(), c, !state.pending.contains(&n))).collect())
     }
 

@@ -8,7 +8,8 @@
 //!
 //! Keys under the prefix:
 //! - `customers/<name>`: the customer (JSON); its create revision is its *generation*;
-//! - `functions/<name>`: `{"key", "generation", "function"}`: a function counts only while its
+//! - `functions/<bucket>/<name>` (the bucket: two hex digits of a hash of the name):
+//!   `{"key", "generation", "function"}`: a function counts only while its
 //!   customer's generation is the one it was stored under, so deleting a customer is one small
 //!   transaction whatever its size, and its functions are removed after it (`owned/`);
 //! - `matches/<route key>`: the function holding the match (uniqueness);
@@ -41,8 +42,11 @@ const LEASE_TTL: i64 = 6;
 /// A replica that has not reached etcd for this long stops serving the route table and says so
 /// in /readyz: what it holds may be stale (`--etcd-stale-ms`).
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
-/// Revisions replayed at start, so that a cursor of another replica continues here.
-const REPLAY: i64 = 10_000;
+/// Revisions replayed at start, so that a recent cursor of another replica continues here (a
+/// watcher that is current is seconds behind; an older one fetches the whole table).
+const REPLAY: i64 = 1_000;
+/// The largest message read from etcd: a watch answer carries many revisions at once.
+const MAX_MESSAGE: usize = 64 << 20;
 /// Keys read in one range request.
 const PAGE: i64 = 1_000;
 /// Attempts of one write whose compares failed (another replica wrote the same keys meanwhile).
@@ -85,7 +89,7 @@ struct View {
 pub struct Shared {
     /// One client per endpoint, and the one in use: etcd's client does not move to another
     /// member when one is down, so the store does (as etcd's own Go client: pinned to one,
-    /// the next on a failure that left the request unsent or unanswered by a leader).
+    /// the next when a member fails a request: `member_failed`).
     clients: Vec<Client>,
     endpoint: AtomicUsize,
     prefix: String,
@@ -124,14 +128,20 @@ fn range_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// A snapshot of the store at one revision, applied before the watch continues from it.
-pub struct Snapshot {
-    pub revision: i64,
-    pub changes: Vec<Change>,
-}
-
 impl Shared {
+    /// Connects as a replica: registered under a lease of its own.
     pub async fn connect(options: &EtcdOptions) -> Result<Arc<Shared>, String> {
+        let shared = Shared::connect_only(options).await?;
+        let all = options.endpoints.join(",");
+        let granted = shared.call(|c| async move { c.lease_client().grant(LEASE_TTL, None).await }).await;
+        let lease = granted.map_err(|e| format!("--etcd {all}: a lease: {e}"))?.id();
+        *lock(&shared.lease) = lease;
+        shared.register(lease).await.map_err(|e| format!("--etcd {all}: registering the replica: {e}"))?;
+        Ok(shared)
+    }
+
+    /// Connects without joining the replicas (`seed`).
+    pub async fn connect_only(options: &EtcdOptions) -> Result<Arc<Shared>, String> {
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -176,15 +186,72 @@ impl Shared {
         let all = options.endpoints.join(",");
         let status = shared.get(&options.prefix, Some(GetOptions::new().with_count_only())).await;
         shared.cluster = status.map_err(|e| format!("--etcd {all}: {e}"))?.header().map_or(0, |h| h.cluster_id());
-        let granted = shared.call(|c| async move { c.lease_client().grant(LEASE_TTL, None).await }).await;
-        let lease = granted.map_err(|e| format!("--etcd {all}: a lease: {e}"))?.id();
-        *lock(&shared.lease) = lease;
-        shared.register(lease).await.map_err(|e| format!("--etcd {all}: registering the replica: {e}"))?;
         Ok(Arc::new(shared))
     }
 
-    /// Runs `op` on the endpoint in use; when etcd was unavailable there (not connected, or a
-    /// member without a leader), on the next one, each endpoint once.
+    /// Fills an empty store with published customers and their functions, many to a
+    /// transaction, several transactions at once (a benchmark's million). The caller has checked
+    /// them (`FunctionRules::key` made each function's route key).
+    pub async fn seed(
+        self: &Arc<Self>,
+        customers: Vec<(String, Customer)>,
+        functions: Vec<(String, String, Function)>,
+    ) -> Result<(), String> {
+        // etcd's default --max-txn-ops is 128.
+        const OPS: usize = 120;
+        let mut batches: Vec<Vec<TxnOp>> = Vec::new();
+        for chunk in customers.chunks(OPS / 2) {
+            let mut ops = Vec::new();
+            for (name, customer) in chunk {
+                ops.push(TxnOp::put(self.key(&["customers", name]), to_json(customer)?, None));
+                ops.push(TxnOp::put(self.key(&["published", name]), "", None));
+            }
+            batches.push(ops);
+        }
+        self.run_batches(batches).await?;
+        let mut generations = HashMap::new();
+        let now = self.get(&self.prefix, Some(GetOptions::new().with_count_only())).await.map_err(|e| e.to_string())?;
+        let now = now.header().map_or(0, |h| h.revision());
+        self.range(&self.key(&["customers", ""]), now, |kv| {
+            let name = String::from_utf8_lossy(kv.key()).rsplit('/').next().unwrap_or_default().to_string();
+            generations.insert(name, kv.create_revision());
+        })
+        .await?;
+        let mut batches = Vec::new();
+        for chunk in functions.chunks(OPS / 3) {
+            let mut ops = Vec::new();
+            for (name, key, function) in chunk {
+                let generation = *generations.get(&function.customer).ok_or(format!("{name}: no customer"))?;
+                let stored = StoredFunction { key: key.clone(), generation, function: function.clone() };
+                ops.push(TxnOp::put(self.function_key(name), to_json(&stored)?, None));
+                ops.push(TxnOp::put(self.key(&["matches", key]), name.as_str(), None));
+                ops.push(TxnOp::put(self.key(&["owned", &function.customer, name]), generation.to_string(), None));
+            }
+            batches.push(ops);
+        }
+        self.run_batches(batches).await
+    }
+
+    async fn run_batches(self: &Arc<Self>, batches: Vec<Vec<TxnOp>>) -> Result<(), String> {
+        let mut running = tokio::task::JoinSet::new();
+        for ops in batches {
+            if running.len() >= 16 {
+                if let Some(done) = running.join_next().await {
+                    done.map_err(|e| e.to_string())??;
+                }
+            }
+            let shared = self.clone();
+            running
+                .spawn(async move { shared.txn(Txn::new().and_then(ops)).await.map(drop).map_err(|e| e.to_string()) });
+        }
+        while let Some(done) = running.join_next().await {
+            done.map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the endpoint in use; when that member fails it (`member_failed`), on the
+    /// next one, each endpoint once.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
@@ -197,12 +264,12 @@ impl Shared {
                 return Err(etcd_client::Error::InvalidArgs("no etcd endpoint".into()));
             };
             match op(client.clone()).await {
-                Err(e) if unsent(&e) && tried + 1 < self.clients.len() => {
+                Err(e) if member_failed(&e) && tried + 1 < self.clients.len() => {
                     tried += 1;
                     self.next_endpoint(i);
                 }
                 Err(e) => {
-                    if unsent(&e) {
+                    if member_failed(&e) {
                         self.next_endpoint(i);
                     }
                     return Err(e);
@@ -236,6 +303,11 @@ impl Shared {
         .await
     }
 
+    /// A function's key: `functions/<bucket>/<name>`.
+    fn function_key(&self, name: &str) -> String {
+        self.key(&["functions", &function_bucket(name), name])
+    }
+
     fn key(&self, parts: &[&str]) -> String {
         let mut key = self.prefix.clone();
         for (i, part) in parts.iter().enumerate() {
@@ -247,10 +319,12 @@ impl Shared {
         key
     }
 
-    async fn register(&self, lease: i64) -> Result<(), etcd_client::Error> {
+    /// Puts this replica's key under `lease`: the revision written.
+    async fn register(&self, lease: i64) -> Result<i64, etcd_client::Error> {
         let put = PutOptions::new().with_lease(lease);
         let key = self.key(&["replicas", &self.replica]);
-        self.txn(Txn::new().and_then([TxnOp::put(key, "", Some(put))])).await.map(drop)
+        let done = self.txn(Txn::new().and_then([TxnOp::put(key, "", Some(put))])).await?;
+        Ok(Self::revision_of(done.header()))
     }
 
     fn touched(&self) {
@@ -270,20 +344,36 @@ impl Shared {
     /// Waits (a bounded time) until this replica has applied `revision`: the API answers a
     /// write once a read of this replica sees it.
     pub async fn caught_up(&self, revision: i64) {
+        self.caught_up_within(revision, Duration::from_secs(5)).await;
+    }
+
+    /// Waits until this replica has applied `revision`, at most `limit`: whether it has.
+    pub async fn caught_up_within(&self, revision: i64, limit: Duration) -> bool {
         let mut applied = self.applied.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|r| *r >= revision)).await;
+        let caught_up = tokio::time::timeout(limit, applied.wait_for(|r| *r >= revision)).await.is_ok();
+        caught_up
     }
 
     /// Every customer, function and publication at a revision a little behind the current one
     /// (`REPLAY` revisions, or the oldest etcd keeps), so that the watch from it replays the
     /// recent route changes as every other replica logged them.
-    pub async fn snapshot(&self) -> Result<Snapshot, String> {
+    ///
+    /// The contents go to `each` as they are read, a page at a time (a million functions are
+    /// never all in one message or one vector); `None` first when it starts over (a revision
+    /// compacted while it read). Returns the revision read, and one at which this replica wrote
+    /// (its registration, again): once the watch has brought that, it has caught up.
+    pub async fn snapshot(&self, mut each: impl FnMut(Option<Change>)) -> Result<(i64, i64), String> {
         let now = self.get(&self.prefix, Some(GetOptions::new().with_count_only())).await;
         let now = now.map_err(|e| format!("etcd: {e}"))?.header().map_or(0, |h| h.revision());
         let mut revision = (now - REPLAY).max(1);
         loop {
-            match self.read_all(revision).await {
-                Ok(changes) => return Ok(Snapshot { revision, changes }),
+            each(None);
+            match self.read_all(revision, &mut each).await {
+                Ok(()) => {
+                    let lease = *lock(&self.lease);
+                    let written = self.register(lease).await.map_err(|e| format!("etcd: {e}"))?;
+                    return Ok((revision, written.max(now)));
+                }
                 // Compacted: the oldest revision kept is later.
                 Err(e) if e.contains("compacted") && revision < now => revision = now,
                 Err(e) => return Err(e),
@@ -291,20 +381,25 @@ impl Shared {
         }
     }
 
-    async fn read_all(&self, revision: i64) -> Result<Vec<Change>, String> {
-        let mut changes = Vec::new();
+    async fn read_all(&self, revision: i64, each: &mut impl FnMut(Option<Change>)) -> Result<(), String> {
         let mut view = View::default();
-        for kind in ["customers", "functions", "published", "replicas", "acks"] {
-            let start = self.key(&[kind, ""]);
+        // The functions bucket by bucket: etcd 3.4 walks a whole range's index for every page
+        // of it, so paging a million keys in one range costs a million steps a page.
+        let buckets = (0..=u8::MAX).map(|b| self.key(&["functions", &format!("{b:02x}"), ""]));
+        let ranges = [self.key(&["customers", ""])]
+            .into_iter()
+            .chain(buckets)
+            .chain(["published", "replicas", "acks"].map(|kind| self.key(&[kind, ""])));
+        for start in ranges {
             self.range(&start, revision, |kv| {
                 if let Some(change) = self.read(&mut view, EventType::Put, kv) {
-                    changes.push(change);
+                    each(Some(change));
                 }
             })
             .await?;
         }
         *lock(&self.view) = view;
-        Ok(changes)
+        Ok(())
     }
 
     async fn range(&self, prefix: &str, revision: i64, mut each: impl FnMut(&KeyValue)) -> Result<(), String> {
@@ -313,9 +408,9 @@ impl Shared {
         loop {
             let options = GetOptions::new().with_range(end.clone()).with_revision(revision).with_limit(PAGE);
             let page = self
-                .call(|mut c| {
+                .call(|c| {
                     let (from, options) = (from.clone(), options.clone());
-                    async move { c.get(from, Some(options)).await }
+                    async move { c.kv_client().max_decoding_message_size(MAX_MESSAGE).get(from, Some(options)).await }
                 })
                 .await
                 .map_err(|e| format!("etcd: {e}"))?;
@@ -339,9 +434,12 @@ impl Shared {
         loop {
             let options = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(revision + 1);
             let watching = self.endpoint.load(Ordering::Relaxed) % self.clients.len();
-            let watch = self.call(|mut c| {
+            let watch = self.call(|c| {
                 let options = options.clone();
-                async move { c.watch(self.prefix.as_str(), Some(options)).await }
+                async move {
+                    let mut watch = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
+                    watch.watch(self.prefix.as_str(), Some(options)).await
+                }
             });
             let mut stream = match watch.await {
                 Ok(stream) => stream,
@@ -375,6 +473,11 @@ impl Shared {
                     self.next_endpoint(watching);
                     break;
                 }
+                if message.created() {
+                    // Its revision is the store's now, not what the watch has sent. (So are
+                    // etcd 3.4's answers to a progress request: not relied upon.)
+                    continue;
+                }
                 let mut batch: Vec<Change> = Vec::new();
                 let mut at = 0;
                 for event in message.events() {
@@ -395,13 +498,6 @@ impl Shared {
                     apply(at, batch);
                     revision = at;
                     self.applied.send_replace(at);
-                }
-                if let Some(h) = message.header() {
-                    if message.events().is_empty() && h.revision() > revision {
-                        // A progress notice: nothing of ours changed up to here.
-                        revision = h.revision();
-                        self.applied.send_replace(revision);
-                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -432,6 +528,12 @@ impl Shared {
                 }
             }
             "functions" => {
+                // `<bucket>/<name>`, the bucket the name's own (`function_key`).
+                let (bucket, rest) = rest.split_once('/')?;
+                if bucket != function_bucket(rest) {
+                    eprintln!("edgewise-control: etcd: function key {key:?} is not in its bucket; skipped");
+                    return None;
+                }
                 let stored = put.then(|| serde_json::from_slice::<StoredFunction>(kv.value())).transpose();
                 let stored = stored.unwrap_or_else(|e| {
                     eprintln!("edgewise-control: etcd: function {rest:?} unreadable ({e}); skipped");
@@ -497,7 +599,8 @@ impl Shared {
         }
         let revision = Self::revision_of(done.header());
         if let Err(e) = self.remove_functions_of(name, revision).await {
-            // Harmless: they no longer count; the next deletion of this name, or a restart, retries.
+            // Harmless: they no longer count and their matches are free; deleting a customer of
+            // this name again removes them too (it removes every older generation's).
             eprintln!("edgewise-control: removing the functions of deleted customer {name:?}: {e}");
         }
         Ok(revision)
@@ -514,7 +617,7 @@ impl Shared {
         })
         .await?;
         for name in owned {
-            let key = self.key(&["functions", &name]);
+            let key = self.function_key(&name);
             let current = self.get(&key, None).await.map_err(|e| e.to_string())?;
             let mut ops = vec![TxnOp::delete(self.key(&["owned", customer, &name]), None)];
             let mut compares = Vec::new();
@@ -546,7 +649,7 @@ impl Shared {
     /// Puts a function whose route key is `key`: (created, revision). Refused when its customer
     /// does not exist or another function holds the match, checked in the transaction itself.
     pub async fn put_function(&self, name: &str, key: &str, function: &Function) -> Result<(bool, i64), ApiError> {
-        let (own, matched) = (self.key(&["functions", name]), self.key(&["matches", key]));
+        let (own, matched) = (self.function_key(name), self.key(&["matches", key]));
         let customer_key = self.key(&["customers", &function.customer]);
         for _ in 0..ATTEMPTS {
             let read = Txn::new().and_then([
@@ -612,7 +715,7 @@ impl Shared {
     /// customer's current generation).
     async fn holds(&self, holder: &[u8], key: &str) -> Result<bool, ApiError> {
         let name = String::from_utf8_lossy(holder);
-        let got = self.get(&self.key(&["functions", &name]), None).await.map_err(unavailable)?;
+        let got = self.get(&self.function_key(&name), None).await.map_err(unavailable)?;
         let Some(item) = got.kvs().first() else { return Ok(false) };
         let Ok(stored) = serde_json::from_slice::<StoredFunction>(item.value()) else { return Ok(false) };
         let customer = self.get(&self.key(&["customers", &stored.function.customer]), None).await;
@@ -626,7 +729,7 @@ impl Shared {
 
     /// Deletes a function: the revision. `NotFound` when it does not exist (or its customer is gone).
     pub async fn delete_function(&self, name: &str) -> Result<i64, ApiError> {
-        let own = self.key(&["functions", name]);
+        let own = self.function_key(name);
         let not_found = || ApiError::NotFound(format!("no function {name:?}"));
         for _ in 0..ATTEMPTS {
             let got = self.get(&own, None).await.map_err(unavailable)?;
@@ -657,23 +760,6 @@ impl Shared {
             }
         }
         Err(ApiError::Unavailable(format!("function {name:?}: the store kept changing under the write; try again")))
-    }
-
-    /// The stored customers, or the one named, read from etcd.
-    pub async fn customers(&self, only: Option<&str>) -> Result<Vec<(String, Customer)>, ApiError> {
-        let mut out = Vec::new();
-        let got = match only {
-            Some(name) => self.get(&self.key(&["customers", name]), None).await,
-            None => self.get(&self.key(&["customers", ""]), Some(GetOptions::new().with_prefix())).await,
-        };
-        for item in got.map_err(unavailable)?.kvs() {
-            let key = String::from_utf8_lossy(item.key());
-            let name = key.rsplit('/').next().unwrap_or_default().to_string();
-            let customer =
-                serde_json::from_slice(item.value()).map_err(|e| ApiError::Internal(format!("{name}: {e}")))?;
-            out.push((name, customer));
-        }
-        Ok(out)
     }
 
     /// Records that every Envoy of this replica holds `customer`'s cluster and CA at
@@ -774,14 +860,31 @@ impl Shared {
     }
 }
 
-/// Whether etcd surely did not act on a request that failed so: it was not sent (no
-/// connection), or the member had no leader. Another member may take it.
-fn unsent(e: &etcd_client::Error) -> bool {
+/// Whether a request that failed so may be sent to another member: the member was not reached,
+/// had no leader, or went away (or timed out) with the request. In the last case etcd may have
+/// acted on it; every request here may be sent again: reads, puts of the same content, and
+/// transactions whose compares fail when the first one took (a `PUT` then answers 200 rather
+/// than 201, a `DELETE` 404).
+fn member_failed(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
     match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown)
+        }
         _ => false,
     }
+}
+
+/// The bucket of a function's key: two hex digits of the FNV-1a hash of its name, so that a
+/// million functions load in ranges of about 4,000.
+fn function_bucket(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{:02x}", (hash ^ (hash >> 32)) as u8)
+}
+
+fn to_json(value: &impl Serialize) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(value).map_err(|e| e.to_string())
 }
 
 /// The first key-value of each of a transaction's three reads.
@@ -798,6 +901,17 @@ fn first_of(response: &etcd_client::TxnResponse) -> [Option<KeyValue>; 3] {
 #[cfg(test)]
 mod tests {
     use super::range_end;
+
+    #[test]
+    fn a_function_s_bucket_is_fixed_by_its_name() {
+        // Stored keys: the bucket of a name must never change between versions.
+        let buckets: Vec<String> =
+            ["hello", "f0", "", "\u{e9}t\u{e9}"].iter().map(|n| super::function_bucket(n)).collect();
+        assert_eq!(buckets, ["4d", "ec", "c1", "59"]);
+        let spread: std::collections::HashSet<String> =
+            (0..10_000).map(|i| super::function_bucket(&format!("f{i}"))).collect();
+        assert_eq!(spread.len(), 256, "every bucket used");
+    }
 
     #[test]
     fn a_prefix_range_ends_after_every_key_with_the_prefix() {

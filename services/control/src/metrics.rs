@@ -26,6 +26,8 @@ pub struct Metrics {
     pub xds_stalled: AtomicU64,
     /// Per type (cluster, secret, other): responses, ACKs, NACKs.
     xds: [[AtomicU64; 3]; 3],
+    /// Per type: resources sent (an Envoy that reconnects with what it holds is sent none).
+    xds_resources: [AtomicU64; 3],
     /// Per status class 2xx, 4xx, 5xx.
     api: [AtomicU64; 3],
 }
@@ -57,6 +59,12 @@ impl Metrics {
     pub fn xds(&self, type_url: &str, what: Xds) {
         if let Some(c) = self.xds.get(type_index(type_url)).and_then(|t| t.get(what as usize)) {
             c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn xds_resources(&self, type_url: &str, sent: usize) {
+        if let Some(c) = self.xds_resources.get(type_index(type_url)) {
+            c.fetch_add(sent as u64, Relaxed);
         }
     }
 
@@ -143,6 +151,14 @@ impl Metrics {
                 let _ =
                     writeln!(out, "edgewise_control_xds_total{{type=\"{t}\",event=\"{what}\"}} {}", c.load(Relaxed));
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_xds_resources_total xDS resources sent, by type.\n\
+             # TYPE edgewise_control_xds_resources_total counter"
+        );
+        for (t, c) in ["cluster", "secret", "other"].iter().zip(&self.xds_resources) {
+            let _ = writeln!(out, "edgewise_control_xds_resources_total{{type=\"{t}\"}} {}", c.load(Relaxed));
         }
         let _ = writeln!(
             out,

@@ -312,6 +312,7 @@ impl Stream {
                 ..Default::default()
             };
             self.control.metrics.xds(type_url, Xds::Response);
+            self.control.metrics.xds_resources(type_url, batch.len());
             self.outstanding();
             match self.tx.send_timeout(Ok(response), SEND_WAIT).await {
                 Ok(()) => {}
