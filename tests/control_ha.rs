@@ -500,6 +500,18 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
     let after = envoy.stats().await.unwrap();
     assert_eq!(after.get(&full_loads).copied().unwrap_or(0), loads_before, "no full load of the table on failover");
     assert_eq!(after.get(&gone).copied().unwrap_or(0), 0, "no cursor refused (410) on failover");
+
+    // etcd without quorum, past the replicas' staleness bound (3 s here): they refuse to serve
+    // the route table, and traffic goes on from what the Envoy holds.
+    let load = Load::start(&client, front, &ingress_host(0), 4, 200);
+    etcd.kill(0).await;
+    etcd.kill(2).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(replicas[heir].get("/readyz").await.unwrap().0, 503, "stale");
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "traffic during the etcd outage");
+    assert!(ok > 100, "traffic flowed: {ok}");
+    assert!(serves(acknowledged[0]).await, "a function still routed to its host");
     etcd.stop().await;
 }
 
