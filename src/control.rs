@@ -109,6 +109,15 @@ impl ControlService {
         Ok((status, body.to_string()))
     }
 
+    /// `GET <ROUTES_PATH><query>` on a plain route port (a service started without TLS):
+    /// (status, cursor header, body).
+    pub async fn routes_plain(&self, query: &str) -> Result<(u16, String, String)> {
+        let path = format!("{}{query}", edgewise_control::ROUTES_PATH);
+        let (status, fields, body) = Service::exchange_on(self.routes_port(), "GET", &path, &[], "").await?;
+        let cursor = fields.iter().find(|(k, _)| k == edgewise_control::CURSOR).map(|(_, v)| v.clone());
+        Ok((status, cursor.unwrap_or_default(), body))
+    }
+
     /// A REST call with the admin token: (status, JSON body).
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         let auth = format!("Bearer {DEMO_TOKEN}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use edgewise::control::{self, ControlService};
 use edgewise::etcd::EtcdCluster;
 use edgewise::scenarios::serverless::Pki;
-use edgewise_control::{CURSOR, ROUTES_PATH};
+use edgewise_control::ROUTES_PATH;
 use serde_json::{json, Value};
 
 fn binary() -> &'static Path {
@@ -25,14 +25,9 @@ fn label(i: usize) -> String {
     format!("0000000a-0000000b-{i:010x}")
 }
 
-/// A routes request on a replica's (plain) route port: (status, cursor, body).
+/// A routes request: (status, cursor header, body).
 async fn routes(c: &ControlService, query: &str) -> (u16, String, String) {
-    let (status, fields, body) =
-        edgewise::service::Service::exchange_on(c.routes_port(), "GET", &format!("{ROUTES_PATH}{query}"), &[], "")
-            .await
-            .unwrap();
-    let cursor = fields.iter().find(|(k, _)| k == CURSOR).map(|(_, v)| v.clone()).unwrap_or_default();
-    (status, cursor, body)
+    c.routes_plain(query).await.unwrap()
 }
 
 fn json_of(body: &str) -> Value {

@@ -31,12 +31,7 @@ async fn start(run: &Path, db: &str) -> (Pki, ControlService) {
 
 /// A routes request: (status, cursor header, body).
 async fn routes(c: &ControlService, query: &str) -> (u16, String, String) {
-    let (status, fields, body) =
-        edgewise::service::Service::exchange_on(c.routes_port(), "GET", &format!("{ROUTES_PATH}{query}"), &[], "")
-            .await
-            .unwrap();
-    let cursor = fields.iter().find(|(k, _)| k == CURSOR).map(|(_, v)| v.clone()).unwrap_or_default();
-    (status, cursor, body)
+    c.routes_plain(query).await.unwrap()
 }
 
 fn json(body: &str) -> Value {
