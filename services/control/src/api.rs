@@ -17,8 +17,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::control::{ApiError, Control};
+use crate::control::Control;
 use crate::metrics::Watch;
+use crate::model::ApiError;
 use crate::model::{Customer, Function};
 use crate::routes::Since;
 

@@ -18,26 +18,10 @@ use tokio::sync::watch;
 use crate::etcd::{Change, Shared};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
-use crate::model::{check_name, Address, Customer, Function, FunctionRules, Invalid};
+use crate::model::{check_name, Address, ApiError, Customer, Function, FunctionRules, Invalid};
 use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
 use crate::routes::{self, FullTable, Log, Routes, Since};
 use crate::store::Store;
-
-#[derive(Debug)]
-pub enum ApiError {
-    Invalid(Invalid),
-    NotFound(String),
-    Conflict(String),
-    Internal(String),
-    /// The shared store cannot be reached: nothing was changed.
-    Unavailable(String),
-}
-
-impl From<Invalid> for ApiError {
-    fn from(e: Invalid) -> Self {
-        ApiError::Invalid(e)
-    }
-}
 
 /// What one Envoy (one ADS stream) has acknowledged: type -> name -> version.
 #[derive(Debug, Default)]

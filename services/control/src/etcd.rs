@@ -33,8 +33,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::control::ApiError;
-use crate::model::{Customer, Function};
+use crate::model::{ApiError, Customer, Function};
 
 /// How long a replica's lease outlives its last keep-alive: a replica that dies holds
 /// publication back at most this long.

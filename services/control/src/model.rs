@@ -35,6 +35,23 @@ pub struct Function {
     pub host: String,
 }
 
+/// Why an API call failed.
+#[derive(Debug)]
+pub enum ApiError {
+    Invalid(Invalid),
+    NotFound(String),
+    Conflict(String),
+    Internal(String),
+    /// The shared store cannot be reached: nothing was changed.
+    Unavailable(String),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::Invalid(e)
+    }
+}
+
 /// A rejected input: the field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
