@@ -624,7 +624,8 @@ impl Shared {
                 let stored: Option<StoredFunction> = serde_json::from_slice(item.value()).ok();
                 let gone = stored.as_ref().is_some_and(|s| s.function.customer == customer && s.generation < revision);
                 if !gone {
-                    // Moved to another customer, or stored again since: only the index entry goes.
+                    // Stored again under this customer since: its index entry is current, kept.
+                    // Moved to another customer: only the index entry goes.
                     if stored.is_some_and(|s| s.function.customer == customer) {
                         continue;
                     }
