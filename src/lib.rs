@@ -17,6 +17,7 @@ pub mod hostile;
 pub mod idp;
 pub mod native;
 pub mod oci;
+pub mod pebble;
 pub mod ratelimit;
 pub mod scale;
 pub mod scenarios;

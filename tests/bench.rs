@@ -50,7 +50,14 @@ fn make_bench_builds_every_binary_it_starts_before_running_any() {
     let runs: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.contains("cargo run")).map(|(i, _)| i).collect();
     assert!(!runs.is_empty(), "make bench runs nothing:\n{text}");
     assert!(runs.iter().all(|&i| i > build), "a bench program runs before the build:\n{text}");
-    for needed in ["edgewise-bench", "edgewise-instructions", "edgewise-scale", "edgewise-fleet", "edgewise-ha"] {
+    for needed in [
+        "edgewise-bench",
+        "edgewise-instructions",
+        "edgewise-scale",
+        "edgewise-fleet",
+        "edgewise-ha",
+        "edgewise-domains",
+    ] {
         assert!(text.contains(&format!("--bin {needed}")), "make bench does not run {needed}:\n{text}");
     }
     // What they start beside themselves is a binary of this package, which `--bins` builds.

@@ -248,8 +248,10 @@ async fn envoy_keeps_serving_while_the_control_service_is_down_and_nothing_is_lo
 
     s.control.start_again().await.unwrap();
     s.control.ready(Duration::from_secs(10)).await.unwrap();
+    // Its health check passes again within a second; the ADS stream retries at most 5 s apart
+    // (jittered): the bound is generous for a loaded 2-core machine running the file's tests at once.
     s.envoy
-        .wait_stat("ADS reconnected", Duration::from_secs(15), |st| st.get("control_plane.connected_state") == Some(&1))
+        .wait_stat("ADS reconnected", Duration::from_secs(30), |st| st.get("control_plane.connected_state") == Some(&1))
         .await
         .unwrap();
     // Nothing lost: the customer and the function are still there...
@@ -384,8 +386,12 @@ fn the_on_demand_file_is_serverless_xds_with_clusters_on_demand() {
         let on_demand = &with[with.len() - 2]["typed_config"]["odcds"];
         assert_eq!(on_demand["source"]["ads"], serde_yaml::Value::Mapping(Default::default()));
         assert_eq!(on_demand["timeout"], "5s");
-        let hcm = &mut odcds["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        hcm["http_filters"].as_sequence_mut().unwrap().remove(with.len() - 2);
+        // Both filter chains (the platform's names, custom domains) share the HTTP filters.
+        for chain in 0..2 {
+            let hcm =
+                &mut odcds["static_resources"]["listeners"][0]["filter_chains"][chain]["filters"][0]["typed_config"];
+            hcm["http_filters"].as_sequence_mut().unwrap().remove(with.len() - 2);
+        }
         assert!(odcds == xds, "{build:?}: serverless-odcds differs from serverless-xds beyond on-demand CDS");
     }
 }

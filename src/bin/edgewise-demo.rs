@@ -138,23 +138,39 @@ Ctrl-C stops everything."#,
 const XDS_FRONT: u16 = 10447;
 const XDS_ADMIN: u16 = 9908;
 const CONTROL_HTTP: u16 = 19101;
-const CONTROL_ROUTES: u16 = 19201;
+const CONTROL_ROUTES: u16 = 19211;
+/// Its plain-HTTP listener (ACME's HTTP-01 challenges), where Pebble validates.
+const XDS_HTTP: u16 = 10087;
+/// The custom domain the demo adds, with a certificate from Pebble.
+const CUSTOM_DOMAIN: &str = "app.customer-a.example";
 
-async fn start_serverless_xds(run: &std::path::Path, pki: &Pki) -> Result<(edgewise::control::ControlService, Envoy)> {
+async fn start_serverless_xds(
+    run: &std::path::Path,
+    pki: &Pki,
+) -> Result<(edgewise::control::ControlService, Envoy, edgewise::pebble::Pebble)> {
     let binary = std::env::current_exe()?.with_file_name("edgewise-control");
     let db = run.join("control.db");
     let ports = (edgewise::control::GRPC_PORT, CONTROL_HTTP, CONTROL_ROUTES);
-    let control = edgewise::control::ControlService::start(&binary, run, &db, ports, &[]).await?;
+    // Pebble, Let's Encrypt's test CA, for the custom domain's certificate (validated through
+    // the Envoy below; its DNS answers 127.0.0.1 for every name).
+    let pebble = edgewise::pebble::Pebble::start(&run.join("pebble"), XDS_HTTP, Duration::from_secs(3600)).await?;
+    let (directory, api_ca) = (pebble.directory(), pebble.api_ca_file());
+    let acme = ["--acme-directory", &directory, "--acme-ca", api_ca.to_str().unwrap_or_default()];
+    let control = edgewise::control::ControlService::start(&binary, run, &db, ports, &acme).await?;
     control.put_customer("customer-a", ports::CUSTOMER_A, &[&pki.customer_a_ca], "ingress.customer-a.example").await?;
     control.put_function("hello", "0000000a-0000000b-000000000c", "customer-a", sl::INLINE_KNATIVE_HOST).await?;
     let config = Config::shipped("serverless-xds")
         .port(ports::FRONT, XDS_FRONT)
+        .port(10080, XDS_HTTP)
         .port(9901, XDS_ADMIN)
         .port(edgewise::control::ROUTES_PORT, CONTROL_ROUTES);
     let envoy = Envoy::start_in(&config, run, Options { concurrency: 2, ..Options::default() })
         .await
         .context("starting envoy/serverless-xds.yaml")?;
-    Ok((control, envoy))
+    let body = serde_json::json!({ "function": "hello" });
+    control.call("PUT", &format!("/v1/domains/{CUSTOM_DOMAIN}"), Some(&body)).await?;
+    edgewise::certs::write_pem(&run.join("serverless"), "pebble-root.pem", &pebble.roots().await?)?;
+    Ok((control, envoy, pebble))
 }
 
 fn xds_help(curl: &dyn Fn(&str, &str) -> String) -> String {
@@ -176,6 +192,11 @@ https://*.{domain}:{XDS_FRONT}; REST API on {api}, docs/serverless-control.md):
   # Add a function of customer-a; it answers about a second later, no restart:
   curl -s -X PUT {auth} {api}/v1/functions/fn-b -d '{{"match": {{"project": "1111111a", "environment": "2222222b", "function": "333333333c"}}, "customer": "customer-a", "host": "fn-b.knative.customer-a.example"}}'
   {added}
+
+  # A custom domain of customer-a's function (PUT at start): its certificate from Pebble (HTTP-01
+  # through this Envoy's port {XDS_HTTP}), served by SNI, verified against Pebble's root:
+  curl -s {auth} {api}/v1/domains/{CUSTOM_DOMAIN}
+  curl -s --cacert target/run/serverless/pebble-root.pem --resolve {CUSTOM_DOMAIN}:{XDS_FRONT}:127.0.0.1 https://{CUSTOM_DOMAIN}:{XDS_FRONT}/
 
   # edgewise-control's metrics, and what Envoy got from it:
   curl -s {api}/metrics

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::control::Control;
+use crate::domains::DomainRequest;
 use crate::metrics::Watch;
 use crate::model::ApiError;
 use crate::model::{Customer, Function};
@@ -28,6 +29,8 @@ const MAX_BODY: usize = 256 * 1024;
 /// A request body must arrive whole within this (a body trickled a byte at a time is cut off).
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub const ROUTES_PATH: &str = "/v1/serverless/routes";
+/// Where an ACME CA fetches HTTP-01 challenges (RFC 8555, 8.3).
+pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 pub struct Api {
     pub control: Arc<Control>,
@@ -89,6 +92,19 @@ impl Api {
     pub async fn handle_routes(&self, request: Request<Incoming>) -> Reply {
         match (request.method(), request.uri().path()) {
             (&Method::GET, ROUTES_PATH) => self.routes(&request).await,
+            (&Method::GET, path) if path.starts_with(CHALLENGE_PATH) => {
+                // HTTP-01: the ingress routes this path of a custom domain here, nothing else.
+                let token = path.trim_start_matches(CHALLENGE_PATH);
+                let host = request.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+                match self.control.challenge(token, host) {
+                    Some(key_authorization) => {
+                        let mut r = Response::new(Full::new(Bytes::from(key_authorization)));
+                        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                        r
+                    }
+                    None => error(StatusCode::NOT_FOUND, "not_found", "no such challenge for this host"),
+                }
+            }
             (&Method::GET, "/readyz") => match self.control.stale() {
                 Some(since) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -137,8 +153,8 @@ impl Api {
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let (collection, name) = match segments.as_slice() {
-            ["v1", c @ ("customers" | "functions")] => (*c, None),
-            ["v1", c @ ("customers" | "functions"), name] => (*c, Some(name.to_string())),
+            ["v1", c @ ("customers" | "functions" | "domains")] => (*c, None),
+            ["v1", c @ ("customers" | "functions" | "domains"), name] => (*c, Some(name.to_string())),
             _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no such resource: {path}")),
         };
         if !self.authorized(&request) {
@@ -165,13 +181,7 @@ impl Api {
                         json!({ "name": n, "address": c.address, "san": c.san, "ca": c.ca, "published": published })
                     })
                     .collect();
-                match name {
-                    Some(n) => list.into_iter().next().map_or_else(
-                        || error(StatusCode::NOT_FOUND, "not_found", format!("no customer {n:?}")),
-                        |c| reply(StatusCode::OK, c),
-                    ),
-                    None => reply(StatusCode::OK, json!({ "customers": list })),
-                }
+                listed(list, name.as_deref(), "customers", "customer")
             }
             (Method::GET, "functions", name) => {
                 let list: Vec<Value> = control
@@ -179,13 +189,7 @@ impl Api {
                     .into_iter()
                     .map(|(n, f)| json!({ "name": n, "match": f.matches, "customer": f.customer, "host": f.host }))
                     .collect();
-                match name {
-                    Some(n) => list.into_iter().next().map_or_else(
-                        || error(StatusCode::NOT_FOUND, "not_found", format!("no function {n:?}")),
-                        |f| reply(StatusCode::OK, f),
-                    ),
-                    None => reply(StatusCode::OK, json!({ "functions": list })),
-                }
+                listed(list, name.as_deref(), "functions", "function")
             }
             (Method::PUT, "customers", Some(name)) => match parse::<Customer>(&body) {
                 Ok(customer) => created(control.put_customer(&name, customer).await, &name),
@@ -194,6 +198,26 @@ impl Api {
             (Method::PUT, "functions", Some(name)) => match parse::<Function>(&body) {
                 Ok(function) => created(control.put_function(&name, function).await, &name),
                 Err(refused) => refused.into(),
+            },
+            (Method::GET, "domains", name) => {
+                let list = control.domains(name.as_deref());
+                listed(list, name.as_deref(), "domains", "custom domain")
+            }
+            (Method::PUT, "domains", Some(name)) => match parse::<DomainRequest>(&body) {
+                Ok(request) => match control.put_domain(&name, request).await {
+                    // The status so far: pending until the certificate is issued.
+                    Ok(created) => {
+                        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                        let view = control.domains(Some(&name)).into_iter().next().unwrap_or_default();
+                        reply(status, view)
+                    }
+                    Err(e) => e.into(),
+                },
+                Err(refused) => refused.into(),
+            },
+            (Method::DELETE, "domains", Some(name)) => match control.delete_domain(&name).await {
+                Ok(()) => reply(StatusCode::OK, json!({ "deleted": name })),
+                Err(e) => e.into(),
             },
             (Method::DELETE, "customers", Some(name)) => match control.delete_customer(&name).await {
                 Ok(functions) => reply(StatusCode::OK, json!({ "deleted": name, "functions_deleted": functions })),
@@ -402,6 +426,17 @@ impl Drop for Watcher<'_> {
                 }
             }
         }
+    }
+}
+
+/// A GET of a collection: the one named (404 if there is none), or all of them.
+fn listed(list: Vec<Value>, name: Option<&str>, collection: &str, what: &str) -> Reply {
+    match name {
+        Some(n) => list.into_iter().next().map_or_else(
+            || error(StatusCode::NOT_FOUND, "not_found", format!("no {what} {n:?}")),
+            |one| reply(StatusCode::OK, one),
+        ),
+        None => reply(StatusCode::OK, json!({ collection: list })),
     }
 }
 

@@ -8,13 +8,14 @@
 //! - a removed customer's functions leave the route table at once, and its cluster and CA leave
 //!   xDS `removal_delay` later, when every filter has polled the table without them.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::domains::{check_domain, Certificate, Domain, DomainRequest};
 use crate::etcd::{Change, Shared};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
@@ -70,6 +71,12 @@ struct State {
     /// replica holds, etcd reachable or not (the local store reads its file).
     details: HashMap<String, Customer>,
     routes: Routes,
+    /// Custom domains (the local store only).
+    domains: BTreeMap<String, Domain>,
+    /// The custom domains' routes in the table: domain -> route JSON.
+    domain_routes: BTreeMap<String, String>,
+    /// HTTP-01 challenges being answered: token -> (domain, key authorization).
+    challenges: HashMap<String, (String, String)>,
 }
 
 impl State {
@@ -95,6 +102,10 @@ pub struct Control {
     shared: Option<Arc<Shared>>,
     /// The platform's client certificate chain and key, as last set.
     platform_client: Mutex<Option<(String, String)>>,
+    /// Wakes the ACME worker (a domain added, or its function changed).
+    pub acme_wake: tokio::sync::Notify,
+    /// Custom domains held at most (`--max-domains`).
+    pub max_domains: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,8 +130,28 @@ impl Control {
         let mut functions = Functions::new(rules.groups());
         store.functions(|name, _, f| drop(functions.put(&name, &f)))?;
         let routes = Routes::load(&contents);
-        // The log as the store's functions say (the same, unless a change was cut short).
-        let edits = functions.reconcile(|each| store.logged_routes(each), |_| true)?;
+        // The log as the store's functions say (the same, unless a change was cut short);
+        // custom domains' routes (keys with a dot) are reconciled with the domains below.
+        let mut domain_routes = BTreeMap::new();
+        let edits = functions.reconcile(
+            |each| {
+                store.logged_routes(|key, json| {
+                    if is_domain_key(&key) {
+                        domain_routes.insert(key, json);
+                    } else {
+                        each(key, json);
+                    }
+                })
+            },
+            |_| true,
+        )?;
+        let domains: BTreeMap<String, Domain> = store.domains()?.into_iter().collect();
+        let now = unix_now();
+        for (name, domain) in &domains {
+            if let Some(c) = domain.valid_certificate(now) {
+                resources.put_domain_certificate(name, &c.chain, &c.key);
+            }
+        }
         let mut state = State {
             store: Some(store),
             revision: 0,
@@ -130,7 +161,12 @@ impl Control {
             removing: HashMap::new(),
             details: HashMap::new(),
             routes,
+            domains,
+            domain_routes,
+            challenges: HashMap::new(),
         };
+        let mut edits = edits;
+        edits.extend(domain_edits(&mut state, None));
         if let Some(store) = &mut state.store {
             state.routes.apply(Log::Store(store), edits)?;
         }
@@ -156,6 +192,8 @@ impl Control {
             removal_delay,
             shared,
             platform_client: Mutex::new(None),
+            acme_wake: tokio::sync::Notify::new(),
+            max_domains: std::sync::atomic::AtomicUsize::new(MAX_DOMAINS),
         };
         control.published_routes(&lock(&control.state));
         control.gauges(&lock(&control.state));
@@ -216,6 +254,9 @@ impl Control {
             removing: HashMap::new(),
             details: HashMap::new(),
             routes: Routes::at(shared.cluster, revision),
+            domains: BTreeMap::new(),
+            domain_routes: BTreeMap::new(),
+            challenges: HashMap::new(),
         };
         let (mut state, mut resources) = (empty(0), Resources::default());
         let mut published = HashSet::new();
@@ -232,13 +273,27 @@ impl Control {
                 }
                 Some(Change::Function(name, Some((_, function)))) => drop(state.functions.put(&name, &function)),
                 Some(Change::Published(name)) => drop(published.insert(name)),
-                Some(Change::Customer(_, None) | Change::Function(_, None)) => {}
+                Some(Change::Domain(name, Some(domain))) => {
+                    if let Some(c) = domain.valid_certificate(unix_now()) {
+                        resources.put_domain_certificate(&name, &c.chain, &c.key);
+                    }
+                    state.domains.insert(name, domain);
+                }
+                Some(Change::Challenge(token, Some(answer))) => drop(state.challenges.insert(token, answer)),
+                Some(
+                    Change::Customer(_, None)
+                    | Change::Function(_, None)
+                    | Change::Domain(_, None)
+                    | Change::Challenge(_, None),
+                ) => {}
             })
             .await?;
         let revision = revision as u64;
         state.pending.retain(|c| !published.contains(c));
         state.revision = revision;
         state.routes = Routes::at(shared.cluster, revision);
+        // The domains' routes as the table at this revision has them (no edits: it starts here).
+        drop(domain_edits(&mut state, None));
         Ok((state, resources, now))
     }
 
@@ -277,11 +332,17 @@ impl Control {
                     }
                 }
                 Change::Function(name, None) => self.function_gone(&mut state, &name),
+                Change::Domain(name, domain) => self.domain_stored(&mut state, &name, domain),
+                Change::Challenge(token, answer) => match answer {
+                    Some(answer) => drop(state.challenges.insert(token, answer)),
+                    None => drop(state.challenges.remove(&token)),
+                },
                 Change::Published(name) => {
                     if state.pending.remove(&name) {
-                        let edits =
-                            state.functions.of_customer(&name).iter().map(|(_, k, f)| routes::put(k, f)).collect();
-                        self.publish(&mut state, edits);
+                        let functions = state.functions.of_customer(&name);
+                        let edits = functions.iter().map(|(_, k, f)| routes::put(k, f)).collect();
+                        let names: Vec<String> = functions.into_iter().map(|(n, _, _)| n).collect();
+                        self.publish(&mut state, edits, &names);
                     }
                 }
             }
@@ -319,6 +380,7 @@ impl Control {
         }
         let mut body = format!("{{\"version\":{version},\"routes\":[");
         state.functions.page(None, usize::MAX, |c| state.visible(c), &mut body);
+        push_domain_routes(&state, &mut body);
         body.push_str("]}");
         Ok(FullTable { version, cursor: state.routes.cursor(), etag: tag, body: body.into() })
     }
@@ -332,6 +394,10 @@ impl Control {
         let mut body = format!("{{\"version\":{},\"routes\":[", state.routes.version());
         let visible = |c: &str| state.visible(c);
         let next = state.functions.page(after, limit.clamp(1, routes::MAX_PAGE), visible, &mut body);
+        if next.is_none() {
+            // The custom domains (thousands, not millions) go with the last page.
+            push_domain_routes(&state, &mut body);
+        }
         body.push(']');
         if let Some(next) = next {
             body.push_str(&format!(",\"next\":\"{}\"", routes::page_token(next)));
@@ -411,7 +477,8 @@ impl Control {
                 edits.push(routes::delete(key, f));
             }
         }
-        self.publish(state, edits);
+        let names: Vec<String> = gone.iter().map(|(n, _, _)| n.clone()).collect();
+        self.publish(state, edits, &names);
         self.gauges(state);
         let (control, name) = (self.clone(), name.to_string());
         let removal = self.removals.fetch_add(1, Ordering::Relaxed) + 1;
@@ -466,7 +533,7 @@ impl Control {
         if visible && !unchanged {
             edits.push(routes::put(key, function));
         }
-        self.publish(state, edits);
+        self.publish(state, edits, &[name.to_string()]);
         self.gauges(state);
         created
     }
@@ -489,7 +556,7 @@ impl Control {
     fn function_gone(&self, state: &mut State, name: &str) {
         if let Some((key, function)) = state.functions.remove(name) {
             if state.visible(&function.customer) {
-                self.publish(state, vec![routes::delete(&key, &function)]);
+                self.publish(state, vec![routes::delete(&key, &function)], &[name.to_string()]);
             }
         }
         self.gauges(state);
@@ -625,12 +692,11 @@ impl Control {
         for customer in &newly {
             state.pending.remove(customer);
         }
-        let edits: Vec<routes::Edit> = newly
-            .iter()
-            .flat_map(|c| state.functions.of_customer(c))
-            .map(|(_, key, f)| routes::put(&key, &f))
-            .collect();
-        self.publish(&mut state, edits);
+        let functions: Vec<(String, String, Function)> =
+            newly.iter().flat_map(|c| state.functions.of_customer(c)).collect();
+        let edits = functions.iter().map(|(_, key, f)| routes::put(key, f)).collect();
+        let names: Vec<String> = functions.into_iter().map(|(n, _, _)| n).collect();
+        self.publish(&mut state, edits, &names);
         self.gauges(&state);
     }
 
@@ -648,8 +714,23 @@ impl Control {
         m.published.store((state.customers.len() - state.pending.len()) as u64, Ordering::Relaxed);
     }
 
-    /// Applies `edits` to the route table (logged in the store first) and wakes its watchers.
-    fn publish(&self, state: &mut State, edits: Vec<routes::Edit>) {
+    /// Applies `edits` to the route table (logged in the store first), with those of the custom
+    /// domains of `functions` (the functions the edits put, moved or removed), and wakes its
+    /// watchers.
+    fn publish(&self, state: &mut State, mut edits: Vec<routes::Edit>, functions: &[String]) {
+        if !state.domains.is_empty() && !functions.is_empty() {
+            // A scan of the domains (thousands), not of the functions (millions).
+            let touched: HashSet<&str> = functions.iter().map(String::as_str).collect();
+            let domains: Vec<String> = state
+                .domains
+                .iter()
+                .filter(|(_, d)| touched.contains(d.function.as_str()))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for domain in domains {
+                edits.extend(domain_edits(state, Some(&domain)));
+            }
+        }
         let State { routes, store, revision, .. } = state;
         let log = match store {
             Some(store) => Log::Store(store),
@@ -685,5 +766,331 @@ pub async fn recheck_publication(control: Arc<Control>) {
         }
         let lagging = lock(&control.streams).values().filter(|s| lock(s).lagging()).count();
         control.metrics.xds_lagging.store(lagging as u64, Ordering::Relaxed);
+    }
+}
+
+/// Custom domains held at most, by default.
+pub const MAX_DOMAINS: usize = 100_000;
+
+/// Whether a route key is a custom domain's (function keys hold no dot).
+fn is_domain_key(key: &str) -> bool {
+    key.contains('.')
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A custom domain's route as the filter reads it: its function's cluster and Host.
+fn domain_route_json(domain: &str, f: &Function) -> String {
+    serde_json::json!({ "domain": domain, "cluster": f.customer, "host": f.host }).to_string()
+}
+
+/// The edits that make the custom domains' routes in the table what their functions say (the
+/// domain `only`, or all): a domain whose function exists, of a published customer, is routed.
+fn domain_edits(state: &mut State, only: Option<&str>) -> Vec<routes::Edit> {
+    let mut edits = Vec::new();
+    let names: Vec<String> = match only {
+        Some(name) => vec![name.to_string()],
+        None => state.domains.keys().chain(state.domain_routes.keys()).cloned().collect(),
+    };
+    for name in names {
+        let want = state
+            .domains
+            .get(&name)
+            .and_then(|d| state.functions.get(&d.function))
+            .filter(|f| state.visible(&f.customer))
+            .map(|f| domain_route_json(&name, &f));
+        let have = state.domain_routes.get(&name);
+        if want.as_ref() == have {
+            continue;
+        }
+        match want {
+            Some(json) => {
+                edits.push(routes::Edit { key: name.clone(), put: true, json: json.clone() });
+                state.domain_routes.insert(name, json);
+            }
+            None => {
+                let json = serde_json::json!({ "domain": name }).to_string();
+                edits.push(routes::Edit { key: name.clone(), put: false, json });
+                state.domain_routes.remove(&name);
+            }
+        }
+    }
+    edits
+}
+
+/// The custom domains' routes, appended to a list of routes.
+fn push_domain_routes(state: &State, body: &mut String) {
+    for json in state.domain_routes.values() {
+        if !body.ends_with('[') {
+            body.push(',');
+        }
+        body.push_str(json);
+    }
+}
+
+/// The ACME worker's view of a domain due for a certificate.
+pub struct Due {
+    pub domain: String,
+    pub failures: u32,
+}
+
+impl Control {
+    /// What `request` makes of the domain `name` as it stands (`current`): the domain to store,
+    /// `None` when nothing changes.
+    fn domain_change(
+        &self,
+        state: &State,
+        name: &str,
+        request: &DomainRequest,
+        current: Option<&Domain>,
+    ) -> Result<Option<Domain>, ApiError> {
+        let Some(function) = state.functions.get(&request.function) else {
+            return Err(ApiError::Invalid(Invalid {
+                field: "function".into(),
+                reason: format!("{:?} is no function", request.function),
+            }));
+        };
+        match current {
+            Some(d) if d.function == request.function => Ok(None),
+            Some(d) => {
+                let owner = state.functions.get(&d.function).map(|f| f.customer);
+                if owner.as_deref() != Some(function.customer.as_str()) {
+                    return Err(ApiError::Conflict(format!(
+                        "{name} is the custom domain of function {:?}, of another customer",
+                        d.function
+                    )));
+                }
+                Ok(Some(Domain { function: request.function.clone(), ..d.clone() }))
+            }
+            None => {
+                let max = self.max_domains.load(Ordering::Relaxed);
+                if state.domains.len() >= max {
+                    return Err(ApiError::Conflict(format!(
+                        "{} custom domains already: at most {max} (--max-domains)",
+                        state.domains.len()
+                    )));
+                }
+                Ok(Some(Domain::new(&request.function)))
+            }
+        }
+    }
+
+    /// Adds a custom domain routed to `request.function`, or moves it to another function of
+    /// the same customer; true when it is new.
+    pub async fn put_domain(&self, domain: &str, request: DomainRequest) -> Result<bool, ApiError> {
+        let name = check_domain(domain, self.rules.domain())?;
+        if let Some(shared) = &self.shared {
+            for _ in 0..8 {
+                let (current, seen) = shared.domain(&name).await?;
+                let change = self.domain_change(&lock(&self.state), &name, &request, current.as_ref())?;
+                let Some(change) = change else { return Ok(false) };
+                if let Some(revision) = shared.write_domain(&name, Some(&change), seen).await? {
+                    self.caught_up(revision).await;
+                    self.acme_wake.notify_one();
+                    return Ok(current.is_none());
+                }
+            }
+            return Err(ApiError::Conflict(format!("{name} kept changing under this write: try again")));
+        }
+        let mut state = lock(&self.state);
+        let current = state.domains.get(&name).cloned();
+        let Some(change) = self.domain_change(&state, &name, &request, current.as_ref())? else {
+            return Ok(false);
+        };
+        local(&mut state)?.put_domain(&name, &change).map_err(ApiError::Internal)?;
+        self.domain_stored(&mut state, &name, Some(change));
+        drop(state);
+        self.acme_wake.notify_one();
+        Ok(current.is_none())
+    }
+
+    /// A domain stored (or gone): its route follows at once, its certificate is served (or no
+    /// longer: an Envoy then refuses the name's handshakes).
+    fn domain_stored(&self, state: &mut State, name: &str, domain: Option<Domain>) {
+        let certificate = domain.as_ref().and_then(|d| d.valid_certificate(unix_now()).cloned());
+        match domain {
+            Some(d) => drop(state.domains.insert(name.to_string(), d)),
+            None => {
+                state.domains.remove(name);
+                state.challenges.retain(|_, (d, _)| d != name);
+            }
+        }
+        let edits = domain_edits(state, Some(name));
+        self.publish(state, edits, &[]);
+        self.metrics.domains.store(state.domains.len() as u64, Ordering::Relaxed);
+        // Only a change copies the resources (the streams hold the version they sent).
+        let wanted = certificate.map(|c| crate::resources::certificate(name, &c.chain, &c.key));
+        self.resources.send_if_modified(|r| match wanted {
+            Some(secret) if r.secrets.get(name).is_none_or(|have| have.version != secret.version) => {
+                Arc::make_mut(r).secrets.insert(name.to_string(), secret);
+                true
+            }
+            None if r.secrets.contains_key(name) => {
+                Arc::make_mut(r).remove_domain_certificate(name);
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Removes a custom domain.
+    pub async fn delete_domain(&self, domain: &str) -> Result<(), ApiError> {
+        let name = domain.strip_suffix('.').unwrap_or(domain).to_ascii_lowercase();
+        if let Some(shared) = &self.shared {
+            for _ in 0..8 {
+                let (current, seen) = shared.domain(&name).await?;
+                if current.is_none() {
+                    return Err(ApiError::NotFound(format!("no custom domain {name:?}")));
+                }
+                if let Some(revision) = shared.write_domain(&name, None, seen).await? {
+                    self.caught_up(revision).await;
+                    return Ok(());
+                }
+            }
+            return Err(ApiError::Conflict(format!("{name} kept changing under this write: try again")));
+        }
+        let mut state = lock(&self.state);
+        if !state.domains.contains_key(&name) {
+            return Err(ApiError::NotFound(format!("no custom domain {name:?}")));
+        }
+        local(&mut state)?.delete_domain(&name).map_err(ApiError::Internal)?;
+        self.domain_stored(&mut state, &name, None);
+        Ok(())
+    }
+
+    /// Every custom domain, or one, as the API shows it.
+    pub fn domains(&self, only: Option<&str>) -> Vec<serde_json::Value> {
+        let state = lock(&self.state);
+        let now = unix_now();
+        // Routed: its function exists, of a published customer.
+        let view = |(name, d): (&String, &Domain)| d.view(name, now, state.domain_routes.contains_key(name));
+        match only.map(|d| d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase()) {
+            Some(name) => state.domains.get_key_value(&name).map(view).into_iter().collect(),
+            None => state.domains.iter().map(view).collect(),
+        }
+    }
+
+    /// The key authorization for an HTTP-01 challenge `token`, if `host` is the domain it is for.
+    pub fn challenge(&self, token: &str, host: &str) -> Option<String> {
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h).to_ascii_lowercase();
+        let state = lock(&self.state);
+        let answer = state.challenges.get(token).filter(|(domain, _)| *domain == host);
+        answer.map(|(_, key_authorization)| key_authorization.clone())
+    }
+
+    /// Answers (`Some`) or withdraws an HTTP-01 challenge, on every replica.
+    pub async fn set_challenge(&self, token: &str, answer: Option<(&str, &str)>) -> Result<(), String> {
+        if let Some(shared) = &self.shared {
+            // Every replica serves it once its watch brings it (the ingress retries another
+            // replica on a 404 meanwhile).
+            shared.put_challenge(token, answer).await?;
+        }
+        let mut state = lock(&self.state);
+        match answer {
+            Some((domain, key_authorization)) => {
+                state.challenges.insert(token.into(), (domain.into(), key_authorization.into()))
+            }
+            None => state.challenges.remove(token),
+        };
+        Ok(())
+    }
+
+    /// Whether this replica runs the ACME orders: the one replica of the local store; of the
+    /// shared store's replicas, the one that holds the lead.
+    pub async fn leads_acme(&self) -> bool {
+        match &self.shared {
+            Some(shared) => shared.lead("acme").await,
+            None => true,
+        }
+    }
+
+    /// At most `limit` domains due for a certificate now (none yet, or in the last third of its
+    /// lifetime), past their back-off, but those in `busy`.
+    pub fn domains_due(&self, limit: usize, busy: &HashSet<String>) -> Vec<Due> {
+        let state = lock(&self.state);
+        let (now, now_ms) = (unix_now(), unix_now_ms());
+        state
+            .domains
+            .iter()
+            // A domain whose function is gone keeps its entry (and its certificate until it
+            // expires) but is not renewed: it routes nowhere.
+            .filter(|(name, d)| {
+                d.renewal_due(now)
+                    && d.next_attempt_ms <= now_ms
+                    && !busy.contains(*name)
+                    && state.functions.contains(&d.function)
+            })
+            .take(limit)
+            .map(|(name, d)| Due { domain: name.clone(), failures: d.failures })
+            .collect()
+    }
+
+    /// Records the outcome of an order for `domain`: `update` changes the domain as stored
+    /// (unless it was removed meanwhile), then the change is served.
+    async fn update_domain(&self, domain: &str, update: impl Fn(&mut Domain)) -> Result<(), String> {
+        if let Some(shared) = &self.shared {
+            for _ in 0..8 {
+                let (current, seen) = shared.domain(domain).await.map_err(|e| format!("{e:?}"))?;
+                let Some(mut d) = current else { return Ok(()) };
+                update(&mut d);
+                if shared.write_domain(domain, Some(&d), seen).await.map_err(|e| format!("{e:?}"))?.is_some() {
+                    return Ok(());
+                }
+            }
+            return Err(format!("{domain} kept changing under this write"));
+        }
+        let mut state = lock(&self.state);
+        let Some(mut d) = state.domains.get(domain).cloned() else { return Ok(()) };
+        update(&mut d);
+        local(&mut state).map_err(|e| format!("{e:?}"))?.put_domain(domain, &d)?;
+        self.domain_stored(&mut state, domain, Some(d));
+        Ok(())
+    }
+
+    /// A certificate obtained: stored, then served.
+    pub async fn domain_issued(&self, domain: &str, certificate: Certificate) -> Result<(), String> {
+        self.update_domain(domain, |d| {
+            (d.certificate, d.error, d.failures, d.next_attempt_ms) = (Some(certificate.clone()), None, 0, 0);
+        })
+        .await?;
+        self.metrics.acme(true);
+        Ok(())
+    }
+
+    /// An attempt failed: said in the status, retried after `retry_in`. A certificate still
+    /// valid keeps being served.
+    pub async fn domain_failed(&self, domain: &str, error: &str, retry_in: Duration) -> Result<(), String> {
+        let next = unix_now_ms() + retry_in.as_millis() as u64;
+        self.update_domain(domain, |d| {
+            d.error = Some(error.into());
+            d.failures = d.failures.saturating_add(1);
+            d.next_attempt_ms = next;
+        })
+        .await?;
+        self.metrics.acme(false);
+        Ok(())
+    }
+
+    /// A secret kept in the store (the ACME account).
+    pub async fn secret(&self, key: &str) -> Result<Option<String>, String> {
+        if let Some(shared) = &self.shared {
+            return shared.secret(key).await;
+        }
+        let mut state = lock(&self.state);
+        local(&mut state).map_err(|e| format!("{e:?}"))?.secret(key)
+    }
+
+    pub async fn put_secret(&self, key: &str, value: &str) -> Result<(), String> {
+        if let Some(shared) = &self.shared {
+            return shared.put_secret(key, value).await;
+        }
+        let mut state = lock(&self.state);
+        local(&mut state).map_err(|e| format!("{e:?}"))?.put_secret(key, value)
     }
 }

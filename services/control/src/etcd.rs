@@ -18,7 +18,11 @@
 //! - `replicas/<id>` and `acks/<customer>/<id>`, under each replica's lease: the replicas alive,
 //!   and which of them have every connected Envoy holding the customer's cluster and CA (the
 //!   value: their versions). A customer is published once every live replica has acknowledged
-//!   it; a replica that dies takes its entries with it when its lease ends.
+//!   it; a replica that dies takes its entries with it when its lease ends;
+//! - `domains/<name>`: a custom domain (JSON: its function, certificate and key, ACME state);
+//! - `secrets/<name>`: what the service keeps for itself (the ACME account);
+//! - `challenges/<token>` (under the lease of the replica whose order it is): an HTTP-01 answer,
+//!   which any replica serves; `leaders/acme`: the replica that runs the ACME orders.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -33,6 +37,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::domains::Domain;
 use crate::model::{ApiError, Customer, Function};
 
 /// How long a replica's lease outlives its last keep-alive: a replica that dies holds
@@ -75,6 +80,9 @@ pub enum Change {
     /// A function put (its route key and itself) or gone.
     Function(String, Option<(String, Function)>),
     Published(String),
+    Domain(String, Option<Domain>),
+    /// An HTTP-01 answer: token -> (domain, key authorization), or gone.
+    Challenge(String, Option<(String, String)>),
 }
 
 /// What the replicas have said about publication: the live ones, and each customer's acks.
@@ -388,7 +396,7 @@ impl Shared {
         let ranges = [self.key(&["customers", ""])]
             .into_iter()
             .chain(buckets)
-            .chain(["published", "replicas", "acks"].map(|kind| self.key(&[kind, ""])));
+            .chain(["published", "replicas", "acks", "domains", "challenges"].map(|kind| self.key(&[kind, ""])));
         for start in ranges {
             self.range(&start, revision, |kv| {
                 if let Some(change) = self.read(&mut view, EventType::Put, kv) {
@@ -545,6 +553,20 @@ impl Shared {
                 Some(Change::Function(rest.to_string(), live))
             }
             "published" => put.then(|| Change::Published(rest.to_string())),
+            "domains" => {
+                let domain = put.then(|| serde_json::from_slice::<Domain>(kv.value())).transpose();
+                match domain {
+                    Ok(domain) => Some(Change::Domain(rest.to_string(), domain)),
+                    Err(e) => {
+                        eprintln!("edgewise-control: etcd: domain {rest:?} unreadable ({e}); skipped");
+                        None
+                    }
+                }
+            }
+            "challenges" => {
+                let answer = put.then(|| serde_json::from_slice::<(String, String)>(kv.value()).ok()).flatten();
+                Some(Change::Challenge(rest.to_string(), answer))
+            }
             "replicas" => {
                 if put {
                     view.replicas.insert(rest.to_string());
@@ -569,6 +591,75 @@ impl Shared {
 
     fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
         header.map_or(0, etcd_client::ResponseHeader::revision)
+    }
+
+    /// A custom domain as stored, and its key's mod revision (0: absent).
+    pub async fn domain(&self, name: &str) -> Result<(Option<Domain>, i64), ApiError> {
+        let found = self.get(&self.key(&["domains", name]), None).await.map_err(unavailable)?;
+        let Some(kv) = found.kvs().first() else { return Ok((None, 0)) };
+        let domain =
+            serde_json::from_slice(kv.value()).map_err(|e| ApiError::Internal(format!("domain {name}: {e}")))?;
+        Ok((Some(domain), kv.mod_revision()))
+    }
+
+    /// Writes a custom domain (`None`: deletes it) if its key is still at `seen` (a mod
+    /// revision; 0: absent): the revision written, or `None` when it changed meanwhile.
+    pub async fn write_domain(&self, name: &str, domain: Option<&Domain>, seen: i64) -> Result<Option<i64>, ApiError> {
+        let key = self.key(&["domains", name]);
+        let op = match domain {
+            Some(d) => {
+                TxnOp::put(key.clone(), serde_json::to_vec(d).map_err(|e| ApiError::Internal(e.to_string()))?, None)
+            }
+            None => TxnOp::delete(key.clone(), None),
+        };
+        let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, seen)]).and_then([op]);
+        let done = self.txn(txn).await.map_err(unavailable)?;
+        Ok(done.succeeded().then(|| Self::revision_of(done.header())))
+    }
+
+    pub async fn secret(&self, name: &str) -> Result<Option<String>, String> {
+        let found = self.get(&self.key(&["secrets", name]), None).await.map_err(|e| format!("etcd: {e}"))?;
+        Ok(found.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    pub async fn put_secret(&self, name: &str, value: &str) -> Result<(), String> {
+        let put = TxnOp::put(self.key(&["secrets", name]), value, None);
+        self.txn(Txn::new().and_then([put])).await.map(drop).map_err(|e| format!("etcd: {e}"))
+    }
+
+    /// Publishes an HTTP-01 answer to every replica (`None`: withdraws it), under this replica's
+    /// lease: one that dies takes its answers with it.
+    pub async fn put_challenge(&self, token: &str, answer: Option<(&str, &str)>) -> Result<(), String> {
+        let key = self.key(&["challenges", token]);
+        let op = match answer {
+            Some(answer) => {
+                let value = serde_json::to_vec(&answer).map_err(|e| e.to_string())?;
+                TxnOp::put(key, value, Some(PutOptions::new().with_lease(*lock(&self.lease))))
+            }
+            None => TxnOp::delete(key, None),
+        };
+        self.txn(Txn::new().and_then([op])).await.map(drop).map_err(|e| format!("etcd: {e}"))
+    }
+
+    /// Whether this replica leads `role` (one replica at a time, under its lease): takes the
+    /// lead when nobody holds it.
+    pub async fn lead(&self, role: &str) -> bool {
+        let key = self.key(&["leaders", role]);
+        let lease = *lock(&self.lease);
+        let take = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), self.replica.clone(), Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::get(key, None)]);
+        match self.txn(take).await {
+            Ok(done) if done.succeeded() => true,
+            Ok(done) => done.op_responses().into_iter().any(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => {
+                    get.kvs().first().is_some_and(|kv| kv.value() == self.replica.as_bytes())
+                }
+                _ => false,
+            }),
+            Err(_) => false,
+        }
     }
 
     /// Puts a customer: (created, revision).

@@ -9,8 +9,10 @@
 //! (admin token), `/healthz`, `/readyz` and `/metrics`. SIGTERM or SIGINT stops it; everything
 //! acknowledged is on disk.
 
+mod acme;
 mod api;
 mod control;
+pub mod domains;
 pub mod etcd;
 mod functions;
 mod metrics;
@@ -53,6 +55,9 @@ pub struct Options {
     pub tls: Option<[PathBuf; 3]>,
     /// Connections each port holds, in all and per client address.
     pub limits: edgewise_service::Limits,
+    /// Certificates for custom domains from this ACME CA; none without it.
+    pub acme: Option<acme::AcmeOptions>,
+    pub max_domains: usize,
 }
 
 pub enum StoreOption {
@@ -64,7 +69,9 @@ const USAGE: &str = "usage: edgewise-control (--db <file.db> | --etcd <url>,... 
      [--etcd-ca <pem>] [--etcd-cert <pem> --etcd-key <pem>] [--etcd-stale-ms 10000]) --client-cert <pem> --client-key <pem> \
      [--grpc 127.0.0.1:18000] [--routes 127.0.0.1:19200] [--http 127.0.0.1:19100] [--domain serverless.gitlab.io] [--pattern <regex>] \
      [--removal-delay-ms 5000] [--tls-cert <pem> --tls-key <pem> --tls-client-ca <pem>] \
-     [--max-connections 4096] [--max-connections-per-client 64]; the admin token in $EDGEWISE_CONTROL_TOKEN";
+     [--max-connections 4096] [--max-connections-per-client 64] \
+     [--acme-directory <url> [--acme-ca <pem>] [--acme-contact mailto:...] [--acme-retry-ms 60000] [--acme-concurrency 4]] \
+     [--max-domains 100000]; the admin token in $EDGEWISE_CONTROL_TOKEN";
 
 impl Options {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -80,6 +87,9 @@ impl Options {
         let mut pattern = edgewise_core::serverless::DEFAULT_PATTERN.to_string();
         let mut removal_delay_ms = "5000".to_string();
         let mut limits = edgewise_service::Limits::default();
+        let (mut acme_directory, mut acme_ca, mut acme_contact) = (None, None, Vec::new());
+        let (mut acme_retry_ms, mut acme_concurrency) = ("60000".to_string(), "4".to_string());
+        let mut max_domains = control::MAX_DOMAINS.to_string();
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value; {USAGE}"));
             match flag.as_str() {
@@ -101,6 +111,12 @@ impl Options {
                 "--tls-cert" => tls_cert = Some(value()?),
                 "--tls-key" => tls_key = Some(value()?),
                 "--tls-client-ca" => tls_ca = Some(value()?),
+                "--acme-directory" => acme_directory = Some(value()?),
+                "--acme-ca" => acme_ca = Some(value()?),
+                "--acme-contact" => acme_contact.push(value()?),
+                "--acme-retry-ms" => acme_retry_ms = value()?,
+                "--acme-concurrency" => acme_concurrency = value()?,
+                "--max-domains" => max_domains = value()?,
                 other => {
                     if !limits.take_flag(other, value)? {
                         return Err(format!("unknown argument {flag:?}; {USAGE}"));
@@ -121,6 +137,29 @@ impl Options {
             (None, None, None) => None,
             _ => return Err(format!("--tls-cert, --tls-key and --tls-client-ca go together; {USAGE}")),
         };
+        let number = |flag: &str, v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v:?}: {e}"));
+        let acme = match acme_directory {
+            Some(directory) => {
+                if !directory.starts_with("https://") {
+                    return Err(format!("--acme-directory {directory:?}: must be an https:// URL"));
+                }
+                let retry = Duration::from_millis(number("--acme-retry-ms", &acme_retry_ms)?.max(1));
+                let concurrency = number("--acme-concurrency", &acme_concurrency)?.clamp(1, 64) as usize;
+                Some(acme::AcmeOptions {
+                    directory,
+                    ca: acme_ca.map(PathBuf::from),
+                    contact: acme_contact,
+                    retry,
+                    max_retry: Duration::from_secs(3600).max(retry),
+                    concurrency,
+                })
+            }
+            None if acme_ca.is_some() || !acme_contact.is_empty() => {
+                return Err(format!("--acme-ca and --acme-contact need --acme-directory; {USAGE}"))
+            }
+            None => None,
+        };
+        let max_domains = number("--max-domains", &max_domains)? as usize;
         let store = match (db, etcd) {
             (Some(db), None) => StoreOption::Sqlite(db.into()),
             (None, Some(urls)) => {
@@ -162,6 +201,8 @@ impl Options {
             pattern,
             removal_delay: Duration::from_millis(removal_delay_ms),
             token,
+            acme,
+            max_domains,
         })
     }
 }
@@ -182,6 +223,10 @@ pub async fn run(options: Options) -> Result<(), String> {
         }
     };
     edgewise_service::release_freed_memory();
+    control.max_domains.store(options.max_domains, std::sync::atomic::Ordering::Relaxed);
+    if let Some(acme) = &options.acme {
+        tokio::spawn(acme::run(control.clone(), acme.clone()));
+    }
     let (chain, key) = read_client_certificate(&options)?;
     control.set_platform_client(&chain, &key);
 

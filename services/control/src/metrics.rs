@@ -30,6 +30,10 @@ pub struct Metrics {
     xds_resources: [AtomicU64; 3],
     /// Per status class 2xx, 4xx, 5xx.
     api: [AtomicU64; 3],
+    /// Custom domains stored.
+    pub domains: AtomicU64,
+    /// Certificate orders (ACME) by result: issued, failed.
+    acme: [AtomicU64; 2],
 }
 
 #[derive(Clone, Copy)]
@@ -81,6 +85,12 @@ impl Metrics {
             _ => 0,
         };
         if let Some(c) = self.api.get(class) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn acme(&self, issued: bool) {
+        if let Some(c) = self.acme.get(usize::from(!issued)) {
             c.fetch_add(1, Relaxed);
         }
     }
@@ -167,6 +177,15 @@ impl Metrics {
         );
         for (class, c) in ["2xx", "4xx", "5xx"].iter().zip(&self.api) {
             let _ = writeln!(out, "edgewise_control_api_requests_total{{status=\"{class}\"}} {}", c.load(Relaxed));
+        }
+        gauge(&mut out, "edgewise_control_domains", "Custom domains stored.", &self.domains);
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_acme_orders_total Certificate orders for custom domains, by result.\n\
+             # TYPE edgewise_control_acme_orders_total counter"
+        );
+        for (result, c) in ["issued", "failed"].iter().zip(&self.acme) {
+            let _ = writeln!(out, "edgewise_control_acme_orders_total{{result=\"{result}\"}} {}", c.load(Relaxed));
         }
         out
     }

@@ -161,11 +161,18 @@ impl Customer {
 /// same key, the same Host check.
 pub struct FunctionRules {
     decoder: HostDecoder,
+    domain: String,
 }
 
 impl FunctionRules {
     pub fn new(domain: &str, pattern: &str) -> Result<Self, String> {
-        Ok(FunctionRules { decoder: HostDecoder::new(domain, pattern).map_err(|e| e.to_string())? })
+        let decoder = HostDecoder::new(domain, pattern).map_err(|e| e.to_string())?;
+        Ok(FunctionRules { decoder, domain: domain.to_ascii_lowercase() })
+    }
+
+    /// The platform's serverless domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
 
     pub fn groups(&self) -> &[String] {
@@ -182,6 +189,7 @@ impl FunctionRules {
             }
         }
         let spec = RouteSpec {
+            domain: None,
             matches: function.matches.clone(),
             cluster: function.customer.clone(),
             host: function.host.clone(),

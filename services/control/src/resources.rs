@@ -84,16 +84,43 @@ impl Resources {
     }
 
     pub fn put_platform_client(&mut self, chain: &str, key: &str) {
-        let secret = Secret {
-            name: PLATFORM_CLIENT.into(),
-            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-                certificate_chain: Some(inline(chain)),
-                private_key: Some(inline(key)),
-                ..Default::default()
-            })),
-        };
-        self.secrets.insert(PLATFORM_CLIENT.into(), Resource::new(PLATFORM_CLIENT.into(), &secret));
+        self.put_certificate(PLATFORM_CLIENT, chain, key);
     }
+
+    fn put_certificate(&mut self, name: &str, chain: &str, key: &str) {
+        self.secrets.insert(name.into(), certificate(name, chain, key));
+    }
+}
+
+impl Resources {
+    /// A custom domain's certificate, named by the domain itself: the front listener's on-demand
+    /// certificate selector asks for the SNI it is sent.
+    pub fn put_domain_certificate(&mut self, domain: &str, chain: &str, key: &str) {
+        self.put_certificate(domain, chain, key);
+    }
+
+    pub fn remove_domain_certificate(&mut self, domain: &str) {
+        self.secrets.remove(domain);
+    }
+}
+
+/// Whether a secret name is a custom domain's certificate (a DNS name with a dot; the platform's
+/// secrets are single labels: `platform-client`, `<customer>-ca`).
+pub fn is_domain_secret(name: &str) -> bool {
+    name.contains('.')
+}
+
+/// A certificate and its key, as the SDS secret `name`.
+pub fn certificate(name: &str, chain: &str, key: &str) -> Arc<Resource> {
+    let secret = Secret {
+        name: name.into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(chain)),
+            private_key: Some(inline(key)),
+            ..Default::default()
+        })),
+    };
+    Resource::new(name.into(), &secret)
 }
 
 pub fn ca_secret_name(customer: &str) -> String {

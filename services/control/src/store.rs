@@ -6,6 +6,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::domains::Domain;
 use crate::model::{Customer, Function};
 
 pub struct Store {
@@ -38,6 +39,15 @@ CREATE TABLE IF NOT EXISTS route_log (
     json    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS route_log_key ON route_log(key, version);
+CREATE TABLE IF NOT EXISTS domains (
+    name     TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    state    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
 /// One entry of the route log: the route under `key` put (`json`: the route) or deleted
@@ -72,8 +82,17 @@ pub struct Contents {
 }
 
 impl Store {
+    /// Opens (or creates) the file, readable and writable by this user alone: it holds the
+    /// custom domains' private keys and the ACME account key (SQLite gives its WAL and journal
+    /// files the same mode).
     pub fn open(path: &Path) -> Result<Store> {
         let db = Connection::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: making it private: {e}", path.display()))?;
+        }
         // WAL: readers never wait for the writer; FULL: a commit survives a power loss.
         db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .and_then(|()| db.execute_batch(SCHEMA))
@@ -232,6 +251,50 @@ impl Store {
 
     pub fn delete_function(&mut self, name: &str) -> Result<()> {
         self.db.execute("DELETE FROM functions WHERE name = ?1", [name]).map(drop).map_err(db_error)
+    }
+
+    /// Every custom domain.
+    pub fn domains(&self) -> Result<Vec<(String, Domain)>> {
+        let mut rows = self.db.prepare("SELECT name, state FROM domains ORDER BY name").map_err(db_error)?;
+        let rows = rows.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(db_error)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, state) = row.map_err(db_error)?;
+            let domain = serde_json::from_str(&state).map_err(|e| format!("stored domain {name}: {e}"))?;
+            out.push((name, domain));
+        }
+        Ok(out)
+    }
+
+    pub fn put_domain(&mut self, name: &str, d: &Domain) -> Result<()> {
+        let state = serde_json::to_string(d).map_err(|e| e.to_string())?;
+        self.db
+            .execute(
+                "INSERT INTO domains (name, function, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET function = ?2, state = ?3",
+                params![name, d.function, state],
+            )
+            .map(drop)
+            .map_err(db_error)
+    }
+
+    pub fn delete_domain(&mut self, name: &str) -> Result<()> {
+        self.db.execute("DELETE FROM domains WHERE name = ?1", [name]).map(drop).map_err(db_error)
+    }
+
+    /// A secret the service keeps (the ACME account's credentials).
+    pub fn secret(&self, key: &str) -> Result<Option<String>> {
+        self.db.query_row("SELECT value FROM secrets WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(db_error)
+    }
+
+    pub fn put_secret(&mut self, key: &str, value: &str) -> Result<()> {
+        self.db
+            .execute(
+                "INSERT INTO secrets (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map(drop)
+            .map_err(db_error)
     }
 
     /// Many customers and functions in one transaction (seeding a large installation; the

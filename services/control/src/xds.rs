@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::{Acks, Control};
 use crate::metrics::Xds;
-use crate::resources::{Resource, Resources, CLUSTER, SECRET};
+use crate::resources::{is_domain_secret, Resource, Resources, CLUSTER, SECRET};
 
 /// Resources per response, and their bytes: a large initial push goes out in pieces that no gRPC
 /// message limit refuses and that bound what a stream whose Envoy does not read holds (a piece
@@ -198,15 +198,13 @@ impl Stream {
         if type_url == CLUSTER && sub.wildcard {
             lock(&self.acks).all_clusters = true;
         }
-        // On-demand clusters (ODCDS) asked for that do not exist: said at once, so that the
-        // request waiting for one fails now rather than at its timeout.
-        let missing = if type_url == CLUSTER {
-            let all = resources.of(type_url);
-            let absent = |n: &&String| n.as_str() != "*" && !all.is_some_and(|a| a.contains_key(*n));
-            request.resource_names_subscribe.iter().filter(absent).cloned().collect()
-        } else {
-            Vec::new()
-        };
+        // On-demand clusters (ODCDS) and domain certificates (asked for by SNI) that do not
+        // exist: said at once, so that the request or handshake waiting for one fails now
+        // rather than at its timeout.
+        let on_demand = |n: &&String| type_url == CLUSTER || is_domain_secret(n);
+        let all = resources.of(type_url);
+        let absent = |n: &&String| n.as_str() != "*" && !all.is_some_and(|a| a.contains_key(*n));
+        let missing = request.resource_names_subscribe.iter().filter(on_demand).filter(absent).cloned().collect();
         self.push(type_url, resources, missing).await
     }
 
@@ -239,8 +237,9 @@ impl Stream {
     }
 
     /// Sends what this client lacks of `type_url`: new and changed resources it subscribes to,
-    /// and the removal of the clusters it has that are gone (and of `missing`). A secret is
-    /// never removed from under a cluster: the client unsubscribes when nothing uses it.
+    /// and the removal of the clusters and domain certificates it has that are gone (and of
+    /// `missing`). A customer's secret is never removed from under a cluster: the client
+    /// unsubscribes when nothing uses it.
     async fn push(&mut self, type_url: &'static str, resources: &Resources, missing: Vec<String>) -> Result<(), ()> {
         let (Some(sub), Some(all)) = (self.types.get_mut(type_url), resources.of(type_url)) else {
             return Ok(());
@@ -256,11 +255,8 @@ impl Stream {
         } else {
             sub.names.iter().filter_map(|n| all.get_key_value(n)).for_each(|(name, r)| wanted(name, r));
         }
-        let mut removed: Vec<String> = if type_url == CLUSTER {
-            sub.sent.keys().filter(|n| !all.contains_key(*n)).cloned().collect()
-        } else {
-            Vec::new()
-        };
+        let gone = |n: &&String| (type_url == CLUSTER || is_domain_secret(n)) && !all.contains_key(*n);
+        let mut removed: Vec<String> = sub.sent.keys().filter(gone).cloned().collect();
         for name in missing {
             if !removed.contains(&name) {
                 removed.push(name);

@@ -114,7 +114,10 @@ pub fn route_table(doc: &[u8]) {
             groups.iter().map(|g| route.matches.get(g).expect("a route names every group").clone()).collect()
         };
         for route in &listed.routes {
-            let key = router.decoder.key_of(&route.matches).expect("a route read has a key");
+            let key = match &route.domain {
+                Some(domain) => router.decoder.custom_domain_key(domain).expect("a domain route read has a key"),
+                None => router.decoder.key_of(&route.matches).expect("a route read has a key"),
+            };
             let target = table.get(&key).unwrap_or_else(|| panic!("{}: no route {key:?}", shown(doc)));
             assert_eq!((target.cluster, target.host), (&*route.cluster, &*route.host), "{}", shown(doc));
         }
@@ -122,8 +125,11 @@ pub fn route_table(doc: &[u8]) {
             continue;
         }
         for route in &listed.routes {
-            let values = values(route);
-            let host = format!("{}.serverless.gitlab.io", values.join("-"));
+            // A custom domain's route is found by its own name, whatever its case.
+            let host = match &route.domain {
+                Some(domain) => domain.to_ascii_uppercase(),
+                None => format!("{}.serverless.gitlab.io", values(route).join("-")),
+            };
             let mut scratch = router.decoder.scratch();
             match router.decide(&host, &mut scratch, Some(&table)) {
                 Decision::Route(t) => assert_eq!((t.cluster, t.host), (&*route.cluster, &*route.host), "{host}"),

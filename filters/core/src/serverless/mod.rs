@@ -53,13 +53,18 @@ pub struct Config {
     pub management: Option<Management>,
 }
 
-/// One function: the values of the pattern's named groups -> where it runs.
+/// One function: the values of the pattern's named groups (or a custom domain) -> where it runs.
 #[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
-    #[serde(rename = "match")]
+    /// The values of the pattern's named groups; empty for a custom domain's route.
+    #[serde(rename = "match", default)]
     pub matches: BTreeMap<String, String>,
+    /// A custom domain (a whole host outside the serverless domain, e.g. `app.example.com`)
+    /// routed to the function instead of a decoded host; exclusive with `match`.
+    #[serde(default)]
+    pub domain: Option<String>,
     /// The Envoy cluster of the customer's cluster (its ingress gateway, over mTLS).
     pub cluster: String,
     /// The Host the function's Knative service answers to.
@@ -234,6 +239,17 @@ impl HostDecoder {
         (decoded, key)
     }
 
+    /// The route key of a custom domain route: a DNS name outside the serverless domain.
+    pub fn custom_domain_key(&self, domain: &str) -> Result<Vec<u8>, String> {
+        let name = authority::normalize_domain(domain).map_err(|e| format!("{domain:?} {e}"))?;
+        if name == self.domain || authority::strip_domain(&name, &self.domain).is_some() {
+            return Err(format!("{domain:?} is under the serverless domain {}", self.domain));
+        }
+        let mut key = Vec::with_capacity(DOMAIN_KEY_MIN.max(name.len() + 1));
+        domain_key(&name, &mut key);
+        Ok(key)
+    }
+
     /// The route key of a route's `match`, built the same way as a decoded host's.
     pub fn key_of(&self, matches: &BTreeMap<String, String>) -> Result<Vec<u8>, String> {
         if matches.len() != self.groups.len() || !self.groups.iter().all(|g| matches.contains_key(g)) {
@@ -305,10 +321,32 @@ fn pack_default(key: &[u8]) -> Option<Vec<u8>> {
     pack_hex([p, e, f].into_iter().flatten().copied(), &mut out).then_some(out)
 }
 
+/// Custom domain keys are at least this long, so that one is never a default-layout key (13
+/// bytes); they begin with NUL, which no key of a decoded host holds. Route keys of both kinds
+/// share one table.
+const DOMAIN_KEY_MIN: usize = 14;
+
+/// The route key of a custom domain (`host` without its port, any case, a trailing dot or not):
+/// NUL, the lowercased name, NUL padding up to `DOMAIN_KEY_MIN`.
+pub fn domain_key(host: &str, key: &mut Vec<u8>) {
+    key.clear();
+    key.push(0);
+    key.extend(host.strip_suffix('.').unwrap_or(host).bytes().map(|b| b.to_ascii_lowercase()));
+    if key.len() < DOMAIN_KEY_MIN {
+        key.resize(DOMAIN_KEY_MIN, 0);
+    }
+}
+
 /// Checks a route and packs it into its key and record (`table::encode`). `at` names the
 /// route in errors (`routes[3]`).
 pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
-    let key = decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(format!("{at}.match"), e))?;
+    let key = match &spec.domain {
+        None => decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(format!("{at}.match"), e))?,
+        Some(_) if !spec.matches.is_empty() => {
+            return Err(ConfigError::field(format!("{at}.domain"), "and `match` are exclusive: a route has one"))
+        }
+        Some(domain) => decoder.custom_domain_key(domain).map_err(|e| ConfigError::field(format!("{at}.domain"), e))?,
+    };
     if spec.cluster.is_empty() {
         return Err(ConfigError::field(format!("{at}.cluster"), "must name an Envoy cluster"));
     }
@@ -429,7 +467,7 @@ impl Router {
         managed: Option<&dyn ManagedRoutes>,
     ) -> Decision<'a> {
         match self.decoder.decode(authority, scratch) {
-            Decoded::NotOurs => Decision::PassThrough,
+            Decoded::NotOurs => self.custom_domain(authority, scratch, managed),
             Decoded::Malformed => Decision::Reject(
                 Outcome::MalformedHost,
                 Reply::new(
@@ -469,6 +507,37 @@ impl Router {
                     Reply::new(404, "unknown_function", format!("no function is deployed at {authority}")),
                 )
             }
+        }
+    }
+}
+
+impl Router {
+    /// A host outside the serverless domain: the function of the custom domain it names, if
+    /// there is one; otherwise the request is left alone (the route configuration answers it).
+    fn custom_domain<'a>(
+        &'a self,
+        authority: &str,
+        scratch: &'a mut Scratch,
+        managed: Option<&dyn ManagedRoutes>,
+    ) -> Decision<'a> {
+        let Some((host, _)) = authority::split(authority) else {
+            return Decision::PassThrough;
+        };
+        if host.is_empty() || host.len() > table::MAX_FIELD - 1 {
+            return Decision::PassThrough;
+        }
+        domain_key(host, &mut scratch.key);
+        let key = &scratch.key;
+        if let Some(m) = managed {
+            if m.bucket(key, &mut scratch.bucket) {
+                if let Some(route) = table::find(&scratch.bucket, key) {
+                    return Decision::Route(route);
+                }
+            }
+        }
+        match self.inline.get(key) {
+            Some(route) => Decision::Route(route),
+            None => Decision::PassThrough,
         }
     }
 }
@@ -561,6 +630,47 @@ mod tests {
         ];
         for (authority, want) in table {
             assert_eq!(&decide(&r, authority), want, "authority {authority:?}");
+        }
+    }
+
+    #[test]
+    fn custom_domains_route_their_whole_host_and_nothing_else() {
+        let r = router(
+            r#"{"routes":[{"domain":"App.Example.COM","cluster":"customer-a","host":"hello.knative.example"},
+            {"domain":"a.io","cluster":"customer-b","host":"b.knative.example"}]}"#,
+        );
+        let a = Ok(("customer-a".to_string(), "hello.knative.example".to_string()));
+        let b = Ok(("customer-b".to_string(), "b.knative.example".to_string()));
+        for (authority, want) in [
+            ("app.example.com", a.clone()),
+            ("APP.example.com:443", a.clone()),
+            ("app.example.com.", a),
+            ("a.io", b),
+            ("www.app.example.com", Err((0, "pass"))),
+            ("example.com", Err((0, "pass"))),
+            ("app.example.com.evil", Err((0, "pass"))),
+            ("app.example.com\0", Err((0, "pass"))),
+            ("[::1]", Err((0, "pass"))),
+            ("", Err((0, "pass"))),
+            ("0000000a-0000000b-000000000c.serverless.gitlab.io", Err((404, "unknown_function"))),
+        ] {
+            assert_eq!(decide(&r, authority), want, "authority {authority:?}");
+        }
+        // A domain key is never the key of a decoded host: a NUL first, and never 13 bytes.
+        let mut key = Vec::new();
+        domain_key("a.io", &mut key);
+        assert_eq!(key, b"\0a.io\0\0\0\0\0\0\0\0\0");
+        domain_key(&"x".repeat(40), &mut key);
+        assert_eq!((key.len(), key[0]), (41, 0));
+        for (bad, why) in [
+            (r#"{"domain":"a.serverless.gitlab.io","cluster":"c","host":"h"}"#, "under the serverless domain"),
+            (r#"{"domain":"serverless.gitlab.io","cluster":"c","host":"h"}"#, "under the serverless domain"),
+            (r#"{"domain":"*.example.com","cluster":"c","host":"h"}"#, "DNS name"),
+            (r#"{"domain":"a b.com","cluster":"c","host":"h"}"#, "DNS name"),
+            (r#"{"domain":"a.com","match":{"project":"0000000a"},"cluster":"c","host":"h"}"#, "exclusive"),
+        ] {
+            let got = config_error(&format!(r#"{{"routes":[{bad}]}}"#));
+            assert!(got.contains("routes[0].domain") && got.contains(why), "{bad}: {got}");
         }
     }
 

@@ -100,10 +100,14 @@ pub fn read_changes(decoder: &HostDecoder, doc: &[u8]) -> Result<Changes, Config
                                 Change { key, record: Some(record) }
                             }
                             "delete" => {
-                                let matches = read_match(r, &at)?;
-                                let key = decoder
-                                    .key_of(&matches)
-                                    .map_err(|e| ConfigError::field(format!("{at}.match"), e))?;
+                                let key = match read_match(r, &at)? {
+                                    Deleted::Match(matches) => decoder
+                                        .key_of(&matches)
+                                        .map_err(|e| ConfigError::field(format!("{at}.match"), e))?,
+                                    Deleted::Domain(domain) => decoder
+                                        .custom_domain_key(&domain)
+                                        .map_err(|e| ConfigError::field(format!("{at}.domain"), e))?,
+                                };
                                 Change { key, record: None }
                             }
                             other => return Err(at.unknown(other, &["put", "delete"]).into()),
@@ -125,12 +129,22 @@ pub fn read_changes(decoder: &HostDecoder, doc: &[u8]) -> Result<Changes, Config
     Ok(Changes { version, changes })
 }
 
-/// `{"match": {...}}`, the whole of a delete.
-fn read_match(r: &mut Reader, at: &Field) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut matches = None;
+/// What a delete names.
+enum Deleted {
+    Match(BTreeMap<String, String>),
+    Domain(String),
+}
+
+/// `{"match": {...}}` or `{"domain": "..."}`, the whole of a delete.
+fn read_match(r: &mut Reader, at: &Field) -> Result<Deleted, ConfigError> {
+    let mut deleted = None;
     r.object(at, |r, key| {
         let at = at.key(&key);
+        if deleted.is_some() {
+            return Err(at.error("is a second route; a delete names one `match` or one `domain`").into());
+        }
         match &*key {
+            "domain" => deleted = Some(Deleted::Domain(r.string(&at)?)),
             "match" => {
                 let mut m = BTreeMap::new();
                 r.object(&at, |r, group| {
@@ -138,13 +152,13 @@ fn read_match(r: &mut Reader, at: &Field) -> Result<BTreeMap<String, String>, Co
                     m.insert(group.into_owned(), value);
                     Ok::<_, ConfigError>(())
                 })?;
-                matches = Some(m);
+                deleted = Some(Deleted::Match(m));
             }
-            other => return Err(at.unknown(other, &["match"]).into()),
+            other => return Err(at.unknown(other, &["match", "domain"]).into()),
         }
         Ok::<_, ConfigError>(())
     })?;
-    Ok(matches.ok_or_else(|| at.key("match").missing())?)
+    Ok(deleted.ok_or_else(|| at.key("match").missing())?)
 }
 
 #[cfg(test)]
@@ -181,6 +195,24 @@ mod tests {
         let [put, delete] = &changes.changes[..] else { panic!("{changes:?}") };
         assert_eq!(put.key, delete.key, "a match names the same route whatever its case");
         assert!(put.record.is_some() && delete.record.is_none());
+    }
+
+    #[test]
+    fn custom_domains_are_put_and_deleted_by_name() {
+        let d = decoder();
+        let doc = r#"{"version":3,"changes":[{"put":{"domain":"App.Example.com","cluster":"ca","host":"a.example"}},{"delete":{"domain":"app.example.com."}}]}"#;
+        let changes = read_changes(&d, doc.as_bytes()).unwrap();
+        let [put, delete] = &changes.changes[..] else { panic!("{changes:?}") };
+        assert_eq!(put.key, delete.key);
+        assert_eq!(find(put.record.as_deref().unwrap(), &put.key), Some(RouteRef { cluster: "ca", host: "a.example" }));
+        for (doc, want) in [
+            (r#"{"version":1,"changes":[{"delete":{"domain":"a.com","match":{}}}]}"#, "second route"),
+            (r#"{"version":1,"changes":[{"delete":{"domain":"x.serverless.example"}}]}"#, "`changes[0].delete.domain`"),
+            (r#"{"version":1,"changes":[{"delete":{"domain":7}}]}"#, "`changes[0].delete.domain`"),
+        ] {
+            let got = read_changes(&d, doc.as_bytes()).unwrap_err().to_string();
+            assert!(got.contains(want), "{doc}: {got}");
+        }
     }
 
     #[test]
