@@ -52,7 +52,8 @@ pub struct AcmeOptions {
 pub async fn run(control: Arc<Control>, options: AcmeOptions) {
     let mut account: Option<Account> = None;
     let mut running = tokio::task::JoinSet::new();
-    let mut busy = std::collections::HashSet::new();
+    // The orders under way: task -> domain.
+    let mut busy = std::collections::HashMap::new();
     // Set by an order the CA refused for an unknown account (a CA that lost its state, or a
     // new directory): the next order makes a new account.
     let unknown_account = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -64,13 +65,12 @@ pub async fn run(control: Arc<Control>, options: AcmeOptions) {
                 eprintln!("edgewise-control: forgetting the ACME account: {e}");
             }
         }
-        while let Some(done) = running.try_join_next() {
-            if let Ok(domain) = done {
-                busy.remove(&domain);
-            }
+        while let Some(done) = running.try_join_next_with_id() {
+            finished(&mut busy, done);
         }
         let room = options.concurrency.saturating_sub(running.len());
-        let mut due = if room > 0 { control.domains_due(room, &busy) } else { Vec::new() };
+        let taken: std::collections::HashSet<String> = busy.values().cloned().collect();
+        let mut due = if room > 0 { control.domains_due(room, &taken) } else { Vec::new() };
         // With replicas, one runs the orders; the others answer challenges and serve.
         if !due.is_empty() && !control.leads_acme().await {
             due.clear();
@@ -89,10 +89,10 @@ pub async fn run(control: Arc<Control>, options: AcmeOptions) {
         }
         if let Some(account) = &account {
             for d in due {
-                busy.insert(d.domain.clone());
+                let domain = d.domain.clone();
                 let (control, account, options) = (control.clone(), account.clone(), options.clone());
                 let unknown_account = unknown_account.clone();
-                running.spawn(async move {
+                let task = running.spawn(async move {
                     let result = tokio::time::timeout(ORDER_TIMEOUT, issue(&control, &account, &d.domain)).await;
                     let result = result.unwrap_or_else(|_| Err(format!("the order took over {ORDER_TIMEOUT:?}")));
                     let outcome = match result {
@@ -111,21 +111,29 @@ pub async fn run(control: Arc<Control>, options: AcmeOptions) {
                     if let Err(e) = outcome {
                         eprintln!("edgewise-control: storing {}'s certificate state: {e}", d.domain);
                     }
-                    d.domain
                 });
+                busy.insert(task.id(), domain);
             }
         }
         // A new domain wakes the worker; otherwise a second's tick finds renewals and retries.
         tokio::select! {
             _ = control.acme_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            Some(done) = running.join_next(), if !running.is_empty() => {
-                if let Ok(domain) = done {
-                    busy.remove(&domain);
-                }
-            }
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => finished(&mut busy, done),
         }
     }
+}
+
+/// An order done (or its task gone, whatever happened): its domain is free again.
+fn finished(
+    busy: &mut std::collections::HashMap<tokio::task::Id, String>,
+    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+) {
+    let id = match done {
+        Ok((id, ())) => id,
+        Err(e) => e.id(),
+    };
+    busy.remove(&id);
 }
 
 fn backoff(options: &AcmeOptions, failures: u32) -> Duration {

@@ -1039,7 +1039,11 @@ impl Control {
                 let (current, seen) = shared.domain(domain).await.map_err(|e| format!("{e:?}"))?;
                 let Some(mut d) = current else { return Ok(()) };
                 update(&mut d);
-                if shared.write_domain(domain, Some(&d), seen).await.map_err(|e| format!("{e:?}"))?.is_some() {
+                if let Some(revision) =
+                    shared.write_domain(domain, Some(&d), seen).await.map_err(|e| format!("{e:?}"))?
+                {
+                    // Applied here before the worker looks for due domains again.
+                    self.caught_up(revision).await;
                     return Ok(());
                 }
             }
