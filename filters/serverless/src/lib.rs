@@ -6,7 +6,7 @@
 mod store;
 mod watch;
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgewise_core::generic::reply::header_text;
@@ -23,24 +23,7 @@ pub struct Serverless {
     work: PerThread<Work>,
     metrics: Metrics,
     /// Present when a management service is configured.
-    watcher: Option<Arc<Watcher>>,
-}
-
-/// The watcher of a filter instance and configuration: shared by every configuration of the
-/// same name and bytes in the process (a listener's filter chains that repeat the filter, a
-/// listener being replaced), which then hold one table and one watch, as the leases and
-/// cursors they share in shared data expect.
-fn watcher_for(instance: &str, config: &[u8], make: impl FnOnce() -> Watcher) -> Arc<Watcher> {
-    type Registry = Vec<(String, Vec<u8>, Weak<Watcher>)>;
-    static WATCHERS: Mutex<Registry> = Mutex::new(Vec::new());
-    let mut watchers = WATCHERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    watchers.retain(|(_, _, w)| w.strong_count() > 0);
-    let found = watchers.iter().find(|(i, c, _)| i == instance && c == config).and_then(|(_, _, w)| w.upgrade());
-    found.unwrap_or_else(|| {
-        let watcher = Arc::new(make());
-        watchers.push((instance.to_string(), config.to_vec(), Arc::downgrade(&watcher)));
-        watcher
-    })
+    watcher: Option<Watcher>,
 }
 
 #[derive(Clone)]
@@ -140,9 +123,15 @@ impl Filter for Serverless {
         let router = Router::from_json(config)?;
         let metrics = Metrics::define(setup);
         let shared = !setup.shared_by_workers();
-        let instance = setup.instance().to_string();
-        let watcher =
-            router.management.clone().map(|m| watcher_for(&instance, config, || Watcher::new(m, &instance, shared)));
+        // Natively the table is the configuration's own: a second configuration of the filter in
+        // the process (a listener's second filter chain, a listener being replaced) keeps its own
+        // table and watch, under a namespace of its own in the module's shared data.
+        static CONFIGURATIONS: AtomicU64 = AtomicU64::new(0);
+        let namespace = match shared {
+            true => setup.instance().to_string(),
+            false => format!("{}.{}", setup.instance(), CONFIGURATIONS.fetch_add(1, Ordering::Relaxed)),
+        };
+        let watcher = router.management.clone().map(|m| Watcher::new(m, &namespace, shared));
         let work = PerThread::new(Work { scratch: router.decoder.scratch(), authority: Vec::with_capacity(256) });
         Ok(Serverless { router, work, metrics, watcher })
     }
@@ -152,7 +141,7 @@ impl Filter for Serverless {
     }
 
     fn tick_period(&self) -> Option<Duration> {
-        self.watcher.as_deref().map(Watcher::tick_period)
+        self.watcher.as_ref().map(Watcher::tick_period)
     }
 
     fn on_tick<B: Background>(&self, bg: &mut B) {
