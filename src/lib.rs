@@ -23,6 +23,7 @@ pub mod scale;
 pub mod scenarios;
 pub mod server;
 pub mod service;
+pub mod soak;
 pub mod tls;
 
 use std::path::PathBuf;
