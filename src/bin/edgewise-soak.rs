@@ -40,8 +40,8 @@ use edgewise::scenarios::serverless as sl;
 use edgewise::scenarios::tunnel as tn;
 use edgewise::server::{DocMode, Document, Listen, Server};
 use edgewise::soak::{
-    body, invalid, issuer_chaos, key, nap, ok, secs, seen_header, tls_updates, valid, Bound, Chaos, Effect, Get, Got,
-    Hostile, Make, Req, Scenario, Target, Upstream, Watched, REQUEST_TIMEOUT,
+    answer, body, counters, invalid, issuer_chaos, key, nap, ok, secs, seen_header, tls_updates, valid, Bound, Chaos,
+    Effect, Get, Got, Hostile, Make, Req, Scenario, Target, Upstream, Watched, REQUEST_TIMEOUT,
 };
 use edgewise::tls;
 use serde_json::{json, Value};
@@ -242,7 +242,7 @@ async fn serverless(run: &Path) -> Result<Scenario> {
         authority: sl::INLINE_HOST,
         path: "/",
         valid: &[],
-        upstream: Upstream::new(&["customer-a"], &to_a),
+        upstream: Upstream::new(&["customer-a"], counters(&to_a)),
         // The two Host values reach the filter joined ("another.example,<host>"): not a function
         // host.
         except: vec![("a second Host", vec![ok("404 malformed_host", &[(malformed.as_str(), 1)])])],
@@ -446,9 +446,7 @@ async fn egress(run: &Path) -> Result<Scenario> {
         [(dest(entry, "requests"), 1), (dest(entry, "responses.2xx"), 1), (format!("stand-in: {name}"), 1)]
     };
     let reached = |entry: &str, name: &'static str| {
-        let counters = answered(entry, name);
-        let counters: Vec<(&str, u64)> = counters.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-        ok(&format!("200 {name}"), &counters).check(CHECK_SNI, sni(name))
+        answer(&format!("200 {name}"), answered(entry, name).to_vec()).check(CHECK_SNI, sni(name))
     };
     let repo = |authority: &str| get(authority, "/repos/x?page=2");
     let cycle = |authorities: &'static [&'static str]| -> Make {
@@ -551,14 +549,12 @@ async fn egress(run: &Path) -> Result<Scenario> {
             })],
         ),
     ];
-    let github_counters = answered("api_github_com", "api.github.com");
-    let github_counters: Vec<(&str, u64)> = github_counters.iter().map(|(k, n)| (k.as_str(), *n)).collect();
     let hostile = Hostile {
         target: &plain,
         authority: "api.github.com.egress.local",
         path: "/",
         valid: &[],
-        upstream: Upstream::new(&["api.github.com"], &github_counters),
+        upstream: Upstream::new(&["api.github.com"], answered("api_github_com", "api.github.com").to_vec()),
         // The two Host values reach the filter joined ("another.example,<host>"): not a DNS name.
         except: vec![(
             "a second Host",
@@ -641,9 +637,8 @@ async fn mesh_scenario(run: &Path, long_exp: u64) -> Result<Scenario> {
         Ok(())
     };
     const CHECK_ID: &str = "the workload sees x-edgewise-user = the token's sub, no Authorization, and (behind the sidecar) the gateway's SPIFFE ID";
-    let served = [(gw("authenticated"), 1), (workloads.to_string(), 1)];
-    let served: Vec<(&str, u64)> = served.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-    let authenticated = || ["200 catalog", "200 legacy"].map(|l| ok(l, &served).check(CHECK_ID, identity));
+    let served = vec![(gw("authenticated"), 1), (workloads.to_string(), 1)];
+    let authenticated = || ["200 catalog", "200 legacy"].map(|l| answer(l, served.clone()).check(CHECK_ID, identity));
 
     let peer = |leaf: Option<&edgewise::certs::Leaf>, alpn: &str| -> Result<Target> {
         let client = Client::tls(tls::client(&[&pki.mesh_ca.pem], leaf, &[alpn])?)
@@ -737,7 +732,7 @@ async fn mesh_scenario(run: &Path, long_exp: u64) -> Result<Scenario> {
         authority: "shop.example",
         path: "/catalog/items",
         valid: &[("authorization", bearer.as_bytes())],
-        upstream: Upstream::new(&["catalog", "legacy"], &served),
+        upstream: Upstream::new(&["catalog", "legacy"], served),
         // Two Authorization values read as one ("a, b"): not a bearer token.
         except: vec![("a second Authorization", vec![ok("401 invalid_token", &[(&gw("invalid_token"), 1)])])],
     };
@@ -960,10 +955,9 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
         }
     };
     const CHECK_FW: &str = "the backend sees the rewritten path, the verified issuer and scopes, a valid x-edgewise-signature and no routing header";
-    let code_counters = [(m("code_suggestions", "allowed"), 1), (ai.to_string(), 1)];
-    let code_counters: Vec<(&str, u64)> = code_counters.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    let code_counters = vec![(m("code_suggestions", "allowed"), 1), (ai.to_string(), 1)];
     let code_ok = || {
-        ok("200 ai-gateway", &code_counters)
+        answer("200 ai-gateway", code_counters.clone())
             .check(CHECK_FW, forwarded("/v2/code/completions?lang=rust", GITLAB, "code_suggestions"))
     };
     let code = move |token: &str| api("/ai/v2/code/completions?lang=rust").bearer(token);
@@ -1124,7 +1118,7 @@ async fn cloud_connector(run: &Path, long_exp: u64) -> Result<Scenario> {
         authority: "cloud.gitlab.com",
         path: "/ai/v2/code/completions",
         valid: &[("authorization", hostile_bearer.as_bytes())],
-        upstream: Upstream::new(&["ai-gateway"], &code_counters),
+        upstream: Upstream::new(&["ai-gateway"], code_counters),
         // Two Authorization values read as one ("a, b"): not a bearer token.
         except: vec![(
             "a second Authorization",
@@ -1248,9 +1242,8 @@ async fn tunnel(run: &Path, long_exp: u64) -> Result<Scenario> {
         Ok(())
     };
     const CHECK_T: &str = "the cluster sees the path without the prefix, Host rewritten, no token, no tunnel header";
-    let carried = [(ta("allowed"), 1), (kp.to_string(), 1)];
-    let carried: Vec<(&str, u64)> = carried.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-    let allowed = || [ok("200", &carried).check(CHECK_T, through)];
+    let carried = vec![(ta("allowed"), 1), (kp.to_string(), 1)];
+    let allowed = || [answer("200", carried.clone()).check(CHECK_T, through)];
     let hub_get = |path: &str| get("hub.example", path);
     let cluster_a = move || hub_get("/clusters/cluster-a/api/v1/namespaces?limit=1");
     let classes = vec![
@@ -1313,7 +1306,7 @@ async fn tunnel(run: &Path, long_exp: u64) -> Result<Scenario> {
         authority: "hub.example",
         path: "/clusters/cluster-a/version",
         valid: &[("authorization", auth.as_bytes())],
-        upstream: Upstream::new(&[], &carried),
+        upstream: Upstream::new(&[], carried),
         except: vec![
             // Allowed by the filter, then Envoy's HTTP/2 hop into the tunnel resets the stream
             // (obs-text is not a valid HTTP/2 header value).

@@ -37,12 +37,15 @@ struct Part {
     markdown: String,
 }
 
+/// SOAK_RPS and SOAK_TASKS: (requests per second, tasks), per scenario.
 fn settings() -> (f64, usize) {
     let rps = std::env::var("SOAK_RPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20.0f64);
     let tasks = std::env::var("SOAK_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(8usize);
     (rps.max(0.1), tasks.max(1))
 }
 
+/// A child process: sets up every scenario, runs them all at once for the rest of the build's
+/// budget and writes its part of the report to `out`; true if nothing was unexpected.
 async fn one_build<F, Fut>(out: &Path, setup: F) -> Result<bool>
 where
     F: FnOnce(PathBuf, u64) -> Fut,
@@ -130,6 +133,7 @@ fn command_output(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The parent process: runs each build in a child of its own and writes bench/soak.md.
 fn parent() -> Result<bool> {
     let total: u64 = std::env::var("SOAK_SECONDS")
         .ok()

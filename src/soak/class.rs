@@ -71,6 +71,7 @@ pub fn ok(label: &str, counters: &[(&str, u64)]) -> Allowed {
     answer(label, self::counters(counters))
 }
 
+/// As [`ok`], with counter keys made at run time.
 pub fn answer(label: &str, counters: Counters) -> Allowed {
     Allowed { want: Want::Label(label.to_string()), counters: Some(counters), check: None, checks: "" }
 }
@@ -217,8 +218,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(servers: &[&'static str], counters: &[(&str, u64)]) -> Upstream {
-        Upstream { servers: servers.to_vec(), counters: self::counters(counters) }
+    pub fn new(servers: &[&'static str], counters: Counters) -> Upstream {
+        Upstream { servers: servers.to_vec(), counters }
     }
 
     fn times(&self, n: u64) -> Counters {
@@ -369,12 +370,12 @@ mod tests {
 
     #[test]
     fn upstream_answers_name_every_server_and_pair() {
-        let up = Upstream::new(&["a", "b"], &[("x", 1)]);
+        let up = Upstream::new(&["a", "b"], counters(&[("x", 1)]));
         assert_eq!(labels(&up.one("100+")), ["`100+200 a`", "`100+200 b`"]);
         let two = up.two();
         assert_eq!(labels(&two), ["`200 a+200 a`", "`200 a+200 b`", "`200 b+200 a`", "`200 b+200 b`"]);
         assert_eq!(two[0].counters, Some(vec![("x".to_string(), 2)]));
-        assert_eq!(labels(&Upstream::new(&[], &[]).two()), ["`200+200`"]);
+        assert_eq!(labels(&Upstream::new(&[], Vec::new()).two()), ["`200+200`"]);
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub mod scenario;
 
 pub use builds::main;
 pub use chaos::{issuer_chaos, nap, secs, tls_updates, Chaos};
-pub use class::{body, invalid, ok, seen_header, valid, Allowed, Bound, Class, Hostile, Kind, Make, Target, Upstream};
+pub use class::{
+    answer, body, counters, invalid, ok, seen_header, valid, Allowed, Bound, Class, Hostile, Kind, Make, Target,
+    Upstream,
+};
 pub use request::{Get, Got, Req};
 pub use scenario::{key, Effect, Scenario, Watched};
 
