@@ -78,4 +78,4 @@ macro_rules! targets {
     };
 }
 
-targets!(json_differential jwt jwks discovery pattern authority route_table configs rs256_differential);
+targets!(json_differential jwt jwks discovery pattern authority route_table route_query configs rs256_differential);

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgewise_core::serverless::query::{read_number, Query};
 use edgewise_service::Client;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -252,12 +253,12 @@ impl Api {
                 format!("etcd unreachable for {} s: this replica's routes may be stale; ask another", since.as_secs()),
             );
         }
-        let query = Query::parse(request.uri().query().unwrap_or_default());
+        let query = Query::read(request.uri().query().unwrap_or_default());
         if let Some(limit) = &query.limit {
-            let Ok(limit) = limit.parse::<usize>() else {
+            let Some(limit) = read_number(limit).and_then(|l| usize::try_from(l).ok()) else {
                 return error(StatusCode::BAD_REQUEST, "invalid", "`limit` is a number of routes");
             };
-            let (cursor, body) = match self.control.routes_page(query.after.as_deref(), limit) {
+            let (cursor, body) = match self.control.routes_page(query.after, limit) {
                 Ok(page) => page,
                 Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", why),
             };
@@ -282,10 +283,10 @@ impl Api {
             }
             return r;
         };
-        let wait = match query.wait.as_deref().map(str::parse::<u64>) {
+        let wait = match query.wait.map(read_number) {
             None => Duration::ZERO,
-            Some(Ok(s)) => Duration::from_secs(s.min(MAX_WAIT.as_secs())),
-            Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "invalid", "`wait` is a number of seconds"),
+            Some(Some(s)) => Duration::from_secs(s.min(MAX_WAIT.as_secs())),
+            Some(None) => return error(StatusCode::BAD_REQUEST, "invalid", "`wait` is a number of seconds"),
         };
         let client = request.extensions().get::<Client>().map(|c| c.0);
         let Some(_watcher) = self.watchers.enter(client) else {
@@ -303,7 +304,7 @@ impl Api {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             version.borrow_and_update();
-            match self.control.routes_since(&since) {
+            match self.control.routes_since(since) {
                 Since::Gone(why) => {
                     metrics.watch(Watch::Gone);
                     return error(StatusCode::GONE, "gone", format!("{why}: fetch the whole table"));
@@ -325,37 +326,11 @@ impl Api {
                 Since::Current => {
                     if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
                         metrics.watch(Watch::Timeout);
-                        return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &since);
+                        return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, since);
                     }
                 }
             }
         }
-    }
-}
-
-/// The routes endpoint's parameters: a watch's `since` (a cursor) and `wait` (seconds), a page's
-/// `limit` and `after` (its token).
-#[derive(Default)]
-struct Query {
-    since: Option<String>,
-    wait: Option<String>,
-    limit: Option<String>,
-    after: Option<String>,
-}
-
-impl Query {
-    fn parse(query: &str) -> Query {
-        let mut q = Query::default();
-        for pair in query.split('&') {
-            match pair.split_once('=') {
-                Some(("since", v)) => q.since = Some(v.to_string()),
-                Some(("wait", v)) => q.wait = Some(v.to_string()),
-                Some(("limit", v)) => q.limit = Some(v.to_string()),
-                Some(("after", v)) => q.after = Some(v.to_string()),
-                _ => {}
-            }
-        }
-        q
     }
 }
 

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use edgewise_core::serverless::query::{self, Cursor};
 use hyper::body::Bytes;
 use serde::Serialize;
 
@@ -139,7 +140,7 @@ impl Routes {
     }
 
     pub fn cursor(&self) -> String {
-        format!("{:x}.{}", self.history, self.version)
+        Cursor { history: self.history, version: self.version }.to_string()
     }
 
     /// Applies `edits` (each changes the table: the caller knows what it holds), each under the
@@ -195,9 +196,7 @@ impl Routes {
 
     /// What a watcher holding `cursor` is owed.
     pub fn since(&self, cursor: &str) -> Since {
-        let parsed =
-            cursor.split_once('.').and_then(|(h, v)| Some((u64::from_str_radix(h, 16).ok()?, v.parse::<u64>().ok()?)));
-        let Some((history, version)) = parsed else {
+        let Some(Cursor { history, version }) = Cursor::read(cursor) else {
             return Since::Gone(format!("{cursor:?} is no cursor of this service"));
         };
         if history != self.history {
@@ -227,7 +226,7 @@ impl Routes {
         }
         let last = changes.last().map_or(version, |c| c.version);
         Since::Changes {
-            cursor: format!("{:x}.{last}", self.history),
+            cursor: Cursor { history: self.history, version: last }.to_string(),
             version: last,
             changes: changes.into_iter().map(|c| c.json.clone()).collect(),
         }
@@ -236,15 +235,11 @@ impl Routes {
 
 /// A page token: the 16 hex digits of a position in the table's page order.
 pub fn page_token(position: u64) -> String {
-    format!("{position:016x}")
+    query::page_token(position)
 }
 
 pub fn read_page_token(token: &str) -> Result<u64, String> {
-    let bad = || format!("{token:?} is not a page token of this service");
-    if token.len() != 16 {
-        return Err(bad());
-    }
-    u64::from_str_radix(token, 16).map_err(|_| bad())
+    query::read_page_token(token).ok_or_else(|| format!("{token:?} is not a page token of this service"))
 }
 
 #[cfg(test)]

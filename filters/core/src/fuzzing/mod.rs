@@ -15,12 +15,14 @@
 mod configs;
 mod hosts;
 mod json;
+mod query;
 mod rs256;
 mod tokens;
 
 pub use configs::{configs, route_table};
 pub use hosts::{authority, pattern};
 pub use json::json_differential;
+pub use query::route_query;
 pub use rs256::rs256_differential;
 pub use tokens::{discovery, jwks, jwt, FIXED_JWKS};
 
@@ -33,6 +35,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("pattern", pattern),
     ("authority", authority),
     ("route_table", route_table),
+    ("route_query", route_query),
     ("configs", configs),
     ("rs256_differential", rs256_differential),
 ];

@@ -4,9 +4,11 @@
 //! The host is decoded by a pattern with named groups (regex syntax, `crate::generic::pattern`), compiled
 //! once at configure time. The values of the named groups, in pattern order, form the route key;
 //! routes name the same groups. Routes are kept as packed records in buckets (`table`); the
-//! management service's documents (whole-table pages and watch answers) are read by `protocol`.
+//! management service's documents (whole-table pages and watch answers) are read by `protocol`;
+//! `query` is the service's side of the same protocol (its query, cursors and page tokens).
 
 pub mod protocol;
+pub mod query;
 pub mod table;
 
 use std::collections::BTreeMap;
