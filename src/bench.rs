@@ -121,7 +121,9 @@ pub fn serverless_config(n: u64) -> String {
     format!(r#"{{"routes":[{}]}}"#, serverless_routes(n))
 }
 
-/// The same host rewrite as the serverless filter, in Envoy's Lua filter (10 routes).
+/// The same host rewrite as the serverless filter, in Envoy's Lua filter (10 routes). Like the
+/// filter, it has the route matched again: the cluster the route sends to is the one it chose.
+/// (Lua's header edits leave the route Envoy matched before the filter in force.)
 pub fn lua_serverless() -> String {
     let mut table = String::from(r#"["0000000a/0000000b/000000000c"] = {"upstream", "hello.ns-42.knative.example"},"#);
     for i in 1..10u64 {
@@ -156,12 +158,14 @@ pub fn lua_serverless() -> String {
                     headers:replace("x-forwarded-host", authority)
                     headers:replace("x-edgewise-cluster", t[1])
                     headers:replace(":authority", t[2])
+                    h:clearRouteCache()
                   end
 "#
     )
 }
 
-/// The egress rewrite and allowlist check in Envoy's Lua filter (exact names only).
+/// The egress rewrite and allowlist check in Envoy's Lua filter (exact names only), the route
+/// matched again as the filter has it: the shipped egress picks its virtual host by destination.
 pub fn lua_egress() -> String {
     r#"          - name: envoy.filters.http.lua
             typed_config:
@@ -184,6 +188,7 @@ pub fn lua_egress() -> String {
                     end
                     headers:replace(":authority", dest)
                     headers:replace("x-edgewise-egress-destination", dest)
+                    h:clearRouteCache()
                   end
 "#
     .to_string()

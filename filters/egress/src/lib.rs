@@ -92,9 +92,8 @@ impl Filter for Egress {
         let Some(d) = sent.destination.and_then(|i| self.destinations.get(i)) else {
             return;
         };
-        let status = s.response_header(":status");
-        let status = status.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok());
-        if let Some(&c) = status.map_or(5, |s| s / 100).checked_sub(1).and_then(|i| d.responses.get(i)) {
+        let class = s.response_status().map_or(5, |s| usize::from(s / 100));
+        if let Some(&c) = class.checked_sub(1).and_then(|i| d.responses.get(i)) {
             s.increment(c);
         }
         s.record(d.upstream_ms, s.now_ms().saturating_sub(sent.started_ms));

@@ -93,6 +93,13 @@ pub trait Stream: Host {
 
     fn response_header(&self, name: &str) -> Option<Cow<'_, [u8]>>;
 
+    /// The response's status code, in the response hook (`None` when it is not a number).
+    /// Natively Envoy's stream info holds it, which is cheaper than reading `:status`.
+    fn response_status(&self) -> Option<u16> {
+        let status = self.response_header(":status")?;
+        std::str::from_utf8(&status).ok()?.parse().ok()
+    }
+
     /// Answers the request locally (the filter then returns [`Flow::Stop`]). The host sends it
     /// once the hook has returned; the request hooks only (a response cannot be answered).
     fn send_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);

@@ -993,6 +993,14 @@ extern "C" {
         result: *mut EnvoyBuffer,
     ) -> bool;
 
+    /// Reads an integer attribute (`response.code`, ...) into `result`. False if unsupported as
+    /// an integer or not available yet.
+    pub fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+        filter: EnvoyFilter,
+        attribute_id: AttributeId,
+        result: *mut u64,
+    ) -> bool;
+
     /// Stores `value` as a read-only string filter-state object under `key`. False if the stream
     /// info is unavailable.
     pub fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
