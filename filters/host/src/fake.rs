@@ -284,11 +284,15 @@ pub struct FakeBackground<'a> {
     pub host: &'a FakeHost,
     pub calls: Vec<(String, String, String)>,
     pub woken: Vec<Waker>,
+    /// Calls cannot be started (as when Envoy has no such cluster yet): each is counted in
+    /// `refused`, not made.
+    pub refuse_calls: bool,
+    pub refused: usize,
 }
 
 impl<'a> FakeBackground<'a> {
     pub fn new(host: &'a FakeHost) -> Self {
-        FakeBackground { host, calls: Vec::new(), woken: Vec::new() }
+        FakeBackground { host, calls: Vec::new(), woken: Vec::new(), refuse_calls: false, refused: 0 }
     }
 }
 
@@ -301,6 +305,10 @@ impl Background for FakeBackground<'_> {
         _headers: &[(&str, &str)],
         _timeout: Duration,
     ) -> Option<u64> {
+        if self.refuse_calls {
+            self.refused += 1;
+            return None;
+        }
         self.calls.push((cluster.to_string(), authority.to_string(), path.to_string()));
         Some(self.calls.len() as u64)
     }

@@ -6,7 +6,7 @@
 mod store;
 mod watch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use edgewise_core::generic::reply::header_text;
@@ -23,7 +23,27 @@ pub struct Serverless {
     work: PerThread<Work>,
     metrics: Metrics,
     /// Present when a management service is configured.
-    watcher: Option<Watcher>,
+    watcher: Option<Arc<Watcher>>,
+}
+
+/// The watcher of a configuration. On proxy-wasm each VM has its own, and the copies share the
+/// table and one watch through shared data. Natively the table is in the watcher, so every
+/// configuration of the same name and bytes in the process (a listener's filter chains that
+/// repeat the filter, a listener being replaced) shares one watcher: one table, one watch. A
+/// configuration of the same name and other bytes gets a namespace of its own.
+fn native_watcher(instance: &str, config: &[u8], make: impl FnOnce(&str) -> Watcher) -> Arc<Watcher> {
+    type Registry = (u64, Vec<(String, Vec<u8>, Weak<Watcher>)>);
+    static WATCHERS: Mutex<Registry> = Mutex::new((0, Vec::new()));
+    let mut guard = WATCHERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let (made, watchers) = &mut *guard;
+    watchers.retain(|(_, _, w)| w.strong_count() > 0);
+    let found = watchers.iter().find(|(i, c, _)| i == instance && c == config).and_then(|(_, _, w)| w.upgrade());
+    found.unwrap_or_else(|| {
+        *made += 1;
+        let watcher = Arc::new(make(&format!("{instance}.{made}")));
+        watchers.push((instance.to_string(), config.to_vec(), Arc::downgrade(&watcher)));
+        watcher
+    })
 }
 
 #[derive(Clone)]
@@ -123,15 +143,11 @@ impl Filter for Serverless {
         let router = Router::from_json(config)?;
         let metrics = Metrics::define(setup);
         let shared = !setup.shared_by_workers();
-        // Natively the table is the configuration's own: a second configuration of the filter in
-        // the process (a listener's second filter chain, a listener being replaced) keeps its own
-        // table and watch, under a namespace of its own in the module's shared data.
-        static CONFIGURATIONS: AtomicU64 = AtomicU64::new(0);
-        let namespace = match shared {
-            true => setup.instance().to_string(),
-            false => format!("{}.{}", setup.instance(), CONFIGURATIONS.fetch_add(1, Ordering::Relaxed)),
-        };
-        let watcher = router.management.clone().map(|m| Watcher::new(m, &namespace, shared));
+        let instance = setup.instance();
+        let watcher = router.management.clone().map(|m| match shared {
+            true => Arc::new(Watcher::new(m, instance, true)),
+            false => native_watcher(instance, config, |namespace| Watcher::new(m, namespace, false)),
+        });
         let work = PerThread::new(Work { scratch: router.decoder.scratch(), authority: Vec::with_capacity(256) });
         Ok(Serverless { router, work, metrics, watcher })
     }
@@ -141,7 +157,7 @@ impl Filter for Serverless {
     }
 
     fn tick_period(&self) -> Option<Duration> {
-        self.watcher.as_ref().map(Watcher::tick_period)
+        self.watcher.as_deref().map(Watcher::tick_period)
     }
 
     fn on_tick<B: Background>(&self, bg: &mut B) {

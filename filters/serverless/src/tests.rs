@@ -76,7 +76,7 @@ fn hosts_are_routed_and_the_cluster_is_the_filters_alone() {
 }
 
 #[test]
-fn a_table_from_a_service_that_does_not_watch_is_polled_and_shared_only_between_copies() {
+fn a_table_from_a_service_that_does_not_watch_is_polled_and_shared_by_every_copy() {
     for shared_by_workers in [true, false] {
         let host = FakeHost::default();
         let sl = configure(&host, shared_by_workers);
@@ -92,11 +92,10 @@ fn a_table_from_a_service_that_does_not_watch_is_polled_and_shared_only_between_
         assert_eq!(host.metric("edgewise.serverless.management_fetch.ok"), 1);
 
         // Proxy-wasm: another worker's copy reads the same table from shared data; natively,
-        // another configuration of the filter (a second filter chain) has a table of its own,
-        // which its own watch loads.
+        // another configuration of the filter (a second filter chain) shares the watcher.
         let other = configure(&host, shared_by_workers);
         let (flow, _) = get(&other, &host, POLLED.as_bytes());
-        assert_eq!(flow == Flow::Continue, !shared_by_workers, "shared_by_workers: {shared_by_workers}");
+        assert_eq!(flow, Flow::Continue, "shared_by_workers: {shared_by_workers}");
 
         // No cursor: polled again after the interval; a failed fetch keeps the table in force.
         sl.on_tick(&mut bg);
@@ -108,6 +107,69 @@ fn a_table_from_a_service_that_does_not_watch_is_polled_and_shared_only_between_
         assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"));
         assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 1);
     }
+}
+
+/// Natively, configurations of one name share a watcher only with the same bytes (another
+/// configuration has a table and a watch of its own), and a shared watcher whose call went out
+/// through a configuration that is gone (its answer never comes) calls again once it is overdue.
+#[test]
+fn natively_a_watcher_is_shared_by_equal_configurations_and_outlives_the_one_that_called() {
+    let host = FakeHost::default();
+    let name = instance(&host);
+    let setup = || FakeSetup { host: &host, instance: name.clone(), shared_by_workers: true };
+    let first = Serverless::configure(CONFIG.as_bytes(), &mut setup()).unwrap();
+    let other_bytes = CONFIG.replace("1048576", "1048577");
+    let different = Serverless::configure(other_bytes.as_bytes(), &mut setup()).unwrap();
+
+    let mut bg = FakeBackground::new(&host);
+    first.on_tick(&mut bg);
+    first.on_fetched(&mut bg, 1, &table());
+    assert_eq!(routed(&first, &host, POLLED).as_deref(), Some("customer-b"));
+    let (flow, s) = get(&different, &host, POLLED.as_bytes());
+    assert_eq!((flow, s.replied.map(|r| r.status)), (Flow::Stop, Some(503)), "its own table, not loaded yet");
+    let mut other_bg = FakeBackground::new(&host);
+    different.on_tick(&mut other_bg);
+    assert_eq!(other_bg.calls.len(), 1, "its own watch");
+
+    // The first configuration calls again, then is replaced before the answer: the call is lost.
+    host.now_ms.set(1_000);
+    first.on_tick(&mut bg);
+    assert_eq!(bg.calls.len(), 2);
+    let second = Serverless::configure(CONFIG.as_bytes(), &mut setup()).unwrap();
+    drop(first);
+    assert_eq!(routed(&second, &host, POLLED).as_deref(), Some("customer-b"), "the same table");
+    let mut second_bg = FakeBackground::new(&host);
+    second.on_tick(&mut second_bg);
+    assert!(second_bg.calls.is_empty(), "the lost call is not overdue yet");
+    host.now_ms.set(1_000 + 30_000);
+    second.on_tick(&mut second_bg);
+    assert_eq!(second_bg.calls.len(), 1, "overdue: called again");
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 1);
+}
+
+/// A call that cannot be started (at start-up Envoy may not have the cluster yet) is tried again
+/// at the next tick, then less often: the table comes a tick after the cluster does.
+#[test]
+fn a_call_that_cannot_start_is_tried_again_at_the_next_tick_then_less_often() {
+    let host = FakeHost::default();
+    let sl = configure(&host, true);
+    let mut bg = FakeBackground::new(&host);
+    bg.refuse_calls = true;
+    let mut tried = Vec::new();
+    for now in (0..=2_000).step_by(250) {
+        host.now_ms.set(now);
+        let before = bg.refused;
+        sl.on_tick(&mut bg);
+        if bg.refused > before {
+            tried.push(now);
+        }
+    }
+    assert_eq!(tried, [0, 250, 750, 1_750], "250 ms, 500 ms, then every second");
+    bg.refuse_calls = false;
+    host.now_ms.set(2_750);
+    sl.on_tick(&mut bg);
+    assert_eq!(bg.calls.len(), 1, "the cluster is there: the call goes");
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 4);
 }
 
 /// Drives the watcher through the fake background: the path of every call, answered in turn.

@@ -59,8 +59,12 @@ struct Keys {
 /// What this copy has in flight.
 #[derive(Default)]
 struct Local {
-    in_flight: Option<(u64, Ask, u64)>,
+    /// The call, what it asks, when it was sent and when its answer is overdue.
+    in_flight: Option<(u64, Ask, u64, u64)>,
     load: Option<Load>,
+    /// Calls in a row that could not be started (Envoy has no such cluster yet: at start-up a
+    /// cluster with health checks comes a few ms after the first tick).
+    unstarted: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,6 +134,13 @@ impl Watcher {
             bg.set_gauge(m.table_change_age_seconds, now.saturating_sub(changed) / 1000);
         }
         let mut local = lock(&self.local);
+        // An answer past its timeout will not come: the configuration that sent the call (this
+        // watcher may serve several) is gone, and Envoy cancelled it with it.
+        if local.in_flight.is_some_and(|(_, _, _, overdue)| now >= overdue) {
+            local.in_flight = None;
+            local.load = None;
+            bg.increment(m.fetch_failed);
+        }
         if local.in_flight.is_some() || !self.take_lease(bg, now) {
             return;
         }
@@ -138,7 +149,7 @@ impl Watcher {
 
     pub fn on_fetched(&self, bg: &mut impl Background, id: u64, response: &Fetched, router: &Router, m: &Metrics) {
         let mut local = lock(&self.local);
-        let Some((_, ask, sent)) = local.in_flight.take_if(|(i, _, _)| *i == id) else {
+        let Some((_, ask, sent, _)) = local.in_flight.take_if(|(i, _, _, _)| *i == id) else {
             return;
         };
         let now = bg.now_ms();
@@ -198,11 +209,17 @@ impl Watcher {
         let headers = if etag.is_empty() { &headers[..1] } else { &headers[..] };
         let timeout = Duration::from_millis(timeout_ms);
         match bg.http_get(&mgmt.cluster, &mgmt.authority, &path, headers, timeout) {
-            Some(id) => local.in_flight = Some((id, ask, now)),
+            Some(id) => {
+                local.in_flight = Some((id, ask, now, now + timeout_ms + 1000));
+                local.unstarted = 0;
+            }
             None => {
                 bg.increment(m.fetch_failed);
                 local.load = None;
-                self.release(bg, now + 1000);
+                // At the next tick, then less often: 250 ms, 500 ms, then every second.
+                let delay = 250 << local.unstarted.min(2);
+                local.unstarted += 1;
+                self.release(bg, now + delay);
             }
         }
     }
