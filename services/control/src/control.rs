@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::domains::{check_domain, Certificate, Domain, DomainRequest};
+use crate::domains::{check_domain, Certificate, Domain, DomainRequest, Domains};
 use crate::etcd::{Change, Shared};
 use crate::functions::Functions;
 use crate::metrics::Metrics;
@@ -72,7 +72,7 @@ struct State {
     details: HashMap<String, Customer>,
     routes: Routes,
     /// Custom domains (the local store only).
-    domains: BTreeMap<String, Domain>,
+    domains: Domains,
     /// The custom domains' routes in the table: domain -> route JSON.
     domain_routes: BTreeMap<String, String>,
     /// HTTP-01 challenges being answered: token -> (domain, key authorization).
@@ -145,9 +145,9 @@ impl Control {
             },
             |_| true,
         )?;
-        let domains: BTreeMap<String, Domain> = store.domains()?.into_iter().collect();
+        let domains: Domains = store.domains()?.into_iter().collect();
         let now = unix_now();
-        for (name, domain) in &domains {
+        for (name, domain) in domains.iter() {
             if let Some(c) = domain.valid_certificate(now) {
                 resources.put_domain_certificate(name, &c.chain, &c.key);
             }
@@ -254,7 +254,7 @@ impl Control {
             removing: HashMap::new(),
             details: HashMap::new(),
             routes: Routes::at(shared.cluster, revision),
-            domains: BTreeMap::new(),
+            domains: Domains::default(),
             domain_routes: BTreeMap::new(),
             challenges: HashMap::new(),
         };
@@ -718,18 +718,9 @@ impl Control {
     /// domains of `functions` (the functions the edits put, moved or removed), and wakes its
     /// watchers.
     fn publish(&self, state: &mut State, mut edits: Vec<routes::Edit>, functions: &[String]) {
-        if !state.domains.is_empty() && !functions.is_empty() {
-            // A scan of the domains (thousands), not of the functions (millions).
-            let touched: HashSet<&str> = functions.iter().map(String::as_str).collect();
-            let domains: Vec<String> = state
-                .domains
-                .iter()
-                .filter(|(_, d)| touched.contains(d.function.as_str()))
-                .map(|(name, _)| name.clone())
-                .collect();
-            for domain in domains {
-                edits.extend(domain_edits(state, Some(&domain)));
-            }
+        let domains: Vec<String> = functions.iter().flat_map(|f| state.domains.of_function(f)).cloned().collect();
+        for domain in domains {
+            edits.extend(domain_edits(state, Some(&domain)));
         }
         let State { routes, store, revision, .. } = state;
         let log = match store {
@@ -915,7 +906,7 @@ impl Control {
     fn domain_stored(&self, state: &mut State, name: &str, domain: Option<Domain>) {
         let certificate = domain.as_ref().and_then(|d| d.valid_certificate(unix_now()).cloned());
         match domain {
-            Some(d) => drop(state.domains.insert(name.to_string(), d)),
+            Some(d) => state.domains.insert(name.to_string(), d),
             None => {
                 state.domains.remove(name);
                 state.challenges.retain(|_, (d, _)| d != name);

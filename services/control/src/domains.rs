@@ -2,6 +2,8 @@
 //! obtained by ACME (`acme`). What the API takes, the checks it passes, and what is kept of each
 //! domain: its function, its certificate and where obtaining one stands.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::Invalid;
@@ -113,6 +115,82 @@ impl Domain {
     }
 }
 
+/// The custom domains by name, and the names of each function's: a change to a function finds
+/// its domains without a scan of them all.
+#[derive(Default)]
+pub struct Domains {
+    by_name: BTreeMap<String, Domain>,
+    by_function: HashMap<String, BTreeSet<String>>,
+}
+
+impl Domains {
+    pub fn insert(&mut self, name: String, domain: Domain) {
+        self.unindex(&name);
+        self.by_function.entry(domain.function.clone()).or_default().insert(name.clone());
+        self.by_name.insert(name, domain);
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Domain> {
+        self.unindex(name);
+        self.by_name.remove(name)
+    }
+
+    fn unindex(&mut self, name: &str) {
+        let Some(old) = self.by_name.get(name) else {
+            return;
+        };
+        if let Some(names) = self.by_function.get_mut(&old.function) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_function.remove(&old.function);
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Domain> {
+        self.by_name.get(name)
+    }
+
+    pub fn get_key_value(&self, name: &str) -> Option<(&String, &Domain)> {
+        self.by_name.get_key_value(name)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Domain)> {
+        self.by_name.iter()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
+    }
+
+    /// The domains of `function`.
+    pub fn of_function(&self, function: &str) -> impl Iterator<Item = &String> {
+        self.by_function.get(function).into_iter().flatten()
+    }
+}
+
+impl FromIterator<(String, Domain)> for Domains {
+    fn from_iter<I: IntoIterator<Item = (String, Domain)>>(iter: I) -> Domains {
+        let mut domains = Domains::default();
+        for (name, domain) in iter {
+            domains.insert(name, domain);
+        }
+        domains
+    }
+}
+
 fn invalid(reason: impl Into<String>) -> Invalid {
     Invalid { field: "domain".into(), reason: reason.into() }
 }
@@ -157,6 +235,27 @@ pub fn check_domain(domain: &str, platform: &str) -> Result<String, Invalid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_functions_domains_follow_moves_and_removals() {
+        let domain = |function: &str| Domain {
+            function: function.into(),
+            certificate: None,
+            error: None,
+            failures: 0,
+            next_attempt_ms: 0,
+        };
+        let of = |d: &Domains, f: &str| d.of_function(f).cloned().collect::<Vec<_>>();
+        let mut d: Domains = [("a.example".to_string(), domain("hello")), ("b.example".to_string(), domain("hello"))]
+            .into_iter()
+            .collect();
+        assert_eq!(of(&d, "hello"), ["a.example", "b.example"]);
+        d.insert("a.example".into(), domain("other"));
+        assert_eq!((of(&d, "hello"), of(&d, "other")), (vec!["b.example".to_string()], vec!["a.example".to_string()]));
+        assert!(d.remove("b.example").is_some());
+        assert!(of(&d, "hello").is_empty() && d.by_function.len() == 1 && d.len() == 1);
+        assert!(d.remove("b.example").is_none());
+    }
 
     #[test]
     fn domains_are_one_dns_name_outside_the_platform() {

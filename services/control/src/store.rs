@@ -183,30 +183,31 @@ impl Store {
     /// one for its key, or a deletion, goes).
     pub fn append_routes(&mut self, changes: &[LoggedChange], from: u64, to: u64) -> Result<()> {
         let int = |v: u64| i64::try_from(v).map_err(|e| e.to_string());
+        let (from_version, to_version) = (int(from)?, int(to)?);
         let tx = self.db.transaction().map_err(db_error)?;
         {
             let mut superseded =
-                tx.prepare("DELETE FROM route_log WHERE key = ?1 AND version <= ?2").map_err(db_error)?;
+                tx.prepare_cached("DELETE FROM route_log WHERE key = ?1 AND version <= ?2").map_err(db_error)?;
             let mut insert = tx
-                .prepare("INSERT INTO route_log (version, key, put, json) VALUES (?1, ?2, ?3, ?4)")
+                .prepare_cached("INSERT INTO route_log (version, key, put, json) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(db_error)?;
             for c in changes {
-                superseded.execute(params![c.key, int(to)?]).map_err(db_error)?;
+                superseded.execute(params![c.key, to_version]).map_err(db_error)?;
                 insert.execute(params![int(c.version)?, c.key, i64::from(c.put), c.json]).map_err(db_error)?;
             }
         }
         if to > from {
-            tx.execute(
+            tx.prepare_cached(
                 "DELETE FROM route_log WHERE version > ?1 AND version <= ?2 AND (put = 0 OR EXISTS
                  (SELECT 1 FROM route_log later WHERE later.key = route_log.key AND later.version > route_log.version))",
-                params![int(from)?, int(to)?],
             )
+            .and_then(|mut s| s.execute(params![from_version, to_version]))
             .map_err(db_error)?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES ('routes_horizon', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
-            [int(to)?],
         )
+        .and_then(|mut s| s.execute([to_version]))
         .map_err(db_error)?;
         tx.commit().map_err(db_error)
     }
@@ -240,17 +241,21 @@ impl Store {
     pub fn put_function(&mut self, name: &str, key: &str, f: &Function) -> Result<()> {
         let matches = serde_json::to_string(&f.matches).map_err(|e| e.to_string())?;
         self.db
-            .execute(
+            .prepare_cached(
                 "INSERT INTO functions (name, key, matches, customer, host) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(name) DO UPDATE SET key = ?2, matches = ?3, customer = ?4, host = ?5",
-                params![name, key, matches, f.customer, f.host],
             )
+            .and_then(|mut s| s.execute(params![name, key, matches, f.customer, f.host]))
             .map(drop)
             .map_err(db_error)
     }
 
     pub fn delete_function(&mut self, name: &str) -> Result<()> {
-        self.db.execute("DELETE FROM functions WHERE name = ?1", [name]).map(drop).map_err(db_error)
+        self.db
+            .prepare_cached("DELETE FROM functions WHERE name = ?1")
+            .and_then(|mut s| s.execute([name]))
+            .map(drop)
+            .map_err(db_error)
     }
 
     /// Every custom domain.
