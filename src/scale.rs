@@ -1,15 +1,18 @@
 //! What the scale benchmarks share (`edgewise-scale`, `edgewise-fleet`): a seeded
 //! edgewise-control store, function hosts, and measurements of a process (RSS, CPU) and of
-//! Envoy's CPU per request under wrk.
+//! Envoy's CPU per request under load.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use edgewise_control::model::{Customer, Function, FunctionRules};
 use edgewise_control::store::Store;
+use edgewise_control::CURSOR;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::certs::Ca;
 
@@ -127,25 +130,132 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?)
 }
 
-/// One 1-second wrk burst (32 connections, HTTPS, on CPU 1) at `host` through `front`: the CPU
-/// per request of process `pid` (Envoy), in µs.
-pub fn burst(pid: u32, front: SocketAddr, host: &str) -> Result<f64> {
-    let before = cpu_ticks(pid)?;
-    let out = Command::new("taskset")
-        .args(["-c", "1", "wrk", "-t1", "-c32", "-d1s", "-H", &format!("Host: {host}")])
-        .arg(format!("https://{front}/"))
-        .output()
-        .context("running wrk")?;
-    let ticks = cpu_ticks(pid)? - before;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Non-2xx") {
-        bail!("wrk saw errors: {text}");
+/// A kept-alive HTTPS connection to a gateway's front, with the SNI of the platform's names (the
+/// listener's other filter chain is for custom domains): a request costs a request, not a TLS
+/// handshake on the CPUs being measured.
+pub struct Kept {
+    front: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    sni: rustls::pki_types::ServerName<'static>,
+    conn: Option<BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+}
+
+impl Kept {
+    pub fn new(front: SocketAddr, tls: Arc<rustls::ClientConfig>, sni: &str) -> Result<Kept> {
+        let sni = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+        Ok(Kept { front, tls, sni, conn: None })
     }
-    let requests: f64 = text
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in ").and_then(|(n, _)| n.parse().ok()))
-        .with_context(|| format!("wrk: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok(ticks as f64 * 10_000.0 / requests.max(1.0))
+
+    /// The status `host` answers with (0 when the connection failed; the next call reconnects).
+    pub async fn status(&mut self, host: &str) -> u16 {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let connect = async {
+                    let tcp = tokio::net::TcpStream::connect(self.front).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(self.sni.clone(), tcp).await?;
+                    Ok::<_, anyhow::Error>(BufReader::new(tls))
+                };
+                match connect.await {
+                    Ok(conn) => conn,
+                    Err(_) => return 0,
+                }
+            }
+        };
+        match request(&mut conn, host, "/").await {
+            Ok((status, ..)) => {
+                self.conn = Some(conn);
+                status
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
+/// A GET on a kept-alive HTTP/1.1 connection: (status, cursor, body, bytes received).
+pub async fn request<S>(conn: &mut BufReader<S>, host: &str, path: &str) -> Result<(u16, String, Vec<u8>, usize)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes()).await?;
+    let (mut status, mut cursor, mut length, mut bytes, mut chunked) = (0, String::new(), 0, 0, false);
+    loop {
+        let mut line = String::new();
+        bytes += conn.read_line(&mut line).await?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
+            status = rest.get(..3).unwrap_or_default().parse()?;
+        } else if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = v.trim().parse()?,
+                "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
+                k if k == CURSOR => cursor = v.trim().to_string(),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body).await.context("body")?;
+    while chunked {
+        let mut size = String::new();
+        bytes += conn.read_line(&mut size).await?;
+        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or_default(), 16)?;
+        let mut chunk = vec![0; size + 2];
+        conn.read_exact(&mut chunk).await.context("chunk")?;
+        bytes += chunk.len();
+        body.extend_from_slice(chunk.get(..size).unwrap_or_default());
+        chunked = size > 0;
+    }
+    Ok((status, cursor, body, bytes + length))
+}
+
+/// Connections of a burst, as wrk's `-c32` had them.
+const BURST_CONNECTIONS: usize = 32;
+
+/// One 1-second burst at `host` through `front` (32 kept-alive HTTPS connections, SNI `sni`):
+/// the CPU per request of process `pid` (Envoy), in µs. Every answer must be 200.
+pub async fn burst(pid: u32, front: SocketAddr, tls: Arc<rustls::ClientConfig>, sni: &str, host: &str) -> Result<f64> {
+    let mut conns = Vec::new();
+    for _ in 0..BURST_CONNECTIONS {
+        let mut kept = Kept::new(front, tls.clone(), sni)?;
+        let status = kept.status(host).await;
+        if status != 200 {
+            bail!("{host} through {front}: {status} before the burst");
+        }
+        conns.push(kept);
+    }
+    let before = cpu_ticks(pid)?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(1);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut kept| {
+            let host = host.to_string();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    match kept.status(&host).await {
+                        200 => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, 0);
+    for task in tasks {
+        let (o, f) = task.await?;
+        (ok, failed) = (ok + o, failed + f);
+    }
+    let ticks = cpu_ticks(pid)? - before;
+    if failed > 0 || ok == 0 {
+        bail!("burst at {host} through {front}: {ok} answered 200, {failed} not");
+    }
+    Ok(ticks as f64 * 10_000.0 / ok as f64)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

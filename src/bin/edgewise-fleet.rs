@@ -26,11 +26,12 @@ use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Build, Config, Envoy, Options};
 use edgewise::scale::DOMAIN;
-use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib, seeded_plane, taskset};
+use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, request, rss_mib};
+use edgewise::scale::{seeded_plane, taskset, Kept};
 use edgewise::scenarios::serverless::{ports, Pki, CONTROL_NAME};
 use edgewise::server::Server;
-use edgewise_control::{CURSOR, ROUTES_PATH};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use edgewise_control::ROUTES_PATH;
+use tokio::io::BufReader;
 
 /// One control plane: its PKI, the customers' gateway, edgewise-control on a seeded store.
 struct Plane {
@@ -106,6 +107,17 @@ impl Gateway {
             .wait_stat("the route table in force", Duration::from_secs(600), |s| s.get(&routes) >= Some(&want))
             .await?;
         Ok(Gateway { routed_s, table_s: started.elapsed().as_secs_f64(), ..g })
+    }
+
+    /// A kept-alive connection to the front, with an SNI of the platform's names.
+    fn kept(&self) -> Result<Kept> {
+        Kept::new(self.front, self.client.tls_config().context("the front's TLS")?, &format!("x.{DOMAIN}"))
+    }
+
+    /// Envoy's CPU per request in a 1-second burst at `host`, in µs.
+    async fn burst(&self, host: &str) -> Result<f64> {
+        let tls = self.client.tls_config().context("the front's TLS")?;
+        burst(self.envoy.pid(), self.front, tls, &format!("x.{DOMAIN}"), host).await
     }
 
     /// Until `host` is found in the route table: any answer but 404 or 503
@@ -196,87 +208,6 @@ where
     Ok((status, cursor, (bytes, changes)))
 }
 
-/// A GET on a kept-alive HTTP/1.1 connection: (status, cursor, body, bytes received).
-async fn request<S>(conn: &mut BufReader<S>, host: &str, path: &str) -> Result<(u16, String, Vec<u8>, usize)>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes()).await?;
-    let (mut status, mut cursor, mut length, mut bytes, mut chunked) = (0, String::new(), 0, 0, false);
-    loop {
-        let mut line = String::new();
-        bytes += conn.read_line(&mut line).await?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some(rest) = line.strip_prefix("HTTP/1.1 ") {
-            status = rest.get(..3).unwrap_or_default().parse()?;
-        } else if let Some((k, v)) = line.split_once(':') {
-            match k.trim().to_ascii_lowercase().as_str() {
-                "content-length" => length = v.trim().parse()?,
-                "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
-                k if k == CURSOR => cursor = v.trim().to_string(),
-                _ => {}
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    conn.read_exact(&mut body).await.context("body")?;
-    while chunked {
-        let mut size = String::new();
-        bytes += conn.read_line(&mut size).await?;
-        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or_default(), 16)?;
-        let mut chunk = vec![0; size + 2];
-        conn.read_exact(&mut chunk).await.context("chunk")?;
-        bytes += chunk.len();
-        body.extend_from_slice(chunk.get(..size).unwrap_or_default());
-        chunked = size > 0;
-    }
-    Ok((status, cursor, body, bytes + length))
-}
-
-/// A kept-alive HTTPS connection to a gateway's front: a probe costs a request, not a TLS
-/// handshake on the CPUs being measured.
-struct Probe {
-    front: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    conn: Option<BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
-}
-
-impl Probe {
-    fn new(g: &Gateway) -> Result<Probe> {
-        Ok(Probe { front: g.front, tls: g.client.tls_config().context("the front's TLS")?, conn: None })
-    }
-
-    /// The status `host` answers with (0 when the connection failed; the next call reconnects).
-    async fn status(&mut self, host: &str) -> u16 {
-        let conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => {
-                let connect = async {
-                    let tcp = tokio::net::TcpStream::connect(self.front).await?;
-                    let name = rustls::pki_types::ServerName::try_from(format!("x.{DOMAIN}"))?;
-                    let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await?;
-                    Ok::<_, anyhow::Error>(BufReader::new(tls))
-                };
-                match connect.await {
-                    Ok(conn) => conn,
-                    Err(_) => return 0,
-                }
-            }
-        };
-        let mut conn = conn;
-        match request(&mut conn, host, "/").await {
-            Ok((status, ..)) => {
-                self.conn = Some(conn);
-                status
-            }
-            Err(_) => 0,
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let customers = env_usize("FLEET_CUSTOMERS", 100_000);
@@ -333,8 +264,8 @@ async fn main() -> Result<()> {
     for (fed, bare) in &kept {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for _ in 0..rotations {
-            a.push(burst(fed.envoy.pid(), fed.front, &host(0))?);
-            b.push(burst(bare.envoy.pid(), bare.front, &host(0))?);
+            a.push(fed.burst(&host(0)).await?);
+            b.push(bare.burst(&host(0)).await?);
         }
         let ratios: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x / y).collect();
         line(format!(
@@ -449,7 +380,7 @@ async fn stream_changes(
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); gateways.len()];
     let mut in_force: Vec<Vec<f64>> = vec![Vec::new(); gateways.len()];
     let (mut rest, mut to_watchers) = (Vec::new(), Vec::new());
-    let mut probes = gateways.iter().map(|g| Probe::new(g)).collect::<Result<Vec<_>>>()?;
+    let mut probes = gateways.iter().map(|g| g.kept()).collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     for k in 0..count {
         let due = started + Duration::from_millis(100 * k as u64);
@@ -475,7 +406,7 @@ async fn stream_changes(
 
 /// Requests `host` through every probe until each answers 200; for each, how long ago (from
 /// now) that request was sent and was answered.
-async fn until_routed(probes: &mut Vec<Probe>, host: &str) -> Result<Vec<(Duration, Duration)>> {
+async fn until_routed(probes: &mut Vec<Kept>, host: &str) -> Result<Vec<(Duration, Duration)>> {
     let mut waits = Vec::new();
     for mut probe in probes.drain(..) {
         let host = host.to_string();
@@ -495,7 +426,7 @@ async fn until_routed(probes: &mut Vec<Probe>, host: &str) -> Result<Vec<(Durati
     }
     let mut ago = Vec::new();
     for w in waits {
-        let (probe, (sent, at)): (Probe, (Instant, Instant)) = w.await??;
+        let (probe, (sent, at)): (Kept, (Instant, Instant)) = w.await??;
         probes.push(probe);
         ago.push((sent.elapsed(), at.elapsed()));
     }

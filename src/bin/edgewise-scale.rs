@@ -13,7 +13,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Config, Envoy, Options};
@@ -187,7 +187,8 @@ async fn main() -> Result<()> {
     let mut us: Vec<Vec<f64>> = vec![Vec::new(); installs.len()];
     for _ in 0..rotations {
         for (i, install) in installs.iter().enumerate() {
-            us[i].push(burst(install.envoy.pid(), install.front, &host)?);
+            let tls = install.client()?.tls_config().context("the front's TLS")?;
+            us[i].push(burst(install.envoy.pid(), install.front, tls, &format!("x.{DOMAIN}"), &host).await?);
         }
     }
     let base = us[0].clone();
