@@ -281,7 +281,11 @@ impl Stream for NativeStream<'_> {
         let mut code = 0u64;
         // SAFETY: the stream handle is valid in this hook; `code` outlives the call.
         let found = unsafe {
-            envoy_dynamic_module_callback_http_filter_get_attribute_int(self.envoy, AttributeId::RESPONSE_CODE, &mut code)
+            envoy_dynamic_module_callback_http_filter_get_attribute_int(
+                self.envoy,
+                AttributeId::RESPONSE_CODE,
+                &mut code,
+            )
         };
         found.then_some(code).and_then(|c| u16::try_from(c).ok())
     }

@@ -14,9 +14,14 @@ pub fn route_query(data: &[u8]) {
     };
     let q = Query::read(text);
     let last = |name: &str| {
-        text.split('&').filter_map(|p| p.split_once('=')).filter(|(n, _)| *n == name).map(|(_, v)| v).last()
+        text.split('&').filter_map(|p| p.split_once('=')).filter(|(n, _)| *n == name).map(|(_, v)| v).next_back()
     };
-    assert_eq!(q, Query { since: last("since"), wait: last("wait"), limit: last("limit"), after: last("after") }, "{}", shown(data));
+    assert_eq!(
+        q,
+        Query { since: last("since"), wait: last("wait"), limit: last("limit"), after: last("after") },
+        "{}",
+        shown(data)
+    );
     for value in [text, q.since.unwrap_or_default(), q.wait.unwrap_or_default(), q.after.unwrap_or_default()] {
         if let Some(cursor) = Cursor::read(value) {
             assert_eq!(cursor.to_string(), value, "cursor {} read as {cursor:?}", shown(data));

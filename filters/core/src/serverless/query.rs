@@ -66,7 +66,8 @@ pub fn page_token(position: u64) -> String {
 
 /// The position a page token names, if it is one [`page_token`] writes.
 pub fn read_page_token(token: &str) -> Option<u64> {
-    let digits = token.len() == PAGE_TOKEN_DIGITS && token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let digits =
+        token.len() == PAGE_TOKEN_DIGITS && token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     digits.then(|| u64::from_str_radix(token, 16).ok()).flatten()
 }
 
@@ -107,8 +108,23 @@ mod tests {
         let max = Cursor { history: u64::MAX, version: u64::MAX };
         assert_eq!(Cursor::read(&max.to_string()), Some(max));
         for other in [
-            "", ".", "1a2b", "1a2b.", ".42", "+1a2b.42", "1a2b.+42", "1A2B.42", "01a2b.42", "1a2b.042", "1a2b.42.1",
-            "1a2b.4 2", "1a2b.-1", "1a2b.18446744073709551616", "10000000000000000.1", "1a2b.0x2a", "١.٢",
+            "",
+            ".",
+            "1a2b",
+            "1a2b.",
+            ".42",
+            "+1a2b.42",
+            "1a2b.+42",
+            "1A2B.42",
+            "01a2b.42",
+            "1a2b.042",
+            "1a2b.42.1",
+            "1a2b.4 2",
+            "1a2b.-1",
+            "1a2b.18446744073709551616",
+            "10000000000000000.1",
+            "1a2b.0x2a",
+            "١.٢",
         ] {
             assert_eq!(Cursor::read(other), None, "{other:?}");
         }
@@ -119,7 +135,15 @@ mod tests {
         assert_eq!(page_token(255), "00000000000000ff");
         assert_eq!(read_page_token("00000000000000ff"), Some(255));
         assert_eq!(read_page_token(&page_token(u64::MAX)), Some(u64::MAX));
-        for other in ["", "ff", "00000000000000FF", "+0000000000000ff", "000000000000000g", "0000000000000000ff", "00000000000000é"] {
+        for other in [
+            "",
+            "ff",
+            "00000000000000FF",
+            "+0000000000000ff",
+            "000000000000000g",
+            "0000000000000000ff",
+            "00000000000000é",
+        ] {
             assert_eq!(read_page_token(other), None, "{other:?}");
         }
     }
