@@ -197,7 +197,14 @@ impl Store {
                     *routes += 1;
                 }
             }
-            (_, Staging::Live { routes }) => {
+            // The first load appends to the table in force under the writer's lock: a bucket
+            // grows in place (a copy of at most a few KiB when it doubles).
+            (Store::Local(t, _), Staging::Live { routes }) => {
+                if write(t).as_mut().is_some_and(|t| t.put(record)) {
+                    *routes += 1;
+                }
+            }
+            (Store::Shared(_), Staging::Live { routes }) => {
                 *routes = routes.saturating_add_signed(self.edit(host, key, Some(record)));
             }
             (Store::Local(..), Staging::Shared { .. }) => {}
@@ -207,14 +214,23 @@ impl Store {
     /// Puts the staged table in force; the number of its routes.
     pub fn commit(&self, host: &impl Host, staging: Staging) -> u64 {
         match (self, staging) {
-            (Store::Local(t, loading), Staging::Local(table)) => {
+            (Store::Local(t, loading), Staging::Local(mut table)) => {
+                for i in 0..table.buckets() {
+                    table.fit(i);
+                }
                 let routes = table.len() as u64;
                 let old = write(t).replace(table);
                 loading.store(false, Relaxed);
                 drop(old); // outside the lock: freeing a large table takes milliseconds
                 routes
             }
-            (Store::Local(_, loading), Staging::Live { routes }) => {
+            (Store::Local(t, loading), Staging::Live { routes }) => {
+                let buckets = read(t).as_ref().map_or(0, LocalTable::buckets);
+                for i in 0..buckets {
+                    if let Some(t) = write(t).as_mut() {
+                        t.fit(i);
+                    }
+                }
                 loading.store(false, Relaxed);
                 routes
             }
@@ -316,6 +332,14 @@ impl<H: Host> ManagedRoutes for View<'_, H> {
         match self.store {
             Store::Local(_, loading) => !loading.load(Relaxed),
             Store::Shared(s) => get_u64(self.host, &s.key_loading).0 == 0,
+        }
+    }
+
+    /// Counted natively; on proxy-wasm the lookup costs what counting in shared data would.
+    fn has_domains(&self) -> bool {
+        match self.store {
+            Store::Local(t, _) => read(t).as_ref().is_some_and(|t| t.domains() > 0),
+            Store::Shared(_) => true,
         }
     }
 }

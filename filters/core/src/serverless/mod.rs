@@ -328,6 +328,11 @@ fn pack_default(key: &[u8]) -> Option<Vec<u8>> {
 /// share one table.
 const DOMAIN_KEY_MIN: usize = 14;
 
+/// Whether a route key is a custom domain's.
+pub fn is_domain_key(key: &[u8]) -> bool {
+    key.len() >= DOMAIN_KEY_MIN && key.first() == Some(&0)
+}
+
 /// The route key of a custom domain (`host` without its port, any case, a trailing dot or not):
 /// NUL, the lowercased name, NUL padding up to `DOMAIN_KEY_MIN`.
 pub fn domain_key(host: &str, key: &mut Vec<u8>) {
@@ -377,6 +382,12 @@ pub trait ManagedRoutes {
     fn complete(&self) -> bool {
         true
     }
+
+    /// False when the table holds no custom domain: a host outside the serverless domain is then
+    /// left alone without a lookup.
+    fn has_domains(&self) -> bool {
+        true
+    }
 }
 
 impl ManagedRoutes for LocalTable {
@@ -385,6 +396,10 @@ impl ManagedRoutes for LocalTable {
         into.clear();
         into.extend_from_slice(table::find_record(LocalTable::bucket(self, key), key).unwrap_or_default());
         true
+    }
+
+    fn has_domains(&self) -> bool {
+        self.domains() > 0
     }
 }
 
@@ -457,6 +472,9 @@ impl Router {
                 return Err(ConfigError::field(format!("{at}.match"), "duplicates an earlier route"));
             }
         }
+        for i in 0..inline.buckets() {
+            inline.fit(i);
+        }
         Ok(Router { decoder, cluster_header: header, management: config.management, inline })
     }
 
@@ -522,6 +540,9 @@ impl Router {
         scratch: &'a mut Scratch,
         managed: Option<&dyn ManagedRoutes>,
     ) -> Decision<'a> {
+        if !self.inline.has_domains() && !managed.is_some_and(|m| m.has_domains()) {
+            return Decision::PassThrough;
+        }
         let Some((host, _)) = authority::split(authority) else {
             return Decision::PassThrough;
         };
@@ -674,6 +695,35 @@ mod tests {
             let got = config_error(&format!(r#"{{"routes":[{bad}]}}"#));
             assert!(got.contains("routes[0].domain") && got.contains(why), "{bad}: {got}");
         }
+    }
+
+    /// A table without custom domains leaves other hosts alone with no lookup; one that has
+    /// them (inline or from the management service) routes them, and stops once they are gone.
+    #[test]
+    fn custom_domains_of_the_management_service_are_counted_and_routed() {
+        let r = router(ONE_ROUTE);
+        assert!(!r.inline.has_domains());
+        let mut managed = LocalTable::new(4);
+        let (key, record) = record_of(
+            &r.decoder,
+            &RouteSpec {
+                matches: BTreeMap::new(),
+                domain: Some("app.example.com".into()),
+                cluster: "customer-b".into(),
+                host: "b.knative.example".into(),
+            },
+            &Field::Root,
+        )
+        .unwrap();
+        assert!(is_domain_key(&key) && !is_domain_key(&pack_default(b"0000000a/0000000b/000000000c").unwrap()));
+        assert_eq!(decide_with(&r, Some(&managed), "app.example.com"), Err((0, "pass")));
+        assert!(managed.put(&record) && managed.has_domains());
+        let routed = Ok(("customer-b".to_string(), "b.knative.example".to_string()));
+        assert_eq!(decide_with(&r, Some(&managed), "App.Example.com"), routed);
+        let edited = managed.edited(&key, None);
+        managed.replace(edited, false);
+        assert_eq!((managed.domains(), managed.len()), (0, 0));
+        assert_eq!(decide_with(&r, Some(&managed), "app.example.com"), Err((0, "pass")));
     }
 
     #[test]

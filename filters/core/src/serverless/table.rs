@@ -10,6 +10,8 @@
 //! Records come from our own encoder, but shared data is memory another VM wrote: decoding
 //! checks every length and never panics.
 
+use super::is_domain_key;
+
 /// Longest key, cluster name or host a record holds.
 pub const MAX_FIELD: usize = u8::MAX as usize;
 
@@ -120,17 +122,44 @@ pub fn record_key(record: &[u8]) -> &[u8] {
     Records(record).next().map_or(&[], |r| r.key)
 }
 
-/// A table in the filter's own memory: `2^bits` buckets, each one allocation of exactly its size.
+/// A table in the filter's own memory: `2^bits` buckets, each one allocation. A full load
+/// appends to its buckets, which grow by doubling, and [`LocalTable::fit`] trims them when it
+/// ends: a few allocations a bucket, not one a route (a million small allocations and frees
+/// leave Envoy's allocator slower for every request after). An edit builds its bucket anew,
+/// exactly its size, so that the swap under the writer's lock is a pointer.
 #[derive(Debug)]
 pub struct LocalTable {
     bits: u32,
-    buckets: Vec<Box<[u8]>>,
+    buckets: Vec<Vec<u8>>,
     len: usize,
+    /// Routes of custom domains among them.
+    domains: usize,
 }
+
+/// A bucket built with an edit, for [`LocalTable::replace`]: its index, its bytes, whether the
+/// key was there and whether it is a custom domain's.
+pub type Edited = (usize, Vec<u8>, bool, bool);
 
 impl LocalTable {
     pub fn new(bits: u32) -> Self {
-        LocalTable { bits, buckets: vec![Box::default(); 1 << bits], len: 0 }
+        LocalTable { bits, buckets: vec![Vec::new(); 1 << bits], len: 0, domains: 0 }
+    }
+
+    pub fn domains(&self) -> usize {
+        self.domains
+    }
+
+    /// Buckets in the table.
+    pub fn buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Gives a bucket's spare room back (after a load; each call is one bucket, so that a table
+    /// in force is fitted under short locks).
+    pub fn fit(&mut self, index: usize) {
+        if let Some(b) = self.buckets.get_mut(index) {
+            b.shrink_to_fit();
+        }
     }
 
     /// Bits for a table of `n` routes: about eight routes a bucket, at most `MANAGED_BITS`.
@@ -160,27 +189,44 @@ impl LocalTable {
 
     /// The bucket `key` is in with the edit made, to be installed by [`LocalTable::replace`]:
     /// the work happens before, the swap under the writer's lock is a pointer.
-    pub fn edited(&self, key: &[u8], record: Option<&[u8]>) -> (usize, Box<[u8]>, bool) {
+    pub fn edited(&self, key: &[u8], record: Option<&[u8]>) -> Edited {
         let (bucket, found) = edit(self.bucket(key), key, record);
-        (bucket_of(key, self.bits), bucket.into_boxed_slice(), found)
+        (bucket_of(key, self.bits), bucket, found, is_domain_key(key))
     }
 
     /// Installs an edited bucket; returns the one it replaced (to be dropped outside the lock).
-    pub fn replace(&mut self, (index, bucket, found): (usize, Box<[u8]>, bool), put: bool) -> Box<[u8]> {
-        match (found, put) {
-            (false, true) => self.len += 1,
-            (true, false) => self.len -= 1,
-            _ => {}
+    pub fn replace(&mut self, (index, bucket, found, domain): Edited, put: bool) -> Vec<u8> {
+        let counted = match (found, put) {
+            (false, true) => 1,
+            (true, false) => -1,
+            _ => 0,
+        };
+        self.len = self.len.saturating_add_signed(counted);
+        if domain {
+            self.domains = self.domains.saturating_add_signed(counted);
         }
         self.buckets.get_mut(index).map(|b| std::mem::replace(b, bucket)).unwrap_or_default()
     }
 
-    /// Puts a route (a record of `encode`); true if its key was new.
+    /// Puts a route (a record of `encode`) in place, as a load does: appended to its bucket when
+    /// the key is new, the bucket built anew when it replaces one. True if its key was new.
     pub fn put(&mut self, record: &[u8]) -> bool {
-        let edited = self.edited(record_key(record), Some(record));
-        let new = !edited.2;
-        self.replace(edited, true);
-        new
+        let key = record_key(record);
+        if self.contains(key) {
+            let edited = self.edited(key, Some(record));
+            self.replace(edited, true);
+            return false;
+        }
+        let index = bucket_of(key, self.bits);
+        let Some(bucket) = self.buckets.get_mut(index) else {
+            return false;
+        };
+        bucket.extend_from_slice(record);
+        self.len += 1;
+        if is_domain_key(key) {
+            self.domains += 1;
+        }
+        true
     }
 
     /// Removes the route of `key`; true if it was there.
@@ -251,6 +297,11 @@ mod tests {
         assert_eq!((t.len(), t.get(b"k7")), (99, None));
         let used = t.buckets.iter().filter(|b| !b.is_empty()).count();
         assert_eq!(used, 16, "100 keys reach every one of 16 buckets");
+        for i in 0..t.buckets() {
+            t.fit(i);
+        }
+        assert!(t.buckets.iter().all(|b| b.capacity() == b.len()), "fitted");
+        assert_eq!((t.len(), t.get(b"k8").map(|r| r.host)), (99, Some("h8")), "the same routes");
         assert_eq!((LocalTable::bits_for(0), LocalTable::bits_for(100), LocalTable::bits_for(10_000_000)), (0, 4, 16));
         assert_eq!(bucket_of(b"anything", 0), 0);
     }
