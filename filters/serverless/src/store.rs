@@ -197,14 +197,7 @@ impl Store {
                     *routes += 1;
                 }
             }
-            // The first load appends to the table in force under the writer's lock: a bucket
-            // grows in place (a copy of at most a few KiB when it doubles).
-            (Store::Local(t, _), Staging::Live { routes }) => {
-                if write(t).as_mut().is_some_and(|t| t.put(record)) {
-                    *routes += 1;
-                }
-            }
-            (Store::Shared(_), Staging::Live { routes }) => {
+            (_, Staging::Live { routes }) => {
                 *routes = routes.saturating_add_signed(self.edit(host, key, Some(record)));
             }
             (Store::Local(..), Staging::Shared { .. }) => {}
@@ -214,23 +207,14 @@ impl Store {
     /// Puts the staged table in force; the number of its routes.
     pub fn commit(&self, host: &impl Host, staging: Staging) -> u64 {
         match (self, staging) {
-            (Store::Local(t, loading), Staging::Local(mut table)) => {
-                for i in 0..table.buckets() {
-                    table.fit(i);
-                }
+            (Store::Local(t, loading), Staging::Local(table)) => {
                 let routes = table.len() as u64;
                 let old = write(t).replace(table);
                 loading.store(false, Relaxed);
                 drop(old); // outside the lock: freeing a large table takes milliseconds
                 routes
             }
-            (Store::Local(t, loading), Staging::Live { routes }) => {
-                let buckets = read(t).as_ref().map_or(0, LocalTable::buckets);
-                for i in 0..buckets {
-                    if let Some(t) = write(t).as_mut() {
-                        t.fit(i);
-                    }
-                }
+            (Store::Local(_, loading), Staging::Live { routes }) => {
                 loading.store(false, Relaxed);
                 routes
             }

@@ -472,9 +472,6 @@ impl Router {
                 return Err(ConfigError::field(format!("{at}.match"), "duplicates an earlier route"));
             }
         }
-        for i in 0..inline.buckets() {
-            inline.fit(i);
-        }
         Ok(Router { decoder, cluster_header: header, management: config.management, inline })
     }
 

@@ -122,15 +122,11 @@ pub fn record_key(record: &[u8]) -> &[u8] {
     Records(record).next().map_or(&[], |r| r.key)
 }
 
-/// A table in the filter's own memory: `2^bits` buckets, each one allocation. A full load
-/// appends to its buckets, which grow by doubling, and [`LocalTable::fit`] trims them when it
-/// ends: a few allocations a bucket, not one a route (a million small allocations and frees
-/// leave Envoy's allocator slower for every request after). An edit builds its bucket anew,
-/// exactly its size, so that the swap under the writer's lock is a pointer.
+/// A table in the filter's own memory: `2^bits` buckets, each one allocation of exactly its size.
 #[derive(Debug)]
 pub struct LocalTable {
     bits: u32,
-    buckets: Vec<Vec<u8>>,
+    buckets: Vec<Box<[u8]>>,
     len: usize,
     /// Routes of custom domains among them.
     domains: usize,
@@ -138,28 +134,15 @@ pub struct LocalTable {
 
 /// A bucket built with an edit, for [`LocalTable::replace`]: its index, its bytes, whether the
 /// key was there and whether it is a custom domain's.
-pub type Edited = (usize, Vec<u8>, bool, bool);
+pub type Edited = (usize, Box<[u8]>, bool, bool);
 
 impl LocalTable {
     pub fn new(bits: u32) -> Self {
-        LocalTable { bits, buckets: vec![Vec::new(); 1 << bits], len: 0, domains: 0 }
+        LocalTable { bits, buckets: vec![Box::default(); 1 << bits], len: 0, domains: 0 }
     }
 
     pub fn domains(&self) -> usize {
         self.domains
-    }
-
-    /// Buckets in the table.
-    pub fn buckets(&self) -> usize {
-        self.buckets.len()
-    }
-
-    /// Gives a bucket's spare room back (after a load; each call is one bucket, so that a table
-    /// in force is fitted under short locks).
-    pub fn fit(&mut self, index: usize) {
-        if let Some(b) = self.buckets.get_mut(index) {
-            b.shrink_to_fit();
-        }
     }
 
     /// Bits for a table of `n` routes: about eight routes a bucket, at most `MANAGED_BITS`.
@@ -191,11 +174,11 @@ impl LocalTable {
     /// the work happens before, the swap under the writer's lock is a pointer.
     pub fn edited(&self, key: &[u8], record: Option<&[u8]>) -> Edited {
         let (bucket, found) = edit(self.bucket(key), key, record);
-        (bucket_of(key, self.bits), bucket, found, is_domain_key(key))
+        (bucket_of(key, self.bits), bucket.into_boxed_slice(), found, is_domain_key(key))
     }
 
     /// Installs an edited bucket; returns the one it replaced (to be dropped outside the lock).
-    pub fn replace(&mut self, (index, bucket, found, domain): Edited, put: bool) -> Vec<u8> {
+    pub fn replace(&mut self, (index, bucket, found, domain): Edited, put: bool) -> Box<[u8]> {
         let counted = match (found, put) {
             (false, true) => 1,
             (true, false) => -1,
@@ -208,25 +191,12 @@ impl LocalTable {
         self.buckets.get_mut(index).map(|b| std::mem::replace(b, bucket)).unwrap_or_default()
     }
 
-    /// Puts a route (a record of `encode`) in place, as a load does: appended to its bucket when
-    /// the key is new, the bucket built anew when it replaces one. True if its key was new.
+    /// Puts a route (a record of `encode`); true if its key was new.
     pub fn put(&mut self, record: &[u8]) -> bool {
-        let key = record_key(record);
-        if self.contains(key) {
-            let edited = self.edited(key, Some(record));
-            self.replace(edited, true);
-            return false;
-        }
-        let index = bucket_of(key, self.bits);
-        let Some(bucket) = self.buckets.get_mut(index) else {
-            return false;
-        };
-        bucket.extend_from_slice(record);
-        self.len += 1;
-        if is_domain_key(key) {
-            self.domains += 1;
-        }
-        true
+        let edited = self.edited(record_key(record), Some(record));
+        let new = !edited.2;
+        self.replace(edited, true);
+        new
     }
 
     /// Removes the route of `key`; true if it was there.
@@ -297,11 +267,6 @@ mod tests {
         assert_eq!((t.len(), t.get(b"k7")), (99, None));
         let used = t.buckets.iter().filter(|b| !b.is_empty()).count();
         assert_eq!(used, 16, "100 keys reach every one of 16 buckets");
-        for i in 0..t.buckets() {
-            t.fit(i);
-        }
-        assert!(t.buckets.iter().all(|b| b.capacity() == b.len()), "fitted");
-        assert_eq!((t.len(), t.get(b"k8").map(|r| r.host)), (99, Some("h8")), "the same routes");
         assert_eq!((LocalTable::bits_for(0), LocalTable::bits_for(100), LocalTable::bits_for(10_000_000)), (0, 4, 16));
         assert_eq!(bucket_of(b"anything", 0), 0);
     }
