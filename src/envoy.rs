@@ -371,12 +371,24 @@ impl Envoy {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// The interesting end of the log: start-up banners (extension lists) left out.
+    /// The interesting end of the log: start-up banners (extension lists) left out, and the
+    /// access log (JSON lines, which a load fills) cut to its last 30 lines, after the last 170
+    /// of everything else.
     pub fn log_tail(&self) -> String {
         let log = self.log();
-        let lines: Vec<&str> =
-            log.lines().filter(|l| !l.contains("server.cc:4") && !l.contains("server.cc:5")).collect();
-        lines[lines.len().saturating_sub(200)..].join("\n")
+        let (access, other): (Vec<&str>, Vec<&str>) = log
+            .lines()
+            .filter(|l| !l.contains("server.cc:4") && !l.contains("server.cc:5"))
+            .partition(|l| l.starts_with('{'));
+        let other = &other[other.len().saturating_sub(170)..];
+        let access = &access[access.len().saturating_sub(30)..];
+        other
+            .iter()
+            .chain(["----- the access log's end -----"].iter())
+            .chain(access)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Stops Envoy as a supervisor does (SIGTERM) and waits at most `limit` for it to exit.

@@ -94,7 +94,11 @@ impl Setup {
             if done(&r) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "{what}: still {} {} after 20 s", r.status, r.text());
+            if start.elapsed() > Duration::from_secs(20) {
+                let stats = self.envoy.stats().await.unwrap_or_default();
+                let filter: Vec<_> = stats.iter().filter(|(k, _)| k.contains("edgewise.serverless")).collect();
+                panic!("{what}: still {} {} after 20 s; the filter's stats: {filter:?}", r.status, r.text());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
