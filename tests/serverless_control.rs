@@ -86,18 +86,22 @@ impl Setup {
         start.elapsed()
     }
 
-    /// Polls `host` until `done` holds for a response; how long it took.
+    /// Polls `host` until `done` holds for a response; how long it took. The bound covers the
+    /// slowest legitimate path: after a control restart the filter's watch retries at most
+    /// `max_backoff_ms` (10 s) apart, and a new customer's routes wait for the Envoys' ACK (at
+    /// most 5 s), on a 2-core machine running the file's tests at once.
     async fn until(&self, host: &str, what: &str, done: impl Fn(&edgewise::client::Response) -> bool) -> Duration {
+        const BOUND: Duration = Duration::from_secs(35);
         let start = Instant::now();
         loop {
             let r = self.get(host).await;
             if done(&r) {
                 return start.elapsed();
             }
-            if start.elapsed() > Duration::from_secs(20) {
+            if start.elapsed() > BOUND {
                 let stats = self.envoy.stats().await.unwrap_or_default();
                 let filter: Vec<_> = stats.iter().filter(|(k, _)| k.contains("edgewise.serverless")).collect();
-                panic!("{what}: still {} {} after 20 s; the filter's stats: {filter:?}", r.status, r.text());
+                panic!("{what}: still {} {} after {BOUND:?}; the filter's stats: {filter:?}", r.status, r.text());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
