@@ -359,6 +359,14 @@ pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
             tokens: Tokens::None,
         },
         Bench {
+            name: "baseline-token",
+            what: "no filter, the cloud-connector request with its bearer token: what carrying the token costs Envoy",
+            host: CC_HOST,
+            path: "/",
+            filters: String::new(),
+            tokens: Tokens::One,
+        },
+        Bench {
             name: "serverless-10",
             what: "serverless.wasm, 10 routes",
             host: SERVERLESS_HOST,
@@ -549,6 +557,14 @@ pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
             host: CC_HOST,
             path: "/",
             filters: native(&cloud_connector(false, false)),
+            tokens: Tokens::Fresh,
+        },
+        Bench {
+            name: "cc-miss-lean-native",
+            what: "libedgewise.so cloud-connector, a new token per request, no rate limit and no signature (what jwt_authn does)",
+            host: CC_HOST,
+            path: "/",
+            filters: native(&cloud_connector(true, false)),
             tokens: Tokens::Fresh,
         },
         Bench {

@@ -116,6 +116,9 @@ async fn every_status_identity_headers_and_signature() {
         ("x-gitlab-token-issuer", "https://evil.example"),
         ("x-edgewise-signature", "t=1,v1=00"),
         ("x-edgewise-backend", "observability"),
+        // Second values: setting a header replaces every value it had, on both builds.
+        ("x-gitlab-scopes", "admin_everything"),
+        ("x-gitlab-token-issuer", "https://evil.example"),
     ];
     let r = s.call("/ai/v2/code/completions?lang=rust", Some(&token), &forged).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -127,6 +130,15 @@ async fn every_status_identity_headers_and_signature() {
     assert_eq!(seen.header("x-gitlab-token-issuer"), Some(GITLAB));
     assert_eq!(seen.header("x-edgewise-backend"), None, "the routing header never leaves Envoy");
     assert!(seen.header("authorization").is_some_and(|a| a.ends_with(&token)));
+    for owned in ["x-gitlab-instance-id", "x-gitlab-realm", "x-gitlab-scopes", "x-gitlab-token-issuer", "authorization"]
+    {
+        let values = seen.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(owned)).count();
+        assert_eq!(values, 1, "{owned}: {:?}", seen.headers);
+    }
+    // A second Authorization cannot ride along with a good one: the two are read as one value,
+    // which is no token.
+    let r = s.call("/ai/v2/code/completions", Some(&token), &[("authorization", "Bearer a-second-token")]).await;
+    assert_invalid_token(&r, "a second Authorization header");
     let sig = seen.header("x-edgewise-signature").unwrap();
     assert!(cc::signature_valid(SECRET.as_bytes(), sig, "GET", "/v2/code/completions?lang=rust", instance), "{sig}");
     assert!(!cc::signature_valid(SECRET.as_bytes(), sig, "GET", "/v2/code/completions", instance));

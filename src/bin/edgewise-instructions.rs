@@ -37,6 +37,7 @@ const TARGETS: &[(&str, &str, f64, &str)] = &[
         "native cloud-connector without rate limit and signature ≤ 1.0 × jwt_authn with its cache",
     ),
     ("cc-miss-native", "jwt_authn", 1.0, "native cloud-connector, a new token ≤ 1.0 × jwt_authn without its cache"),
+    ("cc-miss-lean-native", "jwt_authn", 1.0, "the same without rate limit and signature, as jwt_authn does neither"),
 ];
 /// The native floor: a filter passing a request through, over a module whose hooks do nothing.
 const FLOOR: (&str, &str, f64) = ("native-floor", "noop-module", 3000.0);
@@ -146,13 +147,19 @@ async fn main() -> Result<()> {
         ),
         _ => writeln!(targets, "| the native floor | not measured in this run | – |"),
     };
-    // A native configuration is profiled over the module whose hooks do nothing (what the filter
-    // makes Envoy and itself do beyond the ABI's dispatch), the others over the reference.
-    let noop = measured.iter().find(|(b, _)| b.name == FLOOR.1).map(|(b, p)| (b.name, p));
+    // A configuration is profiled over what it differs from least: one whose requests carry a
+    // bearer token over the reference carrying the same token (what parsing and forwarding it
+    // costs Envoy is not the filter's), another native one over the module whose hooks do nothing
+    // (what the filter makes Envoy and itself do beyond the ABI's dispatch), the rest over the
+    // reference.
+    let find = |name: &str| measured.iter().find(|(b, _)| b.name == name).map(|(b, p)| (b.name, p));
+    let (noop, token) = (find(FLOOR.1), find("baseline-token"));
     let mut profiles = String::new();
     for (bench, per) in measured.iter().skip(1) {
-        let (base_name, base) = match noop {
-            Some((name, p)) if bench.filters.contains("DynamicModuleFilter") && bench.name != name => (name, p),
+        let native = bench.filters.contains("DynamicModuleFilter");
+        let (base_name, base) = match (noop, token) {
+            (_, Some((name, p))) if !matches!(bench.tokens, Tokens::None) && bench.name != name => (name, p),
+            (Some((name, p)), _) if native && bench.name != name => (name, p),
             _ => ("the reference", reference),
         };
         let _ = writeln!(
@@ -169,7 +176,7 @@ async fn main() -> Result<()> {
     let report = format!(
         "# Instructions per request (callgrind)\n\n\
          Produced by `make bench` (edgewise-instructions, N = {n}). Each configuration runs in its own front Envoy (`--concurrency 1`, the same bench/front.yaml and services as edgewise-bench) under `valgrind --tool=callgrind`; after a warm-up, one keep-alive connection sends N and then 3N requests, callgrind's counters dumped between the phases, and the figure is the difference over 2N, the median of three such pairs. Every request must be answered 200. The reference ran first and last: {first:.0} and {last:.0} instructions per request ({spread:+.2} %), which is how far a figure moves between runs.\n\n\
-         Valgrind's virtual CPU has no SHA-NI and no AVX-512, so code that picks its path by CPU feature (SHA-256 in the token cache key, ring, BoringSSL) runs its portable path here: those configurations are judged by the paired CPU time of bench/results.md as well. Envoy's own configurations (Lua, jwt_authn, the stock chain) are measured the same way; the wasm build is not (V8's JIT under valgrind is not what runs).\n\n\
+         Valgrind's virtual CPU has no SHA-NI and no AVX-512, so code that picks its path by CPU feature (SHA-256 in the HMAC signature and in RS256, ring, BoringSSL) runs its portable path here: those configurations are judged by the paired CPU time of bench/results.md as well. Envoy's own configurations (Lua, jwt_authn, the stock chain) are measured the same way; the wasm build is not (V8's JIT under valgrind is not what runs).\n\n\
          | configuration | instructions per request | added over the reference | of which (native) | Rust heap allocations per request |\n|---|---:|---:|---|---:|\n{table}\n\
          ## Targets\n\n| target | measured (instructions per request added over the reference) | |\n|---|---|---|\n{targets}\n\
          ## Where the instructions go\n\n{profiles}",

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chaos::secs;
 use super::load::{probe, run};
-use super::report::Row;
+use super::report::{check, Row};
 use super::rss::{cpu_ticks, machine_ticks};
 use super::scenario::Scenario;
 use crate::envoy::Build;
@@ -87,8 +87,16 @@ where
         scenarios.iter().flat_map(|s| s.watched.iter().map(|w| w.envoy.pid().to_string())).collect();
     let ours = |pids: &[String]| cpu_ticks("self") + pids.iter().map(|p| cpu_ticks(p)).sum::<u64>();
     let (cpu0, m0) = (ours(&pids), machine_ticks());
-    let handles: Vec<_> =
-        scenarios.iter().map(|sc| tokio::spawn(run(sc.clone(), workers, rps, start, deadline, build))).collect();
+    let handles: Vec<_> = scenarios
+        .iter()
+        .map(|sc| {
+            let sc = sc.clone();
+            tokio::spawn(async move {
+                let ran = run(sc.clone(), workers, rps, start, deadline).await;
+                check(&sc, &ran.load, &ran.baseline, &ran.last, &ran.rss, build, start)
+            })
+        })
+        .collect();
     let mut outcomes = Vec::new();
     for h in handles {
         outcomes.push(h.await?);

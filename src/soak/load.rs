@@ -8,11 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::chaos::secs;
 use super::class::{classify, Class};
-use super::report::{check, short, Outcome};
 use super::request::send;
-use super::rss::sample_rss;
+use super::rss::{sample_rss, RssSeries};
 use super::scenario::{key, Scenario};
-use crate::envoy::Build;
 
 /// Examples of unexpected answers kept per class.
 const EXAMPLES: usize = 5;
@@ -165,15 +163,28 @@ pub fn deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> 
     after.iter().map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).copied().unwrap_or(0)))).collect()
 }
 
-/// Runs one scenario's load and chaos from `start` to `deadline`, then checks everything.
-pub async fn run(
-    sc: Arc<Scenario>,
-    workers: usize,
-    rps: f64,
-    start: Instant,
-    deadline: Instant,
-    build: Build,
-) -> Outcome {
+/// What one scenario's run leaves for its checks (`report::check`).
+pub struct Ran {
+    pub load: Arc<Load>,
+    pub baseline: Snapshot,
+    pub last: Snapshot,
+    pub rss: Vec<RssSeries>,
+}
+
+/// A counter's key as the tables show it: without the role and the filter's prefix
+/// (`edgewise.<filter>.`), stand-ins and peers named as such.
+pub fn short(counter: &str) -> String {
+    let (role, name) = counter.split_once(": ").unwrap_or(("", counter));
+    let name = name.strip_prefix("edgewise.").and_then(|rest| rest.split_once('.')).map_or(name, |(_, rest)| rest);
+    if role == "stand-in" || role == "peers" {
+        format!("{role} {name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Runs one scenario's load and chaos from `start` to `deadline`.
+pub async fn run(sc: Arc<Scenario>, workers: usize, rps: f64, start: Instant, deadline: Instant) -> Ran {
     let load = Arc::new(Load {
         tallies: sc.classes.iter().map(|_| Mutex::new(Tally::default())).collect(),
         expected: Mutex::new(BTreeMap::new()),
@@ -204,7 +215,7 @@ pub async fn run(
     }
     let rss = rss.await.unwrap_or_default();
     let last = snapshot(&sc).await;
-    check(&sc, &load, &baseline, &last, &rss, build, start)
+    Ran { load, baseline, last, rss }
 }
 
 /// SOAK_PROBE=1: each class once, on a quiet Envoy: its answer and the counters it moved.
@@ -254,6 +265,14 @@ pub async fn probe(scenarios: &[Arc<Scenario>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names_drop_the_role_and_the_filter() {
+        assert_eq!(short("serverless: edgewise.serverless.requests.routed"), "requests.routed");
+        assert_eq!(short("egress: http.egress.rbac.denied"), "http.egress.rbac.denied");
+        assert_eq!(short("stand-in: customer-a"), "stand-in customer-a");
+        assert_eq!(short("peers: answered by catalog"), "peers answered by catalog");
+    }
 
     #[test]
     fn picks_follow_the_weights() {

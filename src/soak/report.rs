@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::class::Class;
-use super::load::{deltas, tracked, Load, Snapshot, Tally};
+use super::load::{deltas, short, tracked, Load, Snapshot, Tally};
 use super::rss::RssSeries;
 use super::scenario::{Scenario, Sel};
 use crate::envoy::Build;
@@ -28,18 +28,6 @@ pub struct Outcome {
     pub row: Row,
     pub markdown: String,
     pub problems: Vec<String>,
-}
-
-/// A counter's key as the tables show it: without the role and the filter's prefix
-/// (`edgewise.<filter>.`), stand-ins and peers named as such.
-pub fn short(counter: &str) -> String {
-    let (role, name) = counter.split_once(": ").unwrap_or(("", counter));
-    let name = name.strip_prefix("edgewise.").and_then(|rest| rest.split_once('.')).map_or(name, |(_, rest)| rest);
-    if role == "stand-in" || role == "peers" {
-        format!("{role} {name}")
-    } else {
-        name.to_string()
-    }
 }
 
 /// The section being written and the problems found so far.
@@ -349,18 +337,5 @@ pub fn check(
         },
         problems: s.problems.iter().map(|p| format!("{}: {p}", sc.name)).collect(),
         markdown: s.md,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::short;
-
-    #[test]
-    fn short_names_drop_the_role_and_the_filter() {
-        assert_eq!(short("serverless: edgewise.serverless.requests.routed"), "requests.routed");
-        assert_eq!(short("egress: http.egress.rbac.denied"), "http.egress.rbac.denied");
-        assert_eq!(short("stand-in: customer-a"), "stand-in customer-a");
-        assert_eq!(short("peers: answered by catalog"), "peers answered by catalog");
     }
 }

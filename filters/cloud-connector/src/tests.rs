@@ -101,8 +101,25 @@ fn a_request_waits_for_the_keys_and_is_forwarded_with_the_gateways_headers() {
     assert_eq!(s.header("x-gitlab-realm"), Some(&b"saas"[..]));
     assert_eq!(s.header("x-gitlab-scopes"), Some(&b"code_suggestions"[..]), "the client's value is replaced");
     assert_eq!(s.header("x-edgewise-backend"), Some(&b"ai"[..]));
+    assert_eq!(s.header("authorization"), Some(bearer.as_bytes()), "forwarded as the client sent it");
     assert_eq!(host.metric("edgewise.cloud_connector.requests.code.allowed"), 1);
     assert!(s.log.contains(&("cloud_connector_outcome".into(), "allowed".into())), "{:?}", s.log);
+}
+
+#[test]
+fn authorization_is_forwarded_untouched_or_removed() {
+    for forward in [true, false] {
+        let host = FakeHost::default();
+        host.now_ms.set(NOW_S * 1000);
+        let config = CONFIG.replacen('{', &format!("{{\"forward_authorization\":{forward},"), 1);
+        let mut setup = FakeSetup { host: &host, instance: "cc".into(), shared_by_workers: true };
+        let cc = CloudConnector::configure(config.as_bytes(), &mut setup).unwrap();
+        fetch_keys(&cc, &host);
+        let bearer = format!("Bearer {}", token());
+        let mut s = request(&host, "/ai/v2/code/x", bearer.as_bytes());
+        assert_eq!(cc.on_request_headers(&mut s, &mut ()), Flow::Continue);
+        assert_eq!(s.header("authorization"), forward.then_some(bearer.as_bytes()), "forward_authorization {forward}");
+    }
 }
 
 #[test]

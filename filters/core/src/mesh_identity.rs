@@ -11,9 +11,7 @@ use std::sync::Arc;
 use crate::generic::json::Value;
 use serde::Deserialize;
 
-use crate::generic::auth::{
-    bearer, check_token_cache_size, default_token_cache_size, token_digest, Expiring, TokenCache,
-};
+use crate::generic::auth::{bearer, check_token_cache_size, default_token_cache_size, Expiring, TokenCache};
 use crate::generic::config::ConfigError;
 use crate::generic::json::{self, FromJson};
 use crate::generic::jwt::{Jwks, Unverified, Validation};
@@ -185,8 +183,7 @@ impl Gateway {
         let Some(token) = bearer(authorization) else {
             return Err(Reply::new(401, "unauthenticated", "an Authorization: Bearer token is required"));
         };
-        let digest = token_digest(token);
-        if let Some(verified) = cache.get(&digest, now) {
+        if let Some(verified) = cache.get(token, now) {
             return Ok(verified.clone());
         }
         let invalid = |e: crate::generic::jwt::JwtError| Reply::new(401, "invalid_token", e.to_string());
@@ -212,7 +209,7 @@ impl Gateway {
         let verified =
             Arc::new(Verified { headers, valid_until: exp.map_or(0, |e| e.saturating_add(self.validation.leeway)) });
         if exp.is_some() {
-            cache.insert(digest, verified.clone(), now);
+            cache.insert(token, verified.clone(), now);
         }
         Ok(verified)
     }

@@ -224,10 +224,14 @@ impl Stream for NativeStream<'_> {
         }
     }
 
-    /// Every removal and every value set: the route is matched again once, after the hook.
+    /// Every removal and every value set: the route is matched again once, after the hook. A
+    /// name that is also set is not removed first: setting replaces every value it had.
     fn edit_request_headers<R: AsRef<str>, K: AsRef<str>, V: AsRef<[u8]>>(&mut self, remove: &[R], set: &[(K, V)]) {
         for name in remove {
-            self.set_request_header(name.as_ref(), &[]);
+            let name = name.as_ref();
+            if !set.iter().any(|(k, v)| k.as_ref() == name && !v.as_ref().is_empty()) {
+                self.set_request_header(name, &[]);
+            }
         }
         for (name, value) in set {
             self.set_request_header(name.as_ref(), value.as_ref());

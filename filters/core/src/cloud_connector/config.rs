@@ -217,7 +217,7 @@ impl Config {
         let mut required = self.required_claims;
         required.push("sub".into());
         let idle_ms = features.iter().filter_map(|f| f.limit.map(|l| l.refill_ms())).max().unwrap_or(0);
-        let forward_remove = super::forward_remove(&self.headers, &self.cluster_header);
+        let forward_remove = super::forward_remove(&self.headers, &self.cluster_header, self.forward_authorization);
         Ok(Gateway {
             forward_remove,
             verifier: Verifier {

@@ -8,7 +8,6 @@
 pub mod config;
 pub mod limiter;
 
-use std::fmt::Write;
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
@@ -46,17 +45,23 @@ pub struct Gateway {
 }
 
 /// The most (name, value) pairs [`Gateway::forward_headers`] sets: path, cluster, the four
-/// identity headers, signature, feature, rate-limit key and Authorization.
-pub const FORWARD_EDITS: usize = 10;
+/// identity headers, signature, feature and rate-limit key.
+pub const FORWARD_EDITS: usize = 9;
 
 /// Every header the gateway owns, removed from what the client sent before they are set from
-/// the verified identity, and every Authorization it sent (the verified one may come back).
-pub(crate) fn forward_remove(h: &HeadersConfig, cluster_header: &str) -> Vec<String> {
+/// the verified identity; and Authorization unless it is forwarded.
+///
+/// A forwarded Authorization is left as the client sent it: a request is forwarded only when
+/// that header's value was one bearer JWT, and a second Authorization header would have made it
+/// another value (both hosts read repeated headers joined by commas, which no JWT holds).
+pub(crate) fn forward_remove(h: &HeadersConfig, cluster_header: &str, forward_authorization: bool) -> Vec<String> {
     let mut remove: Vec<String> =
         [&h.instance_id, &h.realm, &h.scopes, &h.issuer, &h.signature].into_iter().cloned().collect();
     remove.push(cluster_header.to_string());
     remove.extend(h.feature.iter().chain(&h.rate_limit_key).chain(&h.strip).cloned());
-    remove.push("authorization".into());
+    if !forward_authorization {
+        remove.push("authorization".into());
+    }
     remove
 }
 
@@ -318,8 +323,10 @@ pub fn signature(secret: &[u8], unix_s: u64, method: &str, path: &str, instance_
 
 /// [`signature`] written into `out` (cleared first), with the MAC prepared from the secret.
 fn sign_into(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, instance_id: &str, out: &mut String) {
+    // Written digit by digit: core::fmt's machinery costs more than the 74 characters.
     out.clear();
-    let _ = write!(out, "t={unix_s}");
+    out.push_str("t=");
+    push_decimal(out, unix_s);
     let t = out.get(2..).unwrap_or_default();
     for part in ["v1", t, method, path, instance_id] {
         mac.update(part.as_bytes());
@@ -328,8 +335,27 @@ fn sign_into(mut mac: Hmac<Sha256>, unix_s: u64, method: &str, path: &str, insta
     let tag = mac.finalize().into_bytes();
     out.push_str(",v1=");
     for b in tag {
-        let _ = write!(out, "{b:02x}");
+        for nibble in [b >> 4, b & 0xf] {
+            out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+        }
     }
+}
+
+/// `n` in decimal.
+fn push_decimal(out: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut rest = n;
+    let mut len = 0;
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        len += 1;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = digits.len() - len;
+    out.push_str(std::str::from_utf8(digits.get(start..).unwrap_or_default()).unwrap_or_default());
 }
 
 /// The headers of a request the gateway reads, as text (`reply::header_text` refused any that
@@ -365,8 +391,6 @@ pub struct Forwarded {
     rewritten: bool,
     signature: String,
     signed: bool,
-    authorization: String,
-    forwards_authorization: bool,
 }
 
 impl Forwarded {
@@ -378,12 +402,6 @@ impl Forwarded {
     /// The authenticity signature, when a secret is configured.
     pub fn signature(&self) -> Option<&str> {
         self.signed.then_some(self.signature.as_str())
-    }
-
-    /// The Authorization value that was verified, when it is forwarded: the backend never sees
-    /// another one a client added (a second Authorization header).
-    pub fn authorization(&self) -> Option<&str> {
-        self.forwards_authorization.then_some(self.authorization.as_str())
     }
 }
 
@@ -459,18 +477,13 @@ impl Gateway {
     /// What a forwarded request carries that depends on the request itself, into `out`: the
     /// path the backend sees (when the feature rewrites it) and the authenticity signature over it.
     pub fn forward(&self, feature: &Feature, id: &Identity, req: &Request, now_ms: u64, out: &mut Forwarded) {
-        let Forwarded { path, rewritten, signature, signed, authorization, forwards_authorization } = out;
+        let Forwarded { path, rewritten, signature, signed } = out;
         *rewritten = self.rewrite_into(feature, req.path, path);
         let backend_path = if *rewritten { path.as_str() } else { req.path };
         *signed = self.mac.as_ref().is_some_and(|mac| {
             sign_into(mac.clone(), now_ms / 1000, req.method, backend_path, &id.instance_id, signature);
             true
         });
-        *forwards_authorization = self.forward_authorization;
-        authorization.clear();
-        if self.forward_authorization {
-            authorization.push_str(req.authorization.unwrap_or_default());
-        }
     }
 
     /// The forwarded request's header edits: every header the gateway owns is removed from what
@@ -503,9 +516,6 @@ impl Gateway {
         }
         if let Some(name) = &h.rate_limit_key {
             set.push(name, id.rate_key.as_bytes());
-        }
-        if let Some(authorization) = fw.authorization() {
-            set.push("authorization", authorization.as_bytes());
         }
         (&self.forward_remove, set)
     }

@@ -245,6 +245,9 @@ fn signature_matches_the_documented_recipe() {
     let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(sig, format!("t=1800000000,v1={expected}"));
     assert_ne!(sig, signature(secret, 1_800_000_000, "GET", "/v2/code/completions?x=1", "instance-1"));
+    for t in [0, 7, 10, 1_000_000_000, u64::MAX] {
+        assert!(signature(secret, t, "GET", "/", "i").starts_with(&format!("t={t},v1=")), "{t}");
+    }
 }
 
 #[test]

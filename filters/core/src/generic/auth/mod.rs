@@ -5,11 +5,9 @@
 pub mod keys;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::generic::config::ConfigError;
 use crate::generic::json::{FromJson, Object, Value};
@@ -257,12 +255,16 @@ impl Expiring for Identity {
     }
 }
 
-/// Verified tokens by sha256, bounded; an entry is used only until the token's `exp` (and, for
-/// an [`Identity`], only while its issuer's keys are the ones it was verified with: a removed key
-/// is not honoured from the cache).
+/// Verified tokens, bounded; an entry is used only until the token's `exp` (and, for an
+/// [`Identity`], only while its issuer's keys are the ones it was verified with: a removed key is
+/// not honoured from the cache).
+///
+/// Keyed by the token itself, as Envoy's jwt_authn keys its cache: a hit is a whole-token
+/// comparison, so the hash only spreads entries and need not resist forgery (only verified tokens
+/// are ever inserted), and a hit costs a fast hash of the token instead of a SHA-256 of it.
 #[derive(Debug)]
 pub struct TokenCache<T = Identity> {
-    map: HashMap<[u8; 32], Arc<T>, BuildHasherDefault<DigestHasher>>,
+    map: HashMap<Box<str>, Arc<T>, foldhash::fast::RandomState>,
     capacity: usize,
 }
 
@@ -277,17 +279,13 @@ pub fn default_token_cache_size() -> usize {
     10_000
 }
 
-/// A `token_cache_size` is bounded: every entry holds a verified identity in each worker.
+/// A `token_cache_size` is bounded: every entry holds a verified token and its identity in each
+/// worker.
 pub fn check_token_cache_size(size: usize) -> Result<(), ConfigError> {
     if size > 1_000_000 {
         return Err(ConfigError::field("token_cache_size", "must be at most 1000000"));
     }
     Ok(())
-}
-
-/// The cache key of a token.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 impl<T: Expiring> TokenCache<T> {
@@ -303,12 +301,12 @@ impl<T: Expiring> TokenCache<T> {
         self.map.is_empty()
     }
 
-    /// The entry of a token digest, if it is still valid at `now`.
-    pub fn get(&self, digest: &[u8; 32], now: u64) -> Option<&Arc<T>> {
-        self.map.get(digest).filter(|v| now < v.valid_until())
+    /// The entry of a token, if it is still valid at `now`.
+    pub fn get(&self, token: &str, now: u64) -> Option<&Arc<T>> {
+        self.map.get(token).filter(|v| now < v.valid_until())
     }
 
-    pub fn insert(&mut self, digest: [u8; 32], value: Arc<T>, now: u64) {
+    pub fn insert(&mut self, token: &str, value: Arc<T>, now: u64) {
         if self.capacity == 0 {
             return;
         }
@@ -317,27 +315,14 @@ impl<T: Expiring> TokenCache<T> {
         }
         if self.map.len() >= self.capacity {
             // Still full of live tokens: drop an arbitrary eighth (amortised O(1) per insert).
-            let drop: Vec<[u8; 32]> = self.map.keys().take(self.capacity.div_ceil(8)).copied().collect();
-            for k in drop {
-                self.map.remove(&k);
-            }
+            let mut drop = self.capacity.div_ceil(8);
+            self.map.retain(|_, _| {
+                let keep = drop == 0;
+                drop = drop.saturating_sub(1);
+                keep
+            });
         }
-        self.map.insert(digest, value);
-    }
-}
-
-/// The keys are sha256 digests already: their first 8 bytes are a perfectly good hash.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes.iter().take(8) {
-            self.0 = (self.0 << 8) | *b as u64;
-        }
+        self.map.insert(token.into(), value);
     }
 }
 
@@ -358,8 +343,7 @@ impl Verifier {
         cache: &mut TokenCache,
         now: u64,
     ) -> Result<Arc<Identity>, AuthError> {
-        let digest = token_digest(token);
-        if let Some(id) = cache.get(&digest, now) {
+        if let Some(id) = cache.get(token, now) {
             if keys.get(id.issuer).is_some_and(|k| k.generation == id.generation) {
                 return Ok(id.clone());
             }
@@ -379,7 +363,7 @@ impl Verifier {
         };
         self.validation.check(&claims, now).map_err(invalid)?;
         let identity = Arc::new(self.identity(&claims, issuer, issuer_keys.generation)?);
-        cache.insert(digest, identity.clone(), now);
+        cache.insert(token, identity.clone(), now);
         Ok(identity)
     }
 
