@@ -114,7 +114,7 @@ test: setup
 	@set -o pipefail; $(MAKE) --no-print-directory test-core test-wasm test-e2e 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test.log
 
-# Core's and the filters' tests (the filters on the fake host), natively; core's again with ring's
+# Core's and the filters' tests (the filters on the fake host), natively; core's again with aws-lc's
 # verifiers, as the native build has them.
 test-core:
 	$(CARGO) test -p edgewise-core -p edgewise-host -p edgewise-proxy-wasm $(addprefix -p ,$(FILTERS)) -p edgewise-service -p edgewise-ratelimit -p edgewise-control

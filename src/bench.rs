@@ -553,7 +553,7 @@ pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
         },
         Bench {
             name: "cc-miss-native",
-            what: "libedgewise.so cloud-connector, RS256 (ring), a new token per request",
+            what: "libedgewise.so cloud-connector, RS256 (aws-lc), a new token per request",
             host: CC_HOST,
             path: "/",
             filters: native(&cloud_connector(false, false)),

@@ -68,7 +68,7 @@ pub enum JwksError {
 }
 
 #[derive(Debug, Clone)]
-// Natively the first field only checks the key (ring verifies).
+// Natively the first field only checks the key (aws-lc verifies).
 #[cfg_attr(feature = "native-crypto", allow(dead_code))]
 enum KeyMaterial {
     /// RSA with e = 65537, the exponent every JWKS in practice uses (keys with another exponent
@@ -77,22 +77,39 @@ enum KeyMaterial {
     P256(p256::ecdsa::VerifyingKey, NativeKey),
 }
 
-/// The key as `ring` takes it: the native build verifies with ring (a well-kept, constant-time
-/// library, faster than the wasm build's own code); empty in the wasm build.
+/// The key prepared for aws-lc, which the native build verifies with (well kept, BoringSSL's
+/// code, faster than the wasm build's own): parsed once, with its Montgomery constants, not at
+/// every verification. Empty in the wasm build.
 #[derive(Debug, Clone)]
 struct NativeKey {
-    /// RSA: the modulus, big-endian; P-256: the uncompressed point (0x04 ‖ x ‖ y).
     #[cfg(feature = "native-crypto")]
-    bytes: Vec<u8>,
+    key: aws_lc_rs::signature::ParsedPublicKey,
 }
 
 impl NativeKey {
+    /// RSA with e = 65537, from its big-endian modulus.
     #[cfg_attr(not(feature = "native-crypto"), allow(unused_variables))]
-    fn new(bytes: &[u8]) -> Self {
-        NativeKey {
-            #[cfg(feature = "native-crypto")]
-            bytes: bytes.to_vec(),
+    fn rsa(n: &[u8]) -> Option<Self> {
+        #[cfg(feature = "native-crypto")]
+        {
+            use aws_lc_rs::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
+            let components = RsaPublicKeyComponents { n, e: &[1u8, 0, 1][..] };
+            components.to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256).ok().map(|key| NativeKey { key })
         }
+        #[cfg(not(feature = "native-crypto"))]
+        Some(NativeKey {})
+    }
+
+    /// P-256, from its uncompressed point (0x04 ‖ x ‖ y).
+    #[cfg_attr(not(feature = "native-crypto"), allow(unused_variables))]
+    fn p256(point: &[u8]) -> Option<Self> {
+        #[cfg(feature = "native-crypto")]
+        {
+            use aws_lc_rs::signature::{ParsedPublicKey, ECDSA_P256_SHA256_FIXED};
+            ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point).ok().map(|key| NativeKey { key })
+        }
+        #[cfg(not(feature = "native-crypto"))]
+        Some(NativeKey {})
     }
 }
 
@@ -116,14 +133,9 @@ impl KeyMaterial {
 
     #[cfg(feature = "native-crypto")]
     fn verify(&self, input: &[u8], _digest: &OnceCell<[u8; 32]>, signature: &[u8]) -> bool {
-        use ring::signature::{RsaPublicKeyComponents, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
         match self {
-            KeyMaterial::Rsa65537(_, native) => {
-                let key = RsaPublicKeyComponents { n: native.bytes.as_slice(), e: &[1u8, 0, 1][..] };
-                key.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, input, signature).is_ok()
-            }
-            KeyMaterial::P256(_, native) => {
-                UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &native.bytes).verify(input, signature).is_ok()
+            KeyMaterial::Rsa65537(_, native) | KeyMaterial::P256(_, native) => {
+                native.key.verify_sig(input, signature).is_ok()
             }
         }
     }
@@ -235,7 +247,10 @@ impl Jwks {
                         Some(key) if key.bits() < MIN_RSA_BITS => {
                             return Err(bad("RSA keys must have at least 2048 bits"))
                         }
-                        Some(key) => KeyMaterial::Rsa65537(key, NativeKey::new(n)),
+                        Some(key) => KeyMaterial::Rsa65537(
+                            key,
+                            NativeKey::rsa(n).ok_or_else(|| bad("not a valid RSA public key"))?,
+                        ),
                         None if small_e == 65537 => return Err(bad("not a valid RSA public key")),
                         None => continue,
                     }
@@ -252,7 +267,7 @@ impl Jwks {
                     KeyMaterial::P256(
                         p256::ecdsa::VerifyingKey::from_encoded_point(&point)
                             .map_err(|_| bad("not a point on P-256"))?,
-                        NativeKey::new(point.as_bytes()),
+                        NativeKey::p256(point.as_bytes()).ok_or_else(|| bad("not a point on P-256"))?,
                     )
                 }
                 _ => continue,

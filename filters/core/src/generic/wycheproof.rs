@@ -1,6 +1,6 @@
 //! Wycheproof's RSASSA-PKCS1-v1_5 SHA-256 vectors (2048 to 8192 bits) and ECDSA P-256 SHA-256
 //! vectors in JWS form (IEEE P1363, r ‖ s), run against the verifier this build uses: `rs256.rs`
-//! and `p256` by default (the .wasm modules), `ring` with `native-crypto` (libedgewise.so).
+//! and `p256` by default (the .wasm modules), aws-lc with `native-crypto` (libedgewise.so).
 //!
 //! Each group's key is written as a JWK and loaded by `Jwks::from_json`, so key parsing is
 //! tested along with verification, and each case goes through `Jwk::verify`, the check a token's
