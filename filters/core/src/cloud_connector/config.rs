@@ -98,6 +98,16 @@ pub enum Period {
     Hour,
 }
 
+impl Period {
+    pub fn ms(self) -> u64 {
+        match self {
+            Period::Second => 1_000,
+            Period::Minute => 60_000,
+            Period::Hour => 3_600_000,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, FromJson)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
@@ -284,8 +294,10 @@ fn compile_feature(
             return Err(ConfigError::field(f("rewrite_prefix"), "must be empty or start with /"));
         }
     }
-    let limit =
-        c.rate_limit.map(|l| Limit::new(l).map_err(|why| ConfigError::field(f("rate_limit"), why))).transpose()?;
+    let limit = c
+        .rate_limit
+        .map(|l| Limit::new(l.requests, l.per.ms(), l.burst).map_err(|why| ConfigError::field(f("rate_limit"), why)))
+        .transpose()?;
     Ok(Feature {
         name: label(&c.name, &f("name"))?,
         prefix: prefix.into(),

@@ -7,8 +7,6 @@
 //! bucket and a new one are the same), and when every probed slot is busy the least recently
 //! used one is.
 
-use super::config::{LimitConfig, Period};
-
 /// Slots probed for a bucket before one is taken over.
 pub const PROBES: u64 = 4;
 
@@ -23,17 +21,16 @@ pub struct Limit {
 }
 
 impl Limit {
-    pub fn new(c: LimitConfig) -> Result<Limit, String> {
-        let period_ms = match c.per {
-            Period::Second => 1_000,
-            Period::Minute => 60_000,
-            Period::Hour => 3_600_000,
-        };
-        let burst = c.burst.unwrap_or(c.requests);
-        if c.requests == 0 || burst == 0 || c.requests > 1_000_000 || burst > 1_000_000 {
+    /// `requests` every `period_ms`, at most `burst` at once (default: `requests`).
+    pub fn new(requests: u64, period_ms: u64, burst: Option<u64>) -> Result<Limit, String> {
+        let burst = burst.unwrap_or(requests);
+        if requests == 0 || burst == 0 || requests > 1_000_000 || burst > 1_000_000 {
             return Err("requests and burst must lie between 1 and 1000000".into());
         }
-        Ok(Limit { requests: c.requests, period_ms, burst })
+        if period_ms == 0 {
+            return Err("the period must be at least a millisecond".into());
+        }
+        Ok(Limit { requests, period_ms, burst })
     }
 
     /// Time for an empty bucket to fill up.
@@ -162,13 +159,17 @@ pub fn slot_use(bucket: Option<Bucket>, fingerprint: u64, now_ms: u64, idle_ms: 
 mod tests {
     use super::*;
 
-    fn limit(requests: u64, per: Period, burst: Option<u64>) -> Limit {
-        Limit::new(LimitConfig { requests, per, burst }).unwrap()
+    const SECOND: u64 = 1_000;
+    const MINUTE: u64 = 60_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn limit(requests: u64, period_ms: u64, burst: Option<u64>) -> Limit {
+        Limit::new(requests, period_ms, burst).unwrap()
     }
 
     #[test]
     fn burst_then_steady_rate() {
-        let l = limit(10, Period::Second, Some(5));
+        let l = limit(10, SECOND, Some(5));
         let fp = fingerprint(0, "org");
         let mut bucket = None;
         let mut allowed = 0;
@@ -198,7 +199,7 @@ mod tests {
 
     #[test]
     fn slow_rates_refill_in_fractions() {
-        let l = limit(1, Period::Minute, Some(1));
+        let l = limit(1, MINUTE, Some(1));
         let fp = fingerprint(0, "org");
         let (b, v) = l.take(None, fp, 0);
         assert!(v.allowed);
@@ -237,8 +238,9 @@ mod tests {
 
     #[test]
     fn limits_are_checked() {
-        assert!(Limit::new(LimitConfig { requests: 0, per: Period::Second, burst: None }).is_err());
-        assert!(Limit::new(LimitConfig { requests: 1, per: Period::Second, burst: Some(0) }).is_err());
-        assert_eq!(limit(100, Period::Hour, None).refill_ms(), 3_600_000);
+        assert!(Limit::new(0, SECOND, None).is_err());
+        assert!(Limit::new(1, SECOND, Some(0)).is_err());
+        assert!(Limit::new(1, 0, None).is_err());
+        assert_eq!(limit(100, HOUR, None).refill_ms(), 3_600_000);
     }
 }
