@@ -17,7 +17,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
-use edgewise_core::serverless::table::{self, bucket_of, LocalTable, MANAGED_BITS};
+use edgewise_core::serverless::table::{self, bucket_of, Batch, LocalTable, MANAGED_BITS};
 use edgewise_core::serverless::ManagedRoutes;
 use edgewise_host::shared::{get_u64, set_u64, update_u64};
 use edgewise_host::{read, write, Host};
@@ -187,18 +187,21 @@ impl Store {
         }
     }
 
-    pub fn stage_put(&self, host: &impl Host, staging: &mut Staging, key: &[u8], record: &[u8]) {
+    /// Puts a page's routes (a sorted batch) in the staging table: each bucket they touch is
+    /// built once with all of them, and installed or written once.
+    pub fn stage_batch(&self, host: &impl Host, staging: &mut Staging, batch: &Batch) {
         match (self, staging) {
-            (_, Staging::Local(t)) => {
-                t.put(record);
-            }
-            (Store::Shared(s), Staging::Shared { generation, routes }) => {
-                if !s.edit(host, *generation, key, Some(record)) {
-                    *routes += 1;
+            (_, Staging::Local(t)) => t.put_batch(batch),
+            (Store::Shared(s), Staging::Shared { generation, routes }) => *routes += s.merge(host, *generation, batch),
+            (Store::Shared(s), Staging::Live { routes }) => *routes += s.merge(host, s.current(host), batch),
+            (Store::Local(t, _), Staging::Live { routes }) => {
+                for (index, group) in batch.buckets(MANAGED_BITS) {
+                    let Some(merged) = read(t).as_ref().map(|t| t.merged(index, group)) else { return };
+                    *routes += merged.added as u64;
+                    // Only this thread writes: the bucket built under the read lock is still current.
+                    let old = write(t).as_mut().map(|t| t.install(index, merged));
+                    drop(old);
                 }
-            }
-            (_, Staging::Live { routes }) => {
-                *routes = routes.saturating_add_signed(self.edit(host, key, Some(record)));
             }
             (Store::Local(..), Staging::Shared { .. }) => {}
         }
@@ -279,6 +282,26 @@ impl Shared {
         }
         log::error!("serverless: shared route bucket {entry} kept changing under this edit");
         false
+    }
+
+    /// Puts a batch in the set of `generation`, each bucket it touches read and written once;
+    /// the keys added.
+    fn merge(&self, host: &impl Host, generation: u64, batch: &Batch) -> u64 {
+        let mut buf = [0; 160];
+        let mut added = 0;
+        for (index, group) in batch.buckets(MANAGED_BITS) {
+            let Some(entry) = self.entry(&mut buf, generation, index) else { return added };
+            let written = (0..8).find_map(|_| {
+                let (value, cas) = host.shared_get(entry);
+                let merged = table::merge(&value.unwrap_or_default(), group);
+                host.shared_set(entry, &merged.bucket, cas).then_some(merged.added as u64)
+            });
+            match written {
+                Some(n) => added += n,
+                None => log::error!("serverless: shared route bucket {entry} kept changing under this load"),
+            }
+        }
+        added
     }
 
     fn clear(&self, host: &impl Host, generation: u64) {

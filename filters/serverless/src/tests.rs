@@ -379,3 +379,57 @@ fn a_service_that_fails_is_asked_again_later_and_later() {
     assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 8);
     assert_eq!(get(&sl, &host, POLLED.as_bytes()).1.replied.map(|r| r.status), Some(503), "still no table");
 }
+
+/// A load from a service that sends its pages in bucket order (as edgewise-control does) writes
+/// each bucket once: on proxy-wasm, one shared-data write a bucket, two where a page ends inside
+/// one; natively the same (`table::Batch`, unit-tested in core).
+#[test]
+fn a_table_sent_in_bucket_order_is_loaded_writing_each_bucket_once() {
+    use edgewise_core::serverless::{table, HostDecoder, DEFAULT_PATTERN};
+    let decoder = HostDecoder::new("serverless.example", DEFAULT_PATTERN).unwrap();
+    let mut routes: Vec<(u64, String, String)> = (0..20_000u32)
+        .map(|i| {
+            let (p, e, f) = (format!("{:08x}", i * 7), format!("{:08x}", i), format!("{:010x}", i * 13));
+            let matches = [("project", &p), ("environment", &e), ("function", &f)];
+            let key = decoder.key_of(&matches.iter().map(|(g, v)| (g.to_string(), v.to_string())).collect()).unwrap();
+            let json = format!(
+                r#"{{"match":{{"project":"{p}","environment":"{e}","function":"{f}"}},"cluster":"c{}","host":"f{i}.example"}}"#,
+                i % 10
+            );
+            (table::key_hash(&key), json, format!("{p}-{e}-{f}.serverless.example"))
+        })
+        .collect();
+    routes.sort_by_key(|r| r.0);
+    let pages: Vec<&[(u64, String, String)]> = routes.chunks(7_000).collect();
+    for shared_by_workers in [false, true] {
+        let host = FakeHost::default();
+        let sl = configure(&host, shared_by_workers);
+        let mut svc = Service::new(&sl, &host);
+        svc.tick_at(0);
+        for load in 1..=2u32 {
+            for (i, page) in pages.iter().enumerate() {
+                let body: Vec<&str> = page.iter().map(|r| r.1.as_str()).collect();
+                let next = if i + 1 < pages.len() { format!(r#","next":"p{i}""#) } else { String::new() };
+                let doc = format!(r#"{{"version":{load},"routes":[{}]{next}}}"#, body.join(","));
+                svc.answer(answer(200, &[("x-edgewise-cursor", &format!("h.{load}"))], &doc));
+            }
+            assert_eq!(host.metric("edgewise.serverless.table.routes"), 20_000);
+            for r in routes.iter().step_by(997) {
+                assert!(routed(&sl, &host, &r.2).is_some(), "{} after load {load}", r.2);
+            }
+            if !shared_by_workers {
+                // The set this load filled: load 1 the set in force (1), load 2 the other (0).
+                let set = load % 2;
+                let writes: Vec<u32> = (0..1usize << table::MANAGED_BITS)
+                    .filter_map(|b| host.shared_get(&format!("edgewise.serverless.{}.b{set}.{b:x}", instance(&host))).1)
+                    .collect();
+                let twice = writes.iter().filter(|&&w| w > 1).count();
+                assert!(writes.len() > 15_000, "{} buckets written", writes.len());
+                assert!(writes.iter().all(|&w| w <= 2) && twice < pages.len(), "load {load}: {twice} written twice");
+            }
+            // A 410 and, once the last load's leftover has settled, the next full load.
+            svc.answer(answer(410, &[], ""));
+            svc.tick_at(u64::from(load) * 5_000);
+        }
+    }
+}

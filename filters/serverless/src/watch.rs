@@ -22,6 +22,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use edgewise_core::serverless::protocol::{read_changes, read_page};
+use edgewise_core::serverless::table::Batch;
 use edgewise_core::serverless::{Management, Router};
 use edgewise_host::shared::{get_u64, set_u64, update_u64};
 use edgewise_host::{lock, Background, Fetched, Host};
@@ -84,6 +85,8 @@ struct Load {
     /// no longer had.
     last: u64,
     next: Option<String>,
+    /// The routes of the page being put, its memory kept for the next.
+    batch: Batch,
 }
 
 /// After an answer.
@@ -249,16 +252,15 @@ impl Watcher {
                 version: 0,
                 last: 0,
                 next: None,
+                batch: Batch::default(),
             },
         };
         let first = load.next.is_none();
-        let read = read_page(&router.decoder, &r.body, |key, record| {
-            self.store.stage_put(bg, &mut load.staging, &key, &record)
-        });
-        let page = match read {
+        let page = match read_page(&router.decoder, &r.body, &mut load.batch) {
             Ok(page) => page,
             Err(e) => return self.refused(bg, m, &format!("a page of the table that does not read ({e})")),
         };
+        self.store.stage_batch(bg, &mut load.staging, &load.batch);
         if first {
             load.version = page.version;
             load.cursor = match r.header(CURSOR) {

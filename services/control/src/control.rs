@@ -127,7 +127,7 @@ impl Control {
             let address = customer.check().map_err(|e| format!("stored customer {name}: {e}"))?;
             resources.put_customer(name, customer, &address);
         }
-        let mut functions = Functions::new(rules.groups());
+        let mut functions = Functions::new(rules.decoder());
         store.functions(|name, _, f| drop(functions.put(&name, &f)))?;
         let routes = Routes::load(&contents);
         // The log as the store's functions say (the same, unless a change was cut short);
@@ -249,7 +249,7 @@ impl Control {
             store: None,
             revision,
             customers: BTreeSet::new(),
-            functions: Functions::new(rules.groups()),
+            functions: Functions::new(rules.decoder()),
             pending: HashSet::new(),
             removing: HashMap::new(),
             details: HashMap::new(),
@@ -513,8 +513,18 @@ impl Control {
         if let Some(other) = state.functions.owner_of(&key).filter(|other| *other != name) {
             return Err(ApiError::Conflict(format!("function {other:?} already has this match ({key})")));
         }
-        local(&mut state)?.put_function(name, &key, &function).map_err(ApiError::Internal)?;
-        Ok(self.function_stored(&mut state, name, &key, &function))
+        // The function and its route log entries: one transaction, one sync.
+        let store = local(&mut state)?;
+        store.begin().map_err(ApiError::Internal)?;
+        if let Err(e) = store.put_function(name, &key, &function) {
+            store.rollback();
+            return Err(ApiError::Internal(e));
+        }
+        let created = self.function_stored(&mut state, name, &key, &function);
+        // Failing here, memory is ahead of the disk: the next start reconciles the log with
+        // the functions stored, as when the log alone fails.
+        local(&mut state)?.commit().map_err(ApiError::Internal)?;
+        Ok(created)
     }
 
     fn function_stored(&self, state: &mut State, name: &str, key: &str, function: &Function) -> bool {
@@ -548,9 +558,14 @@ impl Control {
         if !state.functions.contains(name) {
             return Err(ApiError::NotFound(format!("no function {name:?}")));
         }
-        local(&mut state)?.delete_function(name).map_err(ApiError::Internal)?;
+        let store = local(&mut state)?;
+        store.begin().map_err(ApiError::Internal)?;
+        if let Err(e) = store.delete_function(name) {
+            store.rollback();
+            return Err(ApiError::Internal(e));
+        }
         self.function_gone(&mut state, name);
-        Ok(())
+        local(&mut state)?.commit().map_err(ApiError::Internal)
     }
 
     fn function_gone(&self, state: &mut State, name: &str) {

@@ -1,11 +1,15 @@
 //! The functions as the service holds them in memory, sized for a million: each function once,
 //! in a slot of one allocation (its name, its match values as given, its Host) and its
 //! customer's interned name, found through ordered indexes of 64-bit hashes and slot numbers (by
-//! name, and by route key). The route-key index is also the route table's page order: a page
-//! token is the hash of the last key sent, the same in every replica and after a restart.
+//! name, and by route key). The route-key index is also the route table's page order: the
+//! filter's own hash of the key (`table::key_hash`), so that pages come bucket by bucket and a
+//! full load writes each bucket of the filter's table once. A page token is the hash of the last
+//! key sent, the same in every replica and after a restart.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+use edgewise_core::serverless::{table, HostDecoder};
 
 use crate::model::Function;
 use crate::routes::Edit;
@@ -60,12 +64,9 @@ fn push_json_str(out: &mut String, s: &str) {
     }
 }
 
-/// The route key of match values: lowercased, as the filter looks hosts up.
-fn key_hash(key: &str) -> u64 {
-    hash(key.bytes().map(|b| b.to_ascii_lowercase()))
-}
-
 pub struct Functions {
+    /// The filter's host decoder: the pattern's groups and its route keys.
+    decoder: Arc<HostDecoder>,
     /// The pattern's group names, in order.
     groups: Vec<String>,
     /// The groups' indexes in the order of their names (the order of a route's `match`).
@@ -79,14 +80,16 @@ pub struct Functions {
 }
 
 impl Functions {
-    pub fn new(groups: &[String]) -> Functions {
+    pub fn new(decoder: Arc<HostDecoder>) -> Functions {
+        let groups = decoder.groups().to_vec();
         Functions {
-            groups: groups.to_vec(),
+            decoder,
             sorted_groups: {
                 let mut order: Vec<usize> = (0..groups.len()).collect();
                 order.sort_by_key(|&i| groups.get(i));
                 order
             },
+            groups,
             slots: Vec::new(),
             free: Vec::new(),
             by_name: BTreeSet::new(),
@@ -97,6 +100,16 @@ impl Functions {
 
     pub fn len(&self) -> usize {
         self.by_name.len()
+    }
+
+    /// The place in the page order of the route of match values (joined by '/', any case): the
+    /// filter's hash of its route key.
+    fn key_hash(&self, values: &str) -> u64 {
+        match self.decoder.key_of_values(values) {
+            Some(key) => table::key_hash(&key),
+            // Not a key the filter takes (checked functions always are): any fixed place.
+            None => hash(values.bytes().map(|b| b.to_ascii_lowercase())),
+        }
     }
 
     fn slot(&self, index: u32) -> Option<&Slot> {
@@ -130,7 +143,7 @@ impl Functions {
 
     /// The function whose route key is `key`.
     pub fn owner_of(&self, key: &str) -> Option<&str> {
-        let found = self.find(&self.by_key, key_hash(key), |s| s.values().eq_ignore_ascii_case(key));
+        let found = self.find(&self.by_key, self.key_hash(key), |s| s.values().eq_ignore_ascii_case(key));
         found.and_then(|i| self.slot(i)).map(Slot::name)
     }
 
@@ -161,7 +174,7 @@ impl Functions {
             }
         };
         self.by_name.insert((hash(name.bytes()), index));
-        self.by_key.insert((key_hash(&values), index));
+        self.by_key.insert((self.key_hash(&values), index));
         self.by_customer.entry(customer).or_default().push(index);
         old
     }
@@ -172,7 +185,7 @@ impl Functions {
         let slot = self.slots.get_mut(index as usize)?.take()?;
         self.free.push(index);
         self.by_name.remove(&(hash(name.bytes()), index));
-        self.by_key.remove(&(key_hash(slot.values()), index));
+        self.by_key.remove(&(self.key_hash(slot.values()), index));
         if let Some(list) = self.by_customer.get_mut(&slot.customer) {
             list.retain(|&i| i != index);
             if list.is_empty() {
@@ -212,7 +225,7 @@ impl Functions {
         let mut edits = Vec::new();
         let mut logged_slots = vec![false; self.slots.len()];
         logged(&mut |key, json| {
-            let found = self.find(&self.by_key, key_hash(&key), |s| s.values().eq_ignore_ascii_case(&key));
+            let found = self.find(&self.by_key, self.key_hash(&key), |s| s.values().eq_ignore_ascii_case(&key));
             match found.and_then(|i| Some((i, self.slot(i)?))).filter(|(_, s)| visible(&s.customer)) {
                 Some((i, slot)) => {
                     if let Some(seen) = logged_slots.get_mut(i as usize) {
@@ -306,8 +319,11 @@ mod tests {
 
     use super::*;
 
-    fn groups() -> Vec<String> {
-        vec!["project".into(), "function".into()]
+    /// A layout of two groups, `<project>-<function>`, whose route keys are the values.
+    fn decoder() -> Arc<HostDecoder> {
+        Arc::new(
+            HostDecoder::new("serverless.example", "(?P<project>[0-9a-f]{8})-(?P<function>[0-9a-z]{1,10})").unwrap(),
+        )
     }
 
     fn f(project: &str, function: &str, customer: &str) -> Function {
@@ -320,7 +336,7 @@ mod tests {
 
     #[test]
     fn put_get_replace_remove_and_the_indexes_agree() {
-        let mut fns = Functions::new(&groups());
+        let mut fns = Functions::new(decoder());
         assert_eq!(fns.put("one", &f("0000000A", "b1", "c1")), None);
         assert_eq!(fns.put("two", &f("0000000a", "b2", "c1")), None);
         assert_eq!(fns.get("one"), Some(f("0000000A", "b1", "c1")), "the values as given");
@@ -345,7 +361,7 @@ mod tests {
 
     #[test]
     fn pages_cover_the_visible_routes_once_and_a_token_is_a_position() {
-        let mut fns = Functions::new(&groups());
+        let mut fns = Functions::new(decoder());
         for i in 0..250 {
             fns.put(&format!("f{i}"), &f(&format!("{i:08x}"), "x", if i % 5 == 0 { "hidden" } else { "shown" }));
         }
@@ -375,7 +391,7 @@ mod tests {
             fns.put(name, &f(project, "y", "shown"));
             let mut rest = String::new();
             fns.page(Some(token), 1000, visible, &mut rest);
-            let after = key_hash(&format!("{project}/y")) > token;
+            let after = fns.key_hash(&format!("{project}/y")) > token;
             assert_eq!(rest.contains(project), after, "{project}");
             let routes: Vec<serde_json::Value> = serde_json::from_str(&format!("[{first},{rest}]")).unwrap();
             let news = usize::from(rest.contains("ffffffff")) + usize::from(rest.contains("eeeeeeee"));
@@ -384,9 +400,53 @@ mod tests {
     }
 
     #[test]
+    fn pages_come_in_the_filters_bucket_order() {
+        let layout =
+            Arc::new(HostDecoder::new("serverless.example", edgewise_core::serverless::DEFAULT_PATTERN).unwrap());
+        let mut fns = Functions::new(layout.clone());
+        for i in 0..3000u32 {
+            let f = Function {
+                matches: BTreeMap::from([
+                    ("project".into(), format!("{:08X}", i * 7)),
+                    ("environment".into(), format!("{i:08x}")),
+                    ("function".into(), format!("{:010x}", i * 13)),
+                ]),
+                customer: "c".into(),
+                host: format!("f{i}.example"),
+            };
+            fns.put(&format!("f{i}"), &f);
+        }
+        let (mut buckets, mut after) = (Vec::new(), None);
+        loop {
+            let mut out = String::new();
+            let next = fns.page(after, 700, |_| true, &mut out);
+            let routes: Vec<crate::model::Function> =
+                serde_json::from_str::<Vec<serde_json::Value>>(&format!("[{out}]"))
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| Function {
+                        matches: serde_json::from_value(r["match"].clone()).unwrap(),
+                        customer: String::new(),
+                        host: String::new(),
+                    })
+                    .collect();
+            for r in routes {
+                let key = layout.key_of(&r.matches).unwrap();
+                buckets.push(table::bucket_of(&key, table::MANAGED_BITS));
+            }
+            match next {
+                Some(token) => after = Some(token),
+                None => break,
+            }
+        }
+        assert_eq!(buckets.len(), 3000);
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "pages in bucket order, across pages too");
+    }
+
+    #[test]
     fn a_route_is_written_as_serde_json_writes_it() {
-        let groups: Vec<String> = ["project", "environment", "function"].map(String::from).to_vec();
-        let mut fns = Functions::new(&groups);
+        let layout = HostDecoder::new("serverless.example", edgewise_core::serverless::DEFAULT_PATTERN).unwrap();
+        let mut fns = Functions::new(Arc::new(layout));
         for (i, host) in ["h.example", "quote\".example", "back\\slash", "tab\t\u{1}", "ünïcode/é"].iter().enumerate()
         {
             let f = Function {
@@ -407,7 +467,7 @@ mod tests {
 
     #[test]
     fn reconciling_a_logged_table_puts_what_differs_or_is_missing_and_deletes_the_rest() {
-        let mut fns = Functions::new(&groups());
+        let mut fns = Functions::new(decoder());
         fns.put("same", &f("00000001", "a", "c1"));
         fns.put("changed", &f("00000002", "a", "c1"));
         fns.put("missing", &f("00000003", "a", "c1"));

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use edgewise_core::generic::json::Field;
 use edgewise_core::serverless::{record_of, HostDecoder, RouteSpec};
@@ -160,14 +161,19 @@ impl Customer {
 /// Checks functions the way the filter compiles its route table: the same host pattern, the
 /// same key, the same Host check.
 pub struct FunctionRules {
-    decoder: HostDecoder,
+    decoder: Arc<HostDecoder>,
     domain: String,
 }
 
 impl FunctionRules {
     pub fn new(domain: &str, pattern: &str) -> Result<Self, String> {
         let decoder = HostDecoder::new(domain, pattern).map_err(|e| e.to_string())?;
-        Ok(FunctionRules { decoder, domain: domain.to_ascii_lowercase() })
+        Ok(FunctionRules { decoder: Arc::new(decoder), domain: domain.to_ascii_lowercase() })
+    }
+
+    /// The filter's host decoder, whose route keys order the table's pages.
+    pub fn decoder(&self) -> Arc<HostDecoder> {
+        self.decoder.clone()
     }
 
     /// The platform's serverless domain.

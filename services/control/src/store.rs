@@ -178,13 +178,29 @@ impl Store {
         Ok(())
     }
 
-    /// Appends `changes` to the route log in one transaction, and moves its horizon from `from`
-    /// to `to`: behind the horizon only the routes in force stay (an entry superseded by a later
-    /// one for its key, or a deletion, goes).
+    /// Opens a change: the writes until [`Store::commit`] reach the disk together, with one
+    /// sync, or none does ([`Store::rollback`]).
+    pub fn begin(&mut self) -> Result<()> {
+        self.db.execute_batch("SAVEPOINT change").map_err(db_error)
+    }
+
+    pub fn commit(&mut self) -> Result<()> {
+        self.db.execute_batch("RELEASE change").map_err(db_error)
+    }
+
+    pub fn rollback(&mut self) {
+        if let Err(e) = self.db.execute_batch("ROLLBACK TO change; RELEASE change") {
+            eprintln!("edgewise-control: rolling a change back: {e}");
+        }
+    }
+
+    /// Appends `changes` to the route log in one transaction (or within the open change), and
+    /// moves its horizon from `from` to `to`: behind the horizon only the routes in force stay
+    /// (an entry superseded by a later one for its key, or a deletion, goes).
     pub fn append_routes(&mut self, changes: &[LoggedChange], from: u64, to: u64) -> Result<()> {
         let int = |v: u64| i64::try_from(v).map_err(|e| e.to_string());
         let (from_version, to_version) = (int(from)?, int(to)?);
-        let tx = self.db.transaction().map_err(db_error)?;
+        let tx = self.db.savepoint().map_err(db_error)?;
         {
             let mut superseded =
                 tx.prepare_cached("DELETE FROM route_log WHERE key = ?1 AND version <= ?2").map_err(db_error)?;
@@ -391,7 +407,7 @@ mod tests {
         assert_eq!(contents.customers["a"], a);
         let mut functions = Vec::new();
         store.functions(|name, key, f| functions.push((name, key, f))).unwrap();
-        assert_eq!(functions, [("f1".to_string(), "f".to_string(), f)]);
+        assert_eq!(functions, [("f1".to_string(), "f".to_string(), f.clone())]);
         assert_eq!((contents.recent, contents.routes_version), (vec![], 0));
         assert_eq!(contents.routes_history, store.load().unwrap().routes_history, "the history id is kept");
         store.delete_customer("a").unwrap();
@@ -400,6 +416,27 @@ mod tests {
         let mut functions = 0;
         store.functions(|_, _, _| functions += 1).unwrap();
         assert_eq!(functions, 0);
+
+        // A change (a function and its route log entry) is one transaction: rolled back whole,
+        // or committed whole.
+        let change = |version| LoggedChange { version, key: "g".into(), put: true, json: "{}".into() };
+        let g = Function { customer: "b".into(), ..f.clone() };
+        store.begin().unwrap();
+        store.put_function("g1", "g", &g).unwrap();
+        store.append_routes(&[change(1)], 0, 0).unwrap();
+        store.rollback();
+        let (mut functions, contents) = (0, store.load().unwrap());
+        store.functions(|_, _, _| functions += 1).unwrap();
+        assert_eq!((functions, contents.recent.len()), (0, 0), "the log entry went with the function");
+        store.begin().unwrap();
+        store.put_function("g1", "g", &g).unwrap();
+        store.append_routes(&[change(1)], 0, 0).unwrap();
+        store.commit().unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let (mut functions, contents) = (0, store.load().unwrap());
+        store.functions(|_, _, _| functions += 1).unwrap();
+        assert_eq!((functions, contents.recent.len()), (1, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::json::strict;
 use super::shown;
-use crate::serverless::table::LocalTable;
+use crate::serverless::table::{Batch, LocalTable};
 use crate::serverless::{protocol, Decision, RouteSpec, Router};
 use crate::{cloud_connector, egress, generic::json, mesh_identity, serverless, tunnel_auth};
 
@@ -99,11 +99,11 @@ pub fn route_table(doc: &[u8]) {
             assert_eq!(Some(changes.changes.len()), field("changes").as_array().map(Vec::len), "{}", shown(doc));
         }
         let mut table = LocalTable::new(4);
-        let Ok(page) = protocol::read_page(&router.decoder, doc, |_, record| {
-            table.put(&record);
-        }) else {
+        let mut batch = Batch::default();
+        let Ok(page) = protocol::read_page(&router.decoder, doc, &mut batch) else {
             continue;
         };
+        table.put_batch(&batch);
         let listed: Table = serde_json::from_slice(doc)
             .unwrap_or_else(|e| panic!("{}: read, but the serde derives say {e}", shown(doc)));
         assert_eq!(page.version, listed.version, "{}", shown(doc));

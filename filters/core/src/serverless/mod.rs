@@ -252,6 +252,15 @@ impl HostDecoder {
         Ok(key)
     }
 
+    /// The route key of group values as a management service keeps them: in the pattern's
+    /// group order, joined by '/'; `None` if they are not the default layout's hex digits.
+    pub fn key_of_values(&self, values: &str) -> Option<Vec<u8>> {
+        match self.pattern {
+            None => pack_default(values.to_ascii_lowercase().as_bytes()),
+            Some(_) => Some(values.to_ascii_lowercase().into_bytes()),
+        }
+    }
+
     /// The route key of a route's `match`, built the same way as a decoded host's.
     pub fn key_of(&self, matches: &BTreeMap<String, String>) -> Result<Vec<u8>, String> {
         if matches.len() != self.groups.len() || !self.groups.iter().all(|g| matches.contains_key(g)) {
@@ -347,6 +356,14 @@ pub fn domain_key(host: &str, key: &mut Vec<u8>) {
 /// Checks a route and packs it into its key and record (`table::encode`). `at` names the
 /// route in errors (`routes[3]`).
 pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let key = route_key(decoder, spec, at)?;
+    let mut record = Vec::with_capacity(3 + key.len() + spec.cluster.len() + spec.host.len());
+    table::encode(&key, &spec.cluster, &spec.host, &mut record).map_err(|e| ConfigError::field(at.to_string(), e))?;
+    Ok((key, record))
+}
+
+/// Checks a route: its key.
+pub fn route_key(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<Vec<u8>, ConfigError> {
     let key = match &spec.domain {
         None => decoder.key_of(&spec.matches).map_err(|e| ConfigError::field(format!("{at}.match"), e))?,
         Some(_) if !spec.matches.is_empty() => {
@@ -360,9 +377,7 @@ pub fn record_of(decoder: &HostDecoder, spec: &RouteSpec, at: &Field) -> Result<
     if authority::split(&spec.host).is_none() || spec.host.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
         return Err(ConfigError::field(format!("{at}.host"), format!("{:?} is not a valid Host", spec.host)));
     }
-    let mut record = Vec::with_capacity(3 + key.len() + spec.cluster.len() + spec.host.len());
-    table::encode(&key, &spec.cluster, &spec.host, &mut record).map_err(|e| ConfigError::field(at.to_string(), e))?;
-    Ok((key, record))
+    Ok(key)
 }
 
 /// Where the routes of the management service are: the bucket of a key (or as much of it as
@@ -778,10 +793,9 @@ mod tests {
     /// Reads a whole-table document into a table, as the filter does with a page.
     fn load(r: &Router, doc: &str) -> Result<(u64, LocalTable), String> {
         let mut table = LocalTable::new(table::MANAGED_BITS);
-        let page = protocol::read_page(&r.decoder, doc.as_bytes(), |_, record| {
-            table.put(&record);
-        })
-        .map_err(|e| e.to_string())?;
+        let mut batch = table::Batch::default();
+        let page = protocol::read_page(&r.decoder, doc.as_bytes(), &mut batch).map_err(|e| e.to_string())?;
+        table.put_batch(&batch);
         Ok((page.version, table))
     }
 
@@ -914,7 +928,7 @@ mod tests {
             let err = load(&r, &doc).err().unwrap_or_default();
             assert!(err.contains(want), "{doc}: got {err:?}, want {want:?}");
         }
-        assert!(protocol::read_page(&r.decoder, b"\xff\xfe", |_, _| ()).is_err());
+        assert!(protocol::read_page(&r.decoder, b"\xff\xfe", &mut table::Batch::default()).is_err());
         assert_eq!(load(&r, &format!(r#"{{"routes":[{good}],"version":3}}"#)).unwrap().1.len(), 1);
     }
 

@@ -7,9 +7,10 @@
 //! Both are read whole and checked before anything is applied: a document that does not read
 //! changes nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use super::{record_of, HostDecoder, RouteSpec};
+use super::table::Batch;
+use super::{record_of, route_key, HostDecoder, RouteSpec};
 use crate::generic::config::ConfigError;
 use crate::generic::json::{Field, FromJson, Reader};
 
@@ -21,13 +22,11 @@ pub struct Page {
     pub routes: usize,
 }
 
-/// Reads a page, handing each route to `add` as (key, record). A key twice in one page is refused.
-pub fn read_page(
-    decoder: &HostDecoder,
-    doc: &[u8],
-    mut add: impl FnMut(Vec<u8>, Vec<u8>),
-) -> Result<Page, ConfigError> {
-    let (mut version, mut next, mut routes) = (None, None, None);
+/// Reads a page into `batch` (emptied first), sorted by bucket. A key twice in one page is
+/// refused.
+pub fn read_page(decoder: &HostDecoder, doc: &[u8], batch: &mut Batch) -> Result<Page, ConfigError> {
+    batch.clear();
+    let (mut version, mut next, mut routes) = (None, None, false);
     let mut r = Reader::new(doc);
     r.object(&Field::Root, |r, key| {
         let at = Field::Root.key(&key);
@@ -35,17 +34,14 @@ pub fn read_page(
             "version" => version = Some(r.u64(&at)?),
             "next" => next = r.opt_string(&at)?,
             "routes" => {
-                let mut seen = HashSet::new();
                 r.array(&at, |r, i| {
                     let at = at.index(i);
-                    let (key, record) = record_of(decoder, &<RouteSpec as FromJson>::from_json(r, &at)?, &at)?;
-                    if !seen.insert(key.clone()) {
-                        return Err(ConfigError::field(format!("{at}.match"), "duplicates an earlier route"));
-                    }
-                    add(key, record);
+                    let spec = <RouteSpec as FromJson>::from_json(r, &at)?;
+                    let key = route_key(decoder, &spec, &at)?;
+                    batch.push(&key, &spec.cluster, &spec.host).map_err(|e| ConfigError::field(at.to_string(), e))?;
                     Ok::<_, ConfigError>(())
                 })?;
-                routes = Some(seen.len());
+                routes = true;
             }
             other => return Err(Field::Root.unknown(other, &["version", "routes", "next"]).into()),
         }
@@ -53,11 +49,16 @@ pub fn read_page(
     })?;
     r.end()?;
     let version = version.ok_or_else(|| Field::Root.key("version").missing())?;
-    let routes = routes.ok_or_else(|| Field::Root.key("routes").missing())?;
+    if !routes {
+        return Err(Field::Root.key("routes").missing().into());
+    }
     if next.as_deref() == Some("") {
         return Err(ConfigError::field("next", "is empty"));
     }
-    Ok(Page { version, next, routes })
+    if let Err(i) = batch.sort() {
+        return Err(ConfigError::field(format!("routes[{i}].match"), "duplicates an earlier route"));
+    }
+    Ok(Page { version, next, routes: batch.len() })
 }
 
 /// One change of a watch answer: the route of `key` put (its record) or deleted.
@@ -164,7 +165,7 @@ fn read_match(r: &mut Reader, at: &Field) -> Result<Deleted, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serverless::table::{find, RouteRef};
+    use crate::serverless::table::{find, LocalTable, RouteRef, MANAGED_BITS};
 
     fn decoder() -> HostDecoder {
         HostDecoder::new("serverless.example", crate::serverless::DEFAULT_PATTERN).unwrap()
@@ -176,14 +177,16 @@ mod tests {
     #[test]
     fn pages_hand_over_every_route_and_their_next_token() {
         let d = decoder();
-        let mut got = Vec::new();
+        let mut batch = Batch::default();
         let doc = format!(r#"{{"version":9,"routes":[{A}],"next":"6b31"}}"#);
-        let page = read_page(&d, doc.as_bytes(), |k, r| got.push((k, r))).unwrap();
+        let page = read_page(&d, doc.as_bytes(), &mut batch).unwrap();
         assert_eq!(page, Page { version: 9, next: Some("6b31".into()), routes: 1 });
-        assert_eq!(got[0].0, [0, 0, 0, 0x0a, 0, 0, 0, 0x0b, 0, 0, 0, 0, 0x0c]);
-        assert_eq!(find(&got[0].1, &got[0].0), Some(RouteRef { cluster: "ca", host: "a.example" }));
-        let last = read_page(&d, br#"{"routes":[],"version":3,"next":null}"#, |_, _| ()).unwrap();
-        assert_eq!(last, Page { version: 3, next: None, routes: 0 });
+        let mut table = LocalTable::new(MANAGED_BITS);
+        table.put_batch(&batch);
+        let key = [0, 0, 0, 0x0a, 0, 0, 0, 0x0b, 0, 0, 0, 0, 0x0c];
+        assert_eq!(table.get(&key), Some(RouteRef { cluster: "ca", host: "a.example" }));
+        let last = read_page(&d, br#"{"routes":[],"version":3,"next":null}"#, &mut batch).unwrap();
+        assert_eq!((last, batch.len()), (Page { version: 3, next: None, routes: 0 }, 0), "the batch is emptied");
     }
 
     #[test]
@@ -218,7 +221,7 @@ mod tests {
     #[test]
     fn documents_that_do_not_read_are_refused_naming_what_is_wrong() {
         let d = decoder();
-        let page = |doc: &str| read_page(&d, doc.as_bytes(), |_, _| ()).unwrap_err().to_string();
+        let page = |doc: &str| read_page(&d, doc.as_bytes(), &mut Batch::default()).unwrap_err().to_string();
         let changes = |doc: &str| read_changes(&d, doc.as_bytes()).unwrap_err().to_string();
         for (got, want) in [
             (page("{}"), "`version` is required"),

@@ -7,6 +7,12 @@
 //! is one shared-data entry, so an Envoy holds one table whatever its number of workers, and a
 //! request reads the one bucket it needs.
 //!
+//! A full load gets its routes a page at a time. A page's records are put bucket by bucket
+//! ([`Batch`]): each bucket they touch is written once with all of them. A management service
+//! that sends its pages in the order of [`key_hash`] (edgewise-control does) sends each bucket's
+//! routes together, so that a load writes every bucket once, at its final size: a million
+//! routes are 65,536 allocations or shared-data writes, not a million of growing sizes.
+//!
 //! Records come from our own encoder, but shared data is memory another VM wrote: decoding
 //! checks every length and never panics.
 
@@ -26,17 +32,28 @@ pub struct RouteRef<'a> {
     pub host: &'a str,
 }
 
-/// The bucket of `key` in a table of `2^bits` buckets (`bits` at most 32).
-pub fn bucket_of(key: &[u8], bits: u32) -> usize {
+/// The hash a key's bucket is taken from: FNV-1a, finished with murmur3's mixer (FNV-1a
+/// spreads short keys poorly over its high bits). Fixed, so that it is the same in every VM, both
+/// builds and the management service, whose page order it is.
+pub fn key_hash(key: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    // FNV-1a spreads short keys poorly over its high bits: murmur3's finalizer mixes them.
     h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
     h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
+    h ^ (h >> 33)
+}
+
+/// The bucket of a key's hash in a table of `2^bits` buckets (`bits` at most 32): its top bits,
+/// so that keys in hash order are in bucket order.
+fn bucket_of_hash(h: u64, bits: u32) -> usize {
     (h >> (64 - bits.clamp(1, 32))) as usize & ((1usize << bits) - 1)
+}
+
+/// The bucket of `key` in a table of `2^bits` buckets (`bits` at most 32).
+pub fn bucket_of(key: &[u8], bits: u32) -> usize {
+    bucket_of_hash(key_hash(key), bits)
 }
 
 /// Appends the record of a route to `out`.
@@ -117,6 +134,122 @@ pub fn edit(bucket: &[u8], key: &[u8], record: Option<&[u8]>) -> (Vec<u8>, bool)
     (out, found)
 }
 
+/// The routes of one page, as records in one buffer, to be put bucket by bucket.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    /// Per record: its key's hash, where it is in `bytes`, and its position in the page.
+    index: Vec<(u64, u32, u32, u32)>,
+}
+
+impl Batch {
+    /// Empties it, keeping its memory for the next page.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.index.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Adds the route of `key`.
+    pub fn push(&mut self, key: &[u8], cluster: &str, host: &str) -> Result<(), &'static str> {
+        let start = self.bytes.len();
+        encode(key, cluster, host, &mut self.bytes)?;
+        let span = u32::try_from(start).ok().zip(u32::try_from(self.bytes.len()).ok());
+        let Some((start, end)) = span.filter(|_| self.index.len() < u32::MAX as usize) else {
+            self.bytes.truncate(start);
+            return Err("the page is larger than 4 GiB");
+        };
+        self.index.push((key_hash(key), start, end, self.index.len() as u32));
+        Ok(())
+    }
+
+    fn record(&self, &(_, start, end, _): &(u64, u32, u32, u32)) -> &[u8] {
+        self.bytes.get(start as usize..end as usize).unwrap_or_default()
+    }
+
+    /// Orders the records by bucket (and key within one): the page position of a key given
+    /// twice, if one is.
+    pub fn sort(&mut self) -> Result<(), usize> {
+        let mut index = std::mem::take(&mut self.index);
+        index.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| record_key(self.record(a)).cmp(record_key(self.record(b))))
+        });
+        let twice = index
+            .iter()
+            .zip(index.iter().skip(1))
+            .find(|(a, b)| record_key(self.record(a)) == record_key(self.record(b)));
+        let twice = twice.map(|(a, b)| a.3.max(b.3) as usize);
+        self.index = index;
+        twice.map_or(Ok(()), Err)
+    }
+
+    /// The records of each bucket of a table of `2^bits` buckets, bucket by bucket (once
+    /// sorted).
+    pub fn buckets(&self, bits: u32) -> impl Iterator<Item = (usize, Group<'_>)> {
+        let mut rest = &self.index[..];
+        std::iter::from_fn(move || {
+            let bucket = bucket_of_hash(rest.first()?.0, bits);
+            let n = rest.iter().take_while(|e| bucket_of_hash(e.0, bits) == bucket).count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            Some((bucket, Group { batch: self, entries: group }))
+        })
+    }
+}
+
+/// The records of a batch that go in one bucket, each of another key.
+#[derive(Clone, Copy)]
+pub struct Group<'a> {
+    batch: &'a Batch,
+    entries: &'a [(u64, u32, u32, u32)],
+}
+
+impl<'a> Group<'a> {
+    pub fn records(self) -> impl Iterator<Item = &'a [u8]> {
+        self.entries.iter().map(move |e| self.batch.record(e))
+    }
+
+    fn has(self, key: &[u8]) -> bool {
+        self.records().any(|r| record_key(r) == key)
+    }
+}
+
+/// A bucket with a group's records put in it.
+pub struct Merged {
+    pub bucket: Box<[u8]>,
+    /// Keys that were not in the bucket, and custom domains among them.
+    pub added: usize,
+    pub added_domains: usize,
+}
+
+/// `bucket` with the records of `group` put in it (each replacing its key's), built in one
+/// allocation of its final size.
+pub fn merge(bucket: &[u8], group: Group<'_>) -> Merged {
+    let kept = || Records(bucket).filter(|r| !group.has(r.key));
+    let size = kept().map(|r| r.bytes.len()).sum::<usize>() + group.records().map(<[u8]>::len).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    for r in kept() {
+        out.extend_from_slice(r.bytes);
+    }
+    let (mut added, mut added_domains) = (0, 0);
+    for record in group.records() {
+        out.extend_from_slice(record);
+        let key = record_key(record);
+        if Records(bucket).all(|r| r.key != key) {
+            added += 1;
+            added_domains += usize::from(is_domain_key(key));
+        }
+    }
+    Merged { bucket: out.into_boxed_slice(), added, added_domains }
+}
+
 /// The key of a record (as `encode` wrote it).
 pub fn record_key(record: &[u8]) -> &[u8] {
     Records(record).next().map_or(&[], |r| r.key)
@@ -191,6 +324,26 @@ impl LocalTable {
         self.buckets.get_mut(index).map(|b| std::mem::replace(b, bucket)).unwrap_or_default()
     }
 
+    /// The bucket `index` with `group` put in it, to be installed by [`LocalTable::install`].
+    pub fn merged(&self, index: usize, group: Group<'_>) -> Merged {
+        merge(self.buckets.get(index).map_or(&[], |b| &b[..]), group)
+    }
+
+    /// Installs a merged bucket; returns the one it replaced (to be dropped outside the lock).
+    pub fn install(&mut self, index: usize, merged: Merged) -> Box<[u8]> {
+        self.len += merged.added;
+        self.domains += merged.added_domains;
+        self.buckets.get_mut(index).map(|b| std::mem::replace(b, merged.bucket)).unwrap_or_default()
+    }
+
+    /// Puts a sorted batch, each bucket written once.
+    pub fn put_batch(&mut self, batch: &Batch) {
+        for (index, group) in batch.buckets(self.bits) {
+            let merged = self.merged(index, group);
+            self.install(index, merged);
+        }
+    }
+
     /// Puts a route (a record of `encode`); true if its key was new.
     pub fn put(&mut self, record: &[u8]) -> bool {
         let edited = self.edited(record_key(record), Some(record));
@@ -252,6 +405,53 @@ mod tests {
         let invalid_utf8 = [1, b'k', 1, 0xff, 1, b'h'];
         assert_eq!(find(&invalid_utf8, b"k"), None);
         assert!(encode(&[0; 256], "c", "h", &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_batch_puts_each_bucket_once_replacing_keys_and_refuses_a_key_twice() {
+        let mut t = LocalTable::new(4);
+        for i in 0..40 {
+            t.put(&record(&format!("k{i}"), "old", &format!("h{i}")));
+        }
+        t.put(&record("\0domain.example\0", "c", "d.example"));
+        let before: Vec<*const u8> = t.buckets.iter().map(|b| b.as_ptr()).collect();
+        let mut batch = Batch::default();
+        // Half the keys already there, half new; pushed out of bucket order.
+        for i in (20..60).rev() {
+            batch.push(format!("k{i}").as_bytes(), "new", &format!("n{i}")).unwrap();
+        }
+        batch.push(b"\0other.example\0", "c", "o.example").unwrap();
+        assert_eq!(batch.sort(), Ok(()));
+        let groups: Vec<usize> = batch.buckets(4).map(|(b, _)| b).collect();
+        assert!(groups.windows(2).all(|w| w[0] < w[1]), "each bucket once, in order: {groups:?}");
+        assert!(batch.buckets(4).all(|(b, g)| g.records().all(|r| bucket_of(record_key(r), 4) == b)));
+        t.put_batch(&batch);
+        assert_eq!((t.len(), t.domains()), (62, 2), "20 replaced, 20 and a domain added");
+        assert_eq!(t.get(b"k3").map(|r| (r.cluster, r.host)), Some(("old", "h3")));
+        assert_eq!(t.get(b"k25").map(|r| (r.cluster, r.host)), Some(("new", "n25")));
+        assert_eq!(t.get(b"k59").map(|r| r.host), Some("n59"));
+        for (i, b) in t.buckets.iter().enumerate() {
+            let touched = groups.contains(&i);
+            assert_eq!(b.as_ptr() != before[i], touched, "bucket {i} rewritten only if the batch touched it");
+            let records: usize = Records(b).map(|r| r.bytes.len()).sum();
+            assert_eq!(records, b.len(), "bucket {i} holds whole records and nothing else");
+        }
+        // A key twice: refused with the later position, whatever the order.
+        batch.clear();
+        for key in ["a", "b", "c", "b"] {
+            batch.push(key.as_bytes(), "c", "h").unwrap();
+        }
+        assert_eq!(batch.sort(), Err(3));
+        assert!(batch.push(&[0; 256], "c", "h").is_err());
+    }
+
+    #[test]
+    fn keys_in_hash_order_are_in_bucket_order_for_every_size() {
+        let mut keys: Vec<Vec<u8>> = (0..5000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        keys.sort_by_key(|k| key_hash(k));
+        for bits in [1, 4, 16, 32] {
+            assert!(keys.windows(2).all(|w| bucket_of(&w[0], bits) <= bucket_of(&w[1], bits)), "{bits} bits");
+        }
     }
 
     #[test]
