@@ -190,13 +190,26 @@ impl Config {
     }
 }
 
+/// The variable the cloud connector's YAML reads its signing secret from.
+pub const SECRET_ENV: &str = "EDGEWISE_AUTHENTICITY_SECRET";
+/// The HMAC secret of `make run` and of `envoy --mode validate`; tests make their own.
+pub const DEMO_SECRET: &str = "edgewise-demo-secret-do-not-use-in-production";
+
+/// Environment variables a shipped YAML needs (its wasm VMs read them through `host_env_keys`).
+pub fn shipped_env(name: &str) -> Vec<(String, String)> {
+    match name {
+        "cloud-connector" => vec![(SECRET_ENV.into(), DEMO_SECRET.into())],
+        _ => Vec::new(),
+    }
+}
+
 /// Runs `envoy --mode validate`; Err carries Envoy's output.
 pub fn validate(config: &Config, dir: &Path) -> Result<String> {
     let path = config.write(dir)?;
     let out = Command::new(binary())
         .args(["--mode", "validate", "--disable-hot-restart", "-l", "warning", "-c"])
         .arg(&path)
-        .envs(crate::scenarios::env(&config.name))
+        .envs(shipped_env(&config.name))
         .current_dir(crate::repo_root())
         .output()
         .context("running envoy --mode validate")?;
@@ -289,7 +302,7 @@ impl Envoy {
             .arg("--admin-address-path")
             .arg(&admin_file)
             .args(&options.args)
-            .envs(crate::scenarios::env(&config.name))
+            .envs(shipped_env(&config.name))
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .current_dir(crate::repo_root())
             .stdin(Stdio::null())

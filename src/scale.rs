@@ -109,7 +109,7 @@ pub async fn plane(
 
 pub fn taskset(pid: Option<u32>, cpu: u32) -> Result<()> {
     if let Some(pid) = pid {
-        Command::new("taskset").args(["-pc", &cpu.to_string(), &pid.to_string()]).output()?;
+        Command::new("taskset").args(["-apc", &cpu.to_string(), &pid.to_string()]).output()?;
     }
     Ok(())
 }

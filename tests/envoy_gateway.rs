@@ -499,7 +499,7 @@ fn every_policy_is_accepted_by_its_filter_and_matches_what_it_repeats() {
 
     // Envoy 1.40 takes each filter as Envoy Gateway passes it, with the callout clusters. The
     // configuration is named after the filter: `cloud-connector` gets its secret in the
-    // environment (edgewise::scenarios::env), as the container does from envoyproxy.yaml.
+    // environment (edgewise::envoy::shipped_env), as the container does from envoyproxy.yaml.
     for (name, at, filter) in checks {
         let dir = tempfile::tempdir().unwrap();
         let config = Config { name, yaml: envoy_yaml(filter, &clusters) };

@@ -282,7 +282,7 @@ async fn main() -> Result<()> {
 
     // A steady stream of changes (a new function of a customer every 100 ms), first with the two
     // Envoys alone, then with the watchers beside: the difference is what serving them costs.
-    let quiet = (changes / 4).max(1);
+    let quiet = (changes / 2).max(1);
     let alone = stream_changes(&big, &gateways, functions, quiet, None).await?;
     line(format!(
         "| edgewise-control CPU per change, the 2 Envoys alone (REST, store, 2 watches; {quiet} changes) | {:.2} ms |",

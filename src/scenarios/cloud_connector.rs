@@ -29,9 +29,7 @@ pub mod ports {
 pub const GITLAB: &str = "https://gitlab.com";
 pub const CUSTOMERS: &str = "https://customers.gitlab.com";
 pub const AUDIENCE: &str = "gitlab-ai-gateway";
-pub const SECRET_ENV: &str = "EDGEWISE_AUTHENTICITY_SECRET";
-/// The HMAC secret of `make run` and of `envoy --mode validate`; tests make their own.
-pub const DEMO_SECRET: &str = "edgewise-demo-secret-do-not-use-in-production";
+pub use crate::envoy::{DEMO_SECRET, SECRET_ENV};
 /// Where the JWKS lives on the issuer stand-in (announced by discovery).
 pub const JWKS_PATH: &str = "/oauth/discovery/keys";
 

@@ -46,14 +46,6 @@ pub fn install(scenario: &str, run_dir: &Path) -> Result<()> {
     }
 }
 
-/// Environment variables a shipped YAML needs (its wasm VMs read them through `host_env_keys`).
-pub fn env(scenario: &str) -> Vec<(String, String)> {
-    match scenario {
-        "cloud-connector" => vec![(cloud_connector::SECRET_ENV.into(), cloud_connector::DEMO_SECRET.into())],
-        _ => Vec::new(),
-    }
-}
-
 /// The names of the shipped YAML files (`envoy/<name>.yaml`).
 pub fn shipped() -> Result<Vec<String>> {
     let mut names = Vec::new();
