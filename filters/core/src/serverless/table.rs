@@ -48,7 +48,10 @@ pub fn key_hash(key: &[u8]) -> u64 {
 /// The bucket of a key's hash in a table of `2^bits` buckets (`bits` at most 32): its top bits,
 /// so that keys in hash order are in bucket order.
 fn bucket_of_hash(h: u64, bits: u32) -> usize {
-    (h >> (64 - bits.clamp(1, 32))) as usize & ((1usize << bits) - 1)
+    match bits.min(32) {
+        0 => 0,
+        bits => (h >> (64 - bits)) as usize,
+    }
 }
 
 /// The bucket of `key` in a table of `2^bits` buckets (`bits` at most 32).
