@@ -4,7 +4,9 @@
 //! name, and by route key). The route-key index is also the route table's page order: the
 //! filter's own hash of the key (`table::key_hash`), so that pages come bucket by bucket and a
 //! full load writes each bucket of the filter's table once. A page token is the hash of the last
-//! key sent, the same in every replica and after a restart.
+//! key sent, the same in every replica and after a restart. Both indexes use that fixed hash: the
+//! REST API that adds functions is authenticated, so chosen collisions cost only the caller's own
+//! lookups.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -36,21 +38,6 @@ impl Slot {
     fn host(&self) -> &str {
         self.text.get(usize::from(self.name_len) + usize::from(self.values_len)..).unwrap_or_default()
     }
-}
-
-/// FNV-1a, finished with murmur3's mixer: fixed, so that a page token means the same position
-/// to every replica and after a restart (the REST API that adds functions is authenticated, so
-/// chosen collisions cost only the caller's own lookups).
-fn hash(bytes: impl Iterator<Item = u8>) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325_u64;
-    for b in bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }
 
 /// `s` as a JSON string, as serde_json writes it.
@@ -108,7 +95,7 @@ impl Functions {
         match self.decoder.key_of_values(values) {
             Some(key) => table::key_hash(&key),
             // Not a key the filter takes (checked functions always are): any fixed place.
-            None => hash(values.bytes().map(|b| b.to_ascii_lowercase())),
+            None => table::key_hash(values.to_ascii_lowercase().as_bytes()),
         }
     }
 
@@ -121,7 +108,7 @@ impl Functions {
     }
 
     fn by_name(&self, name: &str) -> Option<u32> {
-        self.find(&self.by_name, hash(name.bytes()), |s| s.name() == name)
+        self.find(&self.by_name, table::key_hash(name.as_bytes()), |s| s.name() == name)
     }
 
     fn function(&self, slot: &Slot) -> Function {
@@ -173,7 +160,7 @@ impl Functions {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        self.by_name.insert((hash(name.bytes()), index));
+        self.by_name.insert((table::key_hash(name.as_bytes()), index));
         self.by_key.insert((self.key_hash(&values), index));
         self.by_customer.entry(customer).or_default().push(index);
         old
@@ -184,7 +171,7 @@ impl Functions {
         let index = self.by_name(name)?;
         let slot = self.slots.get_mut(index as usize)?.take()?;
         self.free.push(index);
-        self.by_name.remove(&(hash(name.bytes()), index));
+        self.by_name.remove(&(table::key_hash(name.as_bytes()), index));
         self.by_key.remove(&(self.key_hash(slot.values()), index));
         if let Some(list) = self.by_customer.get_mut(&slot.customer) {
             list.retain(|&i| i != index);

@@ -255,9 +255,15 @@ impl HostDecoder {
     /// The route key of group values as a management service keeps them: in the pattern's
     /// group order, joined by '/'; `None` if they are not the default layout's hex digits.
     pub fn key_of_values(&self, values: &str) -> Option<Vec<u8>> {
+        self.packed(values.to_ascii_lowercase().into_bytes())
+    }
+
+    /// The key of lowercased group values joined by '/': packed for the default layout (`None`
+    /// if they are not its hex digits), as they are for a pattern of one's own.
+    fn packed(&self, values: Vec<u8>) -> Option<Vec<u8>> {
         match self.pattern {
-            None => pack_default(values.to_ascii_lowercase().as_bytes()),
-            Some(_) => Some(values.to_ascii_lowercase().into_bytes()),
+            None => pack_default(&values),
+            Some(_) => Some(values),
         }
     }
 
@@ -277,11 +283,8 @@ impl HostDecoder {
             }
             key.extend(value.bytes().map(|c| c.to_ascii_lowercase()));
         }
-        if self.pattern.is_none() {
-            return pack_default(&key)
-                .ok_or_else(|| "must be 8, 8 and 10 hex digits for project, environment and function".to_string());
-        }
-        Ok(key)
+        self.packed(key)
+            .ok_or_else(|| "must be 8, 8 and 10 hex digits for project, environment and function".to_string())
     }
 }
 
