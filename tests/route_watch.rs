@@ -137,6 +137,88 @@ async fn the_route_watch_sends_what_changed_after_a_cursor_and_resumes_across_a_
     assert!(c.metric(&metric("gone")).await.unwrap() >= 8.0);
 }
 
+/// A streamed watch (`&stream=1`): 200 at once, then each change as a line (with its cursor) as
+/// soon as it is made, a line with no change after `wait` with nothing to send; counted among the
+/// watches held while it lasts. A cursor it cannot serve from is a 410, as for a plain watch.
+#[tokio::test]
+async fn a_streamed_watch_sends_each_change_as_a_line_and_a_line_with_none_after_wait() {
+    let run = tempfile::tempdir().unwrap();
+    let (pki, c) = start(run.path(), "control.db").await;
+    let (_, c0, _) = routes(&c, "").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.routes_port())).await.unwrap();
+    let request = format!("GET {ROUTES_PATH}?since={c0}&wait=1&stream=1 HTTP/1.1\r\nhost: control\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let head = read_until(&mut s, &mut got, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: application/x-ndjson"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(c.metric("edgewise_control_route_watchers").await.unwrap(), 1.0, "held while it lasts");
+
+    c.put_customer("customer-a", 9, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    let put = Instant::now();
+    c.put_function("hello", LABEL, "customer-a", HOST).await.unwrap();
+    let line = json(&next_line(&mut s, &mut got).await);
+    eprintln!("a streamed line {:?} after the change", put.elapsed());
+    assert!(put.elapsed() < Duration::from_millis(200), "{:?}", put.elapsed());
+    assert_eq!(line["changes"][0]["put"]["host"], HOST, "{line}");
+    let c1 = line["cursor"].as_str().unwrap().to_string();
+    assert_eq!(line["version"].as_u64().map(|v| v.to_string()), c1.split_once('.').map(|(_, v)| v.to_string()));
+    // The whole table names the same cursor.
+    assert_eq!(routes(&c, "").await.1, c1);
+
+    // Nothing for `wait` (1 s): a line with no change at the same cursor.
+    let quiet = Instant::now();
+    let beat = json(&next_line(&mut s, &mut got).await);
+    assert!(quiet.elapsed() >= Duration::from_millis(900), "{:?}", quiet.elapsed());
+    assert_eq!((beat["cursor"].as_str(), beat["changes"].as_array().map(Vec::len)), (Some(c1.as_str()), Some(0)));
+
+    let (status, _) = c.call("DELETE", "/v1/functions/hello", None).await.unwrap();
+    assert_eq!(status, 200);
+    let line = json(&next_line(&mut s, &mut got).await);
+    assert_eq!(line["changes"][0]["delete"]["match"], control::function_match(LABEL).unwrap(), "{line}");
+    assert_ne!(line["cursor"].as_str(), Some(c1.as_str()));
+
+    drop(s);
+    let closed = Instant::now();
+    while c.metric("edgewise_control_route_watchers").await.unwrap() != 0.0 {
+        assert!(closed.elapsed() < Duration::from_secs(5), "the stream is still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.metric("edgewise_control_route_streams_total").await.unwrap(), 1.0);
+    assert_eq!(c.metric("edgewise_control_route_stream_lines_total").await.unwrap(), 2.0);
+    // What a plain watch refuses, a streamed one refuses the same way.
+    assert_eq!(routes(&c, "?since=garbage&stream=1").await.0, 410);
+    assert_eq!(routes(&c, &format!("?since={c1}&stream=yes")).await.0, 400);
+}
+
+/// Reads from `s` into `got` until `end`: what came before it (taken out of `got`).
+async fn read_until(s: &mut tokio::net::TcpStream, got: &mut Vec<u8>, end: &[u8]) -> Vec<u8> {
+    loop {
+        if let Some(at) = got.windows(end.len()).position(|w| w == end) {
+            let before = got[..at].to_vec();
+            got.drain(..at + end.len());
+            return before;
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the stream ended");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The next line of a chunked stream of lines (each line its own chunk, as the service writes).
+async fn next_line(s: &mut tokio::net::TcpStream, got: &mut Vec<u8>) -> String {
+    let size = read_until(s, got, b"\r\n").await;
+    let size = usize::from_str_radix(std::str::from_utf8(&size).unwrap(), 16).unwrap();
+    let chunk = read_until(s, got, b"\r\n").await;
+    assert_eq!(chunk.len(), size);
+    let line = String::from_utf8(chunk).unwrap();
+    assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "one line a chunk: {line:?}");
+    line
+}
+
 /// Pages cover the table once, and a page token names a position that a restart keeps (as
 /// would another replica on the same store): paging goes on where it was.
 #[tokio::test]

@@ -339,6 +339,36 @@ fn scripted(script: Vec<Answer>, pages: Arc<AtomicUsize>) -> Handler {
     })
 }
 
+/// Waits until the scripted service's `count` hostile answers (or lines) have each been refused,
+/// checking after each that the table of version 1 is still in force, and its good one applied
+/// (version 2): each refusal led to one full load.
+async fn refused_then_applied(s: &Setup, count: u64, pages: &AtomicUsize, what: &str) {
+    let rejected = &edgewise::envoy::stat("edgewise.serverless.management_fetch.rejected");
+    let version = &edgewise::envoy::stat("edgewise.serverless.table.version");
+    let (mut last, start) = (0, Instant::now());
+    loop {
+        let stats = s.envoy.stats().await.unwrap();
+        let now = stats.get(rejected).copied().unwrap_or(0);
+        if now > last {
+            // Each refused answer changed nothing: the table of version 1 is in force.
+            assert_eq!(s.get(B_HOST).await.status, 200, "after {now} refused {what}s");
+            assert_eq!(stats.get(version), Some(&1), "after {now} refused {what}s");
+            last = now;
+        }
+        if stats.get(version) == Some(&2) {
+            break;
+        }
+        assert!(now <= count, "{now} {what}s refused");
+        assert!(start.elapsed() < Duration::from_secs(60), "{now} {what}s refused after a minute");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = s.envoy.stats().await.unwrap();
+    assert_eq!(stats.get(rejected), Some(&count), "every hostile {what} refused and counted");
+    let full_loads = stats.get(&edgewise::envoy::stat("edgewise.serverless.table.full_loads")).copied();
+    assert_eq!(full_loads, Some(count + 1), "after each refusal, one full load");
+    assert_eq!(pages.load(Ordering::SeqCst) as u64, count + 1);
+}
+
 #[tokio::test]
 async fn hostile_watch_answers_change_nothing_are_counted_and_the_table_is_loaded_again() {
     const NEW: &str = "4444444a-5555555b-666666666c.serverless.gitlab.io";
@@ -368,29 +398,72 @@ async fn hostile_watch_answers_change_nothing_are_counted_and_the_table_is_loade
         ..Options::default()
     })
     .await;
-    let rejected = &edgewise::envoy::stat("edgewise.serverless.management_fetch.rejected");
-    let version = &edgewise::envoy::stat("edgewise.serverless.table.version");
-    let mut last = 0;
-    loop {
-        let stats = s.envoy.stats().await.unwrap();
-        let now = stats.get(rejected).copied().unwrap_or(0);
-        if now > last {
-            // Each refused answer changed nothing: the table of version 1 is in force.
-            assert_eq!(s.get(B_HOST).await.status, 200, "after {now} refused answers");
-            assert_eq!(stats.get(version), Some(&1), "after {now} refused answers");
-            last = now;
-        }
-        if stats.get(version) == Some(&2) {
-            break;
-        }
-        assert!(now <= count, "{now} answers refused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    refused_then_applied(&s, count, &pages, "answer").await;
+    let r = s.get(NEW).await;
+    assert_eq!((r.status, r.json()["host"].as_str()), (200, Some("new.knative.customer-a.example")));
+}
+
+/// Natively the watch is one streamed answer. A scripted service that streams sends hostile
+/// lines, each as the one line of a stream: each is refused and counted, changes nothing, ends
+/// its stream, and the table is loaded again; then a good line applies. proxy-wasm never asks
+/// for a stream (its callouts take whole answers), and watches as before.
+#[tokio::test]
+async fn hostile_stream_lines_change_nothing_are_counted_and_the_table_is_loaded_again() {
+    const NEW: &str = "4444444a-5555555b-666666666c.serverless.gitlab.io";
+    let put_new = r#"{"put":{"match":{"project":"4444444a","environment":"5555555b","function":"666666666c"},"cluster":"customer-a","host":"new.knative.customer-a.example"}}"#;
+    let unknown = r#"{"delete":{"match":{"project":"99999999","environment":"99999999","function":"9999999999"}}}"#;
+    let line = |cursor: &str, version: u64, changes: &str| {
+        format!(r#"{{"version":{version},"cursor":"{cursor}","changes":[{changes}]}}"#) + "\n"
+    };
+    let hostile = vec![
+        "\u{0}garbage\n".to_string(),
+        line("t.2", 2, put_new).trim_end().to_string(),
+        line("t.2", 2, &format!("{put_new},{unknown}")),
+        line("t.0", 0, put_new),
+        format!("{{\"version\":2,\"changes\":[{put_new}]}}\n"),
+        line("t 2", 2, put_new),
+        line("t.2", 2, &vec![put_new; 1000].join(",")),
+    ];
+    let count = hostile.len() as u64;
+    let script = Arc::new(Mutex::new(VecDeque::from(hostile)));
+    script.lock().unwrap().push_back(line("t.1", 1, "") + &line("t.2", 2, put_new));
+    let (pages, streams) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let table = sl::table(1, &[(B_HOST.split('.').next().unwrap_or_default(), "customer-b", B_KNATIVE)]);
+    let handler: Handler = {
+        let (pages, streams) = (pages.clone(), streams.clone());
+        Arc::new(move |seen| {
+            let mut a = if !seen.path.contains("since=") {
+                pages.fetch_add(1, Ordering::SeqCst);
+                Answer::json(200, table.clone())
+            } else if seen.path.contains("&stream=1") {
+                streams.fetch_add(1, Ordering::SeqCst);
+                // Each scripted stream ends after its lines; once the script is done, a line
+                // with no change.
+                let lines = script.lock().ok().and_then(|mut s| s.pop_front()).unwrap_or_else(|| line("t.2", 2, ""));
+                let mut a = Answer::json(200, lines);
+                a.headers = vec![("content-type".into(), "application/x-ndjson".into())];
+                a
+            } else {
+                Answer::json(304, "")
+            };
+            a.headers.push(("x-edgewise-cursor".into(), "t.1".into()));
+            a
+        })
+    };
+    let s = setup(Options {
+        mgmt: Some(handler),
+        tweak: |c| c.replace("\"poll_interval_ms\": 200,", "\"poll_interval_ms\": 200, \"max_answer_bytes\": 65536,"),
+        ..Options::default()
+    })
+    .await;
+    if edgewise::envoy::Build::current() == edgewise::envoy::Build::Wasm {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(pages.load(Ordering::SeqCst) >= 1, "the table was loaded");
+        assert_eq!(streams.load(Ordering::SeqCst), 0, "proxy-wasm asks for no stream");
+        return;
     }
-    let stats = s.envoy.stats().await.unwrap();
-    assert_eq!(stats.get(rejected), Some(&count), "every hostile answer refused and counted");
-    let full_loads = stats.get(&edgewise::envoy::stat("edgewise.serverless.table.full_loads")).copied();
-    assert_eq!(full_loads, Some(count + 1), "after each refusal, one full load");
-    assert_eq!(pages.load(Ordering::SeqCst) as u64, count + 1);
+    refused_then_applied(&s, count, &pages, "line").await;
+    assert!(streams.load(Ordering::SeqCst) as u64 > count, "a stream for each line");
     let r = s.get(NEW).await;
     assert_eq!((r.status, r.json()["host"].as_str()), (200, Some("new.knative.customer-a.example")));
 }

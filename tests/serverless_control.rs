@@ -313,6 +313,18 @@ async fn route_changes_reach_traffic_through_the_watch_and_a_restart_resumes_it_
     assert!(took < Duration::from_secs(10), "{took:?}: the watch, not the 600 s poll, brought it");
     let stats = s.envoy.stats().await.unwrap();
     assert_eq!(stats.get(&full_loads), Some(&watches), "one full load, then changes");
+    // Natively the watch is one streamed answer the service writes each change to; proxy-wasm
+    // asks once per change.
+    let streams = s.control.metric("edgewise_control_route_streams_total").await.unwrap();
+    let lines = s.control.metric("edgewise_control_route_stream_lines_total").await.unwrap();
+    let answered = s.control.metric("edgewise_control_route_watches_total{result=\"changes\"}").await.unwrap();
+    match edgewise::envoy::Build::current() {
+        edgewise::envoy::Build::Native => {
+            assert_eq!((streams, answered), (1.0, 0.0), "one stream, no plain watch answered");
+            assert!(lines >= 1.0, "the change came as a line");
+        }
+        edgewise::envoy::Build::Wasm => assert_eq!((streams, lines), (0.0, 0.0)),
+    }
 
     // The service restarts on its store: the watch resumes from its cursor.
     assert!(s.control.stop().await.unwrap().success());

@@ -6,7 +6,8 @@
 //! - Envoy RSS added by the 1,000,000-route table (against the same Envoy fed 10 routes) per
 //!   build and `--concurrency`;
 //! - Envoy CPU per request with 1,000,000 routes against 10, in rotating wrk bursts;
-//! - edgewise-control's RSS and CPU per change;
+//! - edgewise-control's RSS and CPU per change, with the watchers asking once per change (as
+//!   proxy-wasm Envoys do) and then streaming (as native ones do);
 //! - Envoy start to serving (listener up; table in force; first request routed).
 //!
 //! Environment: FLEET_CUSTOMERS (100000), FLEET_FUNCTIONS (1000000), FLEET_WATCHERS (100),
@@ -159,14 +160,22 @@ struct Received {
     epoch: Option<Instant>,
 }
 
+/// How the simulated watchers watch: as proxy-wasm Envoys (a call per change), or as native ones
+/// (one streamed answer).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Watching {
+    Calls,
+    Stream,
+}
+
 /// A watcher: a client of the route port (mutual TLS, its own source address) that takes the
 /// cursor of a one-route page and then watches, counting what it receives.
 async fn watcher(
     plane_port: u16,
     (ca, leaf): (String, edgewise::certs::Leaf),
     n: usize,
-    got: Arc<Received>,
-    stop: Arc<AtomicBool>,
+    (got, stop): (Arc<Received>, Arc<AtomicBool>),
+    watching: Watching,
 ) {
     let run = async {
         let config = edgewise::tls::client(&[&ca], Some(&leaf), &["http/1.1"])?;
@@ -176,6 +185,9 @@ async fn watcher(
         let name = rustls::pki_types::ServerName::try_from(CONTROL_NAME)?;
         let mut tls = BufReader::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?);
         let (_, mut cursor, _) = exchange(&mut tls, &format!("{ROUTES_PATH}?limit=1")).await?;
+        if watching == Watching::Stream {
+            return stream(&mut tls, cursor, &got, &stop).await;
+        }
         while !stop.load(Relaxed) {
             let (status, next, size) = exchange(&mut tls, &format!("{ROUTES_PATH}?since={cursor}&wait=25")).await?;
             got.answers.fetch_add(1, Relaxed);
@@ -195,6 +207,44 @@ async fn watcher(
         eprintln!("watcher {n}: {e:#}");
         got.errors.fetch_add(1, Relaxed);
     }
+}
+
+/// A streamed watch from `cursor`, asked again whenever the service ends it, until `stop`.
+async fn stream<S>(conn: &mut BufReader<S>, mut cursor: String, got: &Received, stop: &AtomicBool) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    while !stop.load(Relaxed) {
+        let path = format!("{ROUTES_PATH}?since={cursor}&wait=25&stream=1");
+        conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nhost: control\r\n\r\n").as_bytes()).await?;
+        let mut head = String::new();
+        while conn.read_line(&mut head).await? > 2 {
+            head.clear();
+        }
+        loop {
+            let mut size = String::new();
+            conn.read_line(&mut size).await?;
+            let length = usize::from_str_radix(size.trim(), 16).context("a chunk's size")?;
+            let mut chunk = vec![0; length + 2];
+            conn.read_exact(&mut chunk).await?;
+            if length == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&chunk);
+            let changes = line.matches("{\"put\":").count() + line.matches("{\"delete\":").count();
+            got.answers.fetch_add(1, Relaxed);
+            got.bytes.fetch_add((size.len() + chunk.len()) as u64, Relaxed);
+            got.changes.fetch_add(changes as u64, Relaxed);
+            if let (Some(epoch), true) = (got.epoch, changes > 0) {
+                got.last_change_us.fetch_max(epoch.elapsed().as_micros() as u64, Relaxed);
+            }
+            if let Some(c) = line.split("\"cursor\":\"").nth(1).and_then(|rest| rest.split('"').next()) {
+                cursor = c.to_string();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One request on a kept-alive connection: (status, cursor, (bytes received, changes in it)).
@@ -288,61 +338,71 @@ async fn main() -> Result<()> {
         "| edgewise-control CPU per change, the 2 Envoys alone (REST, store, 2 watches; {quiet} changes) | {:.2} ms |",
         alone.cpu_ms
     ));
-    let epoch = Instant::now();
-    let got = Arc::new(Received { epoch: Some(epoch), ..Received::default() });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for n in 0..watchers {
-        let ca = &big.pki.control_ca;
-        let credentials = (ca.pem.clone(), ca.issue(&LeafSpec::client("watcher", &[]))?);
-        let (got, stop) = (got.clone(), stop.clone());
-        tasks.push(tokio::spawn(watcher(big.control.routes_port(), credentials, n, got, stop)));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (bytes0, changes0) = (got.bytes.load(Relaxed), got.changes.load(Relaxed));
-    let Changes { latencies, in_force, rest, to_watchers, cpu_ms } =
-        stream_changes(&big, &gateways, functions + quiet, changes, Some((&got, epoch))).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (bytes, received) = (got.bytes.load(Relaxed) - bytes0, got.changes.load(Relaxed) - changes0);
-    stop.store(true, Relaxed);
-    for ((g, l), f) in gateways.iter().zip(&latencies).zip(&in_force) {
+    // The watchers as proxy-wasm Envoys watch (a call per change), then as native ones do (one
+    // streamed answer each).
+    let mut first = functions + quiet;
+    for watching in [Watching::Calls, Watching::Stream] {
+        let epoch = Instant::now();
+        let got = Arc::new(Received { epoch: Some(epoch), ..Received::default() });
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for n in 0..watchers {
+            let ca = &big.pki.control_ca;
+            let credentials = (ca.pem.clone(), ca.issue(&LeafSpec::client("watcher", &[]))?);
+            let shared = (got.clone(), stop.clone());
+            tasks.push(tokio::spawn(watcher(big.control.routes_port(), credentials, n, shared, watching)));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (bytes0, changes0) = (got.bytes.load(Relaxed), got.changes.load(Relaxed));
+        let Changes { latencies, in_force, rest, to_watchers, cpu_ms } =
+            stream_changes(&big, &gateways, first, changes, Some((&got, epoch))).await?;
+        first += changes;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (bytes, received) = (got.bytes.load(Relaxed) - bytes0, got.changes.load(Relaxed) - changes0);
+        stop.store(true, Relaxed);
+        let how = match watching {
+            Watching::Calls => format!("{watchers} watchers asking once per change (as proxy-wasm Envoys)"),
+            Watching::Stream => format!("{watchers} watchers streaming (as native Envoys)"),
+        };
+        for ((g, l), f) in gateways.iter().zip(&latencies).zip(&in_force) {
+            line(format!(
+                "| {:?}: change to traffic, from the REST call to the first 200 (p50 / p99 / max of {changes}; {how}) | {:.1} / {:.1} / {:.1} ms |",
+                g.build,
+                quantile(l.clone(), 0.5),
+                quantile(l.clone(), 0.99),
+                l.iter().copied().fold(0.0, f64::max)
+            ));
+            line(format!(
+                "| {:?}: change to the route in force (the request that found it, when sent; its answer waits for a new upstream connection, the function's own SNI) (p50 / p99; {how}) | {:.1} / {:.1} ms |",
+                g.build,
+                quantile(f.clone(), 0.5),
+                quantile(f.clone(), 0.99),
+            ));
+        }
         line(format!(
-            "| {:?}: change to traffic, from the REST call to the first 200 (p50 / p99 / max of {changes}, {watchers} watchers beside) | {:.1} / {:.1} / {:.1} ms |",
-            g.build,
-            quantile(l.clone(), 0.5),
-            quantile(l.clone(), 0.99),
-            l.iter().copied().fold(0.0, f64::max)
+            "| change to the last of the {how}, from the REST call (p50 / p99) | {:.1} / {:.1} ms |",
+            quantile(to_watchers.clone(), 0.5),
+            quantile(to_watchers, 0.99)
         ));
         line(format!(
-            "| {:?}: change to the route in force (the request that found it, when sent; its answer waits for a new upstream connection, the function's own SNI) (p50 / p99) | {:.1} / {:.1} ms |",
-            g.build,
-            quantile(f.clone(), 0.5),
-            quantile(f.clone(), 0.99),
+            "| the REST call itself ({how}) (p50 / p99) | {:.1} / {:.1} ms |",
+            quantile(rest.clone(), 0.5),
+            quantile(rest, 0.99)
         ));
+        line(format!(
+            "| bytes a watcher received per change ({how}) | {:.0} bytes ({received} changes received by {watchers} watchers, {} errors) |",
+            bytes as f64 / received.max(1) as f64,
+            got.errors.load(Relaxed)
+        ));
+        line(format!(
+            "| edgewise-control CPU per change (REST, store, 2 Envoys and the {how}) | {cpu_ms:.2} ms ({:.1} µs a watcher over the Envoys alone) |",
+            (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64
+        ));
+        for t in tasks {
+            t.abort();
+        }
     }
-    line(format!(
-        "| change to the last of the {watchers} watchers, from the REST call (p50 / p99) | {:.1} / {:.1} ms |",
-        quantile(to_watchers.clone(), 0.5),
-        quantile(to_watchers, 0.99)
-    ));
-    line(format!(
-        "| the REST call itself (p50 / p99) | {:.1} / {:.1} ms |",
-        quantile(rest.clone(), 0.5),
-        quantile(rest, 0.99)
-    ));
-    line(format!(
-        "| bytes a watcher received per change | {:.0} bytes ({received} changes received by {watchers} watchers, {} errors) |",
-        bytes as f64 / received.max(1) as f64,
-        got.errors.load(Relaxed)
-    ));
-    line(format!(
-        "| edgewise-control CPU per change (REST, store, 2 Envoys and {watchers} watchers served) | {cpu_ms:.2} ms ({:.0} µs a watcher answer over the Envoys alone) |",
-        (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64
-    ));
     line(format!("| edgewise-control RSS at the end | {:.0} MiB |", rss_mib(control_pid)));
-    for t in tasks {
-        t.abort();
-    }
     drop(small);
 
     let out = std::env::var("BENCH_OUT_FLEET").unwrap_or_else(|_| "bench/results-fleet.md".into());

@@ -42,7 +42,7 @@ fn table() -> Vec<(&'static str, Compile, String, &'static str)> {
         // Unknown fields, at the top and nested, with what was expected.
         ("egress", egress, r#"{"allow":[],"alow":[]}"#.into(), "unknown field `alow`, expected one of `suffix`, `allow`, `allow_private`"),
         ("serverless", serverless, r#"{"routes":[{"match":{},"cluster":"c","host":"h","hots":1}]}"#.into(), "unknown field `hots` in `routes[0]`, expected one of `match`, `domain`, `cluster`, `host`"),
-        ("serverless", serverless, r#"{"management":{"cluster":"m","poll_ms":1}}"#.into(), "unknown field `poll_ms` in `management`, expected one of `cluster`, `authority`, `path`, `poll_interval_ms`, `timeout_ms`, `wait_seconds`, `page_size`, `max_backoff_ms`, `max_answer_bytes`"),
+        ("serverless", serverless, r#"{"management":{"cluster":"m","poll_ms":1}}"#.into(), "unknown field `poll_ms` in `management`, expected one of `cluster`, `authority`, `path`, `poll_interval_ms`, `timeout_ms`, `wait_seconds`, `page_size`, `max_backoff_ms`, `max_answer_bytes`, `stream`"),
         ("cloud-connector", connector, cc(r#","jwks":{"refresh":1}"#), "unknown field `refresh` in `jwks`, expected one of `refresh_seconds`, `min_refresh_seconds`, `max_refresh_seconds`, `retry_seconds`, `kid_miss_cooldown_seconds`, `timeout_ms`, `wait_ms`"),
         ("cloud-connector", connector, cc(r#","headers":{"realms":"x"}"#), "unknown field `realms` in `headers`, expected one of `instance_id`, `realm`, `scopes`, `issuer`, `signature`, `feature`, `rate_limit_key`, `strip`"),
         ("mesh-identity", mesh, gw(r#","leeway":1"#), "unknown field `leeway`, expected one of `role`, `jwks`, `issuers`, `audiences`, `leeway_seconds`, `claim_headers`, `forward_token`, `token_cache_size`"),

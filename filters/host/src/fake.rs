@@ -288,11 +288,24 @@ pub struct FakeBackground<'a> {
     /// `refused`, not made.
     pub refuse_calls: bool,
     pub refused: usize,
+    /// Streamed calls can be started (as natively); their ids, and those reset.
+    pub streaming: bool,
+    pub streams: Vec<u64>,
+    pub reset: Vec<u64>,
 }
 
 impl<'a> FakeBackground<'a> {
     pub fn new(host: &'a FakeHost) -> Self {
-        FakeBackground { host, calls: Vec::new(), woken: Vec::new(), refuse_calls: false, refused: 0 }
+        FakeBackground {
+            host,
+            calls: Vec::new(),
+            woken: Vec::new(),
+            refuse_calls: false,
+            refused: 0,
+            streaming: false,
+            streams: Vec::new(),
+            reset: Vec::new(),
+        }
     }
 }
 
@@ -315,5 +328,25 @@ impl Background for FakeBackground<'_> {
 
     fn wake(&mut self, waker: Waker) {
         self.woken.push(waker);
+    }
+
+    fn http_stream(
+        &mut self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<u64> {
+        if !self.streaming {
+            return None;
+        }
+        let id = self.http_get(cluster, authority, path, headers, timeout)?;
+        self.streams.push(id);
+        Some(id)
+    }
+
+    fn reset_stream(&mut self, id: u64) {
+        self.reset.push(id);
     }
 }

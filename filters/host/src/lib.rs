@@ -142,6 +142,34 @@ pub trait Background: Host {
 
     /// Resumes a paused request: the host calls [`Filter::on_resume`] on its worker.
     fn wake(&mut self, waker: Waker);
+
+    /// Starts a GET whose answer comes as it arrives, to [`Filter::on_stream`] with the same id,
+    /// ended by the host after `timeout`. `None` when the call could not start, or the host has
+    /// no such calls (proxy-wasm's take whole answers only).
+    fn http_stream(
+        &mut self,
+        _cluster: &str,
+        _authority: &str,
+        _path: &str,
+        _headers: &[(&str, &str)],
+        _timeout: Duration,
+    ) -> Option<u64> {
+        None
+    }
+
+    /// Ends a stream of [`Background::http_stream`]; no event of it comes after.
+    fn reset_stream(&mut self, _id: u64) {}
+}
+
+/// What arrives of a stream started by [`Background::http_stream`], in this order: its head,
+/// its body in pieces, its end.
+#[derive(Debug, Clone, Copy)]
+pub enum StreamEvent<'a> {
+    /// The status and headers (its body is empty).
+    Head(&'a Fetched),
+    Data(&'a [u8]),
+    /// The answer ended whole (`true`), or the stream failed or was reset (`false`).
+    End(bool),
 }
 
 /// The answer to [`Background::http_get`].
@@ -208,6 +236,8 @@ pub trait Filter: Sized + Send + Sync + 'static {
     fn on_tick<B: Background>(&self, _bg: &mut B) {}
 
     fn on_fetched<B: Background>(&self, _bg: &mut B, _id: u64, _response: &Fetched) {}
+
+    fn on_stream<B: Background>(&self, _bg: &mut B, _id: u64, _event: StreamEvent<'_>) {}
 }
 
 /// The hooks a filter implements beyond request headers, which a host enters only when needed
@@ -215,7 +245,7 @@ pub trait Filter: Sized + Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hooks {
     pub response_headers: bool,
-    /// [`Filter::on_tick`] and [`Filter::on_fetched`].
+    /// [`Filter::on_tick`], [`Filter::on_fetched`] and [`Filter::on_stream`].
     pub background: bool,
 }
 

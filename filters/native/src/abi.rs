@@ -200,6 +200,34 @@
 //!     body_chunks: *mut EnvoyBuffer, body_chunks_size: usize,
 //! );
 //!
+//! // OPTIONAL (edgewise exports them). Main thread: a stream started by
+//! // http_filter_config_start_http_stream answers. Arrays are Envoy-owned, valid only during
+//! // the hook. After _complete or _reset no other hook comes for that stream.
+//! #[no_mangle]
+//! pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+//!     envoy_config: EnvoyFilterConfig, config: ModuleFilterConfig, stream_id: u64,
+//!     headers: *mut EnvoyHttpHeader, headers_size: usize, end_stream: bool,
+//! );
+//! #[no_mangle]
+//! pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+//!     envoy_config: EnvoyFilterConfig, config: ModuleFilterConfig, stream_id: u64,
+//!     data: *const EnvoyBuffer, data_count: usize, end_stream: bool,
+//! );
+//! #[no_mangle]
+//! pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+//!     envoy_config: EnvoyFilterConfig, config: ModuleFilterConfig, stream_id: u64,
+//!     trailers: *mut EnvoyHttpHeader, trailers_size: usize,
+//! );
+//! #[no_mangle]
+//! pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+//!     envoy_config: EnvoyFilterConfig, config: ModuleFilterConfig, stream_id: u64,
+//! );
+//! #[no_mangle]
+//! pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+//!     envoy_config: EnvoyFilterConfig, config: ModuleFilterConfig, stream_id: u64,
+//!     reason: HttpStreamResetReason,
+//! );
+//!
 //! // OPTIONAL (edgewise exports it). A local reply (ours via http_send_response, or Envoy's) is
 //! // being generated for this stream. `details` valid only during the call. Return a
 //! // LocalReplyStatus: CONTINUE (0) sends the reply, CONTINUE_AND_RESET_STREAM (1) resets instead.
@@ -970,6 +998,28 @@ extern "C" {
         body: ModuleBuffer,
         timeout_milliseconds: u64,
     ) -> HttpCalloutInitResult;
+
+    /// Starts an HTTP request tied to the config (main thread) whose answer arrives as it comes:
+    /// `on_http_filter_config_http_stream_headers`, `_data` (any number), `_trailers`, then
+    /// `_complete` or `_reset`. Envoy writes the stream id to `stream_id_out`; with `end_stream`
+    /// the request ends with `body`. Envoy resets it after `timeout_milliseconds` (0 would be at
+    /// once). All buffers are copied during the call.
+    pub fn envoy_dynamic_module_callback_http_filter_config_start_http_stream(
+        config: EnvoyFilterConfig,
+        stream_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        end_stream: bool,
+        timeout_milliseconds: u64,
+    ) -> HttpCalloutInitResult;
+
+    /// Resets a stream of `http_filter_config_start_http_stream` (main thread).
+    pub fn envoy_dynamic_module_callback_http_filter_config_reset_http_stream(
+        config: EnvoyFilterConfig,
+        stream_id: u64,
+    );
 
     /// Starts a one-shot HTTP request tied to this stream (its worker thread); the answer arrives
     /// in `on_http_filter_http_callout_done`.

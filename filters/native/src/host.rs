@@ -341,34 +341,89 @@ impl Background for NativeBackground<'_> {
         headers: &[(&str, &str)],
         timeout: Duration,
     ) -> Option<u64> {
-        let mut all: Vec<ModuleHttpHeader> = [(":method", "GET"), (":path", path), ("host", authority)]
-            .iter()
-            .chain(headers)
-            .map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes()))
-            .collect();
-        let mut id = 0;
-        // SAFETY: the config handle is valid; main thread; everything is read during the call.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_http_callout(
-                self.envoy,
-                &mut id,
-                buf(cluster.as_bytes()),
-                all.as_mut_ptr(),
-                all.len(),
-                ModuleBuffer::NULL,
-                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            )
-        };
-        if result != HttpCalloutInitResult::SUCCESS {
-            log::warn!("the call to cluster {cluster} could not be started ({result:?})");
-            return None;
-        }
-        Some(id)
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.start("call", cluster, authority, path, headers, |envoy, id, cluster, headers, size| {
+            // SAFETY: the config handle is valid; main thread; everything is read during the call.
+            unsafe {
+                envoy_dynamic_module_callback_http_filter_config_http_callout(
+                    envoy,
+                    id,
+                    cluster,
+                    headers,
+                    size,
+                    ModuleBuffer::NULL,
+                    millis,
+                )
+            }
+        })
     }
 
     fn wake(&mut self, waker: Waker) {
         self.config.wake(waker.0);
     }
+
+    fn http_stream(
+        &mut self,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<u64> {
+        // A timeout of 0 would end the stream at once.
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.start("stream", cluster, authority, path, headers, |envoy, id, cluster, headers, size| {
+            // SAFETY: as for `http_get`.
+            unsafe {
+                envoy_dynamic_module_callback_http_filter_config_start_http_stream(
+                    envoy,
+                    id,
+                    cluster,
+                    headers,
+                    size,
+                    ModuleBuffer::NULL,
+                    true,
+                    millis,
+                )
+            }
+        })
+    }
+
+    fn reset_stream(&mut self, id: u64) {
+        // SAFETY: the config handle is valid; main thread. An id Envoy no longer has is ignored.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_reset_http_stream(self.envoy, id) }
+    }
+}
+
+impl NativeBackground<'_> {
+    /// Starts a GET of `path` on `cluster` with `start`: its id, or `None` (logged).
+    fn start(
+        &mut self,
+        what: &str,
+        cluster: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        start: impl FnOnce(EnvoyFilterConfig, &mut u64, ModuleBuffer, *mut ModuleHttpHeader, usize) -> HttpCalloutInitResult,
+    ) -> Option<u64> {
+        let mut all = request_headers(authority, path, headers);
+        let mut id = 0;
+        let result = start(self.envoy, &mut id, buf(cluster.as_bytes()), all.as_mut_ptr(), all.len());
+        if result != HttpCalloutInitResult::SUCCESS {
+            log::warn!("the {what} to cluster {cluster} could not be started ({result:?})");
+            return None;
+        }
+        Some(id)
+    }
+}
+
+/// A GET's headers: the pseudo-headers and `host`, then `headers`.
+fn request_headers<'a>(authority: &'a str, path: &'a str, headers: &[(&'a str, &'a str)]) -> Vec<ModuleHttpHeader> {
+    [(":method", "GET"), (":path", path), ("host", authority)]
+        .iter()
+        .chain(headers)
+        .map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes()))
+        .collect()
 }
 
 /// Configuration time: metrics are defined on Envoy's config object.

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgewise_host::phase::{Decided, Phase};
-use edgewise_host::{lock, ConfigError, Counter, Fetched, Filter, Flow, Host, Setup};
+use edgewise_host::{lock, ConfigError, Counter, Fetched, Filter, Flow, Host, Setup, StreamEvent};
 
 use abi::*;
 use host::{LocalReply, NativeBackground, NativeSetup, NativeStream};
@@ -59,6 +59,7 @@ trait Erased: Send + Sync {
     fn tick_period(&self) -> Option<Duration>;
     fn tick(&self, bg: &mut NativeBackground);
     fn fetched(&self, bg: &mut NativeBackground, id: u64, response: &Fetched);
+    fn stream(&self, bg: &mut NativeBackground, id: u64, event: StreamEvent<'_>);
 }
 
 impl<F: Filter> Erased for F {
@@ -99,6 +100,9 @@ impl<F: Filter> Erased for F {
     }
     fn fetched(&self, bg: &mut NativeBackground, id: u64, response: &Fetched) {
         self.on_fetched(bg, id, response);
+    }
+    fn stream(&self, bg: &mut NativeBackground, id: u64, event: StreamEvent<'_>) {
+        self.on_stream(bg, id, event);
     }
 }
 
@@ -502,13 +506,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
         let mut response = Fetched::default();
         if result == HttpCalloutResult::SUCCESS {
             // SAFETY: Envoy's arrays, valid during this hook (copied here), or null with 0.
-            let headers = unsafe { slice(headers, headers_size) };
-            for h in headers {
-                // SAFETY: as above.
-                let (k, v) = unsafe { h.as_pair() };
-                response.headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-            }
-            response.status = response.header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+            response = unsafe { head(headers, headers_size) };
             // SAFETY: as above.
             for chunk in unsafe { slice(chunks, chunks_size) } {
                 // SAFETY: as above.
@@ -517,6 +515,90 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
         }
         config.filter.fetched(&mut NativeBackground { envoy, config }, id, &response);
     })
+}
+
+/// An answer's status and headers, copied.
+///
+/// # Safety
+/// As [`slice`], for the duration of the hook.
+unsafe fn head(headers: *mut EnvoyHttpHeader, headers_size: usize) -> Fetched {
+    let mut response = Fetched::default();
+    for h in slice(headers, headers_size) {
+        let (k, v) = h.as_pair();
+        response.headers.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+    }
+    response.status = response.header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+    response
+}
+
+/// Hands one event of a config-level stream to its filter (main thread).
+fn config_stream(envoy: EnvoyFilterConfig, config: ModuleFilterConfig, id: u64, event: StreamEvent<'_>) {
+    // SAFETY: the config object lives until config_destroy; main thread.
+    let Some(config) = (unsafe { config.cast::<Config>().as_ref() }) else { return };
+    config.filter.stream(&mut NativeBackground { envoy, config }, id, event);
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    id: u64,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    _end_stream: bool,
+) {
+    guarded("config_http_stream_headers", (), || {
+        // SAFETY: Envoy's array, valid during this hook (copied here).
+        let head = unsafe { head(headers, headers_size) };
+        config_stream(envoy, config, id, StreamEvent::Head(&head));
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    id: u64,
+    data: *const EnvoyBuffer,
+    data_count: usize,
+    _end_stream: bool,
+) {
+    guarded("config_http_stream_data", (), || {
+        // SAFETY: Envoy's buffers, valid during this hook.
+        for chunk in unsafe { slice(data.cast_mut(), data_count) } {
+            // SAFETY: as above.
+            config_stream(envoy, config, id, StreamEvent::Data(unsafe { chunk.as_bytes() }));
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+    _: EnvoyFilterConfig,
+    _: ModuleFilterConfig,
+    _: u64,
+    _: *mut EnvoyHttpHeader,
+    _: usize,
+) {
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    id: u64,
+) {
+    guarded("config_http_stream_complete", (), || config_stream(envoy, config, id, StreamEvent::End(true)))
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+    envoy: EnvoyFilterConfig,
+    config: ModuleFilterConfig,
+    id: u64,
+    _reason: HttpStreamResetReason,
+) {
+    guarded("config_http_stream_reset", (), || config_stream(envoy, config, id, StreamEvent::End(false)))
 }
 
 /// An array Envoy handed over for the duration of a hook.

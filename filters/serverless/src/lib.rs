@@ -13,7 +13,7 @@ use edgewise_core::generic::reply::header_text;
 use edgewise_core::serverless::{Decision, ManagedRoutes, Outcome, Router, Scratch};
 use edgewise_host::per_thread::PerThread;
 use edgewise_host::{Background, ConfigError, Counter, Fetched, Filter, Flow, Gauge, Hooks, Host};
-use edgewise_host::{Setup, Stream};
+use edgewise_host::{Setup, Stream, StreamEvent};
 
 use watch::Watcher;
 
@@ -169,6 +169,12 @@ impl Filter for Serverless {
     fn on_fetched<B: Background>(&self, bg: &mut B, id: u64, response: &Fetched) {
         if let Some(w) = &self.watcher {
             w.on_fetched(bg, id, response, &self.router, &self.metrics);
+        }
+    }
+
+    fn on_stream<B: Background>(&self, bg: &mut B, id: u64, event: StreamEvent<'_>) {
+        if let Some(w) = &self.watcher {
+            w.on_stream(bg, id, event, &self.router, &self.metrics);
         }
     }
 }

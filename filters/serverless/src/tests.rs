@@ -2,7 +2,7 @@
 //! table polled from the management service.
 
 use edgewise_host::fake::{FakeBackground, FakeHost, FakeSetup, FakeStream};
-use edgewise_host::{Fetched, Filter, Flow, Host};
+use edgewise_host::{Fetched, Filter, Flow, Host, StreamEvent};
 
 use crate::Serverless;
 
@@ -354,6 +354,159 @@ fn hostile_answers_change_nothing_are_counted_and_lead_to_a_full_load_after_a_pa
             svc.tick_at(600);
             assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"), "{what}: then the whole table");
         }
+    }
+}
+
+/// A service streaming its watch (natively): the stream's head, then its lines.
+impl Service<'_> {
+    /// Loads a one-route table at `h.3` and answers the stream that follows with `head`: the
+    /// stream's id.
+    fn streaming(&mut self, head: &Fetched) -> u64 {
+        self.bg.streaming = true;
+        self.tick_at(self.bg.host.now_ms.get());
+        self.answer(answer(200, &[("x-edgewise-cursor", "h.3")], &format!(r#"{{"version":3,"routes":[{B_ROUTE}]}}"#)));
+        assert_eq!(self.asked(), Some("/v1/serverless/routes?since=h.3&wait=25&stream=1"));
+        let id = self.bg.calls.len() as u64;
+        assert_eq!(self.bg.streams.last(), Some(&id));
+        self.event(id, StreamEvent::Head(head));
+        id
+    }
+
+    fn event(&mut self, id: u64, event: StreamEvent<'_>) {
+        self.sl.on_stream(&mut self.bg, id, event);
+    }
+}
+
+/// The head of a streamed watch.
+fn lines() -> Fetched {
+    answer(200, &[("content-type", "application/x-ndjson")], "")
+}
+
+const DELETE_B: &str =
+    r#"{"delete":{"match":{"project":"1111111a","environment":"2222222b","function":"333333333c"}}}"#;
+
+#[test]
+fn natively_the_watch_is_one_stream_whose_lines_apply_as_they_arrive() {
+    let host = FakeHost::default();
+    let sl = configure(&host, true);
+    let mut svc = Service::new(&sl, &host);
+    let id = svc.streaming(&lines());
+    // A line in two pieces applies once whole.
+    let c_route = C_ROUTE.replace('\n', " ");
+    let put_c = format!("{{\"version\":4,\"cursor\":\"h.4\",\"changes\":[{{\"put\":{c_route}}}]}}\n");
+    let (first, rest) = put_c.split_at(40);
+    svc.event(id, StreamEvent::Data(first.as_bytes()));
+    assert_eq!(routed(&sl, &host, C), None, "half a line changes nothing");
+    svc.event(id, StreamEvent::Data(rest.as_bytes()));
+    assert_eq!(routed(&sl, &host, C).as_deref(), Some("customer-c"), "applied as it arrived");
+    // A line with no change (nothing for `wait`), then a delete, in one piece.
+    let two = format!("{{\"version\":4,\"cursor\":\"h.4\",\"changes\":[]}}\n{{\"version\":5,\"cursor\":\"h.5\",\"changes\":[{DELETE_B}]}}\n");
+    svc.event(id, StreamEvent::Data(two.as_bytes()));
+    assert_eq!(routed(&sl, &host, POLLED), None, "deleted in place");
+    assert_eq!(host.metric("edgewise.serverless.table.version"), 5);
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.ok"), 3, "the load and two lines of changes");
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.not_modified"), 1, "the line with none");
+    assert_eq!(svc.bg.calls.len() as u64, id, "the one stream all along");
+
+    // Heard from at 20 s; silent past `wait_seconds` + `timeout_ms` after that, it is ended and
+    // watched again from the last line's cursor.
+    svc.bg.host.now_ms.set(20_000);
+    svc.event(id, StreamEvent::Data(b"{\"version\":5,\"cursor\":\"h.5\",\"changes\":[]}\n"));
+    svc.tick_at(49_000);
+    assert!(svc.bg.reset.is_empty(), "heard from 29 s ago");
+    svc.tick_at(51_000);
+    assert_eq!(svc.bg.reset, [id], "silent for 31 s: ended");
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.failed"), 1);
+    assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.5&wait=25&stream=1"));
+    let again = svc.bg.calls.len() as u64;
+    svc.event(id, StreamEvent::End(false));
+    assert_eq!(svc.bg.calls.len() as u64, again, "the end of the stream ended before is no news");
+
+    // The service ends the stream (a replica's longest stream): watched again at once.
+    svc.event(again, StreamEvent::Head(&lines()));
+    svc.bg.host.now_ms.set(351_000);
+    svc.event(again, StreamEvent::End(true));
+    assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.5&wait=25&stream=1"));
+    assert_eq!(svc.bg.calls.len() as u64, again + 1);
+    // One that ends its streams at once is not asked in a loop: a second later.
+    svc.event(again + 1, StreamEvent::Head(&lines()));
+    svc.event(again + 1, StreamEvent::End(true));
+    assert_eq!(svc.bg.calls.len() as u64, again + 1);
+    svc.tick_at(351_500);
+    assert_eq!(svc.bg.calls.len() as u64, again + 1);
+    svc.tick_at(352_000);
+    assert_eq!(svc.bg.calls.len() as u64, again + 2);
+    assert_eq!(routed(&sl, &host, C).as_deref(), Some("customer-c"), "the table all along");
+}
+
+#[test]
+fn a_service_that_does_not_stream_is_read_as_a_plain_watch() {
+    let host = FakeHost::default();
+    let sl = configure(&host, true);
+    let mut svc = Service::new(&sl, &host);
+    // Its answer to the stream is a plain watch's: the cursor in the head, the body whole.
+    let head = answer(200, &[("content-type", "application/json"), ("x-edgewise-cursor", "h.4")], "");
+    let id = svc.streaming(&head);
+    let body = format!(r#"{{"version":4,"changes":[{{"put":{C_ROUTE}}}]}}"#);
+    let (first, rest) = body.split_at(30);
+    svc.event(id, StreamEvent::Data(first.as_bytes()));
+    svc.event(id, StreamEvent::Data(rest.as_bytes()));
+    assert_eq!(routed(&sl, &host, C), None, "applied once whole");
+    svc.event(id, StreamEvent::End(true));
+    assert_eq!(routed(&sl, &host, C).as_deref(), Some("customer-c"));
+    assert_eq!(svc.asked(), Some("/v1/serverless/routes?since=h.4&wait=25&stream=1"), "and watched again");
+    // A 410: the whole table.
+    let id = svc.bg.calls.len() as u64;
+    svc.event(id, StreamEvent::Head(&answer(410, &[("content-type", "application/json")], "")));
+    svc.event(id, StreamEvent::Data(br#"{"error":"gone"}"#));
+    svc.event(id, StreamEvent::End(true));
+    assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"));
+    assert_eq!(host.metric("edgewise.serverless.management_fetch.gone"), 1);
+}
+
+#[test]
+fn hostile_stream_lines_change_nothing_end_the_stream_and_lead_to_a_full_load() {
+    // A line is one line: the route without its newlines.
+    let put_c = format!(r#"{{"put":{}}}"#, C_ROUTE.replace('\n', " "));
+    let line = |cursor: &str, version: u64, changes: &str| {
+        format!(r#"{{"version":{version},"cursor":{cursor},"changes":[{changes}]}}"#) + "\n"
+    };
+    let unknown = r#"{"delete":{"match":{"project":"99999999","environment":"99999999","function":"9999999999"}}}"#;
+    let huge = vec![b'x'; 2 << 20];
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("garbage", b"\x00\xffgarbage\n".to_vec(), false),
+        ("no cursor", format!("{{\"version\":4,\"changes\":[{put_c}]}}\n").into_bytes(), false),
+        ("a cursor not fit for a URL", line("\"h 4\\r\\n\"", 4, &put_c).into_bytes(), false),
+        ("a cursor not a string", line("4", 4, &put_c).into_bytes(), false),
+        ("backwards", line("\"h.2\"", 2, &put_c).into_bytes(), false),
+        ("unknown delete", line("\"h.4\"", 4, &format!("{put_c},{unknown}")).into_bytes(), false),
+        ("more than max_answer_bytes without a newline", huge, false),
+        ("a line cut short by the end", line("\"h.4\"", 4, &put_c).trim_end().as_bytes().to_vec(), true),
+    ];
+    for (what, data, then_end) in &cases {
+        let host = FakeHost::default();
+        let sl = configure(&host, true);
+        let mut svc = Service::new(&sl, &host);
+        let id = svc.streaming(&lines());
+        svc.event(id, StreamEvent::Data(data));
+        if *then_end {
+            assert!(svc.bg.reset.is_empty(), "{what}: not yet");
+            svc.event(id, StreamEvent::End(true));
+            assert!(svc.bg.reset.is_empty(), "{what}: ended by the service, not reset");
+        } else {
+            assert_eq!(svc.bg.reset, [id], "{what}: the stream is ended");
+        }
+        assert_eq!(host.metric("edgewise.serverless.management_fetch.rejected"), 1, "{what}");
+        assert_eq!(routed(&sl, &host, POLLED).as_deref(), Some("customer-b"), "{what}: the table stays");
+        assert_eq!(routed(&sl, &host, C), None, "{what}: nothing of it applied");
+        assert_eq!(host.metric("edgewise.serverless.table.version"), 3, "{what}");
+        let calls = svc.bg.calls.len();
+        svc.event(id, StreamEvent::Data(line("\"h.5\"", 5, &put_c).as_bytes()));
+        assert_eq!(routed(&sl, &host, C), None, "{what}: nothing read after it");
+        svc.tick_at(100);
+        assert_eq!(svc.bg.calls.len(), calls, "{what}: not before the back-off");
+        svc.tick_at(600);
+        assert_eq!(svc.asked(), Some("/v1/serverless/routes?limit=10000"), "{what}: then the whole table");
     }
 }
 

@@ -10,7 +10,9 @@
 //!   cursor does not watch: its table is fetched again every `poll_interval_ms`, with
 //!   `If-None-Match`.
 //! - A cursor: a watch, held by the service until something changes; its changes are applied
-//!   in place and the next watch leaves at once.
+//!   in place and the next watch leaves at once. Natively (`stream`), one streamed watch: the
+//!   service keeps the answer open and writes each change to it as a line, and a line with no
+//!   change every `wait_seconds`; a stream silent for longer is ended and watched again.
 //!
 //! An answer that fails, does not read or does not fit (a version going backwards, a delete
 //! of a route not in the table, no cursor, too large) changes nothing: it is counted, the next
@@ -18,14 +20,15 @@
 //! whole table again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use edgewise_core::serverless::protocol::{read_changes, read_page};
+use edgewise_core::serverless::protocol::{read_changes, read_page, Changes};
 use edgewise_core::serverless::table::Batch;
 use edgewise_core::serverless::{Management, Router};
 use edgewise_host::shared::{get_u64, set_u64, update_u64};
-use edgewise_host::{lock, Background, Fetched, Host};
+use edgewise_host::{lock, Background, Fetched, Host, StreamEvent};
 
 use crate::store::{Staging, Store};
 use crate::Metrics;
@@ -34,6 +37,10 @@ use crate::Metrics;
 pub const CURSOR: &str = "x-edgewise-cursor";
 /// A lease holds for at most 2^44 ms from the epoch; the owner is in the bits above.
 const UNTIL: u64 = (1 << 44) - 1;
+/// The media type of a streamed watch: one JSON document per line.
+const LINES: &str = "application/x-ndjson";
+/// Longest a streamed watch lasts before the host ends it (the service ends its own sooner).
+const STREAM_LIMIT: Duration = Duration::from_secs(900);
 
 pub struct Watcher {
     mgmt: Management,
@@ -41,6 +48,9 @@ pub struct Watcher {
     pub store: Store,
     owner: OnceLock<u64>,
     local: Mutex<Local>,
+    /// A stream that ended while its start was in progress (the host reported it from within
+    /// `http_stream`), plus one.
+    ended_inline: AtomicU64,
 }
 
 /// Shared-data keys, namespaced by the filter instance.
@@ -66,12 +76,24 @@ struct Local {
     /// Calls in a row that could not be started (Envoy has no such cluster yet: at start-up a
     /// cluster with health checks comes a few ms after the first tick).
     unstarted: u32,
+    /// What has come of the streamed watch in flight.
+    stream: Streamed,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Ask {
     Page,
     Watch,
+    Stream,
+}
+
+/// A streamed watch's answer so far: its head, and what has not been read as lines yet.
+#[derive(Default)]
+struct Streamed {
+    head: Fetched,
+    /// The service streams (`LINES`); otherwise the answer is a plain watch's, read whole.
+    lines: bool,
+    pending: Vec<u8>,
 }
 
 /// A full load in progress.
@@ -116,6 +138,7 @@ impl Watcher {
             store: Store::new(&ns, shared),
             owner: OnceLock::new(),
             local: Mutex::new(Local::default()),
+            ended_inline: AtomicU64::new(0),
             mgmt,
         }
     }
@@ -138,11 +161,23 @@ impl Watcher {
         }
         let mut local = lock(&self.local);
         // An answer past its timeout will not come: the configuration that sent the call (this
-        // watcher may serve several) is gone, and Envoy cancelled it with it.
-        if local.in_flight.is_some_and(|(_, _, _, overdue)| now >= overdue) {
+        // watcher may serve several) is gone, and Envoy cancelled it with it. A stream silent
+        // past its heartbeats is stalled: it is ended.
+        let mut stalled = None;
+        if let Some((id, ask, _, overdue)) = local.in_flight.filter(|(_, _, _, overdue)| now >= *overdue) {
+            if ask == Ask::Stream {
+                log::warn!("serverless: the streamed watch was silent for {} ms; watching again", now - overdue);
+                stalled = Some(id);
+            }
             local.in_flight = None;
             local.load = None;
             bg.increment(m.fetch_failed);
+        }
+        if let Some(id) = stalled {
+            // Not under the lock: the host may report the end from within the call.
+            drop(local);
+            bg.reset_stream(id);
+            local = lock(&self.local);
         }
         if local.in_flight.is_some() || !self.take_lease(bg, now) {
             return;
@@ -161,17 +196,125 @@ impl Watcher {
         } else {
             match ask {
                 Ask::Page => self.on_page(bg, &mut local, response, router, m),
-                Ask::Watch => self.on_watch(bg, response, now.saturating_sub(sent), router, m),
+                Ask::Watch | Ask::Stream => self.on_watch(bg, response, now.saturating_sub(sent), router, m),
             }
         };
+        self.then(bg, &mut local, then, router, m);
+    }
+
+    /// What comes of a streamed watch: its head, its lines as they arrive, its end.
+    pub fn on_stream(&self, bg: &mut impl Background, id: u64, event: StreamEvent<'_>, router: &Router, m: &Metrics) {
+        // The host may report a stream's end from within `http_stream` or `reset_stream`,
+        // while this watcher holds its lock.
+        let Ok(mut local) = self.local.try_lock() else {
+            if matches!(event, StreamEvent::End(_)) {
+                self.ended_inline.store(id + 1, Relaxed);
+            }
+            return;
+        };
+        let Some((_, _, sent, _)) = local.in_flight.filter(|(i, ask, _, _)| *i == id && *ask == Ask::Stream) else {
+            return;
+        };
+        let now = bg.now_ms();
+        let limit = self.mgmt.max_answer_bytes as usize;
+        let then = match event {
+            StreamEvent::Head(head) => {
+                let lines = head.status == 200 && head.header("content-type").is_some_and(|t| t.starts_with(LINES));
+                local.stream = Streamed { head: head.clone(), lines, pending: Vec::new() };
+                None
+            }
+            StreamEvent::Data(bytes) if local.stream.pending.len() + bytes.len() > limit => {
+                Some(self.refused(bg, m, &format!("a streamed answer with more than {limit} bytes unread")))
+            }
+            StreamEvent::Data(bytes) => {
+                local.stream.pending.extend_from_slice(bytes);
+                if local.stream.lines {
+                    self.read_lines(bg, &mut local.stream.pending, router, m)
+                } else {
+                    None
+                }
+            }
+            StreamEvent::End(false) => Some(self.failed(bg, m, 0)),
+            StreamEvent::End(true) => {
+                let Streamed { head, lines, pending } = std::mem::take(&mut local.stream);
+                Some(match lines {
+                    // The service ended the stream: watch again from the cursor (not in a loop,
+                    // should it end its streams at once).
+                    true if pending.is_empty() && now.saturating_sub(sent) < 1000 => Then::At(now + 1000),
+                    true if pending.is_empty() => Then::Now,
+                    true => self.refused(bg, m, "a streamed line cut short"),
+                    // A service that does not stream answered as to a plain watch.
+                    false => {
+                        let whole = Fetched { body: pending, ..head };
+                        self.on_watch(bg, &whole, now.saturating_sub(sent), router, m)
+                    }
+                })
+            }
+        };
+        let Some(then) = then else {
+            // Still streaming: heard from, so not stalled.
+            let silence = self.silence_ms();
+            if let Some(in_flight) = local.in_flight.as_mut() {
+                in_flight.3 = now + silence;
+            }
+            self.renew(bg, now + silence);
+            return;
+        };
+        local.in_flight = None;
+        local.stream = Streamed::default();
+        if !matches!(event, StreamEvent::End(_)) {
+            drop(local);
+            bg.reset_stream(id);
+            local = lock(&self.local);
+        }
+        self.then(bg, &mut local, then, router, m);
+    }
+
+    /// Applies each whole line of a streamed watch, leaving a partial one in `pending`: `None`
+    /// while the stream goes on, or what to do once it must end.
+    fn read_lines(&self, bg: &impl Host, pending: &mut Vec<u8>, router: &Router, m: &Metrics) -> Option<Then> {
+        let end = pending.iter().rposition(|&b| b == b'\n')?;
+        for line in pending.get(..end).unwrap_or_default().split(|&b| b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let changes = match read_changes(&router.decoder, line) {
+                Ok(changes) => changes,
+                Err(e) => return Some(self.refused(bg, m, &format!("a streamed line that does not read ({e})"))),
+            };
+            let cursor = match changes.cursor.as_deref() {
+                Some(c) if token(c) => c.to_owned(),
+                other => return Some(self.refused(bg, m, &format!("a streamed line with the cursor {other:?}"))),
+            };
+            if changes.changes.is_empty() {
+                // Nothing changed in `wait_seconds`: the stream is alive.
+                bg.increment(m.fetch_not_modified);
+                set_u64(bg, &self.keys.checked, bg.now_ms());
+                set_u64(bg, &self.keys.failures, 0);
+                continue;
+            }
+            if let Then::Failed = self.apply(bg, changes, &cursor, m) {
+                return Some(Then::Failed);
+            }
+        }
+        pending.drain(..=end);
+        None
+    }
+
+    /// Longest a streamed watch may stay silent: the service writes at least every `wait_seconds`.
+    fn silence_ms(&self) -> u64 {
+        self.mgmt.wait_seconds * 1000 + self.mgmt.timeout_ms
+    }
+
+    fn then(&self, bg: &mut impl Background, local: &mut Local, then: Then, router: &Router, m: &Metrics) {
         match then {
-            Then::Now => self.next(bg, &mut local, router, m),
+            Then::Now => self.next(bg, local, router, m),
             Then::At(due) => self.release(bg, due),
             Then::Failed => {
                 local.load = None;
                 let failures = update_u64(bg, &self.keys.failures, |f| Some(f + 1)).unwrap_or(1);
                 let delay = (250u64 << failures.min(10)).min(self.mgmt.max_backoff_ms);
-                self.release(bg, now + delay);
+                self.release(bg, bg.now_ms() + delay);
             }
         }
     }
@@ -211,9 +354,18 @@ impl Watcher {
         let headers = [("accept", "application/json"), ("if-none-match", etag.as_str())];
         let headers = if etag.is_empty() { &headers[..1] } else { &headers[..] };
         let timeout = Duration::from_millis(timeout_ms);
-        match bg.http_get(&mgmt.cluster, &mgmt.authority, &path, headers, timeout) {
-            Some(id) => {
-                local.in_flight = Some((id, ask, now, now + timeout_ms + 1000));
+        let streamed = match ask == Ask::Watch && mgmt.stream {
+            true => self.start_stream(bg, &format!("{path}&stream=1"), local),
+            false => None,
+        };
+        let started = streamed.map(|id| (id, Ask::Stream, self.silence_ms()));
+        let started = started.or_else(|| {
+            let id = bg.http_get(&mgmt.cluster, &mgmt.authority, &path, headers, timeout)?;
+            Some((id, ask, timeout_ms + 1000))
+        });
+        match started {
+            Some((id, ask, overdue)) => {
+                local.in_flight = Some((id, ask, now, now + overdue));
                 local.unstarted = 0;
             }
             None => {
@@ -225,6 +377,17 @@ impl Watcher {
                 self.release(bg, now + delay);
             }
         }
+    }
+
+    /// Starts a streamed watch, when the host has them: its id.
+    fn start_stream(&self, bg: &mut impl Background, path: &str, local: &mut Local) -> Option<u64> {
+        let mgmt = &self.mgmt;
+        let headers = [("accept", LINES)];
+        self.ended_inline.store(0, Relaxed);
+        let id = bg.http_stream(&mgmt.cluster, &mgmt.authority, path, &headers, STREAM_LIMIT)?;
+        local.stream = Streamed::default();
+        // Ended as it started (no upstream to send it to): a plain watch instead, this once.
+        (self.ended_inline.swap(0, Relaxed) != id + 1).then_some(id)
     }
 
     fn on_page(&self, bg: &impl Host, local: &mut Local, r: &Fetched, router: &Router, m: &Metrics) -> Then {
@@ -337,6 +500,12 @@ impl Watcher {
             Some(c) if token(c) => c,
             other => return self.refused(bg, m, &format!("changes with the cursor {other:?}")),
         };
+        self.apply(bg, changes, cursor, m)
+    }
+
+    /// Applies the changes of a watch answer, or of a streamed line, whose cursor is `cursor`.
+    fn apply(&self, bg: &impl Host, changes: Changes, cursor: &str, m: &Metrics) -> Then {
+        let now = bg.now_ms();
         let version = get_u64(bg, &self.keys.version).0;
         if changes.version <= version {
             return self.refused(bg, m, &format!("version {} after version {version}", changes.version));

@@ -109,7 +109,7 @@ async fn next(listener: &TcpListener, gate: &Arc<Gate>, stop: &mut watch::Receiv
 /// a refused connection is answered 503 (the port is full) or 429 (its address holds its
 /// share), a request head must arrive within the header timeout, a connection idle for the
 /// idle timeout is closed.
-pub async fn serve_http<H, F>(
+pub async fn serve_http<H, F, B>(
     listener: TcpListener,
     gate: Arc<Gate>,
     tls: Option<TlsAcceptor>,
@@ -117,7 +117,9 @@ pub async fn serve_http<H, F>(
     mut stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handle = Arc::new(handle);
     let limits = gate.limits;

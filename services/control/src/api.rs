@@ -2,15 +2,18 @@
 //! metrics. Every error is JSON: `{"error": "<code>", "detail": "<why>"}`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use edgewise_core::serverless::query::{read_number, Query};
+use edgewise_core::serverless::query::{read_number, Cursor, Query};
 use edgewise_service::Client;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use hyper::{Method, Request, Response, StatusCode};
@@ -39,13 +42,18 @@ pub struct Api {
     pub token: [u8; 32],
     /// The service's ports, for `/readyz` and `/metrics`.
     pub gates: Vec<Arc<edgewise_service::Gate>>,
-    pub watchers: Watchers,
+    pub watchers: Arc<Watchers>,
 }
 
-type Reply = Response<Full<Bytes>>;
+/// An answer: whole, or a streamed watch's lines.
+type Reply = Response<Either<Full<Bytes>, Lines>>;
+
+fn whole(body: impl Into<Bytes>) -> Either<Full<Bytes>, Lines> {
+    Either::Left(Full::new(body.into()))
+}
 
 fn reply(status: StatusCode, body: Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    let mut r = Response::new(whole(body.to_string() + "\n"));
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -56,7 +64,7 @@ fn error(status: StatusCode, code: &str, detail: impl Into<String>) -> Reply {
 }
 
 fn text(status: StatusCode, body: String) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(whole(body));
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
@@ -99,7 +107,7 @@ impl Api {
                 let host = request.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
                 match self.control.challenge(token, host) {
                     Some(key_authorization) => {
-                        let mut r = Response::new(Full::new(Bytes::from(key_authorization)));
+                        let mut r = Response::new(whole(key_authorization));
                         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
                         r
                     }
@@ -263,7 +271,7 @@ impl Api {
                 Err(why) => return error(StatusCode::BAD_REQUEST, "invalid", why),
             };
             metrics.route_pages.fetch_add(1, Relaxed);
-            let mut r = with_cursor(Response::new(Full::new(body)), StatusCode::OK, &cursor);
+            let mut r = with_cursor(Response::new(whole(body)), StatusCode::OK, &cursor);
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return r;
         }
@@ -272,16 +280,21 @@ impl Api {
                 Ok(table) => table,
                 Err(cursor) => {
                     metrics.route_not_modified.fetch_add(1, Relaxed);
-                    return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, &cursor);
+                    return with_cursor(Response::new(whole(Bytes::new())), StatusCode::NOT_MODIFIED, &cursor);
                 }
             };
             metrics.route_fetches.fetch_add(1, Relaxed);
-            let mut r = with_cursor(Response::new(Full::new(table.body.clone())), StatusCode::OK, &table.cursor);
+            let mut r = with_cursor(Response::new(whole(table.body.clone())), StatusCode::OK, &table.cursor);
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             if let Ok(etag) = HeaderValue::from_str(&table.etag) {
                 r.headers_mut().insert(ETAG, etag);
             }
             return r;
+        };
+        let streamed = match query.stream {
+            None => false,
+            Some("1") => true,
+            Some(_) => return error(StatusCode::BAD_REQUEST, "invalid", "`stream` is 1 (a streamed watch) or absent"),
         };
         let wait = match query.wait.map(read_number) {
             None => Duration::ZERO,
@@ -289,7 +302,7 @@ impl Api {
             Some(None) => return error(StatusCode::BAD_REQUEST, "invalid", "`wait` is a number of seconds"),
         };
         let client = request.extensions().get::<Client>().map(|c| c.0);
-        let Some(_watcher) = self.watchers.enter(client) else {
+        let Some(watcher) = self.watchers.enter(client) else {
             metrics.watch(Watch::Refused);
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -300,6 +313,13 @@ impl Api {
                 ),
             );
         };
+        if streamed {
+            if let Since::Gone(why) = self.control.routes_since(since) {
+                metrics.watch(Watch::Gone);
+                return error(StatusCode::GONE, "gone", format!("{why}: fetch the whole table"));
+            }
+            return self.stream(since, wait, watcher);
+        }
         let mut version = self.control.route_version();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -311,24 +331,135 @@ impl Api {
                 }
                 Since::Changes { cursor, version, changes } => {
                     metrics.watch(Watch::Changes);
-                    let mut body = format!("{{\"version\":{version},\"changes\":[");
-                    for (i, change) in changes.iter().enumerate() {
-                        if i > 0 {
-                            body.push(',');
-                        }
-                        body.push_str(change);
-                    }
-                    body.push_str("]}\n");
-                    let mut r = with_cursor(Response::new(Full::new(Bytes::from(body))), StatusCode::OK, &cursor);
+                    let body = changes_json(version, None, &changes);
+                    let mut r = with_cursor(Response::new(whole(body)), StatusCode::OK, &cursor);
                     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                     return r;
                 }
                 Since::Current => {
                     if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
                         metrics.watch(Watch::Timeout);
-                        return with_cursor(Response::new(Full::new(Bytes::new())), StatusCode::NOT_MODIFIED, since);
+                        return with_cursor(Response::new(whole(Bytes::new())), StatusCode::NOT_MODIFIED, since);
                     }
                 }
+            }
+        }
+    }
+
+    /// A streamed watch (`&stream=1`): 200 at once, then a line per version as the changes are
+    /// made, and one with no change after `wait` with nothing to send.
+    fn stream(&self, since: &str, wait: Duration, watcher: Watcher) -> Reply {
+        self.control.metrics.route_streams.fetch_add(1, Relaxed);
+        let wait = if wait.is_zero() { MAX_WAIT } else { wait };
+        let until = tokio::time::Instant::now() + MAX_STREAM;
+        let state =
+            Streaming { control: self.control.clone(), cursor: since.to_string(), wait, until, _watcher: watcher };
+        let mut r = with_cursor(Response::new(Either::Right(Lines::new(state))), StatusCode::OK, since);
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(LINES));
+        r
+    }
+}
+
+/// The media type of a streamed watch: one JSON document per line.
+const LINES: &str = "application/x-ndjson";
+
+/// `{"version":V,"cursor":"C","changes":[...]}` and a newline; the cursor only on a streamed
+/// line (a watch answer names it in its header).
+fn changes_json(version: u64, cursor: Option<&str>, changes: &[Arc<str>]) -> Bytes {
+    let mut body = format!("{{\"version\":{version},");
+    if let Some(cursor) = cursor {
+        // A cursor is the service's own `<hex>.<digits>`: nothing to escape.
+        body.push_str(&format!("\"cursor\":\"{cursor}\","));
+    }
+    body.push_str("\"changes\":[");
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(change);
+    }
+    body.push_str("]}\n");
+    Bytes::from(body)
+}
+
+/// Longest a streamed watch lasts: then the watcher asks again, maybe of another replica.
+const MAX_STREAM: Duration = Duration::from_secs(300);
+
+/// A streamed watch between two lines.
+struct Streaming {
+    control: Arc<Control>,
+    cursor: String,
+    wait: Duration,
+    until: tokio::time::Instant,
+    /// Counts the stream among the watches held, until it ends.
+    _watcher: Watcher,
+}
+
+impl Streaming {
+    /// The next line and the state after it, or `None` once the stream ends: the cursor can no
+    /// longer be served from (asked again, it is a 410), the replica cannot vouch for its
+    /// routes, or `MAX_STREAM` has passed.
+    async fn next(mut self) -> Option<(Bytes, Streaming)> {
+        let mut version = self.control.route_version();
+        loop {
+            if self.control.stale().is_some() {
+                return None;
+            }
+            version.borrow_and_update();
+            match self.control.routes_since(&self.cursor) {
+                Since::Gone(_) => return None,
+                Since::Changes { cursor, version, changes } => {
+                    self.control.metrics.route_stream_lines.fetch_add(1, Relaxed);
+                    let line = changes_json(version, Some(&cursor), &changes);
+                    self.cursor = cursor;
+                    return Some((line, self));
+                }
+                Since::Current => {
+                    let beat = (tokio::time::Instant::now() + self.wait).min(self.until);
+                    match tokio::time::timeout_at(beat, version.changed()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return None,
+                        Err(_) if tokio::time::Instant::now() >= self.until => return None,
+                        Err(_) => {
+                            let at = Cursor::read(&self.cursor).map_or(0, |c| c.version);
+                            return Some((changes_json(at, Some(&self.cursor), &[]), self));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+type NextLine = Pin<Box<dyn Future<Output = Option<(Bytes, Streaming)>> + Send>>;
+
+/// A streamed watch's body. A line is made when hyper asks for it: a watcher that does not read
+/// holds none queued, and at worst falls behind the history kept (its next watch is a 410).
+pub struct Lines(Option<NextLine>);
+
+impl Lines {
+    fn new(state: Streaming) -> Lines {
+        Lines(Some(Box::pin(state.next())))
+    }
+}
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let Some(next) = self.0.as_mut() else { return Poll::Ready(None) };
+        match std::task::ready!(next.as_mut().poll(cx)) {
+            Some((line, state)) => {
+                self.0 = Some(Box::pin(state.next()));
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(line))))
+            }
+            None => {
+                self.0 = None;
+                Poll::Ready(None)
             }
         }
     }
@@ -357,8 +488,8 @@ pub struct Watchers {
 }
 
 /// One watch held, counted until dropped.
-struct Watcher<'a> {
-    watchers: &'a Watchers,
+struct Watcher {
+    watchers: Arc<Watchers>,
     client: Option<IpAddr>,
 }
 
@@ -371,7 +502,7 @@ impl Watchers {
         self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn enter(&self, client: Option<IpAddr>) -> Option<Watcher<'_>> {
+    fn enter(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Watcher> {
         let mut held = self.lock();
         let of_client = client.and_then(|c| held.1.get(&c).copied()).unwrap_or(0);
         if held.0 >= self.total_limit || of_client >= WATCHES_PER_CLIENT {
@@ -381,7 +512,7 @@ impl Watchers {
         if let Some(c) = client {
             *held.1.entry(c).or_default() += 1;
         }
-        Some(Watcher { watchers: self, client })
+        Some(Watcher { watchers: self.clone(), client })
     }
 
     pub fn held(&self) -> usize {
@@ -389,7 +520,7 @@ impl Watchers {
     }
 }
 
-impl Drop for Watcher<'_> {
+impl Drop for Watcher {
     fn drop(&mut self) {
         let mut held = self.watchers.lock();
         held.0 = held.0.saturating_sub(1);

@@ -250,7 +250,7 @@ pub async fn run(options: Options) -> Result<(), String> {
     let api = Arc::new(api::Api {
         control: control.clone(),
         token: api::Api::token_digest(&options.token),
-        watchers: api::Watchers::new(routes_gate.limits.max_connections / 2),
+        watchers: Arc::new(api::Watchers::new(routes_gate.limits.max_connections / 2)),
         gates: vec![http_gate.clone(), grpc_gate.clone(), routes_gate.clone()],
     });
     let admin = api.clone();

@@ -15,8 +15,11 @@ pub struct Metrics {
     pub route_fetches: AtomicU64,
     pub route_not_modified: AtomicU64,
     pub route_pages: AtomicU64,
-    /// Route watches held now.
+    /// Route watches held now (streamed ones too).
     pub route_watchers: AtomicU64,
+    /// Streamed watches begun, and the lines of changes they were sent.
+    pub route_streams: AtomicU64,
+    pub route_stream_lines: AtomicU64,
     /// Route watches by how they ended: changes, timeout, gone, refused.
     watches: [AtomicU64; 4],
     pub xds_streams: AtomicU64,
@@ -151,6 +154,16 @@ impl Metrics {
         for (result, c) in ["changes", "timeout", "gone", "refused"].iter().zip(&self.watches) {
             let _ = writeln!(out, "edgewise_control_route_watches_total{{result=\"{result}\"}} {}", c.load(Relaxed));
         }
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_control_route_streams_total Streamed route watches begun, and the lines of changes \
+             they were sent.\n# TYPE edgewise_control_route_streams_total counter\n\
+             edgewise_control_route_streams_total {}\n\
+             # TYPE edgewise_control_route_stream_lines_total counter\n\
+             edgewise_control_route_stream_lines_total {}",
+            self.route_streams.load(Relaxed),
+            self.route_stream_lines.load(Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP edgewise_control_xds_total xDS responses sent and the ACKs and NACKs they got, by type.\n\

@@ -18,7 +18,13 @@ pub fn route_query(data: &[u8]) {
     };
     assert_eq!(
         q,
-        Query { since: last("since"), wait: last("wait"), limit: last("limit"), after: last("after") },
+        Query {
+            since: last("since"),
+            wait: last("wait"),
+            limit: last("limit"),
+            after: last("after"),
+            stream: last("stream")
+        },
         "{}",
         shown(data)
     );

@@ -102,6 +102,10 @@ pub struct Management {
     /// Largest answer taken; a larger one is refused and changes nothing.
     #[serde(default = "default_max_answer_bytes")]
     pub max_answer_bytes: u64,
+    /// Natively, watch through one streamed answer the service writes each change to
+    /// (`&stream=1`), not one call per change; proxy-wasm always asks once per change.
+    #[serde(default = "default_stream")]
+    pub stream: bool,
 }
 
 fn default_domain() -> String {
@@ -136,6 +140,9 @@ fn default_max_backoff_ms() -> u64 {
 }
 fn default_max_answer_bytes() -> u64 {
     64 << 20
+}
+fn default_stream() -> bool {
+    true
 }
 
 /// Decodes hosts: the domain suffix check and the compiled pattern.

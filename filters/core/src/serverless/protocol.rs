@@ -68,21 +68,23 @@ pub struct Change {
     pub record: Option<Vec<u8>>,
 }
 
-/// A watch answer read.
+/// A watch answer read, or one line of a streamed watch (which carries its cursor).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Changes {
     pub version: u64,
+    pub cursor: Option<String>,
     pub changes: Vec<Change>,
 }
 
-/// Reads a watch answer.
+/// Reads a watch answer, or a line of a streamed watch.
 pub fn read_changes(decoder: &HostDecoder, doc: &[u8]) -> Result<Changes, ConfigError> {
-    let (mut version, mut changes) = (None, None);
+    let (mut version, mut cursor, mut changes) = (None, None, None);
     let mut r = Reader::new(doc);
     r.object(&Field::Root, |r, key| {
         let at = Field::Root.key(&key);
         match &*key {
             "version" => version = Some(r.u64(&at)?),
+            "cursor" => cursor = Some(r.string(&at)?),
             "changes" => {
                 let mut list = Vec::new();
                 r.array(&at, |r, i| {
@@ -120,14 +122,14 @@ pub fn read_changes(decoder: &HostDecoder, doc: &[u8]) -> Result<Changes, Config
                 })?;
                 changes = Some(list);
             }
-            other => return Err(Field::Root.unknown(other, &["version", "changes"]).into()),
+            other => return Err(Field::Root.unknown(other, &["version", "cursor", "changes"]).into()),
         }
         Ok::<_, ConfigError>(())
     })?;
     r.end()?;
     let version = version.ok_or_else(|| Field::Root.key("version").missing())?;
     let changes = changes.ok_or_else(|| Field::Root.key("changes").missing())?;
-    Ok(Changes { version, changes })
+    Ok(Changes { version, cursor, changes })
 }
 
 /// What a delete names.
@@ -194,10 +196,13 @@ mod tests {
         let d = decoder();
         let doc = format!(r#"{{"version":12,"changes":[{{"put":{A}}},{{"delete":{A_MATCH}}}]}}"#);
         let changes = read_changes(&d, doc.as_bytes()).unwrap();
-        assert_eq!(changes.version, 12);
+        assert_eq!((changes.version, changes.cursor.as_deref()), (12, None));
         let [put, delete] = &changes.changes[..] else { panic!("{changes:?}") };
         assert_eq!(put.key, delete.key, "a match names the same route whatever its case");
         assert!(put.record.is_some() && delete.record.is_none());
+        // A line of a streamed watch names its cursor.
+        let line = read_changes(&d, br#"{"version":13,"cursor":"ab.13","changes":[]}"#).unwrap();
+        assert_eq!((line.version, line.cursor.as_deref(), line.changes.len()), (13, Some("ab.13"), 0));
     }
 
     #[test]
@@ -246,6 +251,7 @@ mod tests {
                 "hex digits",
             ),
             (changes(r#"{"version":-1,"changes":[]}"#), "`version` must be a non-negative integer"),
+            (changes(r#"{"version":1,"cursor":7,"changes":[]}"#), "`cursor`"),
         ] {
             assert!(got.contains(want), "got {got:?}, want {want:?}");
         }

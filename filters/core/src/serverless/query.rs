@@ -16,6 +16,8 @@ pub struct Query<'a> {
     pub wait: Option<&'a str>,
     pub limit: Option<&'a str>,
     pub after: Option<&'a str>,
+    /// A streamed watch (`stream=1`).
+    pub stream: Option<&'a str>,
 }
 
 impl<'a> Query<'a> {
@@ -27,6 +29,7 @@ impl<'a> Query<'a> {
                 "wait" => q.wait = Some(value),
                 "limit" => q.limit = Some(value),
                 "after" => q.after = Some(value),
+                "stream" => q.stream = Some(value),
                 _ => {}
             }
         }
@@ -92,8 +95,8 @@ mod tests {
 
     #[test]
     fn a_query_is_read_by_name_and_the_last_of_a_repeated_parameter_wins() {
-        let q = Query::read("since=1a.5&wait=30&x=y&novalue&since=1a.6");
-        assert_eq!(q, Query { since: Some("1a.6"), wait: Some("30"), limit: None, after: None });
+        let q = Query::read("since=1a.5&wait=30&x=y&novalue&since=1a.6&stream=1");
+        assert_eq!(q, Query { since: Some("1a.6"), wait: Some("30"), limit: None, after: None, stream: Some("1") });
         let q = Query::read("limit=10000&after=00000000000000ff");
         assert_eq!((q.limit, q.after), (Some("10000"), Some("00000000000000ff")));
         assert_eq!(Query::read(""), Query::default());
