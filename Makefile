@@ -129,7 +129,7 @@ E2E_SCENARIOS := --test serverless --test serverless_control --test custom_domai
 test-e2e:
 	$(CARGO) test -p edgewise
 	EDGEWISE_BUILD=native $(CARGO) test -p edgewise $(E2E_SCENARIOS)
-	$(CARGO) test -p edgewise --test memcheck
+	$(CARGO) test -p edgewise --test memcheck -- --test-threads=1
 
 bench: setup
 	@command -v wrk >/dev/null || tools/apt-install wrk
@@ -152,12 +152,13 @@ soak: setup
 	SOAK_SECONDS=$(SOAK_SECONDS) EDGEWISE_BUILD=$(EDGEWISE_BUILD) $(CARGO) run --release --bin edgewise-soak
 
 # libedgewise.so on real traffic under valgrind's memcheck (tests/memcheck.rs: pause, resume,
-# replies from a wake-up, a stream reset while paused, a panic, a reload, a shutdown): fails on
-# any error with the module on its stack. `make test` runs it too; this target also writes the
+# replies from a wake-up, a stream reset while paused, a panic, a reload, a shutdown; and the
+# serverless filter's streamed route watch, reset and streamed again): fails on any error with
+# the module on its stack, one Envoy under valgrind at a time. `make test` runs it too; this target also writes the
 # report to bench/memcheck.md.
 memcheck: setup
 	$(CARGO) build --bins
-	EDGEWISE_MEMCHECK_REPORT=bench/memcheck.md $(CARGO) test -p edgewise --test memcheck -- --nocapture
+	EDGEWISE_MEMCHECK_REPORT=bench/memcheck.md $(CARGO) test -p edgewise --test memcheck -- --nocapture --test-threads=1
 
 # Coverage-guided fuzzing of core's parsers (fuzz/: cargo-fuzz on nightly, both installed if
 # missing): every target for FUZZ_SECONDS on its corpus fuzz/corpus/<target>/, which is then

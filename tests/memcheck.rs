@@ -7,17 +7,24 @@
 //! and its thread released), and a shutdown. `make memcheck` writes the report to
 //! bench/memcheck.md (`EDGEWISE_MEMCHECK_REPORT`).
 //!
-//! About half a minute; not built by a plain `cargo test` (`cargo test --test memcheck`).
+//! A second run takes the serverless filter's streamed route watch through the same checks:
+//! envoy/native/serverless-xds.yaml and a real edgewise-control, the watch streamed through
+//! Envoy's config-level streamed callouts, its lines applied, the stream reset by a restart of
+//! the service and streamed again, and a shutdown with a stream open.
+//!
+//! About a minute each; not built by a plain `cargo test` (`cargo test --test memcheck`).
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edgewise::client::Request;
+use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Build, Config, Envoy, Options};
 use edgewise::hostile;
 use edgewise::idp::Idp;
 use edgewise::scenarios::cloud_connector::{self as cc, Pki, GITLAB};
+use edgewise::scenarios::serverless as sl;
 use edgewise::server::{Listen, Server};
 
 const SECRET: &str = "a-memcheck-secret-of-more-than-32-bytes";
@@ -118,20 +125,7 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
     write_lds(&lds, &listeners);
 
     let logs = run.path().join("valgrind");
-    std::fs::create_dir_all(&logs).unwrap();
-    let wrapper = [
-        "valgrind",
-        "--tool=memcheck",
-        // Envoy links tcmalloc: its malloc is the one to watch.
-        "--soname-synonyms=somalloc=NONE",
-        "--num-callers=40",
-        "--error-limit=no",
-        "--trace-children=no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!("--log-file={}/memcheck.%p.log", logs.display())])
-    .collect();
+    let wrapper = memcheck(&logs);
     let options = Options {
         env: vec![(cc::SECRET_ENV.into(), SECRET.into()), ("EDGEWISE_TEST_PANIC_HEADER".into(), PANIC_HEADER.into())],
         wrapper,
@@ -233,11 +227,7 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
     let status = envoy.terminate(Duration::from_secs(180)).unwrap();
     let ran = began.elapsed();
 
-    let mut log = String::new();
-    for entry in std::fs::read_dir(&logs).unwrap() {
-        log.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
-    }
-    assert!(log.contains("ERROR SUMMARY"), "valgrind wrote no summary (exit {status}):\n{log}");
+    let log = valgrind_log(&logs, status);
     let all = errors(&log);
     let ours: Vec<&Reported> = all.iter().filter(|r| r.in_module).collect();
     let invalid = all.iter().filter(|r| r.kind.starts_with("Invalid") || r.kind.starts_with("Mismatched")).count();
@@ -281,6 +271,105 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
         std::fs::write(edgewise::repo_root().join(path), &md).unwrap();
     }
     println!("{md}");
+    for r in &ours {
+        eprintln!("{}\n", r.text);
+    }
+    assert!(ours.is_empty(), "{} errors with libedgewise.so on the stack (above)", ours.len());
+}
+
+/// Envoy's wrapper: valgrind's memcheck, logging under `logs`.
+fn memcheck(logs: &Path) -> Vec<String> {
+    std::fs::create_dir_all(logs).unwrap();
+    [
+        "valgrind",
+        "--tool=memcheck",
+        // Envoy links tcmalloc: its malloc is the one to watch.
+        "--soname-synonyms=somalloc=NONE",
+        "--num-callers=40",
+        "--error-limit=no",
+        "--trace-children=no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("--log-file={}/memcheck.%p.log", logs.display())])
+    .collect()
+}
+
+/// What valgrind wrote under `logs`, which must end with its summary.
+fn valgrind_log(logs: &Path, status: std::process::ExitStatus) -> String {
+    let mut log = String::new();
+    for entry in std::fs::read_dir(logs).unwrap() {
+        log.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    assert!(log.contains("ERROR SUMMARY"), "valgrind wrote no summary (exit {status}):\n{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_streamed_route_watch_has_no_invalid_memory_access() {
+    edgewise::init_crypto();
+    let run = tempfile::tempdir().unwrap();
+    let pki = sl::Pki::install(run.path()).unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_edgewise-control"));
+    let db = run.path().join("control.db");
+    let mut control = ControlService::start(binary, run.path(), &db, (0, 0, 0), &[]).await.unwrap();
+    let config = Config::shipped_as("serverless-xds", Build::Native)
+        .run_dir(run.path())
+        .port(sl::ports::FRONT, 0)
+        .port(control::GRPC_PORT, control.grpc)
+        .port(control::ROUTES_PORT, control.routes_port());
+    assert!(config.yaml.contains("libedgewise.so"));
+    let logs = run.path().join("valgrind");
+    let options = Options {
+        wrapper: memcheck(&logs),
+        args: vec!["--drain-time-s".into(), "2".into(), "--parent-shutdown-time-s".into(), "3".into()],
+        ready_within: Duration::from_secs(300),
+        ..Options::default()
+    };
+    let work = run.path().join("envoy");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut envoy = Envoy::start_in(&config, &work, options).await.unwrap();
+    let front = envoy.listener("serverless_https").await.unwrap();
+    let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST).timeout(Duration::from_secs(60));
+    let leaf = sl::gateway_leaf(&pki.customer_a_ca, "customer-a").unwrap();
+    let gateway = sl::gateway("customer-a", 0, &leaf, &pki.platform_ca).await.unwrap();
+    control
+        .put_customer("customer-a", gateway.port(), &[&pki.customer_a_ca], "ingress.customer-a.example")
+        .await
+        .unwrap();
+    async fn routed(
+        client: &edgewise::client::Client,
+        front: std::net::SocketAddr,
+        control: &ControlService,
+        label: &str,
+    ) {
+        control.put_function(&format!("f-{label}"), label, "customer-a", sl::INLINE_KNATIVE_HOST).await.unwrap();
+        let (host, start) = (format!("{label}.serverless.gitlab.io"), Instant::now());
+        while client.get(front, &host, "/").await.map(|r| r.status).unwrap_or(0) != 200 {
+            assert!(start.elapsed() < Duration::from_secs(180), "{host} never routed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Functions put one after the other: each comes as a line of the one stream.
+    for label in ["00000001-0000000b-000000000c", "00000002-0000000b-000000000c", "00000003-0000000b-000000000c"] {
+        routed(&client, front, &control, label).await;
+    }
+    let streams = control.metric("edgewise_control_route_streams_total").await.unwrap();
+    let lines = control.metric("edgewise_control_route_stream_lines_total").await.unwrap();
+    assert_eq!(streams, 1.0, "one stream");
+    assert!(lines >= 2.0, "the changes came as lines: {lines}");
+    // The service restarts: the stream is reset, and streamed again from its cursor.
+    assert!(control.stop().await.unwrap().success());
+    control.start_again().await.unwrap();
+    control.ready(Duration::from_secs(30)).await.unwrap();
+    routed(&client, front, &control, "00000004-0000000b-000000000c").await;
+    assert_eq!(control.metric("edgewise_control_route_streams_total").await.unwrap(), 1.0, "streamed again");
+    // Shutdown with the stream open.
+    let status = envoy.terminate(Duration::from_secs(180)).unwrap();
+    let log = valgrind_log(&logs, status);
+    let all = errors(&log);
+    let ours: Vec<&Reported> = all.iter().filter(|r| r.in_module).collect();
+    println!("{} errors reported in all of Envoy, {} with libedgewise.so on the stack", all.len(), ours.len());
     for r in &ours {
         eprintln!("{}\n", r.text);
     }
