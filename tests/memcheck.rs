@@ -125,17 +125,8 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
     write_lds(&lds, &listeners);
 
     let logs = run.path().join("valgrind");
-    let wrapper = memcheck(&logs);
-    let options = Options {
-        env: vec![(cc::SECRET_ENV.into(), SECRET.into()), ("EDGEWISE_TEST_PANIC_HEADER".into(), PANIC_HEADER.into())],
-        wrapper,
-        args: vec!["--drain-time-s".into(), "2".into(), "--parent-shutdown-time-s".into(), "3".into()],
-        ready_within: Duration::from_secs(300),
-        ..Options::default()
-    };
-    let work = run.path().join("envoy");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut envoy = Envoy::start_in(&config, &work, options).await.unwrap();
+    let env = vec![(cc::SECRET_ENV.into(), SECRET.into()), ("EDGEWISE_TEST_PANIC_HEADER".into(), PANIC_HEADER.into())];
+    let mut envoy = under_memcheck(&config, run.path(), env).await;
     let started = began.elapsed();
     let front = envoy.listener("cloud_connector_https").await.unwrap();
     let client = pki.front_client(false).unwrap().timeout(Duration::from_secs(120));
@@ -277,6 +268,20 @@ async fn libedgewise_has_no_invalid_memory_access_on_real_traffic() {
     assert!(ours.is_empty(), "{} errors with libedgewise.so on the stack (above)", ours.len());
 }
 
+/// Envoy on `config` under valgrind's memcheck, logging under `<run>/valgrind`, with `env`.
+async fn under_memcheck(config: &Config, run: &Path, env: Vec<(String, String)>) -> Envoy {
+    let options = Options {
+        env,
+        wrapper: memcheck(&run.join("valgrind")),
+        args: vec!["--drain-time-s".into(), "2".into(), "--parent-shutdown-time-s".into(), "3".into()],
+        ready_within: Duration::from_secs(300),
+        ..Options::default()
+    };
+    let work = run.join("envoy");
+    std::fs::create_dir_all(&work).unwrap();
+    Envoy::start_in(config, &work, options).await.unwrap()
+}
+
 /// Envoy's wrapper: valgrind's memcheck, logging under `logs`.
 fn memcheck(logs: &Path) -> Vec<String> {
     std::fs::create_dir_all(logs).unwrap();
@@ -320,15 +325,7 @@ async fn the_streamed_route_watch_has_no_invalid_memory_access() {
         .port(control::ROUTES_PORT, control.routes_port());
     assert!(config.yaml.contains("libedgewise.so"));
     let logs = run.path().join("valgrind");
-    let options = Options {
-        wrapper: memcheck(&logs),
-        args: vec!["--drain-time-s".into(), "2".into(), "--parent-shutdown-time-s".into(), "3".into()],
-        ready_within: Duration::from_secs(300),
-        ..Options::default()
-    };
-    let work = run.path().join("envoy");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut envoy = Envoy::start_in(&config, &work, options).await.unwrap();
+    let mut envoy = under_memcheck(&config, run.path(), Vec::new()).await;
     let front = envoy.listener("serverless_https").await.unwrap();
     let client = pki.front_client(false).unwrap().sni(sl::INLINE_HOST).timeout(Duration::from_secs(60));
     let leaf = sl::gateway_leaf(&pki.customer_a_ca, "customer-a").unwrap();
