@@ -168,6 +168,7 @@ impl Watcher {
             if ask == Ask::Stream {
                 log::warn!("serverless: the streamed watch was silent for {} ms; watching again", now - overdue);
                 stalled = Some(id);
+                local.stream = Streamed::default();
             }
             local.in_flight = None;
             local.load = None;
@@ -355,7 +356,7 @@ impl Watcher {
         let headers = if etag.is_empty() { &headers[..1] } else { &headers[..] };
         let timeout = Duration::from_millis(timeout_ms);
         let streamed = match ask == Ask::Watch && mgmt.stream {
-            true => self.start_stream(bg, &format!("{path}&stream=1"), local),
+            true => self.start_stream(bg, &format!("{path}&stream=1")),
             false => None,
         };
         let started = streamed.map(|id| (id, Ask::Stream, self.silence_ms()));
@@ -380,12 +381,11 @@ impl Watcher {
     }
 
     /// Starts a streamed watch, when the host has them: its id.
-    fn start_stream(&self, bg: &mut impl Background, path: &str, local: &mut Local) -> Option<u64> {
+    fn start_stream(&self, bg: &mut impl Background, path: &str) -> Option<u64> {
         let mgmt = &self.mgmt;
         let headers = [("accept", LINES)];
         self.ended_inline.store(0, Relaxed);
         let id = bg.http_stream(&mgmt.cluster, &mgmt.authority, path, &headers, STREAM_LIMIT)?;
-        local.stream = Streamed::default();
         // Ended as it started (no upstream to send it to): a plain watch instead, this once.
         (self.ended_inline.swap(0, Relaxed) != id + 1).then_some(id)
     }

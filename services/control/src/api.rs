@@ -352,8 +352,15 @@ impl Api {
         self.control.metrics.route_streams.fetch_add(1, Relaxed);
         let wait = if wait.is_zero() { MAX_WAIT } else { wait };
         let until = tokio::time::Instant::now() + MAX_STREAM;
-        let state =
-            Streaming { control: self.control.clone(), cursor: since.to_string(), wait, until, _watcher: watcher };
+        let version = self.control.route_version();
+        let state = Streaming {
+            control: self.control.clone(),
+            version,
+            cursor: since.to_string(),
+            wait,
+            until,
+            _watcher: watcher,
+        };
         let mut r = with_cursor(Response::new(Either::Right(Lines::new(state))), StatusCode::OK, since);
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(LINES));
         r
@@ -388,6 +395,8 @@ const MAX_STREAM: Duration = Duration::from_secs(300);
 /// A streamed watch between two lines.
 struct Streaming {
     control: Arc<Control>,
+    /// The table's version, changing with it.
+    version: tokio::sync::watch::Receiver<u64>,
     cursor: String,
     wait: Duration,
     until: tokio::time::Instant,
@@ -400,12 +409,11 @@ impl Streaming {
     /// longer be served from (asked again, it is a 410), the replica cannot vouch for its
     /// routes, or `MAX_STREAM` has passed.
     async fn next(mut self) -> Option<(Bytes, Streaming)> {
-        let mut version = self.control.route_version();
         loop {
             if self.control.stale().is_some() {
                 return None;
             }
-            version.borrow_and_update();
+            self.version.borrow_and_update();
             match self.control.routes_since(&self.cursor) {
                 Since::Gone(_) => return None,
                 Since::Changes { cursor, version, changes } => {
@@ -416,7 +424,7 @@ impl Streaming {
                 }
                 Since::Current => {
                     let beat = (tokio::time::Instant::now() + self.wait).min(self.until);
-                    match tokio::time::timeout_at(beat, version.changed()).await {
+                    match tokio::time::timeout_at(beat, self.version.changed()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return None,
                         Err(_) if tokio::time::Instant::now() >= self.until => return None,
