@@ -2,9 +2,9 @@
 //! "The route watch"): the whole table with its cursor; the changes after a cursor, in order,
 //! held until there is one or `wait` runs out (304); 410 for a cursor it cannot serve from (too
 //! old, ahead, of another store, garbage), and a watch that resumes across a restart; bounded
-//! watches (429 past them), and a watcher that never reads dropped at a timeout. The route port
-//! is plain here (the service without TLS): this is the protocol's test; serverless_control.rs
-//! has the port's mutual TLS.
+//! watches (429 past them), and a watcher that never reads (a watch or a stream) dropped at a
+//! timeout. The route port is plain here (the service without TLS): this is the protocol's test;
+//! serverless_control.rs has the port's mutual TLS.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use edgewise::control::{self, ControlService};
 use edgewise::flood::{self, source};
 use edgewise::scenarios::serverless::Pki;
 use edgewise_control::{CURSOR, ROUTES_PATH};
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -320,4 +321,100 @@ async fn route_watches_are_bounded_and_a_watcher_that_never_reads_is_dropped() {
     }
     eprintln!("{closed} watchers that never read closed {:?} after the change", changed.elapsed());
     assert_eq!(c.metric("edgewise_control_route_watchers").await.unwrap(), 0.0);
+}
+
+/// A streamed watcher that stops reading (a hung gateway) holds nothing queued in the service:
+/// once its socket is full the service stops making its lines, keeps streaming to the others,
+/// and closes it at the idle timeout (60 s of no byte moving), which frees its watch.
+#[tokio::test]
+async fn a_streamed_watcher_that_never_reads_is_dropped_at_the_idle_timeout_and_the_others_go_on() {
+    let run = tempfile::tempdir().unwrap();
+    let (pki, c) = start(run.path(), "control.db").await;
+    c.put_customer("customer-a", 9, &[&pki.customer_a_ca], "ingress.customer-a.example").await.unwrap();
+    let (_, cursor, _) = routes(&c, "").await;
+    let request = format!("GET {ROUTES_PATH}?since={cursor}&wait=1&stream=1 HTTP/1.1\r\nhost: control\r\n\r\n");
+
+    // The stalled watcher: a small receive buffer, never read.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind((source(4), 0).into()).unwrap();
+    let mut stalled = socket.connect(([127, 0, 0, 1], c.routes_port()).into()).await.unwrap();
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    // The healthy one reads every line as it comes.
+    let mut healthy = flood::connect_from(source(3), c.routes_port()).await.unwrap();
+    healthy.write_all(request.as_bytes()).await.unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = tokio::spawn({
+        let read = read.clone();
+        async move {
+            let mut got = Vec::new();
+            read_until(&mut healthy, &mut got, b"\r\n\r\n").await;
+            loop {
+                let line = json(&next_line(&mut healthy, &mut got).await);
+                read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if lines_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    while c.metric("edgewise_control_route_watchers").await.unwrap() != 2.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "2 streams not held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Changes with long hosts until the stalled stream's socket is full: the lines the service
+    // made, less those the healthy watcher read, stop growing.
+    let long = format!("{}.{}.{}.example", "a".repeat(60), "b".repeat(60), "c".repeat(60));
+    let stalled_lines = || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let made = c.metric("edgewise_control_route_stream_lines_total").await.unwrap();
+        made - read.load(std::sync::atomic::Ordering::Relaxed) as f64
+    };
+    let (mut before, mut n) = (stalled_lines().await, 0usize);
+    let stalled_at = loop {
+        assert!(n < 40_000, "the stalled stream still takes lines after {n} changes");
+        let c = &c;
+        let puts = (n..n + 500).map(|i| {
+            let host = format!("f{i}.{long}");
+            async move {
+                c.put_function(&format!("f{i}"), &format!("{i:08x}-0000000b-000000000c"), "customer-a", &host).await
+            }
+        });
+        let results: Vec<_> = futures_util::stream::iter(puts).buffer_unordered(16).collect().await;
+        assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+        n += 500;
+        let now = stalled_lines().await;
+        if now - before < 3.0 {
+            break Instant::now();
+        }
+        before = now;
+    };
+    while lines.try_recv().is_ok() {}
+    eprintln!("the stalled stream's socket full after {n} changes");
+    // The others go on: a change reaches the healthy watcher at once.
+    let put = Instant::now();
+    c.put_function("late", "fffffff0-0000000b-000000000c", "customer-a", HOST).await.unwrap();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.unwrap().unwrap();
+        if line.to_string().contains(HOST) {
+            break;
+        }
+    }
+    assert!(put.elapsed() < Duration::from_secs(1), "{:?}", put.elapsed());
+    assert_eq!(c.metric("edgewise_control_route_watchers").await.unwrap(), 2.0, "the stalled one is held for now");
+
+    // Dropped at the idle timeout, which frees its watch; the healthy one stays.
+    let closed = "edgewise_control_connections_closed_total{port=\"routes\",reason=\"idle_timeout\"}";
+    while c.metric("edgewise_control_route_watchers").await.unwrap() != 1.0 {
+        assert!(stalled_at.elapsed() < Duration::from_secs(90), "the stalled stream is still held");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("the stalled stream dropped {:?} after its socket was full", stalled_at.elapsed());
+    assert_eq!(c.metric(closed).await.unwrap(), 1.0);
+    assert!(!reader.is_finished(), "the healthy stream ended");
+    drop(stalled);
+    reader.abort();
 }

@@ -26,7 +26,7 @@ use crate::domains::DomainRequest;
 use crate::metrics::Watch;
 use crate::model::ApiError;
 use crate::model::{Customer, Function};
-use crate::routes::Since;
+use crate::routes::{changes_json, Since};
 
 /// Largest request body (a customer with a CA bundle).
 const MAX_BODY: usize = 256 * 1024;
@@ -357,6 +357,7 @@ impl Api {
             control: self.control.clone(),
             version,
             cursor: since.to_string(),
+            at: Cursor::read(since).map_or(0, |c| c.version),
             wait,
             until,
             _watcher: watcher,
@@ -370,25 +371,6 @@ impl Api {
 /// The media type of a streamed watch: one JSON document per line.
 const LINES: &str = "application/x-ndjson";
 
-/// `{"version":V,"cursor":"C","changes":[...]}` and a newline; the cursor only on a streamed
-/// line (a watch answer names it in its header).
-fn changes_json(version: u64, cursor: Option<&str>, changes: &[Arc<str>]) -> Bytes {
-    let mut body = format!("{{\"version\":{version},");
-    if let Some(cursor) = cursor {
-        // A cursor is the service's own `<hex>.<digits>`: nothing to escape.
-        body.push_str(&format!("\"cursor\":\"{cursor}\","));
-    }
-    body.push_str("\"changes\":[");
-    for (i, change) in changes.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(change);
-    }
-    body.push_str("]}\n");
-    Bytes::from(body)
-}
-
 /// Longest a streamed watch lasts: then the watcher asks again, maybe of another replica.
 const MAX_STREAM: Duration = Duration::from_secs(300);
 
@@ -398,6 +380,8 @@ struct Streaming {
     /// The table's version, changing with it.
     version: tokio::sync::watch::Receiver<u64>,
     cursor: String,
+    /// The version `cursor` names: while the table's is the same, there is nothing to send.
+    at: u64,
     wait: Duration,
     until: tokio::time::Instant,
     /// Counts the stream among the watches held, until it ends.
@@ -413,25 +397,21 @@ impl Streaming {
             if self.control.stale().is_some() {
                 return None;
             }
-            self.version.borrow_and_update();
-            match self.control.routes_since(&self.cursor) {
-                Since::Gone(_) => return None,
-                Since::Changes { cursor, version, changes } => {
+            let current = *self.version.borrow_and_update() == self.at;
+            match if current { Ok(None) } else { self.control.line_since(&self.cursor) } {
+                Err(_) => return None,
+                Ok(Some(line)) => {
                     self.control.metrics.route_stream_lines.fetch_add(1, Relaxed);
-                    let line = changes_json(version, Some(&cursor), &changes);
-                    self.cursor = cursor;
-                    return Some((line, self));
+                    (self.cursor, self.at) = (line.cursor, line.version);
+                    return Some((line.bytes, self));
                 }
-                Since::Current => {
+                Ok(None) => {
                     let beat = (tokio::time::Instant::now() + self.wait).min(self.until);
                     match tokio::time::timeout_at(beat, self.version.changed()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return None,
                         Err(_) if tokio::time::Instant::now() >= self.until => return None,
-                        Err(_) => {
-                            let at = Cursor::read(&self.cursor).map_or(0, |c| c.version);
-                            return Some((changes_json(at, Some(&self.cursor), &[]), self));
-                        }
+                        Err(_) => return Some((changes_json(self.at, Some(&self.cursor), &[]), self)),
                     }
                 }
             }

@@ -21,7 +21,7 @@ use crate::functions::Functions;
 use crate::metrics::Metrics;
 use crate::model::{check_name, Address, ApiError, Customer, Function, FunctionRules, Invalid};
 use crate::resources::{ca_secret_name, Resources, CLUSTER, SECRET};
-use crate::routes::{self, FullTable, Log, Routes, Since};
+use crate::routes::{self, FullTable, Line, Log, Routes, Since};
 use crate::store::Store;
 
 /// What one Envoy (one ADS stream) has acknowledged: type -> name -> version.
@@ -409,6 +409,11 @@ impl Control {
     /// What a watcher at `cursor` is owed.
     pub fn routes_since(&self, cursor: &str) -> Since {
         lock(&self.state).routes.since(cursor)
+    }
+
+    /// A streamed watch's next line from `cursor` (see `Routes::line_since`).
+    pub fn line_since(&self, cursor: &str) -> Result<Option<Line>, String> {
+        lock(&self.state).routes.line_since(cursor)
     }
 
     /// The route table's version, changing with it.

@@ -106,6 +106,36 @@ pub struct Routes {
     /// Versions are the shared store's revisions: a cursor ahead of this replica is of one
     /// that has applied more, and waits here until this one has.
     shared: bool,
+    /// The last streamed line made: the streams at the same cursor are sent these bytes, so a
+    /// change is formatted once, not once per watcher. Cleared by every change.
+    last_line: Option<(String, Line)>,
+}
+
+/// A streamed watch's line: the changes after a cursor, and the cursor after them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub cursor: String,
+    pub version: u64,
+    pub bytes: Bytes,
+}
+
+/// `{"version":V,"cursor":"C","changes":[...]}` and a newline; the cursor only on a streamed
+/// line (a watch answer names it in its header).
+pub fn changes_json(version: u64, cursor: Option<&str>, changes: &[Arc<str>]) -> Bytes {
+    let mut body = format!("{{\"version\":{version},");
+    if let Some(cursor) = cursor {
+        // A cursor is the service's own `<hex>.<digits>`: nothing to escape.
+        body.push_str(&format!("\"cursor\":\"{cursor}\","));
+    }
+    body.push_str("\"changes\":[");
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(change);
+    }
+    body.push_str("]}\n");
+    Bytes::from(body)
 }
 
 fn change_json(put: bool, json: &str) -> Arc<str> {
@@ -127,12 +157,13 @@ impl Routes {
             recent,
             horizon: contents.routes_horizon,
             shared: false,
+            last_line: None,
         }
     }
 
     /// An empty log at `version` of the shared store, whose history is `history`.
     pub fn at(history: u64, version: u64) -> Routes {
-        Routes { history, version, recent: VecDeque::new(), horizon: version, shared: true }
+        Routes { history, version, recent: VecDeque::new(), horizon: version, shared: true, last_line: None }
     }
 
     pub fn version(&self) -> u64 {
@@ -149,6 +180,7 @@ impl Routes {
         if edits.is_empty() {
             return Ok(None);
         }
+        self.last_line = None;
         let store = match log {
             Log::Store(store) => store,
             Log::Revision(revision) => return Ok(self.apply_at(revision, edits)),
@@ -192,6 +224,23 @@ impl Routes {
         }
         self.version = revision;
         Some(revision)
+    }
+
+    /// A streamed watch's next line from `cursor`: the cursor after it and the line, `None` when
+    /// `cursor` is current, or why it is gone.
+    pub fn line_since(&mut self, cursor: &str) -> Result<Option<Line>, String> {
+        if let Some((_, line)) = self.last_line.as_ref().filter(|(from, _)| from == cursor) {
+            return Ok(Some(line.clone()));
+        }
+        match self.since(cursor) {
+            Since::Gone(why) => Err(why),
+            Since::Current => Ok(None),
+            Since::Changes { cursor: to, version, changes } => {
+                let line = Line { bytes: changes_json(version, Some(&to), &changes), cursor: to, version };
+                self.last_line = Some((cursor.to_string(), line.clone()));
+                Ok(Some(line))
+            }
+        }
     }
 
     /// What a watcher holding `cursor` is owed.
@@ -324,6 +373,42 @@ mod tests {
                 _ => panic!("{cursor:?} is not gone"),
             }
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn streams_at_one_cursor_share_one_line_and_a_change_makes_a_new_one() {
+        let dir = scratch("line");
+        let (mut store, mut routes) = open(&dir);
+        let start = routes.cursor();
+        assert_eq!(routes.line_since(&start), Ok(None), "current: no line");
+        let (a, b) = (function("a", "a.example"), function("b", "b.example"));
+        routes.apply(Log::Store(&mut store), vec![put("ka", &a)]).unwrap();
+        let Line { cursor: to, version, bytes: line } = routes.line_since(&start).unwrap().unwrap();
+        assert_eq!((to.as_str(), version), (routes.cursor().as_str(), 1));
+        let expected = format!(
+            "{{\"version\":1,\"cursor\":\"{to}\",\"changes\":[{}]}}\n",
+            r#"{"put":{"match":{"function":"a"},"cluster":"customer-a","host":"a.example"}}"#
+        );
+        assert_eq!(line, expected.as_bytes());
+        let again = routes.line_since(&start).unwrap().unwrap();
+        assert_eq!(
+            (again.cursor.as_str(), again.bytes.as_ptr()),
+            (to.as_str(), line.as_ptr()),
+            "the same bytes, not made again"
+        );
+        assert_eq!(routes.line_since(&to), Ok(None));
+
+        // A change: the cursor behind gets both, the one after the first gets the second.
+        routes.apply(Log::Store(&mut store), vec![put("kb", &b)]).unwrap();
+        let both = routes.line_since(&start).unwrap().unwrap().bytes;
+        assert_ne!(both.as_ptr(), line.as_ptr());
+        assert_eq!(String::from_utf8_lossy(&both).matches("{\"put\":").count(), 2, "{both:?}");
+        let second = routes.line_since(&to).unwrap().unwrap();
+        assert_eq!(second.version, 2);
+        let second = String::from_utf8_lossy(&second.bytes);
+        assert!(second.contains("b.example") && !second.contains("a.example"), "{second}");
+        assert!(routes.line_since("garbage").unwrap_err().contains("no cursor"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
