@@ -189,6 +189,11 @@ impl EtcdCluster {
         self.members.iter().map(|m| format!("{scheme}://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
     }
 
+    /// The running members' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().filter_map(|m| m.child.as_ref().and_then(tokio::process::Child::id)).collect()
+    }
+
     /// A request to etcd's JSON gateway (`/v3/...`, plain clusters only) on the first member
     /// that answers: the answer.
     async fn gateway(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {

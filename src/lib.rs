@@ -25,6 +25,7 @@ pub mod server;
 pub mod service;
 pub mod soak;
 pub mod tls;
+pub mod watchers;
 
 use std::path::PathBuf;
 

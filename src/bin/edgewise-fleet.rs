@@ -17,22 +17,20 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use edgewise::certs::LeafSpec;
 use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Build, Config, Envoy, Options};
 use edgewise::scale::DOMAIN;
-use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, request, rss_mib};
+use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib};
 use edgewise::scale::{seeded_plane, taskset, Kept};
-use edgewise::scenarios::serverless::{ports, Pki, CONTROL_NAME};
+use edgewise::scenarios::serverless::{ports, Pki};
 use edgewise::server::Server;
+use edgewise::watchers::{Received, Watchers, Watching};
 use edgewise_control::ROUTES_PATH;
-use tokio::io::BufReader;
 
 /// One control plane: its PKI, the customers' gateway, edgewise-control on a seeded store.
 struct Plane {
@@ -148,116 +146,6 @@ fn host(i: usize) -> String {
     format!("{}.{DOMAIN}", label(i))
 }
 
-/// What the simulated watchers received, in all.
-#[derive(Default)]
-struct Received {
-    bytes: AtomicU64,
-    changes: AtomicU64,
-    answers: AtomicU64,
-    errors: AtomicU64,
-    /// When an answer with changes last came, in µs after `epoch`.
-    last_change_us: AtomicU64,
-    epoch: Option<Instant>,
-}
-
-/// How the simulated watchers watch: as proxy-wasm Envoys (a call per change), or as native ones
-/// (one streamed answer).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Watching {
-    Calls,
-    Stream,
-}
-
-/// A watcher: a client of the route port (mutual TLS, its own source address) that takes the
-/// cursor of a one-route page and then watches, counting what it receives.
-async fn watcher(
-    plane_port: u16,
-    (ca, leaf): (String, edgewise::certs::Leaf),
-    n: usize,
-    (got, stop): (Arc<Received>, Arc<AtomicBool>),
-    watching: Watching,
-) {
-    let run = async {
-        let config = edgewise::tls::client(&[&ca], Some(&leaf), &["http/1.1"])?;
-        // Eight watches per address at most: a source address for every eight watchers.
-        let from = edgewise::flood::source(50 + (n / 8) as u8);
-        let tcp = edgewise::flood::connect_from(from, plane_port).await?;
-        let name = rustls::pki_types::ServerName::try_from(CONTROL_NAME)?;
-        let mut tls = BufReader::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?);
-        let (_, mut cursor, _) = exchange(&mut tls, &format!("{ROUTES_PATH}?limit=1")).await?;
-        if watching == Watching::Stream {
-            return stream(&mut tls, cursor, &got, &stop).await;
-        }
-        while !stop.load(Relaxed) {
-            let (status, next, size) = exchange(&mut tls, &format!("{ROUTES_PATH}?since={cursor}&wait=25")).await?;
-            got.answers.fetch_add(1, Relaxed);
-            got.bytes.fetch_add(size.0 as u64, Relaxed);
-            got.changes.fetch_add(size.1 as u64, Relaxed);
-            if let (Some(epoch), true) = (got.epoch, size.1 > 0) {
-                got.last_change_us.fetch_max(epoch.elapsed().as_micros() as u64, Relaxed);
-            }
-            if status != 200 && status != 304 {
-                bail!("watch answered {status}");
-            }
-            cursor = next;
-        }
-        Ok::<_, anyhow::Error>(())
-    };
-    if let Err(e) = run.await {
-        eprintln!("watcher {n}: {e:#}");
-        got.errors.fetch_add(1, Relaxed);
-    }
-}
-
-/// A streamed watch from `cursor`, asked again whenever the service ends it, until `stop`.
-async fn stream<S>(conn: &mut BufReader<S>, mut cursor: String, got: &Received, stop: &AtomicBool) -> Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    while !stop.load(Relaxed) {
-        let path = format!("{ROUTES_PATH}?since={cursor}&wait=25&stream=1");
-        conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nhost: control\r\n\r\n").as_bytes()).await?;
-        let mut head = String::new();
-        while conn.read_line(&mut head).await? > 2 {
-            head.clear();
-        }
-        loop {
-            let mut size = String::new();
-            conn.read_line(&mut size).await?;
-            let length = usize::from_str_radix(size.trim(), 16).context("a chunk's size")?;
-            let mut chunk = vec![0; length + 2];
-            conn.read_exact(&mut chunk).await?;
-            if length == 0 {
-                break;
-            }
-            let line = String::from_utf8_lossy(&chunk);
-            let changes = line.matches("{\"put\":").count() + line.matches("{\"delete\":").count();
-            got.answers.fetch_add(1, Relaxed);
-            got.bytes.fetch_add((size.len() + chunk.len()) as u64, Relaxed);
-            got.changes.fetch_add(changes as u64, Relaxed);
-            if let (Some(epoch), true) = (got.epoch, changes > 0) {
-                got.last_change_us.fetch_max(epoch.elapsed().as_micros() as u64, Relaxed);
-            }
-            if let Some(c) = line.split("\"cursor\":\"").nth(1).and_then(|rest| rest.split('"').next()) {
-                cursor = c.to_string();
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One request on a kept-alive connection: (status, cursor, (bytes received, changes in it)).
-async fn exchange<S>(conn: &mut BufReader<S>, path: &str) -> Result<(u16, String, (usize, usize))>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (status, cursor, body, bytes) = request(conn, "control", path).await?;
-    let body = String::from_utf8_lossy(&body);
-    let changes = body.matches("{\"put\":").count() + body.matches("{\"delete\":").count();
-    Ok((status, cursor, (bytes, changes)))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let customers = env_usize("FLEET_CUSTOMERS", 100_000);
@@ -342,24 +230,15 @@ async fn main() -> Result<()> {
     // streamed answer each).
     let mut first = functions + quiet;
     for watching in [Watching::Calls, Watching::Stream] {
-        let epoch = Instant::now();
-        let got = Arc::new(Received { epoch: Some(epoch), ..Received::default() });
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for n in 0..watchers {
-            let ca = &big.pki.control_ca;
-            let credentials = (ca.pem.clone(), ca.issue(&LeafSpec::client("watcher", &[]))?);
-            let shared = (got.clone(), stop.clone());
-            tasks.push(tokio::spawn(watcher(big.control.routes_port(), credentials, n, shared, watching)));
-        }
+        let watching_now = Watchers::spawn(|_| big.control.routes_port(), &big.pki.control_ca, watchers, watching)?;
+        let (got, epoch) = (&watching_now.got, watching_now.epoch());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (bytes0, changes0) = (got.bytes.load(Relaxed), got.changes.load(Relaxed));
         let Changes { latencies, in_force, rest, to_watchers, cpu_ms } =
-            stream_changes(&big, &gateways, first, changes, Some((&got, epoch))).await?;
+            stream_changes(&big, &gateways, first, changes, Some((got, epoch))).await?;
         first += changes;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (bytes, received) = (got.bytes.load(Relaxed) - bytes0, got.changes.load(Relaxed) - changes0);
-        stop.store(true, Relaxed);
         let how = match watching {
             Watching::Calls => format!("{watchers} watchers asking once per change (as proxy-wasm Envoys)"),
             Watching::Stream => format!("{watchers} watchers streaming (as native Envoys)"),
@@ -398,9 +277,7 @@ async fn main() -> Result<()> {
             "| edgewise-control CPU per change (REST, store, 2 Envoys and the {how}) | {cpu_ms:.2} ms ({:.1} µs a watcher over the Envoys alone) |",
             (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64
         ));
-        for t in tasks {
-            t.abort();
-        }
+        drop(watching_now);
     }
     line(format!("| edgewise-control RSS at the end | {:.0} MiB |", rss_mib(control_pid)));
     drop(small);

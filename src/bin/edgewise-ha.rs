@@ -8,7 +8,10 @@
 //!   (HA_CHANGES (30) in turn; p50, p99);
 //! - failover: kill -9 a replica, a change through another one at once, and the time from the
 //!   kill to that change answering through Envoy (each replica in turn);
-//! - a replica's start (loading the million) and its RSS.
+//! - a replica's start (loading the million) and its RSS;
+//! - CPU per change with HA_WATCHERS (100) watchers streaming the route table (as native Envoys
+//!   do), spread over the replicas, and a change every 100 ms (HA_CPU_CHANGES, 200), through the
+//!   first replica: each replica's CPU and, on etcd, each member's.
 //!
 //! Environment: the above, and BENCH_OUT_HA (default bench/results-ha.md).
 
@@ -22,15 +25,16 @@ use edgewise::client::Client;
 use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Config, Envoy, Options};
 use edgewise::etcd::EtcdCluster;
-use edgewise::scale::{env_usize, function, label, median, plane, quantile, rss_mib, seeded_plane, DOMAIN};
+use edgewise::scale::{cpu_ticks, env_usize, function, label, median, plane, quantile, rss_mib, seeded_plane, DOMAIN};
 use edgewise::scenarios::serverless::{ports, Pki};
 use edgewise::server::Server;
 use edgewise::service::Service;
+use edgewise::watchers::{Watchers, Watching};
 
 /// One control plane and the Envoy it feeds.
 struct Plane {
     name: &'static str,
-    _pki: Pki,
+    pki: Pki,
     _gateway: Server,
     replicas: Vec<ControlService>,
     /// How long each replica took to be ready (the store loaded).
@@ -117,7 +121,7 @@ impl Plane {
             .wait_stat("the route table in force", Duration::from_secs(900), |s| s.get(&routes) >= Some(&want))
             .await?;
         let client = pki.front_client(false)?.sni(&format!("x.{DOMAIN}"));
-        Ok(Plane { name, _pki: pki, _gateway: gateway, replicas, starts, etcd, envoy, front, client, functions })
+        Ok(Plane { name, pki, _gateway: gateway, replicas, starts, etcd, envoy, front, client, functions })
     }
 
     /// Adds function `i` of the hot customer through replica `k`: the HTTP status.
@@ -146,6 +150,36 @@ impl Plane {
         }
     }
 
+    /// CPU per change (ms) of each replica and each etcd member, with `watchers` streaming the
+    /// route table from the replicas in turn and `changes` new functions through the first one,
+    /// one every 100 ms.
+    async fn cpu_per_change(&self, watchers: usize, changes: usize, base: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        let ports: Vec<u16> = self.replicas.iter().map(|r| r.routes_port()).collect();
+        let watching = Watchers::spawn(|n| ports[n % ports.len()], &self.pki.control_ca, watchers, Watching::Stream)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut pids: Vec<u32> = self.replicas.iter().filter_map(|r| r.pid()).collect();
+        let replicas = pids.len();
+        pids.extend(self.etcd.iter().flat_map(EtcdCluster::pids));
+        let before = pids.iter().map(|&p| cpu_ticks(p)).collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        for c in 0..changes {
+            tokio::time::sleep_until((started + Duration::from_millis(100 * c as u64)).into()).await;
+            let status = self.put(0, base + c).await;
+            if status != 201 {
+                bail!("{}: f{}: {status}", self.name, base + c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let received = watching.got.changes.load(std::sync::atomic::Ordering::Relaxed);
+        let errors = watching.got.errors.load(std::sync::atomic::Ordering::Relaxed);
+        if errors > 0 || received < (watchers * changes) as u64 {
+            bail!("{}: the watchers received {received} of {} changes, {errors} errors", self.name, watchers * changes);
+        }
+        let per_change = |(p, b): (&u32, &u64)| cpu_ticks(*p).map(|t| (t - b) as f64 * 10.0 / changes as f64);
+        let cpu = pids.iter().zip(&before).map(per_change).collect::<Result<Vec<_>>>()?;
+        Ok((cpu[..replicas].to_vec(), cpu[replicas..].to_vec()))
+    }
+
     /// `writers` clients adding functions for `seconds`: (acknowledged, refused).
     async fn throughput(&self, writers: usize, seconds: u64, base: usize) -> (usize, usize) {
         let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -172,11 +206,14 @@ async fn main() -> Result<()> {
     let writers = env_usize("HA_WRITERS", 16);
     let seconds = env_usize("HA_SECONDS", 10) as u64;
     let changes = env_usize("HA_CHANGES", 30);
+    let watchers = env_usize("HA_WATCHERS", 100);
+    let cpu_changes = env_usize("HA_CPU_CHANGES", 200);
     let work = edgewise::repo_root().join("target/ha");
     let mut out = String::new();
     let mut rows = Vec::new();
     let mut failovers = Vec::new();
     let mut db_mib = 0.0;
+    let mut cpus = Vec::new();
 
     for which in ["sqlite", "etcd"] {
         let mut plane = if which == "sqlite" {
@@ -203,6 +240,9 @@ async fn main() -> Result<()> {
         }
         let (p50, p99) = (median(to_traffic.clone()), quantile(to_traffic, 0.99));
         eprintln!("{}: change to traffic p50 {p50:.0} ms, p99 {p99:.0} ms", plane.name);
+        let (cpu, members) = plane.cpu_per_change(watchers, cpu_changes, 25_000_000).await?;
+        eprintln!("{}: CPU per change, replicas {cpu:.2?} ms, etcd members {members:.2?} ms", plane.name);
+        cpus.push((plane.name, cpu, members));
         if plane.etcd.is_some() {
             for victim in 0..plane.replicas.len() {
                 let i = 30_000_000 + victim;
@@ -272,6 +312,21 @@ async fn main() -> Result<()> {
     writeln!(out, "|---:|---:|---:|")?;
     for (victim, took, again) in &failovers {
         writeln!(out, "| r{victim} | {took:.0} | {again:.1} |")?;
+    }
+    writeln!(
+        out,
+        "\nCPU per change: {watchers} watchers streaming the route table (as native Envoys do), spread over the \
+         replicas, and a new function every 100 ms through the first replica ({cpu_changes} changes); beside \
+         them the plane's Envoy (wasm, asking once per change). Each process's CPU over the changes, per change; \
+         nothing pinned: the watchers, the REST client, the Envoy and the services share both CPUs.\n"
+    )?;
+    writeln!(out, "| store | each replica (ms) | all replicas (ms) | each etcd member (ms) | all (ms) |")?;
+    writeln!(out, "|---|---|---:|---|---:|")?;
+    for (name, cpu, members) in &cpus {
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+        let (replicas, etcd): (f64, f64) = (cpu.iter().sum(), members.iter().sum());
+        let etcd_list = if members.is_empty() { "–".to_string() } else { list(members) };
+        writeln!(out, "| {name} | {} | {replicas:.2} | {etcd_list} | {:.2} |", list(cpu), replicas + etcd)?;
     }
     let path = std::env::var("BENCH_OUT_HA").unwrap_or_else(|_| "bench/results-ha.md".into());
     std::fs::write(edgewise::repo_root().join(&path), &out)?;
