@@ -31,6 +31,13 @@ use edgewise::server::Server;
 use edgewise::service::Service;
 use edgewise::watchers::{Watchers, Watching};
 
+/// A process's CPU per change, and in as long with no change (ms).
+struct Cpu {
+    replica: bool,
+    change: f64,
+    idle: f64,
+}
+
 /// One control plane and the Envoy it feeds.
 struct Plane {
     name: &'static str,
@@ -152,32 +159,38 @@ impl Plane {
 
     /// CPU per change (ms) of each replica and each etcd member, with `watchers` streaming the
     /// route table from the replicas in turn and `changes` new functions through the first one,
-    /// one every 100 ms.
-    async fn cpu_per_change(&self, watchers: usize, changes: usize, base: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    /// one every 100 ms; and what each spends in 100 ms with no change (the same watchers, for
+    /// as long).
+    async fn cpu_per_change(&self, watchers: usize, changes: usize, base: usize) -> Result<Vec<Cpu>> {
         let ports: Vec<u16> = self.replicas.iter().map(|r| r.routes_port()).collect();
         let watching = Watchers::spawn(|n| ports[n % ports.len()], &self.pki.control_ca, watchers, Watching::Stream)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut pids: Vec<u32> = self.replicas.iter().filter_map(|r| r.pid()).collect();
-        let replicas = pids.len();
-        pids.extend(self.etcd.iter().flat_map(EtcdCluster::pids));
-        let before = pids.iter().map(|&p| cpu_ticks(p)).collect::<Result<Vec<_>>>()?;
+        let mut pids: Vec<(bool, u32)> = self.replicas.iter().filter_map(|r| r.pid()).map(|p| (true, p)).collect();
+        pids.extend(self.etcd.iter().flat_map(EtcdCluster::pids).map(|p| (false, p)));
+        let ticks = || pids.iter().map(|&(_, p)| cpu_ticks(p)).collect::<Result<Vec<_>>>();
+        let period = Duration::from_millis(100);
+        let quiet = ticks()?;
+        tokio::time::sleep(period * changes as u32).await;
+        let before = ticks()?;
         let started = Instant::now();
         for c in 0..changes {
-            tokio::time::sleep_until((started + Duration::from_millis(100 * c as u64)).into()).await;
+            tokio::time::sleep_until((started + period * c as u32).into()).await;
             let status = self.put(0, base + c).await;
             if status != 201 {
                 bail!("{}: f{}: {status}", self.name, base + c);
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(period).await;
+        let after = ticks()?;
         let received = watching.got.changes.load(std::sync::atomic::Ordering::Relaxed);
         let errors = watching.got.errors.load(std::sync::atomic::Ordering::Relaxed);
         if errors > 0 || received < (watchers * changes) as u64 {
             bail!("{}: the watchers received {received} of {} changes, {errors} errors", self.name, watchers * changes);
         }
-        let per_change = |(p, b): (&u32, &u64)| cpu_ticks(*p).map(|t| (t - b) as f64 * 10.0 / changes as f64);
-        let cpu = pids.iter().zip(&before).map(per_change).collect::<Result<Vec<_>>>()?;
-        Ok((cpu[..replicas].to_vec(), cpu[replicas..].to_vec()))
+        let ms = |from: u64, to: u64| (to - from) as f64 * 10.0 / changes as f64;
+        Ok((0..pids.len())
+            .map(|k| Cpu { replica: pids[k].0, change: ms(before[k], after[k]), idle: ms(quiet[k], before[k]) })
+            .collect())
     }
 
     /// `writers` clients adding functions for `seconds`: (acknowledged, refused).
@@ -240,9 +253,12 @@ async fn main() -> Result<()> {
         }
         let (p50, p99) = (median(to_traffic.clone()), quantile(to_traffic, 0.99));
         eprintln!("{}: change to traffic p50 {p50:.0} ms, p99 {p99:.0} ms", plane.name);
-        let (cpu, members) = plane.cpu_per_change(watchers, cpu_changes, 25_000_000).await?;
-        eprintln!("{}: CPU per change, replicas {cpu:.2?} ms, etcd members {members:.2?} ms", plane.name);
-        cpus.push((plane.name, cpu, members));
+        let cpu = plane.cpu_per_change(watchers, cpu_changes, 25_000_000).await?;
+        for c in &cpu {
+            let what = if c.replica { "replica" } else { "etcd member" };
+            eprintln!("{}: {what}: CPU per change {:.2} ms, {:.2} ms idle", plane.name, c.change, c.idle);
+        }
+        cpus.push((plane.name, cpu));
         if plane.etcd.is_some() {
             for victim in 0..plane.replicas.len() {
                 let i = 30_000_000 + victim;
@@ -317,16 +333,35 @@ async fn main() -> Result<()> {
         out,
         "\nCPU per change: {watchers} watchers streaming the route table (as native Envoys do), spread over the \
          replicas, and a new function every 100 ms through the first replica ({cpu_changes} changes); beside \
-         them the plane's Envoy (wasm, asking once per change). Each process's CPU over the changes, per change; \
-         nothing pinned: the watchers, the REST client, the Envoy and the services share both CPUs.\n"
+         them the plane's Envoy (wasm, asking once per change). Each process's CPU over the changes, per change, \
+         and in brackets what it spent per 100 ms in as long before them with the same watchers and no change \
+         (etcd's heartbeats and the replicas' leases, mostly); nothing pinned: the watchers, the REST client, the \
+         Envoy and the services share both CPUs.\n"
     )?;
     writeln!(out, "| store | each replica (ms) | all replicas (ms) | each etcd member (ms) | all (ms) |")?;
     writeln!(out, "|---|---|---:|---|---:|")?;
-    for (name, cpu, members) in &cpus {
-        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
-        let (replicas, etcd): (f64, f64) = (cpu.iter().sum(), members.iter().sum());
-        let etcd_list = if members.is_empty() { "–".to_string() } else { list(members) };
-        writeln!(out, "| {name} | {} | {replicas:.2} | {etcd_list} | {:.2} |", list(cpu), replicas + etcd)?;
+    for (name, cpu) in &cpus {
+        let (replicas, members): (Vec<&Cpu>, Vec<&Cpu>) = cpu.iter().partition(|c| c.replica);
+        let list = |v: &[&Cpu]| {
+            let each: Vec<String> = v.iter().map(|c| format!("{:.2} ({:.2})", c.change, c.idle)).collect();
+            if each.is_empty() {
+                "–".to_string()
+            } else {
+                each.join(", ")
+            }
+        };
+        let sum = |v: &[&Cpu]| -> (f64, f64) { v.iter().fold((0.0, 0.0), |(a, b), c| (a + c.change, b + c.idle)) };
+        let (r, m) = (sum(&replicas), sum(&members));
+        writeln!(
+            out,
+            "| {name} | {} | {:.2} ({:.2}) | {} | {:.2} ({:.2}) |",
+            list(&replicas),
+            r.0,
+            r.1,
+            list(&members),
+            r.0 + m.0,
+            r.1 + m.1
+        )?;
     }
     let path = std::env::var("BENCH_OUT_HA").unwrap_or_else(|_| "bench/results-ha.md".into());
     std::fs::write(edgewise::repo_root().join(&path), &out)?;
