@@ -16,8 +16,8 @@
 //!
 //! An answer that fails, does not read or does not fit (a version going backwards, a delete
 //! of a route not in the table, no cursor, too large) changes nothing: it is counted, the next
-//! attempt waits (250 ms doubling to `max_backoff_ms`) and, for an answer refused, loads the
-//! whole table again.
+//! attempt waits (250 ms doubling to `max_backoff_ms`, less up to half of it at random) and, for
+//! an answer refused, loads the whole table again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -51,6 +51,8 @@ pub struct Watcher {
     /// A stream that ended while its start was in progress (the host reported it from within
     /// `http_stream`), plus one.
     ended_inline: AtomicU64,
+    /// This copy's draw of the back-off (`Management::backoff_ms`), at random.
+    pub seed: u64,
 }
 
 /// Shared-data keys, namespaced by the filter instance.
@@ -139,6 +141,7 @@ impl Watcher {
             owner: OnceLock::new(),
             local: Mutex::new(Local::default()),
             ended_inline: AtomicU64::new(0),
+            seed: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), namespace),
             mgmt,
         }
     }
@@ -314,8 +317,7 @@ impl Watcher {
             Then::Failed => {
                 local.load = None;
                 let failures = update_u64(bg, &self.keys.failures, |f| Some(f + 1)).unwrap_or(1);
-                let delay = (250u64 << failures.min(10)).min(self.mgmt.max_backoff_ms);
-                self.release(bg, bg.now_ms() + delay);
+                self.release(bg, bg.now_ms() + self.mgmt.backoff_ms(failures, self.seed));
             }
         }
     }

@@ -96,7 +96,9 @@ pub struct Management {
     /// Routes asked for in one page of the whole table.
     #[serde(default = "default_page_size")]
     pub page_size: u64,
-    /// Longest wait between attempts after failures (the wait doubles from 250 ms).
+    /// Longest wait between attempts after failures (the wait doubles from 250 ms; an Envoy
+    /// waits between half of it and all of it, at random, so that Envoys that failed together,
+    /// as when a replica of the service goes, do not come back together).
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
     /// Largest answer taken; a larger one is refused and changes nothing.
@@ -106,6 +108,23 @@ pub struct Management {
     /// (`&stream=1`), not one call per change; proxy-wasm always asks once per change.
     #[serde(default = "default_stream")]
     pub stream: bool,
+}
+
+impl Management {
+    /// The wait after `failures` failed attempts in a row (at least 1), in ms: 250 ms doubling
+    /// up to `max_backoff_ms`, less a part of up to half of it drawn from `seed` (one per Envoy,
+    /// at random) and `failures`.
+    pub fn backoff_ms(&self, failures: u64, seed: u64) -> u64 {
+        let most = (250u64 << failures.min(10)).min(self.max_backoff_ms);
+        most - mix(seed ^ failures) % (most / 2 + 1)
+    }
+}
+
+/// splitmix64's finalizer: every bit of `x` moves every bit of the result.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn default_domain() -> String {
@@ -902,6 +921,25 @@ mod tests {
         // Stricter where serde is lax: it would take a struct as the list of its fields' values.
         assert!(json::parse::<Config>(b"[]").is_err());
         crate::generic::json::assert_reads_like_serde::<Config, _>(&docs, crate::generic::json::parse::<Config>);
+    }
+
+    #[test]
+    fn the_backoff_doubles_to_its_bound_and_each_envoy_waits_between_half_of_it_and_all_of_it() {
+        let r = router(r#"{"management":{"cluster":"mgmt","max_backoff_ms":10000}}"#);
+        let m = r.management.as_ref().unwrap();
+        for (failures, most) in [(1, 500), (2, 1_000), (3, 2_000), (5, 8_000), (6, 10_000), (64, 10_000)] {
+            let waits: Vec<u64> = (0..1_000u64).map(|seed| m.backoff_ms(failures, mix(seed))).collect();
+            assert!(waits.iter().all(|w| (most / 2..=most).contains(w)), "{failures}: {waits:?}");
+            // A fleet's Envoys (seeds) spread over the whole span: each quarter of it has its share.
+            for quarter in 0..4 {
+                let from = most / 2 + quarter * most / 8;
+                let within = waits.iter().filter(|&&w| w >= from && w < from + most / 8).count();
+                assert!((150..=350).contains(&within), "{failures}: {within} of 1000 in quarter {quarter}");
+            }
+        }
+        // One Envoy's waits are not all the same fraction of the bound.
+        let mine: Vec<u64> = (1..=5).map(|f| m.backoff_ms(f, 42) * 1000 / (250 << f)).collect();
+        assert!(mine.windows(2).any(|w| w[0] != w[1]), "{mine:?}");
     }
 
     #[test]
