@@ -5,9 +5,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::time::Duration;
 
-use crate::{Background, Counter, Gauge, Histogram, Host, Setup, Stream, Waker};
+use crate::{Background, Counter, Gauge, Get, Histogram, Host, Setup, Stream, Waker};
 
 thread_local! {
     /// Inside the fake host's own code (its allocations are not the filter's).
@@ -310,19 +309,12 @@ impl<'a> FakeBackground<'a> {
 }
 
 impl Background for FakeBackground<'_> {
-    fn http_get(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        _headers: &[(&str, &str)],
-        _timeout: Duration,
-    ) -> Option<u64> {
+    fn http_get(&mut self, get: &Get<'_>) -> Option<u64> {
         if self.refuse_calls {
             self.refused += 1;
             return None;
         }
-        self.calls.push((cluster.to_string(), authority.to_string(), path.to_string()));
+        self.calls.push((get.cluster.to_string(), get.authority.to_string(), get.path.to_string()));
         Some(self.calls.len() as u64)
     }
 
@@ -330,18 +322,11 @@ impl Background for FakeBackground<'_> {
         self.woken.push(waker);
     }
 
-    fn http_stream(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Option<u64> {
+    fn http_stream(&mut self, get: &Get<'_>) -> Option<u64> {
         if !self.streaming {
             return None;
         }
-        let id = self.http_get(cluster, authority, path, headers, timeout)?;
+        let id = self.http_get(get)?;
         self.streams.push(id);
         Some(id)
     }

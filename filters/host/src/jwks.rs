@@ -16,7 +16,7 @@ use edgewise_core::generic::auth::{Issuer, IssuerKeys, JwksConfig, Keyring};
 use edgewise_core::generic::jwt::Jwks;
 
 use crate::shared::{get_u64, set_u64, take_lease, update_u64};
-use crate::{lock, read, write, Background, Counter, Fetched, Gauge, Host, Setup};
+use crate::{lock, read, write, Background, Counter, Fetched, Gauge, Get, Host, Setup};
 
 /// Shared-data keys and metrics of one issuer.
 struct Slot {
@@ -169,7 +169,7 @@ impl Keys {
             None => (Stage::Discovery, cfg.authority.as_str(), cfg.discovery_path.as_str()),
         };
         let accept = [("accept", "application/json")];
-        match bg.http_get(&cfg.cluster, authority, path, &accept, timeout) {
+        match bg.http_get(&Get { cluster: &cfg.cluster, authority, path, headers: &accept, timeout }) {
             Some(id) => slot.in_flight = Some((id, stage)),
             None => {
                 log::warn!("jwks: the call to cluster {} could not be started", cfg.cluster);

@@ -128,32 +128,29 @@ pub trait Stream: Host {
 /// The headers of every JSON answer a filter gives itself.
 pub const JSON_HEADERS: [(&str, &str); 2] = [("content-type", "application/json"), ("cache-control", "no-store")];
 
+/// A GET of the background: to `cluster`, with `authority` and `path`, `headers` beside them,
+/// ended by the host after `timeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct Get<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub timeout: Duration,
+}
+
 /// The background: periodic work and its outbound calls (key sets, route tables).
 pub trait Background: Host {
-    /// Starts a GET to `cluster`; the answer comes to [`Filter::on_fetched`] with the same id.
-    fn http_get(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Option<u64>;
+    /// Starts `get`; the answer comes to [`Filter::on_fetched`] with the same id.
+    fn http_get(&mut self, get: &Get<'_>) -> Option<u64>;
 
     /// Resumes a paused request: the host calls [`Filter::on_resume`] on its worker.
     fn wake(&mut self, waker: Waker);
 
-    /// Starts a GET whose answer comes as it arrives, to [`Filter::on_stream`] with the same id,
-    /// ended by the host after `timeout`. `None` when the call could not start, or the host has
-    /// no such calls (proxy-wasm's take whole answers only).
-    fn http_stream(
-        &mut self,
-        _cluster: &str,
-        _authority: &str,
-        _path: &str,
-        _headers: &[(&str, &str)],
-        _timeout: Duration,
-    ) -> Option<u64> {
+    /// Starts `get` with its answer coming as it arrives, to [`Filter::on_stream`] with the same
+    /// id. `None` when the call could not start, or the host has no such calls (proxy-wasm's
+    /// take whole answers only).
+    fn http_stream(&mut self, _get: &Get<'_>) -> Option<u64> {
         None
     }
 

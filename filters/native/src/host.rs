@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use edgewise_host::{lock, Background, Counter, Gauge, Histogram, Host, Setup, Stream, Waker};
+use edgewise_host::{lock, Background, Counter, Gauge, Get, Histogram, Host, Setup, Stream, Waker};
 
 use crate::abi::*;
 use crate::{Config, Ptr};
@@ -333,16 +333,9 @@ pub struct NativeBackground<'a> {
 }
 
 impl Background for NativeBackground<'_> {
-    fn http_get(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Option<u64> {
-        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        self.start("call", cluster, authority, path, headers, |envoy, id, cluster, headers, size| {
+    fn http_get(&mut self, get: &Get<'_>) -> Option<u64> {
+        let millis = u64::try_from(get.timeout.as_millis()).unwrap_or(u64::MAX);
+        self.start("call", get, |envoy, id, cluster, headers, size| {
             // SAFETY: the config handle is valid; main thread; everything is read during the call.
             unsafe {
                 envoy_dynamic_module_callback_http_filter_config_http_callout(
@@ -362,17 +355,10 @@ impl Background for NativeBackground<'_> {
         self.config.wake(waker.0);
     }
 
-    fn http_stream(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Option<u64> {
+    fn http_stream(&mut self, get: &Get<'_>) -> Option<u64> {
         // A timeout of 0 would end the stream at once.
-        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.start("stream", cluster, authority, path, headers, |envoy, id, cluster, headers, size| {
+        let millis = u64::try_from(get.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.start("stream", get, |envoy, id, cluster, headers, size| {
             // SAFETY: as for `http_get`.
             unsafe {
                 envoy_dynamic_module_callback_http_filter_config_start_http_stream(
@@ -400,28 +386,25 @@ impl NativeBackground<'_> {
     fn start(
         &mut self,
         what: &str,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
+        get: &Get<'_>,
         start: impl FnOnce(EnvoyFilterConfig, &mut u64, ModuleBuffer, *mut ModuleHttpHeader, usize) -> HttpCalloutInitResult,
     ) -> Option<u64> {
-        let mut all = request_headers(authority, path, headers);
+        let mut all = request_headers(get);
         let mut id = 0;
-        let result = start(self.envoy, &mut id, buf(cluster.as_bytes()), all.as_mut_ptr(), all.len());
+        let result = start(self.envoy, &mut id, buf(get.cluster.as_bytes()), all.as_mut_ptr(), all.len());
         if result != HttpCalloutInitResult::SUCCESS {
-            log::warn!("the {what} to cluster {cluster} could not be started ({result:?})");
+            log::warn!("the {what} to cluster {} could not be started ({result:?})", get.cluster);
             return None;
         }
         Some(id)
     }
 }
 
-/// A GET's headers: the pseudo-headers and `host`, then `headers`.
-fn request_headers<'a>(authority: &'a str, path: &'a str, headers: &[(&'a str, &'a str)]) -> Vec<ModuleHttpHeader> {
-    [(":method", "GET"), (":path", path), ("host", authority)]
+/// A GET's headers: the pseudo-headers and `host`, then its own.
+fn request_headers(get: &Get<'_>) -> Vec<ModuleHttpHeader> {
+    [(":method", "GET"), (":path", get.path), ("host", get.authority)]
         .iter()
-        .chain(headers)
+        .chain(get.headers)
         .map(|(k, v)| ModuleHttpHeader::new(k.as_bytes(), v.as_bytes()))
         .collect()
 }

@@ -12,12 +12,11 @@ pub mod map;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 pub use proxy_wasm;
 
 use edgewise_host::phase::Decided;
-use edgewise_host::{Background, Counter, Fetched, Filter, Flow, Gauge, Histogram, Host, Setup, Stream, Waker};
+use edgewise_host::{Background, Counter, Fetched, Filter, Flow, Gauge, Get, Histogram, Host, Setup, Stream, Waker};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -192,22 +191,15 @@ pub struct WasmBackground<F: Filter> {
 host_by_wasm!(impl<F: Filter> for WasmBackground<F>);
 
 impl<F: Filter> Background for WasmBackground<F> {
-    fn http_get(
-        &mut self,
-        cluster: &str,
-        authority: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Option<u64> {
-        let mut all = vec![(":method", "GET"), (":path", path), (":authority", authority)];
-        all.extend_from_slice(headers);
+    fn http_get(&mut self, get: &Get<'_>) -> Option<u64> {
+        let mut all = vec![(":method", "GET"), (":path", get.path), (":authority", get.authority)];
+        all.extend_from_slice(get.headers);
         // Through the SDK: its dispatcher must know the token to route the answer to the root
         // context (the statuses Envoy returns here are ones it handles).
-        match proxy_wasm::hostcalls::dispatch_http_call(cluster, all, None, vec![], timeout) {
+        match proxy_wasm::hostcalls::dispatch_http_call(get.cluster, all, None, vec![], get.timeout) {
             Ok(token) => Some(u64::from(token)),
             Err(e) => {
-                log::warn!("the call to cluster {cluster} could not be started: {e:?}");
+                log::warn!("the call to cluster {} could not be started: {e:?}", get.cluster);
                 None
             }
         }

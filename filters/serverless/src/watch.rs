@@ -28,7 +28,7 @@ use edgewise_core::serverless::protocol::{read_changes, read_page, Changes};
 use edgewise_core::serverless::table::Batch;
 use edgewise_core::serverless::{Management, Router};
 use edgewise_host::shared::{get_u64, set_u64, update_u64};
-use edgewise_host::{lock, Background, Fetched, Host, StreamEvent};
+use edgewise_host::{lock, Background, Fetched, Get, Host, StreamEvent};
 
 use crate::store::{Staging, Store};
 use crate::Metrics;
@@ -52,7 +52,7 @@ pub struct Watcher {
     /// `http_stream`), plus one.
     ended_inline: AtomicU64,
     /// This copy's draw of the back-off (`Management::backoff_ms`), at random.
-    pub seed: u64,
+    seed: u64,
 }
 
 /// Shared-data keys, namespaced by the filter instance.
@@ -363,7 +363,8 @@ impl Watcher {
         };
         let started = streamed.map(|id| (id, Ask::Stream, self.silence_ms()));
         let started = started.or_else(|| {
-            let id = bg.http_get(&mgmt.cluster, &mgmt.authority, &path, headers, timeout)?;
+            let get = Get { cluster: &mgmt.cluster, authority: &mgmt.authority, path: &path, headers, timeout };
+            let id = bg.http_get(&get)?;
             Some((id, ask, timeout_ms + 1000))
         });
         match started {
@@ -387,7 +388,9 @@ impl Watcher {
         let mgmt = &self.mgmt;
         let headers = [("accept", LINES)];
         self.ended_inline.store(0, Relaxed);
-        let id = bg.http_stream(&mgmt.cluster, &mgmt.authority, path, &headers, STREAM_LIMIT)?;
+        let get =
+            Get { cluster: &mgmt.cluster, authority: &mgmt.authority, path, headers: &headers, timeout: STREAM_LIMIT };
+        let id = bg.http_stream(&get)?;
         // Ended as it started (no upstream to send it to): a plain watch instead, this once.
         (self.ended_inline.swap(0, Relaxed) != id + 1).then_some(id)
     }

@@ -398,7 +398,8 @@ impl Streaming {
                 return None;
             }
             let current = *self.version.borrow_and_update() == self.at;
-            match if current { Ok(None) } else { self.control.line_since(&self.cursor) } {
+            let next = if current { Ok(None) } else { self.control.line_since(&self.cursor) };
+            match next {
                 Err(_) => return None,
                 Ok(Some(line)) => {
                     self.control.metrics.route_stream_lines.fetch_add(1, Relaxed);
