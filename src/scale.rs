@@ -130,6 +130,36 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?)
 }
 
+/// The calling thread's CPU time so far (ns).
+pub fn thread_cpu_ns() -> Result<u64> {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        bail!("clock_gettime: {}", std::io::Error::last_os_error());
+    }
+    Ok(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
+}
+
+/// The kernel's floor under a durable change on the disk of `dir`: the CPU one thread spends
+/// writing a 4 KiB page and syncing the file (as SQLite's commit does, with nothing above it).
+/// µs, the median of `rounds`.
+pub fn sync_floor(dir: &Path, rounds: usize) -> Result<f64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = dir.join("sync-floor");
+    let mut file = std::fs::File::create(&path)?;
+    let page = [7u8; 4096];
+    let mut took = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let before = thread_cpu_ns()?;
+        file.seek(SeekFrom::Start((round % 256) as u64 * 4096))?;
+        file.write_all(&page)?;
+        file.sync_all()?;
+        took.push((thread_cpu_ns()? - before) as f64 / 1000.0);
+    }
+    std::fs::remove_file(&path)?;
+    Ok(median(took))
+}
+
 /// A kept-alive HTTPS connection to a gateway's front, with the SNI of the platform's names (the
 /// listener's other filter chain is for custom domains): a request costs a request, not a TLS
 /// handshake on the CPUs being measured.

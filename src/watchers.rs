@@ -159,3 +159,54 @@ where
     let changes = body.matches("{\"put\":").count() + body.matches("{\"delete\":").count();
     Ok((status, cursor, (bytes, changes)))
 }
+
+/// The kernel's floor under a change's fan-out on this machine: the CPU one thread spends
+/// writing `bytes` to each of `count` loopback TCP connections (plain TCP, no TLS, no HTTP),
+/// a round every `every`, read by tasks of this process as the watchers are. On loopback the
+/// writer also pays for the readers' TCP receive and wake-up, as edgewise-control does. µs of
+/// the writer's CPU per round, the median of `rounds`.
+pub async fn send_floor(count: usize, bytes: usize, rounds: usize, every: std::time::Duration) -> Result<f64> {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let received = Arc::new(AtomicU64::new(0));
+    let (mut writers, mut readers) = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        let mut reader = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (writer, _) = listener.accept()?;
+        writer.set_nodelay(true)?;
+        writers.push(writer);
+        let received = received.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = reader.read(&mut buf).await {
+                received.fetch_add(n as u64, Relaxed);
+            }
+        }));
+    }
+    let line = vec![b'x'; bytes];
+    let per_round = tokio::task::spawn_blocking(move || -> Result<Vec<u64>> {
+        let mut took = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            std::thread::sleep(every);
+            let before = crate::scale::thread_cpu_ns()?;
+            for w in &mut writers {
+                w.write_all(&line)?;
+            }
+            took.push(crate::scale::thread_cpu_ns()? - before);
+        }
+        Ok(took)
+    })
+    .await??;
+    let want = (count * bytes * rounds) as u64;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while received.load(Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    readers.iter().for_each(|r| r.abort());
+    if received.load(Relaxed) != want {
+        bail!("the floor's readers received {} of {want} bytes", received.load(Relaxed));
+    }
+    Ok(crate::scale::median(per_round.into_iter().map(|ns| ns as f64 / 1000.0).collect()))
+}

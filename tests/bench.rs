@@ -131,3 +131,18 @@ async fn the_stock_chain_checks_the_token_and_the_scope_and_sets_the_identity() 
     assert_eq!(send(Some("not.a.token".into())).await, 401, "a malformed token is refused");
     assert_eq!(upstream.count(), 1, "only the allowed request reached the upstream");
 }
+
+/// The floors edgewise-fleet reads the service's CPU per change against count the CPU of the
+/// writes they make: fifty connections' writes cost more than one's (a clock that stood still
+/// while the thread ran, as a running thread's schedstat does between ticks, reads 0 for both),
+/// every byte written arrives, and a synced page costs something.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_floors_count_the_cpu_of_the_writes_they_make() {
+    use std::time::Duration;
+    let one = edgewise::watchers::send_floor(1, 224, 20, Duration::from_millis(5)).await.unwrap();
+    let fifty = edgewise::watchers::send_floor(50, 224, 20, Duration::from_millis(5)).await.unwrap();
+    assert!(one > 0.0 && fifty > 5.0 * one, "one connection {one:.1} µs, fifty {fifty:.1} µs a round");
+    let dir = tempfile::tempdir().unwrap();
+    let sync = edgewise::scale::sync_floor(dir.path(), 20).unwrap();
+    assert!(sync > 0.0, "a synced page: {sync} µs");
+}

@@ -7,7 +7,9 @@
 //!   build and `--concurrency`;
 //! - Envoy CPU per request with 1,000,000 routes against 10, in rotating wrk bursts;
 //! - edgewise-control's RSS and CPU per change, with the watchers asking once per change (as
-//!   proxy-wasm Envoys do) and then streaming (as native ones do);
+//!   proxy-wasm Envoys do) and then streaming (as native ones do), and beside them the kernel's
+//!   floors for the same fan-out (the same writes to as many loopback connections, nothing
+//!   above) and for a durable write;
 //! - Envoy start to serving (listener up; table in force; first request routed).
 //!
 //! Environment: FLEET_CUSTOMERS (100000), FLEET_FUNCTIONS (1000000), FLEET_WATCHERS (100),
@@ -26,10 +28,10 @@ use edgewise::control::{self, ControlService};
 use edgewise::envoy::{Build, Config, Envoy, Options};
 use edgewise::scale::DOMAIN;
 use edgewise::scale::{burst, cpu_ticks, env_usize, function, label, median, quantile, rss_mib};
-use edgewise::scale::{seeded_plane, taskset, Kept};
+use edgewise::scale::{seeded_plane, sync_floor, taskset, Kept};
 use edgewise::scenarios::serverless::{ports, Pki};
 use edgewise::server::Server;
-use edgewise::watchers::{Received, Watchers, Watching};
+use edgewise::watchers::{send_floor, Received, Watchers, Watching};
 use edgewise_control::ROUTES_PATH;
 
 /// One control plane: its PKI, the customers' gateway, edgewise-control on a seeded store.
@@ -229,6 +231,7 @@ async fn main() -> Result<()> {
     // The watchers as proxy-wasm Envoys watch (a call per change), then as native ones do (one
     // streamed answer each).
     let mut first = functions + quiet;
+    let mut streamed = (0.0, 0.0);
     for watching in [Watching::Calls, Watching::Stream] {
         let watching_now = Watchers::spawn(|_| big.control.routes_port(), &big.pki.control_ca, watchers, watching)?;
         let (got, epoch) = (&watching_now.got, watching_now.epoch());
@@ -273,12 +276,29 @@ async fn main() -> Result<()> {
             bytes as f64 / received.max(1) as f64,
             got.errors.load(Relaxed)
         ));
+        let per_watcher = (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64;
         line(format!(
-            "| edgewise-control CPU per change (REST, store, 2 Envoys and the {how}) | {cpu_ms:.2} ms ({:.1} µs a watcher over the Envoys alone) |",
-            (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64
+            "| edgewise-control CPU per change (REST, store, 2 Envoys and the {how}) | {cpu_ms:.2} ms ({per_watcher:.1} µs a watcher over the Envoys alone) |"
         ));
+        if watching == Watching::Stream {
+            streamed = (bytes as f64 / received.max(1) as f64, per_watcher);
+        }
         drop(watching_now);
     }
+    // What the kernel alone charges for a streamed change's fan-out here, in the same run: the
+    // same writes with nothing above them (no TLS, no HTTP, no service).
+    let line_bytes = streamed.0.round() as usize;
+    let floor_us = send_floor(watchers, line_bytes, changes, Duration::from_millis(100)).await?;
+    line(format!(
+        "| the floor: one thread on edgewise-control's CPU writing {line_bytes} bytes to each of {watchers} loopback TCP connections (plain TCP, read by tasks of the watchers' process), every 100 ms (median of {changes}) | {:.2} ms a change ({:.1} µs a connection; the streaming watchers cost the service {:.1} µs each) |",
+        floor_us / 1000.0,
+        floor_us / watchers.max(1) as f64,
+        streamed.1
+    ));
+    let sync_us = sync_floor(&big.dir, changes)?;
+    line(format!(
+        "| the floor of a durable change: one thread writing a 4 KiB page to a file beside the store and syncing it (median of {changes}) | {sync_us:.0} µs |"
+    ));
     line(format!("| edgewise-control RSS at the end | {:.0} MiB |", rss_mib(control_pid)));
     drop(small);
 
