@@ -208,6 +208,19 @@ impl EtcdCluster {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no etcd member runs")))
     }
 
+    /// The member that leads (plain clusters only): its index.
+    pub async fn leader(&self) -> Result<usize> {
+        for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.child.is_some()) {
+            let (status, _, text) =
+                crate::service::Service::exchange_on(m.client, "POST", "/v3/maintenance/status", &[], "{}").await?;
+            let answer: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{status}: {text}"))?;
+            if answer["leader"].as_str().is_some() && answer["leader"] == answer["header"]["member_id"] {
+                return Ok(i);
+            }
+        }
+        bail!("no etcd member leads")
+    }
+
     /// Puts `value` under `key`, whatever bytes they are (a hostile or broken writer).
     pub async fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<()> {
         use base64::Engine as _;

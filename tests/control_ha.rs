@@ -234,14 +234,30 @@ async fn three_replicas_on_etcd_share_every_change_and_survive_losing_a_replica_
         assert_eq!(r.get("/readyz").await.unwrap(), (200, "ready\n".to_string()));
     }
 
-    // etcd without quorum: writes are refused with 503 and nothing changes; the routes held are
-    // served until the bound, then the replica says it is stale.
+    // etcd without a leader (two members down long enough for the third to know it has none:
+    // it refuses at once), one member started again 300 ms after a write is sent: the write
+    // waits for the election, and is taken.
     etcd.kill(1).await;
     etcd.kill(2).await;
-    assert_eq!(table(&r1).await.0, hosts(3), "the table held is served");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (f3, sent) = (format!("f3.{HOST}"), Instant::now());
+    let ((status, body), restarted) = tokio::join!(put_function(&r1, "f3", 3, "customer-a", &f3), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        etcd.restart(1).await
+    });
+    restarted.unwrap();
+    assert_eq!(status, 201, "a write made while etcd had no leader, answered after {:?}: {body}", sent.elapsed());
+    converged(&[&r0, &r1, &r2], &hosts(4)).await;
+
+    // etcd without quorum: writes are refused with 503 (once the wait for an election is over)
+    // and nothing changes; the routes held are served until the bound, then the replica says it
+    // is stale.
+    etcd.kill(1).await;
+    etcd.kill(2).await;
+    assert_eq!(table(&r1).await.0, hosts(4), "the table held is served");
     let (status, body) = r1.call("GET", "/v1/customers/customer-a", None).await.unwrap();
     assert_eq!((status, body["published"].as_bool()), (200, Some(true)), "reads are served from memory: {body}");
-    let (status, body) = put_function(&r1, "f3", 3, "customer-a", &format!("f3.{HOST}")).await;
+    let (status, body) = put_function(&r1, "f4", 4, "customer-a", &format!("f4.{HOST}")).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("store_unavailable")), "{body}");
     let start = Instant::now();
     loop {
@@ -285,7 +301,8 @@ async fn streams(replicas: &[&ControlService]) -> Vec<f64> {
 
 /// envoy/serverless-xds.yaml, its xds and control clusters on three replicas on etcd. Under
 /// traffic and a steady stream of REST changes, spread over the replicas: kill -9 the replica
-/// the Envoy's ADS stream is on, then an etcd member, then start both again. No request fails,
+/// the Envoy's ADS stream is on, then etcd's leader (the writes go on through the election),
+/// then start both again. No request fails,
 /// the ADS stream moves to another replica, the filter's route watch goes on without a full
 /// load or a 410, and every change the API acknowledged reaches traffic.
 #[tokio::test]
@@ -427,10 +444,11 @@ async fn an_envoy_on_three_replicas_loses_no_request_and_no_change_when_its_repl
         assert_eq!(sent, 0.0, "{kind}s sent again by the replica that took the stream");
     }
 
-    // An etcd member, then both back.
-    etcd.kill(1).await;
+    // etcd's leader (the others elect another while the writes go on), then both back.
+    let leader = etcd.leader().await.unwrap();
+    etcd.kill(leader).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    etcd.restart(1).await.unwrap();
+    etcd.restart(leader).await.unwrap();
     replicas[victim].start_again().await.unwrap();
     replicas[victim].ready(Duration::from_secs(30)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -55,6 +55,10 @@ const MAX_MESSAGE: usize = 64 << 20;
 const PAGE: i64 = 1_000;
 /// Attempts of one write whose compares failed (another replica wrote the same keys meanwhile).
 const ATTEMPTS: usize = 8;
+/// How long a request waits for the members to answer again when none does (their leader died
+/// and they elect another) before the API answers 503: as long as etcd itself holds a proposal
+/// by default (5 s and two election timeouts of 1 s).
+const ELECTION_WAIT: Duration = Duration::from_secs(7);
 
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -258,12 +262,15 @@ impl Shared {
     }
 
     /// Runs `op` on the endpoint in use; when that member fails it (`member_failed`), on the
-    /// next one, each endpoint once.
+    /// next one. When every member failed it, the members are tried again, pausing 100 ms and
+    /// doubling, for `ELECTION_WAIT`: a leader's death is an election, not an outage.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
         let mut tried = 0;
         loop {
             let i = self.endpoint.load(Ordering::Relaxed) % self.clients.len();
@@ -271,16 +278,18 @@ impl Shared {
                 return Err(etcd_client::Error::InvalidArgs("no etcd endpoint".into()));
             };
             match op(client.clone()).await {
-                Err(e) if member_failed(&e) && tried + 1 < self.clients.len() => {
-                    tried += 1;
+                Err(e) if member_failed(&e) => {
                     self.next_endpoint(i);
-                }
-                Err(e) => {
-                    if member_failed(&e) {
-                        self.next_endpoint(i);
+                    tried += 1;
+                    if tried % self.clients.len() == 0 {
+                        if started.elapsed() + pause > ELECTION_WAIT {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
                     }
-                    return Err(e);
                 }
+                Err(e) => return Err(e),
                 Ok(done) => {
                     self.touched();
                     return Ok(done);
