@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use edgewise::bench::*;
 use edgewise::envoy::{Envoy, Options};
+use edgewise::scale::median;
 
 #[derive(Default, Clone)]
 struct Sample {
@@ -373,11 +374,6 @@ async fn run_one(bench: &Bench, env: &Env, seconds: u64, rss2: bool) -> Result<S
         rss2_mib,
         ready_s,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The first and third quartiles: the middle half of the values lies between them.

@@ -242,6 +242,7 @@ async fn main() -> Result<()> {
         first += changes;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (bytes, received) = (got.bytes.load(Relaxed) - bytes0, got.changes.load(Relaxed) - changes0);
+        let line_bytes = bytes as f64 / received.max(1) as f64;
         let how = match watching {
             Watching::Calls => format!("{watchers} watchers asking once per change (as proxy-wasm Envoys)"),
             Watching::Stream => format!("{watchers} watchers streaming (as native Envoys)"),
@@ -272,8 +273,7 @@ async fn main() -> Result<()> {
             quantile(rest, 0.99)
         ));
         line(format!(
-            "| bytes a watcher received per change ({how}) | {:.0} bytes ({received} changes received by {watchers} watchers, {} errors) |",
-            bytes as f64 / received.max(1) as f64,
+            "| bytes a watcher received per change ({how}) | {line_bytes:.0} bytes ({received} changes received by {watchers} watchers, {} errors) |",
             got.errors.load(Relaxed)
         ));
         let per_watcher = (cpu_ms - alone.cpu_ms) * 1000.0 / watchers.max(1) as f64;
@@ -281,19 +281,19 @@ async fn main() -> Result<()> {
             "| edgewise-control CPU per change (REST, store, 2 Envoys and the {how}) | {cpu_ms:.2} ms ({per_watcher:.1} µs a watcher over the Envoys alone) |"
         ));
         if watching == Watching::Stream {
-            streamed = (bytes as f64 / received.max(1) as f64, per_watcher);
+            streamed = (line_bytes, per_watcher);
         }
         drop(watching_now);
     }
     // What the kernel alone charges for a streamed change's fan-out here, in the same run: the
     // same writes with nothing above them (no TLS, no HTTP, no service).
-    let line_bytes = streamed.0.round() as usize;
+    let (line_bytes, per_watcher) = (streamed.0.round() as usize, streamed.1);
     let floor_us = send_floor(watchers, line_bytes, changes, Duration::from_millis(100)).await?;
     line(format!(
         "| the floor: one thread on edgewise-control's CPU writing {line_bytes} bytes to each of {watchers} loopback TCP connections (plain TCP, read by tasks of the watchers' process), every 100 ms (median of {changes}) | {:.2} ms a change ({:.1} µs a connection; the streaming watchers cost the service {:.1} µs each) |",
         floor_us / 1000.0,
         floor_us / watchers.max(1) as f64,
-        streamed.1
+        per_watcher
     ));
     let sync_us = sync_floor(&big.dir, changes)?;
     line(format!(
