@@ -341,6 +341,30 @@ pub fn noop_module(file: &Path) -> String {
     dynamic_module("noop", file, None)
 }
 
+/// The four identity headers cc-hit-lean-native sets on the request it forwards, as
+/// bench/noop-module's edits (`set <name> <value>`).
+const IDENTITY_EDITS: [&str; 4] = [
+    "set x-gitlab-instance-id instance-0-0",
+    "set x-gitlab-realm saas",
+    "set x-gitlab-scopes code_suggestions,duo_chat",
+    "set x-gitlab-token-issuer https://gitlab.com",
+];
+
+/// The rest of what cc-hit-lean-native asks of Envoy for the request it forwards: the backend's
+/// cluster, the signature header (absent) removed, the access log's three fields.
+const LEAN_EDITS: [&str; 5] = [
+    "set x-edgewise-cluster upstream",
+    "remove x-edgewise-signature",
+    "state edgewise.cloud_connector_feature code_suggestions",
+    "state edgewise.cloud_connector_outcome allowed",
+    "state edgewise.cloud_connector_instance instance-0-0",
+];
+
+/// bench/noop-module making fixed edits to every request and nothing else.
+pub fn edits_module(file: &Path, edits: &[&str]) -> String {
+    dynamic_module("noop", file, Some(&edits.join(";")))
+}
+
 /// Every configuration `make bench` measures; `noop` is bench/noop-module's library.
 pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
     let serverless = |n| wasm_filter("serverless", &serverless_config(n));
@@ -485,6 +509,30 @@ pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
             path: "/",
             filters: noop_module(noop),
             tokens: Tokens::None,
+        },
+        Bench {
+            name: "identity-edits",
+            what: "bench/noop-module setting the four identity headers cc-hit-lean-native sets, and doing nothing else",
+            host: CC_HOST,
+            path: "/",
+            filters: edits_module(noop, &IDENTITY_EDITS),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-lean-edits",
+            what: "bench/noop-module making every edit cc-hit-lean-native makes but one: the identity headers, the cluster header, a header removed, the access log's fields",
+            host: CC_HOST,
+            path: "/",
+            filters: edits_module(noop, &[&IDENTITY_EDITS[..], &LEAN_EDITS[..]].concat()),
+            tokens: Tokens::One,
+        },
+        Bench {
+            name: "cc-lean-edits-reroute",
+            what: "cc-lean-edits and the route matched again, as cc-hit-lean-native has it: the floor of any native filter making its edits",
+            host: CC_HOST,
+            path: "/",
+            filters: edits_module(noop, &[&IDENTITY_EDITS[..], &LEAN_EDITS[..], &["reroute"]].concat()),
+            tokens: Tokens::One,
         },
         Bench {
             name: "native-floor",

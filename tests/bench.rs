@@ -4,11 +4,11 @@
 
 use std::process::Command;
 
-use edgewise::bench::{benches, front_config, stock_chain, Bench, Ports, Tokens, CC_HOST, ISSUER};
+use edgewise::bench::{benches, edits_module, front_config, stock_chain, Bench, Ports, Tokens, CC_HOST, ISSUER};
 use edgewise::client::{Client, Request};
 use edgewise::envoy::{Envoy, Options};
 use edgewise::idp::Idp;
-use edgewise::server::{Listen, Server};
+use edgewise::server::{Document, Listen, Server};
 
 /// The binaries the bench programs start beside themselves (`current_exe()?.with_file_name(..)`).
 fn started_binaries() -> Vec<String> {
@@ -84,6 +84,25 @@ fn every_configuration_the_bench_measures_is_one_envoy_accepts() {
     }
 }
 
+#[test]
+fn the_edits_module_refuses_an_edit_it_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports { upstream: 1, management: 2, issuer: 3, ratelimit: 4 };
+    let bench = |edits: &[&str]| Bench {
+        name: "edits",
+        what: "",
+        host: CC_HOST,
+        path: "/",
+        filters: edits_module(&edgewise::noop_module(), edits),
+        tokens: Tokens::None,
+    };
+    let valid = |edits: &[&str]| edgewise::envoy::validate(&front_config(&bench(edits), ports), dir.path());
+    valid(&["set x-a one two", "remove x-b", "state k v", "reroute"]).expect("every kind of edit");
+    for wrong in [&["sets x-a 1"][..], &["remove"], &["reroute now"], &["state k"]] {
+        assert!(valid(wrong).is_err(), "{wrong:?} was accepted");
+    }
+}
+
 #[tokio::test]
 async fn the_stock_chain_checks_the_token_and_the_scope_and_sets_the_identity() {
     edgewise::init_crypto();
@@ -130,6 +149,57 @@ async fn the_stock_chain_checks_the_token_and_the_scope_and_sets_the_identity() 
     assert_eq!(send(None).await, 401, "no token is refused");
     assert_eq!(send(Some("not.a.token".into())).await, 401, "a malformed token is refused");
     assert_eq!(upstream.count(), 1, "only the allowed request reached the upstream");
+}
+
+/// The floors edgewise-instructions reads the lean cached-token target against make the edits
+/// cloud-connector makes there and no other: the backend sees the same gateway headers from the
+/// module as from the filter, including the route matched again (its request_headers_to_remove
+/// takes x-edgewise-feature away); without `reroute` the route is not matched again, and
+/// identity-edits sets the same four identity headers and nothing else.
+#[tokio::test]
+async fn the_lean_edits_floor_makes_the_edits_the_lean_filter_makes() {
+    edgewise::init_crypto();
+    let idp = Idp::rs256(ISSUER, "bench-1").unwrap();
+    let jwks = serde_json::json!({ "keys": [idp.jwk()] }).to_string();
+    let token = idp.token(serde_json::json!({
+        "aud": "gitlab-ai-gateway", "sub": "instance-0-0", "gitlab_realm": "saas",
+        "scopes": ["code_suggestions", "duo_chat"], "exp": edgewise::idp::now() + 600,
+    }));
+    let upstream = Server::echo("upstream", Listen::default()).await.unwrap();
+    let issuer = Server::start("issuer", Listen::default(), Document::new(jwks.clone()).handler()).await.unwrap();
+    let ports = Ports { upstream: upstream.port(), management: 1, issuer: issuer.port(), ratelimit: 1 };
+    let all = benches(&jwks, &edgewise::noop_module());
+    let bearer = format!("Bearer {token}");
+    let mut forwarded = Vec::new();
+    for name in ["cc-hit-lean-native", "cc-lean-edits-reroute", "cc-lean-edits", "identity-edits"] {
+        let bench = all.iter().find(|b| b.name == name).expect("a bench configuration");
+        let envoy = Envoy::start_with(&front_config(bench, ports), Options::default()).await.unwrap();
+        let addr = envoy.listener("bench").await.unwrap();
+        let request = Request::get(CC_HOST, "/")
+            .header("authorization", &bearer)
+            .header("x-edgewise-signature", "forged")
+            .header("x-edgewise-feature", "forged");
+        let answer = Client::plain().send(addr, request).await.unwrap();
+        assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        let seen = upstream.seen().pop().expect("the upstream saw the request");
+        let mut gateway: Vec<(String, String)> = seen
+            .headers
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("x-gitlab-") || k.starts_with("x-edgewise-"))
+            .collect();
+        gateway.sort();
+        forwarded.push(gateway);
+    }
+    let [lean, floor, no_reroute, identity] = &forwarded[..] else { unreachable!() };
+    assert_eq!(floor, lean, "the floor makes what the filter makes");
+    assert!(lean.iter().any(|(k, v)| k == "x-gitlab-instance-id" && v == "instance-0-0"), "{lean:?}");
+    assert!(!lean.iter().any(|(k, _)| k == "x-edgewise-signature" || k == "x-edgewise-feature"), "{lean:?}");
+    let kept: Vec<_> = no_reroute.iter().filter(|h| !floor.contains(h)).collect();
+    assert_eq!(kept, [&("x-edgewise-feature".to_string(), "forged".to_string())], "without the route matched again");
+    let lean_identity: Vec<_> = lean.iter().filter(|(k, _)| k.starts_with("x-gitlab-")).cloned().collect();
+    let forged: Vec<_> = identity.iter().filter(|(k, _)| k.starts_with("x-edgewise-")).collect();
+    assert_eq!(identity.len() - forged.len(), 4, "{identity:?}");
+    assert!(identity.iter().filter(|(k, _)| k.starts_with("x-gitlab-")).eq(lean_identity.iter()), "{identity:?}");
 }
 
 /// The floors edgewise-fleet reads the service's CPU per change against count the CPU of the

@@ -2,6 +2,14 @@
 //! and no callback into Envoy is made. `make bench` loads it as the floor of any native filter,
 //! so that what libedgewise.so adds over it is the cost of its own shell and logic, not of the
 //! ABI's dispatch. The declarations follow filters/native/src/abi.rs (abi.h of Envoy 1.40).
+//!
+//! Given a configuration, it makes fixed edits to every request and nothing else, separated by
+//! newlines or `;`: `set <header> <value>`, `remove <header>`, `state <key> <value>` (filter state, as the access
+//! log reads it) and `reroute` (the route matched again). That is the floor of a filter making
+//! those edits: what Envoy spends on them, with no reading and no deciding.
+
+// The hooks are Envoy's ABI: they take the pointers Envoy passes, and cannot be `unsafe fn`.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use core::ffi::{c_char, c_void};
 
@@ -14,11 +22,109 @@ pub struct Buffer {
     length: usize,
 }
 
-/// A non-null object for the configuration and for each stream (NULL would reject them).
+/// `envoy_dynamic_module_type_module_buffer`: bytes the module owns, read during the call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleBuffer {
+    ptr: *const u8,
+    length: usize,
+}
+
+impl ModuleBuffer {
+    const NULL: ModuleBuffer = ModuleBuffer { ptr: core::ptr::null(), length: 0 };
+
+    fn of(bytes: &[u8]) -> ModuleBuffer {
+        ModuleBuffer { ptr: bytes.as_ptr(), length: bytes.len() }
+    }
+}
+
+/// `envoy_dynamic_module_type_http_header_type`: the request's headers.
+const REQUEST_HEADER: u32 = 0;
+
+extern "C" {
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter: Handle,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_set_filter_state_bytes(
+        filter: Handle,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_clear_route_cache(filter: Handle);
+}
+
+/// A non-null object for a configuration without edits and for each stream (NULL would reject
+/// them).
 static OBJECT: u8 = 0;
 
 fn object() -> *const c_void {
     (&raw const OBJECT).cast()
+}
+
+/// One fixed edit of every request.
+enum Edit {
+    Set(Vec<u8>, Vec<u8>),
+    Remove(Vec<u8>),
+    State(Vec<u8>, Vec<u8>),
+    Reroute,
+}
+
+/// The configuration: its edits, parsed once. An empty one is the module whose hooks do nothing.
+struct Edits(Vec<Edit>);
+
+impl Edits {
+    /// None for a line it does not know: Envoy then refuses the configuration.
+    fn parse(text: &[u8]) -> Option<Edits> {
+        let text = core::str::from_utf8(text).ok()?;
+        let mut edits = Vec::new();
+        for line in text.split(['\n', ';']).map(str::trim).filter(|l| !l.is_empty()) {
+            // A value is the rest of its line, spaces and all.
+            let words: Vec<&[u8]> = line.splitn(3, ' ').map(str::as_bytes).collect();
+            edits.push(match words.as_slice() {
+                [b"set", name, value] => Edit::Set(name.to_vec(), value.to_vec()),
+                [b"remove", name] => Edit::Remove(name.to_vec()),
+                [b"state", key, value] => Edit::State(key.to_vec(), value.to_vec()),
+                [b"reroute"] => Edit::Reroute,
+                _ => return None,
+            });
+        }
+        Some(Edits(edits))
+    }
+
+    /// SAFETY: `envoy` is the stream's handle, valid in the request headers hook.
+    unsafe fn apply(&self, envoy: Handle) {
+        for edit in &self.0 {
+            match edit {
+                Edit::Set(name, value) => {
+                    envoy_dynamic_module_callback_http_set_header(
+                        envoy,
+                        REQUEST_HEADER,
+                        ModuleBuffer::of(name),
+                        ModuleBuffer::of(value),
+                    );
+                }
+                Edit::Remove(name) => {
+                    envoy_dynamic_module_callback_http_set_header(
+                        envoy,
+                        REQUEST_HEADER,
+                        ModuleBuffer::of(name),
+                        ModuleBuffer::NULL,
+                    );
+                }
+                Edit::State(key, value) => {
+                    envoy_dynamic_module_callback_http_set_filter_state_bytes(
+                        envoy,
+                        ModuleBuffer::of(key),
+                        ModuleBuffer::of(value),
+                    );
+                }
+                Edit::Reroute => envoy_dynamic_module_callback_http_clear_route_cache(envoy),
+            }
+        }
+    }
 }
 
 #[no_mangle]
@@ -30,13 +136,28 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _envoy: Handle,
     _name: Buffer,
-    _config: Buffer,
+    config: Buffer,
 ) -> *const c_void {
-    object()
+    let text: &[u8] = if config.ptr.is_null() || config.length == 0 {
+        &[]
+    } else {
+        // SAFETY: Envoy's buffer, valid during this call.
+        unsafe { core::slice::from_raw_parts(config.ptr.cast(), config.length) }
+    };
+    match Edits::parse(text) {
+        Some(edits) if edits.0.is_empty() => object(),
+        Some(edits) => Box::into_raw(Box::new(edits)).cast_const().cast(),
+        None => core::ptr::null(),
+    }
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(_config: *const c_void) {}
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    if !config.is_null() && config != object() {
+        // SAFETY: made by Box::into_raw in config_new, destroyed once.
+        drop(unsafe { Box::from_raw(config.cast_mut().cast::<Edits>()) });
+    }
+}
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
@@ -49,9 +170,24 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_config: *const c_void) {}
 
+/// A stream's object is its configuration: the edits, or the shared object of none.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_new(_config: *const c_void, _envoy: Handle) -> *const c_void {
-    object()
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(config: *const c_void, _envoy: Handle) -> *const c_void {
+    config
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: Handle,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    if !filter.is_null() && filter != object() {
+        // SAFETY: a configuration's edits (config_new), alive while its streams are; the handle
+        // is valid in this hook.
+        unsafe { (*filter.cast::<Edits>()).apply(envoy) };
+    }
+    0
 }
 
 /// Every status hook: CONTINUE (0).
@@ -66,7 +202,6 @@ macro_rules! continue_hooks {
 }
 
 continue_hooks! {
-    envoy_dynamic_module_on_http_filter_request_headers(end_of_stream: bool);
     envoy_dynamic_module_on_http_filter_request_body(end_of_stream: bool);
     envoy_dynamic_module_on_http_filter_request_trailers();
     envoy_dynamic_module_on_http_filter_response_headers(end_of_stream: bool);
