@@ -520,7 +520,7 @@ pub fn benches(jwks: &str, noop: &Path) -> Vec<Bench> {
         },
         Bench {
             name: "cc-lean-edits",
-            what: "bench/noop-module making every edit cc-hit-lean-native makes but one: the identity headers, the cluster header, a header removed, the access log's fields",
+            what: "bench/noop-module making cc-hit-lean-native's header and filter-state edits and no other work: the identity headers, the cluster header, a header removed, the access log's fields (the route is not matched again)",
             host: CC_HOST,
             path: "/",
             filters: edits_module(noop, &[&IDENTITY_EDITS[..], &LEAN_EDITS[..]].concat()),

@@ -413,7 +413,7 @@ async fn main() -> Result<()> {
     let benches: Vec<Bench> = benches(&jwks, &edgewise::noop_module())
         .into_iter()
         // The floors of the lean path's edits are instruments of the instruction counts only.
-        .filter(|b| !b.name.ends_with("-edits") && !b.name.ends_with("-edits-reroute"))
+        .filter(|b| !b.name.contains("-edits"))
         .filter(|b| b.name == "baseline" || only.split(',').any(|o| b.name.contains(o)))
         .collect();
 

@@ -4,9 +4,9 @@
 //! ABI's dispatch. The declarations follow filters/native/src/abi.rs (abi.h of Envoy 1.40).
 //!
 //! Given a configuration, it makes fixed edits to every request and nothing else, separated by
-//! newlines or `;`: `set <header> <value>`, `remove <header>`, `state <key> <value>` (filter state, as the access
-//! log reads it) and `reroute` (the route matched again). That is the floor of a filter making
-//! those edits: what Envoy spends on them, with no reading and no deciding.
+//! newlines or `;`: `set <header> <value>`, `remove <header>`, `state <key> <value>` (filter
+//! state, as the access log reads it) and `reroute` (the route matched again). That is the floor
+//! of a filter making those edits: what Envoy spends on them, with no reading and no deciding.
 
 // The hooks are Envoy's ABI: they take the pointers Envoy passes, and cannot be `unsafe fn`.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
@@ -66,8 +66,8 @@ fn object() -> *const c_void {
 
 /// One fixed edit of every request.
 enum Edit {
-    Set(Vec<u8>, Vec<u8>),
-    Remove(Vec<u8>),
+    /// A request header set to a value, or removed (`None`).
+    Header(Vec<u8>, Option<Vec<u8>>),
     State(Vec<u8>, Vec<u8>),
     Reroute,
 }
@@ -84,8 +84,8 @@ impl Edits {
             // A value is the rest of its line, spaces and all.
             let words: Vec<&[u8]> = line.splitn(3, ' ').map(str::as_bytes).collect();
             edits.push(match words.as_slice() {
-                [b"set", name, value] => Edit::Set(name.to_vec(), value.to_vec()),
-                [b"remove", name] => Edit::Remove(name.to_vec()),
+                [b"set", name, value] => Edit::Header(name.to_vec(), Some(value.to_vec())),
+                [b"remove", name] => Edit::Header(name.to_vec(), None),
                 [b"state", key, value] => Edit::State(key.to_vec(), value.to_vec()),
                 [b"reroute"] => Edit::Reroute,
                 _ => return None,
@@ -98,20 +98,13 @@ impl Edits {
     unsafe fn apply(&self, envoy: Handle) {
         for edit in &self.0 {
             match edit {
-                Edit::Set(name, value) => {
+                // A NULL value removes the header.
+                Edit::Header(name, value) => {
                     envoy_dynamic_module_callback_http_set_header(
                         envoy,
                         REQUEST_HEADER,
                         ModuleBuffer::of(name),
-                        ModuleBuffer::of(value),
-                    );
-                }
-                Edit::Remove(name) => {
-                    envoy_dynamic_module_callback_http_set_header(
-                        envoy,
-                        REQUEST_HEADER,
-                        ModuleBuffer::of(name),
-                        ModuleBuffer::NULL,
+                        value.as_deref().map_or(ModuleBuffer::NULL, ModuleBuffer::of),
                     );
                 }
                 Edit::State(key, value) => {
